@@ -1,0 +1,347 @@
+"""Experiment configuration: one YAML file -> frozen, validated config objects.
+
+Every section is a pydantic v2 model with ``extra="forbid"`` and ``frozen=True``. Inner code
+receives only its own sub-config, never the raw dict. A bad value raises :class:`ConfigError`
+whose message names the dotted path, the offending value and what is allowed, e.g.::
+
+    partition.alpha: must be > 0, got -1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "CheckpointConfig",
+    "ClientConfig",
+    "ConfigError",
+    "DataConfig",
+    "DiffusionConfig",
+    "EvaluationConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "PartitionConfig",
+    "SecureAggregationConfig",
+    "StrategyConfig",
+    "dump_config",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+DatasetName = Literal[
+    "digits", "mnist", "fashion_mnist", "cifar10", "svhn", "medmnist", "image_folder"
+]
+
+
+class DataConfig(_Frozen):
+    """Which real dataset to load and how to split it into members and holdout.
+
+    ``root`` is required for every dataset except ``digits`` (embedded in scikit-learn).
+    For ``medmnist`` it is the ``.npz`` file itself; for ``image_folder`` it is a folder with
+    one sub-folder per site, each with one sub-folder per class (``root/site/class/img.png``).
+    """
+
+    name: DatasetName = "digits"
+    root: Path | None = None
+    image_size: int | None = Field(
+        default=None, ge=4, le=256, description="resize to this side length (None: native)"
+    )
+    channels: Literal[1, 3] | None = Field(
+        default=None, description="force grayscale (1) or RGB (3); None keeps the native count"
+    )
+    holdout_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    split_seed: int = Field(default=0, ge=0, description="seed of the fixed member/holdout split")
+    max_examples: int | None = Field(
+        default=None, ge=2, description="use at most this many examples (seeded subset)"
+    )
+    medmnist_splits: tuple[Literal["train", "val", "test"], ...] = ("train", "val", "test")
+
+    @model_validator(mode="after")
+    def _root_required(self) -> DataConfig:
+        if self.name != "digits" and self.root is None:
+            raise ValueError(
+                f"data.root: dataset {self.name!r} is loaded from local files; set data.root to "
+                "the folder (or .npz file for medmnist) that holds it"
+            )
+        return self
+
+
+PartitionKind = Literal["iid", "dirichlet", "shards", "quantity_skew", "site"]
+
+
+class PartitionConfig(_Frozen):
+    """How member examples are split among clients (pure function of labels, config, seed).
+
+    - ``iid``: uniform random split into near-equal parts.
+    - ``dirichlet``: per-class proportions drawn from Dirichlet(``alpha``) (Hsu et al. 2019).
+    - ``shards``: each client holds ``classes_per_client`` classes (McMahan et al. 2017).
+    - ``quantity_skew``: IID labels, client sizes ~ Dirichlet(``alpha``).
+    - ``site``: one client per site of an ``image_folder`` dataset (the natural partition).
+    """
+
+    kind: PartitionKind = "iid"
+    alpha: float = Field(default=0.5, gt=0.0)
+    classes_per_client: int = Field(default=2, ge=1)
+    min_examples_per_client: int = Field(default=1, ge=1)
+
+
+class ModelConfig(_Frozen):
+    """Residual UNet with GroupNorm only (Opacus-compatible)."""
+
+    base_channels: int = Field(default=32, ge=4)
+    channel_mults: tuple[int, ...] = Field(default=(1, 2), min_length=1)
+    num_res_blocks: int = Field(default=1, ge=1)
+    attention_levels: tuple[int, ...] = ()
+    norm_groups: int = Field(default=8, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    class_conditional: bool = False
+    time_embed_mult: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        for m in self.channel_mults:
+            if m < 1:
+                raise ValueError(f"model.channel_mults: entries must be >= 1, got {m}")
+        for lvl in self.attention_levels:
+            if not 0 <= lvl < len(self.channel_mults):
+                raise ValueError(
+                    f"model.attention_levels: level {lvl} does not exist; levels are "
+                    f"0..{len(self.channel_mults) - 1} (one per entry of channel_mults)"
+                )
+        for m in self.channel_mults:
+            if (self.base_channels * m) % self.norm_groups:
+                raise ValueError(
+                    f"model.norm_groups: {self.norm_groups} must divide every level width "
+                    f"(base_channels * mult = {self.base_channels * m})"
+                )
+        return self
+
+
+class DiffusionConfig(_Frozen):
+    """Forward process (Ho et al. 2020) and schedule."""
+
+    timesteps: int = Field(default=1000, ge=2)
+    schedule: Literal["linear", "cosine"] = "linear"
+    beta_start: float = Field(default=1e-4, gt=0.0, lt=1.0)
+    beta_end: float = Field(default=0.02, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusionConfig:
+        if self.beta_end <= self.beta_start:
+            raise ValueError(
+                f"diffusion.beta_end: must be > beta_start ({self.beta_start}), got {self.beta_end}"
+            )
+        return self
+
+
+class FederationConfig(_Frozen):
+    """The simulated federation: clients, rounds, participation and dropouts."""
+
+    num_clients: int = Field(default=5, ge=1)
+    rounds: int = Field(default=10, ge=1)
+    fraction_fit: float = Field(default=1.0, gt=0.0, le=1.0)
+    min_fit_clients: int = Field(default=1, ge=1)
+    dropout_prob: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class ClientConfig(_Frozen):
+    """Local training on each client. Exactly one of ``local_steps``/``local_epochs``."""
+
+    local_steps: int | None = Field(default=None, ge=1)
+    local_epochs: float | None = Field(default=None, gt=0.0)
+    batch_size: int = Field(default=64, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(default=2e-4, gt=0.0)
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    grad_clip: float | None = Field(
+        default=1.0, gt=0.0, description="global-norm clipping for stability (not DP)"
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ClientConfig:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError(
+                "client: set exactly one of local_steps and local_epochs "
+                f"(got local_steps={self.local_steps}, local_epochs={self.local_epochs})"
+            )
+        return self
+
+
+class StrategyConfig(_Frozen):
+    """Server-side aggregation rule."""
+
+    name: Literal["fedavg", "fedprox", "scaffold"] = "fedavg"
+    server_lr: float = Field(default=1.0, gt=0.0)
+    server_momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    mu: float = Field(default=0.01, ge=0.0, description="FedProx proximal weight")
+    ema_decay: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="per-round EMA of the global model (0: off)"
+    )
+
+
+class SecureAggregationConfig(_Frozen):
+    """How client contributions are summed.
+
+    - ``plain``: the server sums in the clear (baseline, no protection).
+    - ``masking``: SecAgg (Bonawitz et al. 2017) / SecAgg+ (Bell et al. 2020) pairwise masking.
+    - ``ckks``: CKKS homomorphic encryption (TenSEAL); the server holds a public-only context.
+    """
+
+    protocol: Literal["plain", "masking", "ckks"] = "plain"
+    threshold: float = Field(
+        default=0.5,
+        gt=0.0,
+        description="Shamir threshold t: an int >= 2 is a count, a value in (0, 1] a fraction "
+        "of the round's clients (rounded up, at least 2)",
+    )
+    neighbours: Literal["all"] | int = Field(
+        default="all", description="'all' (SecAgg complete graph) or k for a k-regular graph"
+    )
+    bits: int = Field(default=32, ge=8, le=62, description="modulus bit width of the masked sum")
+    clip_range: float = Field(
+        default=1.0, gt=0.0, description="inputs are clipped to [-clip_range, clip_range]"
+    )
+    keys_dir: Path | None = Field(
+        default=None,
+        description="folder written by `securefed keys init`; None: ephemeral in-memory keys",
+    )
+    ckks_poly_modulus_degree: int = Field(default=8192, ge=1024)
+    ckks_coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 40)
+    ckks_scale_bits: int = Field(default=40, ge=10, le=60)
+
+    @model_validator(mode="after")
+    def _check(self) -> SecureAggregationConfig:
+        if self.threshold > 1 and self.threshold != int(self.threshold):
+            raise ValueError(
+                f"secure_aggregation.threshold: a count must be an integer, got {self.threshold}"
+            )
+        if isinstance(self.neighbours, int) and self.neighbours < 2:
+            raise ValueError(
+                f"secure_aggregation.neighbours: k must be >= 2 or 'all', got {self.neighbours}"
+            )
+        return self
+
+
+class EvaluationConfig(_Frozen):
+    """What is measured after rounds and how often."""
+
+    every: int = Field(default=1, ge=1, description="holdout loss + samples every k rounds")
+    fid_every: int = Field(default=0, ge=0, description="FID every k rounds (0: final only)")
+    fid: bool = True
+    num_fid_samples: int = Field(default=500, ge=10)
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampling_steps: int = Field(default=50, ge=1)
+    grid_samples: int = Field(default=64, ge=1)
+    holdout_loss_examples: int = Field(default=256, ge=1)
+    feature_net_epochs: int = Field(default=15, ge=1)
+    inception_weights: Path | None = None
+    pr_k: int = Field(default=5, ge=1, description="k of k-NN precision/recall")
+
+
+class CheckpointConfig(_Frozen):
+    every: int = Field(default=1, ge=1)
+    keep_last: int = Field(default=2, ge=1)
+
+
+class ExperimentConfig(_Frozen):
+    """A whole experiment. ``seed`` drives every random draw except the data split."""
+
+    name: str = "experiment"
+    seed: int = Field(default=0, ge=0)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    federation: FederationConfig = FederationConfig()
+    client: ClientConfig = ClientConfig(local_steps=20)
+    strategy: StrategyConfig = StrategyConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> ExperimentConfig:
+        if self.partition.kind == "site" and self.data.name != "image_folder":
+            raise ValueError(
+                "partition.kind: 'site' needs data.name 'image_folder' (one folder per site), "
+                f"got data.name {self.data.name!r}"
+            )
+        if self.federation.min_fit_clients > self.federation.num_clients:
+            raise ValueError(
+                f"federation.min_fit_clients: {self.federation.min_fit_clients} exceeds "
+                f"num_clients ({self.federation.num_clients})"
+            )
+        return self
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see README for the allowed keys)"
+        elif "input" in err and err["type"] not in ("missing",) and not msg.startswith(path):
+            msg = f"{msg}, got {err['input']!r}"
+        top = path.split(".")[0]
+        own_path = msg.startswith((top + ".", top + ":"))
+        lines.append(msg if own_path else f"{path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a raw mapping. Raises :class:`ConfigError` naming each bad path."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"<root>: the config must be a mapping, got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Load a YAML file (safe loader) and validate it; ``overrides`` use dotted keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (pass the path of an experiment YAML)")
+    with p.open("r", encoding="utf-8") as fh:
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: cannot override inside a non-mapping value")
+        node[parts[-1]] = value
+    return parse_config(raw)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (every default written out)."""
+    data = cfg.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False)
