@@ -244,6 +244,9 @@ class EvaluationConfig(_Frozen):
     every: int = Field(default=1, ge=1, description="holdout loss + samples every k rounds")
     fid_every: int = Field(default=0, ge=0, description="FID every k rounds (0: final only)")
     fid: bool = True
+    fid_at_start: bool = Field(
+        default=False, description="also measure the untrained model (round 0) as a baseline"
+    )
     num_fid_samples: int = Field(default=500, ge=10)
     sampler: Literal["ddpm", "ddim"] = "ddim"
     sampling_steps: int = Field(default=50, ge=1)

@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+CONFIG ?= experiments/quickstart.yaml
+RUN_OUT ?= runs/$(notdir $(basename $(CONFIG)))-$(shell date +%Y%m%d-%H%M%S)
+# pytest workers (2 cores here); each worker uses one torch thread
+WORKERS ?= 2
+
+.PHONY: venv run test test-slow lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## quickstart on the embedded digits dataset (creates the environment if missing)
+run: $(STAMP)
+	$(VENV)/bin/securefed run $(CONFIG) --out $(RUN_OUT)
+
+## the test suite (creates the environment if missing); slow tests excluded
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n $(WORKERS) --dist loadfile -q
+
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check securefed tests experiments
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy securefed
+
+bench: $(STAMP)
+	$(PY) experiments/benchmarks/round_cost.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,167 @@
+"""``report.md`` and its plots for a run directory (regenerable: ``securefed report RUN_DIR``)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from securefed.io import atomic_write_bytes, atomic_write_text, read_jsonl  # noqa: E402
+
+__all__ = ["plot_label_histogram", "plot_training_curves", "write_run_report"]
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Loss (local and holdout) per round, and FID per round when measured."""
+    has_fid = any("fid" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_fid else 1, figsize=(10 if has_fid else 5.5, 3.6))
+    ax_loss = axes[0] if has_fid else axes
+    tr = [(r["round"], r["mean_local_loss"]) for r in rows if r.get("mean_local_loss") is not None]
+    ho = [(r["round"], r["holdout_loss"]) for r in rows if "holdout_loss" in r]
+    if tr:
+        ax_loss.plot(*zip(*tr, strict=True), marker=".", label="mean local loss (members)")
+    if ho:
+        ax_loss.plot(*zip(*ho, strict=True), marker="o", label="holdout denoising loss")
+    ax_loss.set_xlabel("round")
+    ax_loss.set_ylabel("epsilon-prediction MSE")
+    ax_loss.set_title("Denoising loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    if has_fid:
+        fid = [(r["round"], r["fid"]) for r in rows if "fid" in r]
+        axes[1].plot(*zip(*fid, strict=True), marker="o", color="tab:red")
+        axes[1].set_xlabel("round")
+        axes[1].set_ylabel("domain FID vs holdout")
+        axes[1].set_title("FID (lower is better)")
+        axes[1].set_yscale("log")
+        axes[1].grid(alpha=0.3, which="both")
+    _save_fig(fig, path)
+    return path
+
+
+def plot_label_histogram(hist: dict[str, Any], path: Path) -> Path:
+    """Stacked bars: examples per class on each client (the non-IID-ness of the partition)."""
+    counts = np.asarray(hist["counts"])
+    names = hist.get("class_names") or [str(i) for i in range(counts.shape[1])]
+    k, c = counts.shape
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * k + 2), 3.6))
+    bottom = np.zeros(k)
+    cmap = plt.get_cmap("tab10" if c <= 10 else "tab20")
+    for j in range(c):
+        ax.bar(np.arange(k), counts[:, j], bottom=bottom, color=cmap(j % cmap.N), label=names[j])
+        bottom += counts[:, j]
+    ax.set_xlabel("client")
+    ax.set_ylabel("examples")
+    ax.set_xticks(np.arange(k))
+    ax.set_title("Per-client label histogram")
+    if c <= 20:
+        ax.legend(ncol=1, fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", title="class")
+    _save_fig(fig, path)
+    return path
+
+
+def _fmt(v: Any, nd: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}"
+    return str(v)
+
+
+def write_run_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` (+ ``curves.png``, ``label_histogram.png``) for a run directory."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: it is not a securefed run directory")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if r["round"] > 0]
+    lines = [f"# Run report: {cfg.get('name', run_dir.name)}", ""]
+    data, fed = cfg["data"], cfg["federation"]
+    part, strat = cfg["partition"], cfg["strategy"]
+    sec = cfg.get("secure_aggregation", {})
+    model_info = {}
+    if (run_dir / "model.json").exists():
+        model_info = json.loads((run_dir / "model.json").read_text())
+    lines += [
+        "| setting | value |",
+        "| --- | --- |",
+        f"| dataset | {data['name']} (holdout fraction {data['holdout_fraction']}) |",
+        f"| clients | {fed['num_clients']} (fraction per round {fed['fraction_fit']}, "
+        f"dropout probability {fed['dropout_prob']}) |",
+        f"| partition | {part['kind']}" + (f", alpha={part['alpha']}" if part["kind"] in
+                                          ("dirichlet", "quantity_skew") else "") + " |",
+        f"| strategy | {strat['name']} (server lr {strat['server_lr']}) |",
+        f"| secure aggregation | {sec.get('protocol', 'plain')} |",
+        f"| rounds completed | {train_rows[-1]['round'] if train_rows else 0} of {fed['rounds']} |",
+        f"| model parameters | {model_info.get('parameters', '-')} |",
+        "",
+    ]
+    final = train_rows[-1] if train_rows else {}
+    if final:
+        lines += ["## Final round", ""]
+        keys = ["holdout_loss", "fid", "precision", "recall", "class_coverage",
+                "feature_net_accuracy"]
+        lines += ["| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {_fmt(final.get(k))} |" for k in keys if k in final]
+        start = next((r for r in rows if r["round"] == 0), None)
+        if start and "fid" in start and "fid" in final:
+            lines.append(f"| FID untrained -> final | {start['fid']:.3g} -> {final['fid']:.3g} "
+                         f"(ratio {final['fid'] / start['fid']:.3f}) |")
+        lines.append("")
+    samples = sorted((run_dir / "samples").glob("round_*.png"))
+    if samples:
+        lines += ["## Samples", "", f"![samples]({samples[-1].relative_to(run_dir)})", "",
+                  f"_{samples[-1].stem}; earlier grids in `samples/`._", ""]
+    if train_rows:
+        plot_training_curves(rows, run_dir / "curves.png")
+        lines += ["## Training curves", "", "![curves](curves.png)", ""]
+    hist_path = run_dir / "label_histogram.json"
+    if hist_path.exists():
+        plot_label_histogram(json.loads(hist_path.read_text()), run_dir / "label_histogram.png")
+        lines += ["## Data partition", "", "![label histogram](label_histogram.png)", ""]
+    if train_rows:
+        up = sum(r.get("bytes_up", 0) for r in train_rows)
+        down = sum(r.get("bytes_down", 0) for r in train_rows)
+        dropped = sum(len(r.get("dropped", [])) for r in train_rows)
+        abandoned = sum(1 for r in train_rows if r.get("abandoned"))
+        lines += [
+            "## Communication",
+            "",
+            f"Protocol `{sec.get('protocol', 'plain')}`: {up / 1e6:.2f} MB up, "
+            f"{down / 1e6:.2f} MB down in total; {dropped} client dropouts handled, "
+            f"{abandoned} rounds abandoned.",
+            "",
+            "## Per round",
+            "",
+            "| round | participants | local loss | holdout loss | FID | seconds |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            secs = r.get("seconds", {})
+            total = secs.get("round_total", sum(secs.values()))
+            lines.append(
+                f"| {r['round']} | {len(r.get('participants', []))} | "
+                f"{_fmt(r.get('mean_local_loss'))} | {_fmt(r.get('holdout_loss'))} | "
+                f"{_fmt(r.get('fid'))} | {total:.1f} |"
+            )
+        lines.append("")
+    out = run_dir / "report.md"
+    atomic_write_text(out, "\n".join(lines))
+    return out

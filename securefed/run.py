@@ -1,0 +1,302 @@
+"""``run_experiment(cfg)``: wires data, model, clients, strategy and aggregation into a run dir.
+
+Run directory::
+
+    runs/<name>/config.yaml          resolved config (every default written out)
+                metrics.jsonl        one line per round
+                label_histogram.json per-client label counts of the partition
+                checkpoints/         round_XXXX.pt + latest.json (checksummed)
+                samples/round_XXXX.png
+                report.md + *.png    written by securefed.report
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from securefed.client.update import get_flat, num_params, set_flat
+from securefed.config import ExperimentConfig, dump_config, parse_config
+from securefed.data import (
+    ImageDataset,
+    label_histogram,
+    load_dataset,
+    partition,
+    split_member_holdout,
+)
+from securefed.diffusion import NoiseSchedule, UNet, sample
+from securefed.federation.checkpoint import CheckpointError, load_latest
+from securefed.federation.simulation import SimClient, Simulation, derive_seed
+from securefed.io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+from securefed.report.grid import save_grid
+from securefed.secagg import build_protocol
+from securefed.strategies import build_strategy
+
+__all__ = [
+    "PreparedData",
+    "RunResult",
+    "build_model",
+    "cache_dir",
+    "prepare_data",
+    "resolve_device",
+    "run_experiment",
+]
+
+log = logging.getLogger(__name__)
+
+_SAMPLES, _FID = 4, 5
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run produced.
+
+    Attributes:
+        run_dir: the run directory.
+        rounds_completed: last completed round.
+        final_params: ``[D]`` float32 global model after the last completed round.
+        metrics: all metrics lines (including earlier sessions of a resumed run).
+        finished: True when every configured round ran.
+    """
+
+    run_dir: Path
+    rounds_completed: int
+    final_params: torch.Tensor
+    metrics: list[dict[str, Any]]
+    finished: bool
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Members (split among clients), holdout (never reaches a client) and the partition."""
+
+    members: ImageDataset
+    holdout: ImageDataset
+    parts: list[np.ndarray]
+    histogram: np.ndarray  # [K, C]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` (CUDA when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "device: 'cuda' was requested but torch sees no CUDA device; use --device cpu or auto"
+        )
+    return torch.device(name)
+
+
+def cache_dir() -> Path:
+    """Where cached artefacts (domain feature networks) live: ``$SECUREFED_CACHE`` or
+    ``~/.cache/securefed``."""
+    import os
+
+    return Path(os.environ.get("SECUREFED_CACHE", Path.home() / ".cache" / "securefed"))
+
+
+def prepare_data(cfg: ExperimentConfig) -> PreparedData:
+    """Load, split into members/holdout (fixed ``data.split_seed``) and partition members."""
+    ds = load_dataset(cfg.data)
+    members, holdout = split_member_holdout(ds, cfg.data.holdout_fraction, cfg.data.split_seed)
+    labels = members.labels.numpy()
+    sites = members.sites.numpy() if members.sites is not None else None
+    parts = partition(labels, cfg.partition, cfg.federation.num_clients, cfg.seed, sites=sites)
+    hist = label_histogram(labels, parts, members.num_classes)
+    return PreparedData(members, holdout, parts, hist)
+
+
+def build_model(cfg: ExperimentConfig, image_shape: tuple[int, int, int], num_classes: int) -> UNet:
+    """The UNet, initialised from ``cfg.seed`` without touching the global RNG stream."""
+    c, h, w = image_shape
+    if h != w:
+        raise ValueError(f"data: images must be square, got {h}x{w}; set data.image_size")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, 0))
+        return UNet(
+            cfg.model, c, h, num_classes if cfg.model.class_conditional else None
+        )
+
+
+def _check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        raise CheckpointError(f"{run_dir} has no config.yaml: it is not a securefed run directory")
+    import yaml
+
+    saved = parse_config(yaml.safe_load(saved_path.read_text()))
+    if saved.model_dump(mode="json") != cfg.model_dump(mode="json"):
+        a, b = saved.model_dump(mode="json"), cfg.model_dump(mode="json")
+        diffs = [k for k in a if a[k] != b.get(k)]
+        raise CheckpointError(
+            f"--resume: the config differs from the run's saved config.yaml in {diffs}; resume "
+            "with the run's own config (securefed run --resume RUN_DIR without a CONFIG)"
+        )
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    device: str | None = None,
+    stop_after_round: int | None = None,
+    progress: bool = True,
+    write_report: bool = True,
+) -> RunResult:
+    """Train a DDPM federatedly in simulation and fill the run directory.
+
+    Args:
+        cfg: the validated experiment.
+        out_dir: run directory (default ``runs/<name>``). Must be new or empty unless ``resume``.
+        resume: continue from the run directory's latest checkpoint.
+        device: overrides ``cfg.device``.
+        stop_after_round: stop (as if killed) after this round, for resume tests.
+        progress: show progress bars.
+        write_report: write ``report.md`` and plots at the end.
+    """
+    run_dir = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
+    dev = resolve_device(device or cfg.device)
+    if resume:
+        _check_resume_config(run_dir, cfg)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(
+            f"run directory {run_dir} already exists and is not empty; pass a new --out, or "
+            f"--resume {run_dir} to continue it"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    data = prepare_data(cfg)
+    image_shape = data.members.image_shape
+    model = build_model(cfg, image_shape, data.members.num_classes).to(dev)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    clients = [
+        SimClient(cid, data.members.subset(idx)) for cid, idx in enumerate(data.parts)
+    ]
+    mean_size = len(data.members) / cfg.federation.num_clients
+    strategy = build_strategy(cfg.strategy, cfg.federation.num_clients, weight_scale=mean_size)
+    protocol = build_protocol(cfg.secure_aggregation, cfg.federation.num_clients)
+    conditional = cfg.model.class_conditional
+    sched_dev = schedule.to(dev)
+
+    samples_dir = run_dir / "samples"
+
+    def write_samples(rnd: int, params: torch.Tensor) -> None:
+        set_flat(model, params)
+        gen = torch.Generator(device=dev).manual_seed(derive_seed(cfg.seed, _SAMPLES))
+        n = cfg.evaluation.grid_samples
+        y = None
+        if conditional:
+            y = torch.arange(n, device=dev) % data.members.num_classes
+        imgs = sample(model, sched_dev, n, image_shape, sampler=cfg.evaluation.sampler,
+                      steps=cfg.evaluation.sampling_steps, y=y, generator=gen, device=dev)
+        save_grid(imgs, samples_dir / f"round_{rnd:04d}.png")
+
+    evaluator = None
+    if cfg.evaluation.fid:
+        from securefed.metrics import SampleEvaluator
+
+        evaluator = SampleEvaluator(
+            data.members.images, data.members.labels, data.holdout.images, data.holdout.labels,
+            data.members.num_classes, dataset_fingerprint=data.members.fingerprint(),
+            cfg=cfg.evaluation, cache_dir=cache_dir() / "featnets", seed=cfg.seed, device=dev,
+        )
+
+    def quality(rnd: int, params: torch.Tensor) -> dict[str, Any]:
+        if evaluator is None:
+            return {}
+        set_flat(model, params)
+        gen = torch.Generator(device=dev).manual_seed(derive_seed(cfg.seed, rnd, _FID))
+        n = cfg.evaluation.num_fid_samples
+        y = None
+        if conditional:
+            y = torch.randint(0, data.members.num_classes, (n,), generator=gen, device=dev)
+        imgs = sample(model, sched_dev, n, image_shape, sampler=cfg.evaluation.sampler,
+                      steps=cfg.evaluation.sampling_steps, y=y, generator=gen, device=dev)
+        rep = evaluator.evaluate(imgs.cpu())
+        return {k: v for k, v in rep.as_dict().items() if v is not None}
+
+    sim = Simulation(
+        cfg, model, schedule, clients, data.holdout, strategy, protocol, dev,
+        evaluate_quality=quality, on_samples=write_samples, progress=progress,
+    )
+
+    metrics_path = run_dir / "metrics.jsonl"
+    ckpt_dir = run_dir / "checkpoints"
+    if resume:
+        ckpt = load_latest(ckpt_dir)
+        sim.restore(ckpt)
+        rows = [r for r in read_jsonl(metrics_path) if int(r["round"]) <= ckpt.round]
+        write_jsonl(metrics_path, rows)  # drop lines of rounds after the checkpoint
+        log.info("resumed %s after round %d", run_dir, ckpt.round)
+    else:
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        atomic_write_json(run_dir / "label_histogram.json", {
+            "num_classes": data.members.num_classes,
+            "class_names": list(data.members.class_names),
+            "counts": data.histogram.tolist(),
+            "members": len(data.members),
+            "holdout": len(data.holdout),
+        })
+        atomic_write_json(run_dir / "model.json", {
+            "parameters": num_params(model),
+            "groups": {k: len(v) for k, v in model.parameter_groups().items()},
+            "image_shape": list(image_shape),
+        })
+        rows = []
+        if cfg.evaluation.fid_at_start:
+            t0 = time.perf_counter()
+            line: dict[str, Any] = {"round": 0, "holdout_loss": sim.holdout_loss(get_flat(model))}
+            write_samples(0, get_flat(model))
+            if cfg.evaluation.fid:
+                line.update(quality(0, get_flat(model)))
+            line["seconds"] = {"fid": round(time.perf_counter() - t0, 4)}
+            rows.append(line)
+        write_jsonl(metrics_path, rows)
+
+    rounds = cfg.federation.rounds
+    last = rounds if stop_after_round is None else min(rounds, stop_after_round)
+    meta = {"name": cfg.name, "parameters": num_params(model)}
+    bar = tqdm(total=rounds, initial=sim.round, desc="rounds", disable=not progress, unit="round")
+    for rnd in range(sim.round + 1, last + 1):
+        t0 = time.perf_counter()
+        line = sim.run_round(rnd)
+        line["seconds"]["round_total"] = round(time.perf_counter() - t0, 4)
+        rows.append(line)
+        # metrics first, checkpoint second: a crash between them replays this round on resume
+        write_jsonl(metrics_path, rows)
+        if rnd % cfg.checkpoint.every == 0 or rnd == last:
+            tc = time.perf_counter()
+            sim.save(ckpt_dir, meta)
+            line["seconds"]["checkpoint"] = round(time.perf_counter() - tc, 4)
+            write_jsonl(metrics_path, rows)
+        bar.update(1)
+        bar.set_postfix_str(_postfix(line))
+    bar.close()
+
+    finished = sim.round >= rounds
+    if write_report and finished:
+        from securefed.report import write_run_report
+
+        write_run_report(run_dir)
+    log.info("run %s: %d rounds in %.1f s", run_dir, sim.round, time.perf_counter() - t_start)
+    return RunResult(run_dir, sim.round, sim.global_params.clone(), rows, finished)
+
+
+def _postfix(line: dict[str, Any]) -> str:
+    parts = []
+    if line.get("mean_local_loss") is not None:
+        parts.append(f"loss={line['mean_local_loss']:.4f}")
+    if "holdout_loss" in line:
+        parts.append(f"holdout={line['holdout_loss']:.4f}")
+    if "fid" in line:
+        parts.append(f"fid={line['fid']:.2f}")
+    return " ".join(parts)

@@ -1,0 +1,94 @@
+"""SCAFFOLD (Karimireddy et al. 2020), option II control variates, sent as sums.
+
+Local step: ``g <- g - c_i + c``. After K local steps with learning rate lr:
+``c_i+ = c_i - c + (x - y_i) / (K lr)``. The client sends ``w_i (y_i - x)`` and ``c_i+ - c_i``;
+the server applies ``x <- x + eta * sum w_i dy_i / sum w_i`` and ``c <- c + sum dc_i / N``.
+With all control variates zero the local step and the model update equal FedAvg's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from securefed.config import StrategyConfig
+from securefed.strategies.base import ClientUpdate, LocalObjective, Strategy
+
+__all__ = ["Scaffold", "scaffold_control_update"]
+
+
+def scaffold_control_update(
+    c_i: torch.Tensor, c: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float
+) -> torch.Tensor:
+    """Option II of Karimireddy et al. 2020, eq. (4): ``c_i - c + (x - y) / (K lr)``.
+
+    Shapes: all ``[D]``. Returns the new client control variate ``[D]``.
+    """
+    if steps < 1 or lr <= 0:
+        raise ValueError(f"SCAFFOLD needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+    return c_i - c + (x - y) / (steps * lr)
+
+
+class Scaffold(Strategy):
+    name = "scaffold"
+
+    def __init__(self, cfg: StrategyConfig, num_clients: int, weight_scale: float = 1.0) -> None:
+        super().__init__(cfg, num_clients, weight_scale)
+        self.control: torch.Tensor | None = None  # server control variate c, [D]
+
+    def broadcast(self, global_params: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.control is None:
+            self.control = torch.zeros_like(global_params)
+        return {"params": global_params, "control": self.control}
+
+    def local_objective(
+        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
+    ) -> LocalObjective:
+        c = broadcast["control"]
+        c_i = client_state.get("control", torch.zeros_like(c))
+        return LocalObjective(grad_correction=c - c_i)
+
+    def client_update(
+        self,
+        broadcast: Mapping[str, torch.Tensor],
+        local_params: torch.Tensor,
+        num_examples: int,
+        local_steps: int,
+        lr: float,
+        client_state: Mapping[str, torch.Tensor],
+    ) -> ClientUpdate:
+        x, c = broadcast["params"], broadcast["control"]
+        c_i = client_state.get("control", torch.zeros_like(c))
+        c_new = scaffold_control_update(c_i, c, x, local_params, local_steps, lr)
+        weight = num_examples / self.weight_scale
+        return ClientUpdate(
+            vectors={"delta": (local_params - x) * weight, "control_delta": c_new - c_i},
+            weight=weight,
+            new_state={"control": c_new},
+        )
+
+    def aggregate(
+        self,
+        rnd: int,
+        global_params: torch.Tensor,
+        sums: Mapping[str, torch.Tensor],
+        total_weight: float,
+        num_contributors: int,
+    ) -> torch.Tensor:
+        if total_weight <= 0 or num_contributors == 0:
+            raise ValueError(f"round {rnd}: nothing to aggregate (total weight {total_weight})")
+        if self.control is None:
+            self.control = torch.zeros_like(global_params)
+        self.control = self.control + sums["control_delta"] / self.num_clients
+        return self.apply_server_update(global_params, sums["delta"] / total_weight)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = super().state_dict()
+        if self.control is not None:
+            out["control"] = self.control
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        self.control = state.get("control")
