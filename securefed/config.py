@@ -252,7 +252,7 @@ class EvaluationConfig(_Frozen):
     sampling_steps: int = Field(default=50, ge=1)
     grid_samples: int = Field(default=64, ge=1)
     holdout_loss_examples: int = Field(default=256, ge=1)
-    feature_net_epochs: int = Field(default=15, ge=1)
+    feature_net_epochs: int = Field(default=8, ge=1)
     inception_weights: Path | None = None
     pr_k: int = Field(default=5, ge=1, description="k of k-NN precision/recall")
 

@@ -181,8 +181,11 @@ def run_experiment(
     clients = [
         SimClient(cid, data.members.subset(idx)) for cid, idx in enumerate(data.parts)
     ]
-    mean_size = len(data.members) / cfg.federation.num_clients
-    strategy = build_strategy(cfg.strategy, cfg.federation.num_clients, weight_scale=mean_size)
+    # weights n_i / n_members keep every summed value (and the summed weight) inside [-1, 1],
+    # the range secure aggregation quantises
+    strategy = build_strategy(
+        cfg.strategy, cfg.federation.num_clients, weight_scale=float(len(data.members))
+    )
     protocol = build_protocol(cfg.secure_aggregation, cfg.federation.num_clients)
     conditional = cfg.model.class_conditional
     sched_dev = schedule.to(dev)

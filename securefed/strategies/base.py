@@ -89,8 +89,9 @@ class Strategy(ABC):
     """Server-side federated optimisation rule.
 
     Subclasses implement :meth:`aggregate`; the other hooks have FedAvg defaults.
-    ``weight_scale`` normalises client weights (``n_i / weight_scale``) so summed values stay
-    O(1), which keeps quantisation in secure aggregation well-conditioned.
+    ``weight_scale`` normalises client weights (``n_i / weight_scale``; the run uses the total
+    member count) so every summed value, the summed weight included, stays within [-1, 1]: the
+    range that secure aggregation quantises.
     """
 
     name: ClassVar[str]

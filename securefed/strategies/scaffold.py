@@ -1,8 +1,10 @@
 """SCAFFOLD (Karimireddy et al. 2020), option II control variates, sent as sums.
 
 Local step: ``g <- g - c_i + c``. After K local steps with learning rate lr:
-``c_i+ = c_i - c + (x - y_i) / (K lr)``. The client sends ``w_i (y_i - x)`` and ``c_i+ - c_i``;
-the server applies ``x <- x + eta * sum w_i dy_i / sum w_i`` and ``c <- c + sum dc_i / N``.
+``c_i+ = c_i - c + (x - y_i) / (K lr)``. The client sends ``w_i (y_i - x)`` and
+``(c_i+ - c_i) / N`` (pre-divided by the number of clients N, so the server needs only the sum and
+the summed values stay small for quantisation); the server applies
+``x <- x + eta * sum w_i dy_i / sum w_i`` and ``c <- c + sum (dc_i / N)``.
 With all control variates zero the local step and the model update equal FedAvg's.
 """
 
@@ -63,7 +65,10 @@ class Scaffold(Strategy):
         c_new = scaffold_control_update(c_i, c, x, local_params, local_steps, lr)
         weight = num_examples / self.weight_scale
         return ClientUpdate(
-            vectors={"delta": (local_params - x) * weight, "control_delta": c_new - c_i},
+            vectors={
+                "delta": (local_params - x) * weight,
+                "control_delta": (c_new - c_i) / self.num_clients,
+            },
             weight=weight,
             new_state={"control": c_new},
         )
@@ -80,7 +85,7 @@ class Scaffold(Strategy):
             raise ValueError(f"round {rnd}: nothing to aggregate (total weight {total_weight})")
         if self.control is None:
             self.control = torch.zeros_like(global_params)
-        self.control = self.control + sums["control_delta"] / self.num_clients
+        self.control = self.control + sums["control_delta"]
         return self.apply_server_update(global_params, sums["delta"] / total_weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
