@@ -20,6 +20,7 @@ __all__ = [
     "CheckpointConfig",
     "ClientConfig",
     "ConfigError",
+    "DPConfig",
     "DataConfig",
     "DiffusionConfig",
     "EvaluationConfig",
@@ -238,6 +239,45 @@ class SecureAggregationConfig(_Frozen):
         return self
 
 
+class DPConfig(_Frozen):
+    """Differential privacy (REFERENCES §3).
+
+    ``level: record`` runs DP-SGD on every client (Abadi et al. 2016): Poisson sampling with rate
+    ``batch_size / n_i``, per-example clipping to ``max_grad_norm``, Gaussian noise of std
+    ``noise_multiplier * max_grad_norm``. The noise multiplier is calibrated once per client for
+    its whole planned schedule from ``target_epsilon`` unless given. ``noise_multiplicity`` K
+    averages each example's loss over K (t, noise) draws before clipping (DPDM, Dockhorn et al.
+    2023): same sensitivity, lower variance. ``engine: fast`` clips with exact per-sample norms
+    computed without materialising per-sample gradients; ``opacus`` uses Opacus' hooks.
+    """
+
+    level: Literal["none", "record"] = "none"
+    target_epsilon: float | None = Field(default=None, gt=0.0)
+    delta: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="None: 1 / (10 n) for the client's n examples"
+    )
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    noise_multiplier: float | None = Field(default=None, gt=0.0)
+    accountant: Literal["prv", "rdp"] = "prv"
+    noise_multiplicity: int = Field(default=1, ge=1, le=256)
+    poisson_sampling: bool = True
+    secure_noise: bool = True
+    engine: Literal["fast", "opacus"] = "fast"
+
+    @model_validator(mode="after")
+    def _check(self) -> DPConfig:
+        if self.level != "none" and self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError(
+                "dp.target_epsilon: record-level DP needs a target_epsilon (the budget) or an "
+                "explicit noise_multiplier"
+            )
+        if self.level != "none" and not self.poisson_sampling:
+            raise ValueError(
+                "dp.poisson_sampling: must be true; the accountant assumes Poisson sampling"
+            )
+        return self
+
+
 class EvaluationConfig(_Frozen):
     """What is measured after rounds and how often."""
 
@@ -276,6 +316,7 @@ class ExperimentConfig(_Frozen):
     client: ClientConfig = ClientConfig(local_steps=20)
     strategy: StrategyConfig = StrategyConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    dp: DPConfig = DPConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
