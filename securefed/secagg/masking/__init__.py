@@ -1,0 +1,60 @@
+"""Pairwise-masking secure aggregation: SecAgg (Bonawitz et al. 2017), SecAgg+ (Bell et al. 2020).
+
+Folder by role: :mod:`.client` and :mod:`.server` are transport-agnostic state machines (bytes
+in, bytes out), :mod:`.protocol` drives them in-process, :mod:`.stages` holds the stage names,
+messages and per-party state, and :mod:`.shamir`, :mod:`.prg`, :mod:`.quantize`, :mod:`.graph`
+are the pure building blocks.
+"""
+
+from __future__ import annotations
+
+from securefed.secagg.masking.client import MaskingClient
+from securefed.secagg.masking.graph import NeighbourGraph, build_graph
+from securefed.secagg.masking.protocol import Intercept, MaskingAggregation
+from securefed.secagg.masking.quantize import (
+    QuantizationParams,
+    dequantize_sum,
+    quantization_error_bound,
+    quantization_params,
+    quantize,
+)
+from securefed.secagg.masking.server import MaskingServer, ReceivedMessage, ServerOutput, ServerView
+from securefed.secagg.masking.stages import (
+    ClientState,
+    MaskingParams,
+    Message,
+    ProtocolError,
+    RoundPlan,
+    ServerState,
+    Stage,
+    decode_message,
+    plan_round,
+    resolve_threshold,
+)
+
+__all__ = [
+    "ClientState",
+    "Intercept",
+    "MaskingAggregation",
+    "MaskingClient",
+    "MaskingParams",
+    "MaskingServer",
+    "Message",
+    "NeighbourGraph",
+    "ProtocolError",
+    "QuantizationParams",
+    "ReceivedMessage",
+    "RoundPlan",
+    "ServerOutput",
+    "ServerState",
+    "ServerView",
+    "Stage",
+    "build_graph",
+    "decode_message",
+    "dequantize_sum",
+    "plan_round",
+    "quantization_error_bound",
+    "quantization_params",
+    "quantize",
+    "resolve_threshold",
+]

@@ -1,0 +1,605 @@
+"""Stages, messages and per-party state of the masking protocol (SecAgg / SecAgg+).
+
+The stages follow Bonawitz et al. 2017 (Fig. 4/5, "Practical Secure Aggregation for
+Privacy-Preserving Machine Learning"), with the neighbour graph of Bell et al. 2020 (SecAgg+):
+
+====================  ============================  =============================================
+stage                 server -> client              client -> server
+====================  ============================  =============================================
+ADVERTISE_KEYS        :class:`RoundStart`           :class:`AdvertiseKeys` (c_pk, s_pk, signed)
+SHARE_KEYS            :class:`KeyBroadcast`         :class:`ShareKeys` (AEAD shares of b_u, s_sk)
+MASKED_INPUT          :class:`ShareBroadcast`       :class:`MaskedInput` (y_u mod 2^bits)
+CONSISTENCY_CHECK     :class:`ConsistencyRequest`   :class:`ConsistencySignature` (sig over U3)
+UNMASKING             :class:`UnmaskRequest`        :class:`UnmaskShares` (b OR s share per peer)
+====================  ============================  =============================================
+
+The consistency check is a real stage (not folded): every survivor signs the survivor set U3 and
+only reveals shares after seeing ``t`` valid signatures on the same U3 from its neighbourhood, so
+a server cannot tell different clients different stories about who dropped.
+
+Every message is a frozen dataclass with one canonical byte encoding (no pickle): a tag byte, the
+fields as big-endian u64 / length-prefixed bytes, then a 64-byte Ed25519 signature over
+``DOMAIN || tag || fields``. Clients sign what they send; the server signs what it sends (its key
+is in the roster), so a flipped bit anywhere fails a signature, an AEAD tag or the parser.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, TypeVar
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from securefed.secagg.masking.graph import NeighbourGraph, build_graph
+from securefed.secagg.masking.prg import DOMAIN
+from securefed.secagg.masking.quantize import QuantizationParams, quantization_params
+
+__all__ = [
+    "CLIENT_MESSAGES",
+    "SERVER_MESSAGES",
+    "AdvertiseKeys",
+    "ClientState",
+    "ConsistencyRequest",
+    "ConsistencySignature",
+    "KeyBroadcast",
+    "MaskedInput",
+    "MaskingParams",
+    "Message",
+    "ProtocolError",
+    "RoundPlan",
+    "RoundStart",
+    "ServerState",
+    "ShareBroadcast",
+    "ShareKeys",
+    "Stage",
+    "UnmaskRequest",
+    "UnmaskShares",
+    "consistency_payload",
+    "decode_message",
+    "plan_round",
+    "resolve_threshold",
+    "verify_encoded",
+]
+
+SIGNATURE_BYTES = 64
+PUBLIC_KEY_BYTES = 32
+
+
+class Stage:
+    """Stage names, in protocol order (also the :attr:`dropout_stages` of the protocol)."""
+
+    ADVERTISE_KEYS = "advertise_keys"
+    SHARE_KEYS = "share_keys"
+    MASKED_INPUT = "masked_input"
+    CONSISTENCY_CHECK = "consistency_check"
+    UNMASKING = "unmasking"
+    DONE = "done"
+
+    ORDER: ClassVar[tuple[str, ...]] = (
+        ADVERTISE_KEYS,
+        SHARE_KEYS,
+        MASKED_INPUT,
+        CONSISTENCY_CHECK,
+        UNMASKING,
+    )
+
+    @classmethod
+    def index(cls, stage: str) -> int:
+        return cls.ORDER.index(stage)
+
+
+class ProtocolError(ValueError):
+    """A message failed a check. ``str(e)`` reads ``client <id>: <check> check failed: ...``.
+
+    Attributes:
+        client: the client the failure is attributed to (the sender of a bad upload, or the
+            receiving client of a bad server message).
+        check: short name of the check ("signature", "round id", "sender", "length", ...).
+    """
+
+    def __init__(self, client: int | None, check: str, detail: str) -> None:
+        who = "server" if client is None else f"client {client}"
+        super().__init__(f"{who}: {check} check failed: {detail}")
+        self.client = client
+        self.check = check
+
+
+# --------------------------------------------------------------------------- canonical encoding
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def u64(self, value: int) -> None:
+        self.parts.append(struct.pack(">Q", value))
+
+    def blob(self, data: bytes) -> None:
+        self.parts.append(struct.pack(">Q", len(data)))
+        self.parts.append(data)
+
+    def ids(self, values: Sequence[int]) -> None:
+        self.parts.append(struct.pack(f">Q{len(values)}Q", len(values), *values))
+
+    def pairs(self, values: Sequence[tuple[int, bytes]]) -> None:
+        self.u64(len(values))
+        for key, data in values:
+            self.u64(key)
+            self.blob(data)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
+
+
+class _Reader:
+    def __init__(self, data: bytes, who: int | None) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+        self.who = who
+
+    def _fail(self, detail: str) -> ProtocolError:
+        return ProtocolError(self.who, "format", detail)
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise self._fail(f"message truncated (need {n} bytes at offset {self.pos})")
+        out = bytes(self.data[self.pos : self.pos + n])
+        self.pos += n
+        return out
+
+    def u64(self) -> int:
+        (value,) = struct.unpack(">Q", self.take(8))
+        return int(value)
+
+    def blob(self) -> bytes:
+        return self.take(self.u64())
+
+    def ids(self) -> tuple[int, ...]:
+        count = self.u64()
+        if count * 8 > len(self.data) - self.pos:
+            raise self._fail(f"id list of {count} entries overruns the message")
+        return tuple(int(v) for v in struct.unpack(f">{count}Q", self.take(8 * count)))
+
+    def pairs(self) -> tuple[tuple[int, bytes], ...]:
+        count = self.u64()
+        if count * 16 > len(self.data) - self.pos:
+            raise self._fail(f"list of {count} entries overruns the message")
+        return tuple((self.u64(), self.blob()) for _ in range(count))
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise self._fail(f"{len(self.data) - self.pos} trailing bytes")
+
+
+# --------------------------------------------------------------------------------- messages
+
+M = TypeVar("M", bound="Message")
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of all messages: ``round_id``, the party field, a body, and a signature."""
+
+    TAG: ClassVar[int] = 0
+    STAGE: ClassVar[str] = ""
+
+    round_id: int
+    signature: bytes = field(default=b"", kw_only=True)
+
+    def _body(self, w: _Writer) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def _parse(cls: type[M], r: _Reader, round_id: int) -> M:
+        raise NotImplementedError
+
+    def signed_payload(self) -> bytes:
+        """The bytes the signature covers: ``DOMAIN || tag || round id || body``."""
+        w = _Writer()
+        w.u64(self.round_id)
+        self._body(w)
+        return DOMAIN + bytes([self.TAG]) + w.getvalue()
+
+    def to_bytes(self) -> bytes:
+        """Canonical encoding: ``tag || round id || body || signature``."""
+        sig = self.signature
+        if len(sig) != SIGNATURE_BYTES:
+            raise ValueError(f"{type(self).__name__} is not signed")
+        return self.signed_payload()[len(DOMAIN) :] + sig
+
+    def signed_bytes(self, key: Ed25519PrivateKey) -> bytes:
+        """Sign with ``key`` and encode in one pass: ``to_bytes()`` of :meth:`sign`'s result."""
+        payload = self.signed_payload()
+        return payload[len(DOMAIN) :] + key.sign(payload)
+
+    def sign(self: M, key: Ed25519PrivateKey) -> M:
+        """A copy of this message carrying ``key``'s signature over :meth:`signed_payload`."""
+        return replace(self, signature=key.sign(self.signed_payload()))
+
+    def verify(self, key: Ed25519PublicKey) -> bool:
+        try:
+            key.verify(self.signature, self.signed_payload())
+        except InvalidSignature:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class RoundStart(Message):
+    """Server -> client: the round's participants and vector length (opens ADVERTISE_KEYS)."""
+
+    TAG: ClassVar[int] = 1
+    STAGE: ClassVar[str] = Stage.ADVERTISE_KEYS
+    recipient: int
+    participants: tuple[int, ...]
+    vector_length: int
+
+    def _body(self, w: _Writer) -> None:
+        w.u64(self.recipient)
+        w.ids(self.participants)
+        w.u64(self.vector_length)
+
+    @classmethod
+    def _parse(cls, r: _Reader, round_id: int) -> RoundStart:
+        return cls(round_id, r.u64(), r.ids(), r.u64(), signature=r.take(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys(Message):
+    """Client -> server: two X25519 public keys, c (share encryption) and s (masks)."""
+
+    TAG: ClassVar[int] = 2
+    STAGE: ClassVar[str] = Stage.ADVERTISE_KEYS
+    sender: int
+    c_public: bytes
+    s_public: bytes
+
+    def _body(self, w: _Writer) -> None:
+        w.u64(self.sender)
+        w.blob(self.c_public)
+        w.blob(self.s_public)
+
+    @classmethod
+    def _parse(cls, r: _Reader, round_id: int) -> AdvertiseKeys:
+        return cls(round_id, r.u64(), r.blob(), r.blob(), signature=r.take(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class KeyBroadcast(Message):
+    """Server -> client: the signed :class:`AdvertiseKeys` (encoded) of the live neighbours."""
+
+    TAG: ClassVar[int] = 3
+    STAGE: ClassVar[str] = Stage.SHARE_KEYS
+    recipient: int
+    keys: tuple[tuple[int, bytes], ...]
+
+    def _body(self, w: _Writer) -> None:
+        w.u64(self.recipient)
+        w.pairs(self.keys)
+
+    @classmethod
+    def _parse(cls, r: _Reader, round_id: int) -> KeyBroadcast:
+        return cls(round_id, r.u64(), r.pairs(), signature=r.take(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class ShareKeys(Message):
+    """Client -> server: per neighbour, an AEAD ciphertext of the shares of b_u and s_u^SK.
+
+    ``b_commit`` = SHA-256 commitment to b_u, so the server can check its reconstruction.
+    """
+
+    TAG: ClassVar[int] = 4
+    STAGE: ClassVar[str] = Stage.SHARE_KEYS
+    sender: int
+    b_commit: bytes
+    ciphertexts: tuple[tuple[int, bytes], ...]
+
+    def _body(self, w: _Writer) -> None:
+        w.u64(self.sender)
+        w.blob(self.b_commit)
+        w.pairs(self.ciphertexts)
+
+    @classmethod
+    def _parse(cls, r: _Reader, round_id: int) -> ShareKeys:
+        return cls(round_id, r.u64(), r.blob(), r.pairs(), signature=r.take(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class ShareBroadcast(Message):
+    """Server -> client: the ciphertexts addressed to the recipient, keyed by their sender."""
+
+    TAG: ClassVar[int] = 5
+    STAGE: ClassVar[str] = Stage.MASKED_INPUT
+    recipient: int
+    ciphertexts: tuple[tuple[int, bytes], ...]
+
+    def _body(self, w: _Writer) -> None:
+        w.u64(self.recipient)
+        w.pairs(self.ciphertexts)
+
+    @classmethod
+    def _parse(cls, r: _Reader, round_id: int) -> ShareBroadcast:
+        return cls(round_id, r.u64(), r.pairs(), signature=r.take(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class MaskedInput(Message):
+    """Client -> server: ``y_u = q(x_u) + PRG(b_u) + sum_v +-PRG(s_uv) mod 2^bits``, encoded."""
+
+    TAG: ClassVar[int] = 6
+    STAGE: ClassVar[str] = Stage.MASKED_INPUT
+    sender: int
+    masked: bytes
+
+    def _body(self, w: _Writer) -> None:
+        w.u64(self.sender)
+        w.blob(self.masked)
+
+    @classmethod
+    def _parse(cls, r: _Reader, round_id: int) -> MaskedInput:
+        return cls(round_id, r.u64(), r.blob(), signature=r.take(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class ConsistencyRequest(Message):
+    """Server -> client: the survivor set U3 (clients whose masked input arrived)."""
+
+    TAG: ClassVar[int] = 7
+    STAGE: ClassVar[str] = Stage.CONSISTENCY_CHECK
+    recipient: int
+    survivors: tuple[int, ...]
+
+    def _body(self, w: _Writer) -> None:
+        w.u64(self.recipient)
+        w.ids(self.survivors)
+
+    @classmethod
+    def _parse(cls, r: _Reader, round_id: int) -> ConsistencyRequest:
+        return cls(round_id, r.u64(), r.ids(), signature=r.take(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class ConsistencySignature(Message):
+    """Client -> server: the sender's signature over (round id, sender, U3)."""
+
+    TAG: ClassVar[int] = 8
+    STAGE: ClassVar[str] = Stage.CONSISTENCY_CHECK
+    sender: int
+    survivors: tuple[int, ...]
+
+    def _body(self, w: _Writer) -> None:
+        w.u64(self.sender)
+        w.ids(self.survivors)
+
+    @classmethod
+    def _parse(cls, r: _Reader, round_id: int) -> ConsistencySignature:
+        return cls(round_id, r.u64(), r.ids(), signature=r.take(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class UnmaskRequest(Message):
+    """Server -> client: U3, the dropped neighbours, and the neighbours' signatures on U3."""
+
+    TAG: ClassVar[int] = 9
+    STAGE: ClassVar[str] = Stage.UNMASKING
+    recipient: int
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    signatures: tuple[tuple[int, bytes], ...]
+
+    def _body(self, w: _Writer) -> None:
+        w.u64(self.recipient)
+        w.ids(self.survivors)
+        w.ids(self.dropped)
+        w.pairs(self.signatures)
+
+    @classmethod
+    def _parse(cls, r: _Reader, round_id: int) -> UnmaskRequest:
+        recipient, survivors, dropped, sigs = r.u64(), r.ids(), r.ids(), r.pairs()
+        return cls(round_id, recipient, survivors, dropped, sigs, signature=r.take(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class UnmaskShares(Message):
+    """Client -> server: b_v shares of surviving neighbours, s_v^SK shares of dropped ones."""
+
+    TAG: ClassVar[int] = 10
+    STAGE: ClassVar[str] = Stage.UNMASKING
+    sender: int
+    b_shares: tuple[tuple[int, bytes], ...]
+    s_shares: tuple[tuple[int, bytes], ...]
+
+    def _body(self, w: _Writer) -> None:
+        w.u64(self.sender)
+        w.pairs(self.b_shares)
+        w.pairs(self.s_shares)
+
+    @classmethod
+    def _parse(cls, r: _Reader, round_id: int) -> UnmaskShares:
+        return cls(round_id, r.u64(), r.pairs(), r.pairs(), signature=r.take(SIGNATURE_BYTES))
+
+
+SERVER_MESSAGES: tuple[type[Message], ...] = (
+    RoundStart,
+    KeyBroadcast,
+    ShareBroadcast,
+    ConsistencyRequest,
+    UnmaskRequest,
+)
+CLIENT_MESSAGES: tuple[type[Message], ...] = (
+    AdvertiseKeys,
+    ShareKeys,
+    MaskedInput,
+    ConsistencySignature,
+    UnmaskShares,
+)
+_BY_TAG: dict[int, type[Message]] = {m.TAG: m for m in SERVER_MESSAGES + CLIENT_MESSAGES}
+
+
+def decode_message(data: bytes, who: int | None) -> Message:
+    """Parse one canonical message; ``who`` is the client any format error is attributed to.
+
+    Raises:
+        ProtocolError: unknown tag, truncation, trailing bytes ("format").
+    """
+    if not data:
+        raise ProtocolError(who, "format", "empty message")
+    cls = _BY_TAG.get(data[0])
+    if cls is None:
+        raise ProtocolError(who, "format", f"unknown message tag {data[0]}")
+    r = _Reader(data[1:], who)
+    round_id = r.u64()
+    msg = cls._parse(r, round_id)
+    r.end()
+    return msg
+
+
+def verify_encoded(data: bytes, key: Ed25519PublicKey) -> bool:
+    """Check the signature of an encoded message without re-encoding it.
+
+    The encoding is canonical (:func:`decode_message` rejects anything else), so the signed
+    payload is ``DOMAIN || data[:-64]``.
+    """
+    if len(data) < SIGNATURE_BYTES:
+        return False
+    try:
+        key.verify(data[-SIGNATURE_BYTES:], DOMAIN + data[:-SIGNATURE_BYTES])
+    except InvalidSignature:
+        return False
+    return True
+
+
+def consistency_payload(round_id: int, signer: int, survivors: Sequence[int]) -> bytes:
+    """What a :class:`ConsistencySignature` signs (so peers can check a forwarded signature)."""
+    return ConsistencySignature(round_id, signer, tuple(survivors)).signed_payload()
+
+
+# ------------------------------------------------------------------------ parameters, plan
+
+
+@dataclass(frozen=True)
+class MaskingParams:
+    """Public protocol parameters every party is configured with (not sent on the wire).
+
+    Attributes:
+        threshold: a count (>= 2) or a fraction in (0, 1] of the neighbourhood size.
+        neighbours: k of the k-regular graph, or None for the complete graph.
+        bits: ring Z_{2^bits} of the masked sum.
+        clip_range: inputs are clipped to [-clip_range, clip_range].
+    """
+
+    threshold: float
+    neighbours: int | None
+    bits: int
+    clip_range: float
+
+
+def resolve_threshold(threshold: float, neighbourhood: int) -> int:
+    """Shamir threshold ``t`` for a closed neighbourhood of ``neighbourhood`` clients.
+
+    A fraction ``f`` in (0, 1] gives ``ceil(f * size)`` clamped to ``[2, size]``; a count is used
+    as is. In SecAgg (complete graph) the neighbourhood is the whole round; in SecAgg+ it is the
+    k + 1 clients of ``N[u]`` that hold u's shares, so ``t`` is relative to k + 1.
+
+    Raises:
+        ValueError: a count above the neighbourhood size, or below 2 (names the config field).
+    """
+    if threshold <= 0:
+        raise ValueError(f"secure_aggregation.threshold: must be > 0, got {threshold}")
+    if threshold <= 1:
+        t = math.ceil(threshold * neighbourhood - 1e-9)
+        return max(2, min(t, neighbourhood))
+    if threshold != int(threshold):
+        raise ValueError(f"secure_aggregation.threshold: a count must be an integer: {threshold}")
+    t = int(threshold)
+    if t > neighbourhood:
+        raise ValueError(
+            f"secure_aggregation.threshold: t={t} exceeds the {neighbourhood} clients of a "
+            "neighbourhood (share holders); lower it or use a fraction"
+        )
+    return t
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Everything public about one round that every party derives identically."""
+
+    round_id: int
+    participants: tuple[int, ...]
+    vector_length: int
+    graph: NeighbourGraph
+    threshold: int
+    quant: QuantizationParams
+
+
+def plan_round(
+    params: MaskingParams, round_id: int, participants: Sequence[int], vector_length: int
+) -> RoundPlan:
+    """Derive the round's graph, threshold and quantisation grid from public data.
+
+    Raises:
+        ValueError: a threshold or bit width that cannot work for this round.
+    """
+    ids = tuple(sorted(set(participants)))
+    if len(ids) != len(participants):
+        raise ValueError("participants must be distinct")
+    graph = build_graph(round_id, ids, params.neighbours)
+    t = resolve_threshold(params.threshold, graph.neighbourhood_size)
+    quant = quantization_params(params.bits, params.clip_range, len(ids))
+    return RoundPlan(round_id, ids, int(vector_length), graph, t, quant)
+
+
+# ---------------------------------------------------------------------------- party state
+
+
+@dataclass
+class ClientState:
+    """One client's protocol state (Bonawitz et al. 2017, Fig. 4, client side).
+
+    ``stage`` is the stage the client is in: it has answered the server message that opens it.
+    Secrets (``c_secret``, ``s_secret``, ``b_seed``) never leave this object except as Shamir
+    shares under AEAD; the input vector is dropped as soon as the masked input is built.
+    """
+
+    client_id: int
+    round_id: int
+    stage: str | None = None
+    plan: RoundPlan | None = None
+    c_secret: X25519PrivateKey | None = None
+    s_secret: X25519PrivateKey | None = None
+    peer_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # U1 neighbours
+    share_keys: dict[int, bytes] = field(default_factory=dict)  # AEAD key per peer
+    b_seed: bytes | None = None
+    held_shares: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # v -> (b, s)
+    masked_with: tuple[int, ...] = ()  # U2 neighbours
+    survivors: tuple[int, ...] | None = None  # the U3 this client signed
+    revealed_b: set[int] = field(default_factory=set)
+    revealed_s: set[int] = field(default_factory=set)
+
+
+@dataclass
+class ServerState:
+    """The server's protocol state (Bonawitz et al. 2017, Fig. 4, server side).
+
+    It only ever holds masked vectors folded into one running sum, never an individual input.
+    """
+
+    plan: RoundPlan
+    stage: str = Stage.ADVERTISE_KEYS
+    advertised: dict[int, AdvertiseKeys] = field(default_factory=dict)  # U1
+    advertised_raw: dict[int, bytes] = field(default_factory=dict)
+    shared: dict[int, ShareKeys] = field(default_factory=dict)  # U2
+    u1: tuple[int, ...] = ()
+    u2: tuple[int, ...] = ()
+    u3: tuple[int, ...] = ()
+    u4: tuple[int, ...] = ()
+    masked_from: list[int] = field(default_factory=list)
+    consistency: dict[int, bytes] = field(default_factory=dict)
+    unmask: dict[int, UnmaskShares] = field(default_factory=dict)
+    pruned: set[int] = field(default_factory=set)
