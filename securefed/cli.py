@@ -113,13 +113,13 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
     if args.ckks:
         from securefed.secagg.ckks import init_ckks_keys
 
-        secret, public = init_ckks_keys(out)
+        secret, public = init_ckks_keys(out, overwrite=args.overwrite)
         print(f"CKKS secret context (clients only, 0600): {secret}")
         print(f"CKKS public context (server): {public}")
     if args.clients is not None:
         from securefed.secagg.keys import init_identity_keys
 
-        roster = init_identity_keys(out, args.clients)
+        roster = init_identity_keys(out, args.clients, overwrite=args.overwrite)
         print(f"{args.clients} client signing keys (0600) and roster: {roster}")
     if args.clients is None and not args.ckks:
         raise SystemExit("securefed keys init: give --clients N and/or --ckks")
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     ki.add_argument("--clients", type=int, help="number of clients (Ed25519 signing keys)")
     ki.add_argument("--ckks", action="store_true", help="CKKS secret (clients) + public (server)")
     ki.add_argument("--out", required=True, help="output folder")
+    ki.add_argument("--overwrite", action="store_true", help="replace existing key files")
     ki.set_defaults(func=_cmd_keys_init)
     return p
 

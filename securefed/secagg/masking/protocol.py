@@ -94,7 +94,9 @@ class MaskingAggregation(AggregationProtocol):
         self.last_server: MaskingServer | None = None
 
     @classmethod
-    def from_config(cls, cfg: SecureAggregationConfig, num_clients: int) -> MaskingAggregation:
+    def from_config(
+        cls, cfg: SecureAggregationConfig, num_clients: int, *, record_server_view: bool = False
+    ) -> MaskingAggregation:
         """Build from ``secure_aggregation``: resolve and validate threshold, k, bits, keys.
 
         The threshold is resolved per round against the closed-neighbourhood size (the round's
@@ -117,7 +119,7 @@ class MaskingAggregation(AggregationProtocol):
             identities = ephemeral_identities(num_clients)
         else:
             identities = load_identities(cfg.keys_dir, num_clients)
-        return cls(params, identities)
+        return cls(params, identities, record_server_view=record_server_view)
 
     def _deliver(self, direction: str, stage: str, cid: int, data: bytes) -> bytes:
         return data if self.intercept is None else self.intercept(direction, stage, cid, data)
