@@ -141,12 +141,24 @@ def write_run_report(run_dir: str | Path) -> Path:
         down = sum(r.get("bytes_down", 0) for r in train_rows)
         dropped = sum(len(r.get("dropped", [])) for r in train_rows)
         abandoned = sum(1 for r in train_rows if r.get("abandoned"))
+        recovered = sum(int(r.get("protocol_info", {}).get("dropouts_recovered", 0))
+                        for r in train_rows)
+        uploads = sum(len(r.get("participants", [])) for r in train_rows) or 1
+        proto = sec.get("protocol", "plain")
         lines += [
-            "## Communication",
+            "## Secure aggregation and communication",
             "",
-            f"Protocol `{sec.get('protocol', 'plain')}`: {up / 1e6:.2f} MB up, "
-            f"{down / 1e6:.2f} MB down in total; {dropped} client dropouts handled, "
-            f"{abandoned} rounds abandoned.",
+            f"Protocol `{proto}`"
+            + (f" (threshold {sec.get('threshold')}, neighbours {sec.get('neighbours')}, "
+               f"{sec.get('bits')}-bit modulus, clip range ±{sec.get('clip_range')})"
+               if proto == "masking" else "")
+            + f": {up / 1e6:.2f} MB up and {down / 1e6:.2f} MB down in total, "
+            f"{up / uploads / 1e6:.3f} MB up per participating client per round "
+            f"({up / len(train_rows) / 1e6:.2f} MB per round). "
+            f"{dropped} client dropouts handled"
+            + (f" ({recovered} masks reconstructed from Shamir shares)" if proto == "masking"
+               else "")
+            + f"; {abandoned} rounds abandoned.",
             "",
             "## Per round",
             "",
