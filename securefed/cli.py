@@ -51,15 +51,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     last = result.metrics[-1] if result.metrics else {}
-    summary = {k: last[k] for k in ("round", "holdout_loss", "fid", "precision", "recall")
-               if k in last}
+    summary = {
+        k: last[k] for k in ("round", "holdout_loss", "fid", "precision", "recall") if k in last
+    }
     print(f"run directory: {result.run_dir}")
     print(f"final: {json.dumps(summary)}")
     if result.finished:
         print(f"report: {result.run_dir / 'report.md'}")
     else:
-        print(f"stopped after round {result.rounds_completed}; continue with "
-              f"`securefed run --resume {result.run_dir}`")
+        print(
+            f"stopped after round {result.rounds_completed}; continue with "
+            f"`securefed run --resume {result.run_dir}`"
+        )
     return 0
 
 
@@ -93,9 +96,18 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             y = torch.full((args.n,), args.label, device=dev, dtype=torch.long)
         else:
             y = torch.arange(args.n, device=dev) % num_classes
-    imgs = sample(model, NoiseSchedule.from_config(cfg.diffusion).to(dev), args.n,
-                  (shape[0], shape[1], shape[2]), sampler=args.sampler, steps=args.steps,
-                  y=y, generator=gen, device=dev, progress=True)
+    imgs = sample(
+        model,
+        NoiseSchedule.from_config(cfg.diffusion).to(dev),
+        args.n,
+        (shape[0], shape[1], shape[2]),
+        sampler=args.sampler,
+        steps=args.steps,
+        y=y,
+        generator=gen,
+        device=dev,
+        progress=True,
+    )
     out = save_grid(imgs, args.out)
     print(f"wrote {args.n} samples from round {ckpt.round} to {out}")
     return 0
@@ -139,11 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default runs/<name>)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
     r.add_argument("--device", choices=["cpu", "cuda", "auto"], help="overrides the config")
-    r.add_argument("--stop-after-round", type=int, default=None,
-                   help="stop after this round (resume later with --resume)")
+    r.add_argument(
+        "--stop-after-round",
+        type=int,
+        default=None,
+        help="stop after this round (resume later with --resume)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set partition.kind=iid (repeatable)")
+    r.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set partition.kind=iid (repeatable)",
+    )
     r.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("sample", help="draw samples from a run's latest checkpoint")
@@ -185,8 +205,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
-    except (ConfigError, DatasetError, PartitionError, CheckpointError, FileExistsError,
-            FileNotFoundError) as exc:
+    except (
+        ConfigError,
+        DatasetError,
+        PartitionError,
+        CheckpointError,
+        FileExistsError,
+        FileNotFoundError,
+    ) as exc:
         print(f"securefed {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -33,7 +33,7 @@ from securefed.data import (
 )
 from securefed.diffusion import NoiseSchedule, UNet, sample
 from securefed.federation.checkpoint import CheckpointError, load_latest
-from securefed.federation.simulation import SimClient, Simulation, derive_seed
+from securefed.federation.simulation import PrivacyContext, SimClient, Simulation, derive_seed
 from securefed.io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from securefed.report.grid import save_grid
 from securefed.secagg import build_protocol
@@ -51,7 +51,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SAMPLES, _FID = 4, 5
+_SAMPLES, _FID, _NOISE = 4, 5, 6
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,81 @@ def build_model(cfg: ExperimentConfig, image_shape: tuple[int, int, int], num_cl
         raise ValueError(f"data: images must be square, got {h}x{w}; set data.image_size")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, 0))
-        return UNet(
-            cfg.model, c, h, num_classes if cfg.model.class_conditional else None
+        return UNet(cfg.model, c, h, num_classes if cfg.model.class_conditional else None)
+
+
+def build_privacy(
+    cfg: ExperimentConfig, run_dir: Path, clients: list[SimClient], resume: bool
+) -> PrivacyContext:
+    """Ledger + per-client noise multipliers (calibrated ONCE for the whole planned schedule)
+    + per-client-round noise sources, for ``dp.level: record``."""
+    from securefed.client.dp import sample_rate_for
+    from securefed.client.trainer import local_steps_for
+    from securefed.io import atomic_write_bytes
+    from securefed.privacy import (
+        PrivacyLedger,
+        SecureGaussian,
+        TorchGaussian,
+        calibrate_noise_multiplier,
+        default_delta,
+        derive_key,
+    )
+
+    dp = cfg.dp
+    path = run_dir / "privacy_ledger.json"
+    ledger = PrivacyLedger.load(path) if resume and path.exists() else PrivacyLedger(path)
+    sigmas: dict[int, float] = {}
+    for c in clients:
+        n = len(c.data)
+        q = sample_rate_for(cfg.client, n)
+        planned = cfg.federation.rounds * local_steps_for(cfg.client, n)
+        delta = dp.delta if dp.delta is not None else default_delta(n)
+        if dp.delta is not None and dp.delta >= 1.0 / n:
+            raise ValueError(
+                f"dp.delta: {dp.delta} is not below 1/n = {1.0 / n:.3g} for client {c.cid} "
+                f"({n} examples); choose a smaller delta or leave it unset (1/(10 n))"
+            )
+        if c.cid in ledger.clients:
+            sigmas[c.cid] = float(ledger.plan_of(c.cid)["noise_multiplier"])
+            continue
+        if dp.noise_multiplier is not None:
+            sigma = dp.noise_multiplier
+        else:
+            if dp.target_epsilon is None:  # pragma: no cover - excluded by DPConfig validation
+                raise ValueError("dp.target_epsilon: required when noise_multiplier is unset")
+            sigma = calibrate_noise_multiplier(dp.target_epsilon, delta, q, planned, dp.accountant)
+        ledger.plan(
+            c.cid,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            planned_steps=planned,
+            target_epsilon=dp.target_epsilon,
+            delta=delta,
+            accountant=dp.accountant,
         )
+        sigmas[c.cid] = sigma
+    ledger.save()
+
+    if dp.secure_noise:
+        key_path = run_dir / "secrets" / "dp_noise.key"
+        if not key_path.exists():
+            import os
+
+            atomic_write_bytes(key_path, os.urandom(32), mode=0o600)
+        run_key = key_path.read_bytes()
+
+        def source(rnd: int, cid: int) -> Any:
+            return SecureGaussian(key=derive_key(run_key, rnd, cid))
+    else:
+        log.warning(
+            "dp.secure_noise is false: DP noise comes from torch's Mersenne Twister, which is "
+            "NOT cryptographically secure; use this only for tests and debugging"
+        )
+
+        def source(rnd: int, cid: int) -> Any:
+            return TorchGaussian(seed=derive_seed(cfg.seed, rnd, _NOISE, cid))
+
+    return PrivacyContext(ledger=ledger, noise_multipliers=sigmas, noise_source=source)
 
 
 def _check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
@@ -178,9 +250,7 @@ def run_experiment(
     image_shape = data.members.image_shape
     model = build_model(cfg, image_shape, data.members.num_classes).to(dev)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
-    clients = [
-        SimClient(cid, data.members.subset(idx)) for cid, idx in enumerate(data.parts)
-    ]
+    clients = [SimClient(cid, data.members.subset(idx)) for cid, idx in enumerate(data.parts)]
     # weights n_i / n_members keep every summed value (and the summed weight) inside [-1, 1],
     # the range secure aggregation quantises
     strategy = build_strategy(
@@ -199,8 +269,17 @@ def run_experiment(
         y = None
         if conditional:
             y = torch.arange(n, device=dev) % data.members.num_classes
-        imgs = sample(model, sched_dev, n, image_shape, sampler=cfg.evaluation.sampler,
-                      steps=cfg.evaluation.sampling_steps, y=y, generator=gen, device=dev)
+        imgs = sample(
+            model,
+            sched_dev,
+            n,
+            image_shape,
+            sampler=cfg.evaluation.sampler,
+            steps=cfg.evaluation.sampling_steps,
+            y=y,
+            generator=gen,
+            device=dev,
+        )
         save_grid(imgs, samples_dir / f"round_{rnd:04d}.png")
 
     evaluator = None
@@ -208,9 +287,16 @@ def run_experiment(
         from securefed.metrics import SampleEvaluator
 
         evaluator = SampleEvaluator(
-            data.members.images, data.members.labels, data.holdout.images, data.holdout.labels,
-            data.members.num_classes, dataset_fingerprint=data.members.fingerprint(),
-            cfg=cfg.evaluation, cache_dir=cache_dir() / "featnets", seed=cfg.seed, device=dev,
+            data.members.images,
+            data.members.labels,
+            data.holdout.images,
+            data.holdout.labels,
+            data.members.num_classes,
+            dataset_fingerprint=data.members.fingerprint(),
+            cfg=cfg.evaluation,
+            cache_dir=cache_dir() / "featnets",
+            seed=cfg.seed,
+            device=dev,
         )
 
     def quality(rnd: int, params: torch.Tensor) -> dict[str, Any]:
@@ -222,14 +308,34 @@ def run_experiment(
         y = None
         if conditional:
             y = torch.randint(0, data.members.num_classes, (n,), generator=gen, device=dev)
-        imgs = sample(model, sched_dev, n, image_shape, sampler=cfg.evaluation.sampler,
-                      steps=cfg.evaluation.sampling_steps, y=y, generator=gen, device=dev)
+        imgs = sample(
+            model,
+            sched_dev,
+            n,
+            image_shape,
+            sampler=cfg.evaluation.sampler,
+            steps=cfg.evaluation.sampling_steps,
+            y=y,
+            generator=gen,
+            device=dev,
+        )
         rep = evaluator.evaluate(imgs.cpu())
         return {k: v for k, v in rep.as_dict().items() if v is not None}
 
+    privacy = build_privacy(cfg, run_dir, clients, resume) if cfg.dp.level == "record" else None
     sim = Simulation(
-        cfg, model, schedule, clients, data.holdout, strategy, protocol, dev,
-        evaluate_quality=quality, on_samples=write_samples, progress=progress,
+        cfg,
+        model,
+        schedule,
+        clients,
+        data.holdout,
+        strategy,
+        protocol,
+        dev,
+        evaluate_quality=quality,
+        on_samples=write_samples,
+        progress=progress,
+        privacy=privacy,
     )
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -237,23 +343,34 @@ def run_experiment(
     if resume:
         ckpt = load_latest(ckpt_dir)
         sim.restore(ckpt)
+        if privacy is not None:
+            # rounds after the checkpoint are replayed with identical seeds and noise, so their
+            # charges are dropped here and charged again (exactly once) by the replay
+            privacy.ledger.truncate_after(ckpt.round)
+            privacy.ledger.save()
         rows = [r for r in read_jsonl(metrics_path) if int(r["round"]) <= ckpt.round]
         write_jsonl(metrics_path, rows)  # drop lines of rounds after the checkpoint
         log.info("resumed %s after round %d", run_dir, ckpt.round)
     else:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        atomic_write_json(run_dir / "label_histogram.json", {
-            "num_classes": data.members.num_classes,
-            "class_names": list(data.members.class_names),
-            "counts": data.histogram.tolist(),
-            "members": len(data.members),
-            "holdout": len(data.holdout),
-        })
-        atomic_write_json(run_dir / "model.json", {
-            "parameters": num_params(model),
-            "groups": {k: len(v) for k, v in model.parameter_groups().items()},
-            "image_shape": list(image_shape),
-        })
+        atomic_write_json(
+            run_dir / "label_histogram.json",
+            {
+                "num_classes": data.members.num_classes,
+                "class_names": list(data.members.class_names),
+                "counts": data.histogram.tolist(),
+                "members": len(data.members),
+                "holdout": len(data.holdout),
+            },
+        )
+        atomic_write_json(
+            run_dir / "model.json",
+            {
+                "parameters": num_params(model),
+                "groups": {k: len(v) for k, v in model.parameter_groups().items()},
+                "image_shape": list(image_shape),
+            },
+        )
         rows = []
         if cfg.evaluation.fid_at_start:
             t0 = time.perf_counter()
@@ -269,7 +386,15 @@ def run_experiment(
     last = rounds if stop_after_round is None else min(rounds, stop_after_round)
     meta = {"name": cfg.name, "parameters": num_params(model)}
     bar = tqdm(total=rounds, initial=sim.round, desc="rounds", disable=not progress, unit="round")
+    stop_reason = None
     for rnd in range(sim.round + 1, last + 1):
+        if not sim.can_continue():
+            stop_reason = (
+                f"every client's privacy budget (dp.target_epsilon={cfg.dp.target_epsilon}) is "
+                f"exhausted after round {sim.round}; the run ends here"
+            )
+            log.warning(stop_reason)
+            break
         t0 = time.perf_counter()
         line = sim.run_round(rnd)
         line["seconds"]["round_total"] = round(time.perf_counter() - t0, 4)
@@ -285,7 +410,13 @@ def run_experiment(
         bar.set_postfix_str(_postfix(line))
     bar.close()
 
-    finished = sim.round >= rounds
+    finished = sim.round >= rounds or stop_reason is not None
+    if stop_reason is not None:
+        atomic_write_json(run_dir / "stopped.json", {"round": sim.round, "reason": stop_reason})
+        if sim.round > 0:
+            tc = time.perf_counter()
+            sim.save(ckpt_dir, meta)
+            log.info("final checkpoint in %.2f s", time.perf_counter() - tc)
     if write_report and finished:
         from securefed.report import write_run_report
 

@@ -20,14 +20,23 @@ def tiny_raw(**overrides: Any) -> dict[str, Any]:
         "seed": 3,
         "data": {"name": "digits", "max_examples": 400, "holdout_fraction": 0.25},
         "partition": {"kind": "dirichlet", "alpha": 1.0},
-        "model": {"base_channels": 8, "channel_mults": [1, 2], "norm_groups": 4,
-                  "attention_levels": [1]},
+        "model": {
+            "base_channels": 8,
+            "channel_mults": [1, 2],
+            "norm_groups": 4,
+            "attention_levels": [1],
+        },
         "diffusion": {"timesteps": 50},
         "federation": {"num_clients": 3, "rounds": 3},
         "client": {"local_steps": 3, "batch_size": 16, "lr": 0.002},
         "strategy": {"name": "fedavg"},
-        "evaluation": {"every": 1, "fid": False, "grid_samples": 4, "sampling_steps": 5,
-                       "holdout_loss_examples": 32},
+        "evaluation": {
+            "every": 1,
+            "fid": False,
+            "grid_samples": 4,
+            "sampling_steps": 5,
+            "holdout_loss_examples": 32,
+        },
     }
     for key, value in overrides.items():
         node = raw

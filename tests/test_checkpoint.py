@@ -87,5 +87,5 @@ def test_jsonl_round_trip(tmp_path: Path) -> None:
     assert read_jsonl(p) == [{"round": 1, "x": 0.5}, {"round": 2}]
     assert read_jsonl(tmp_path / "none.jsonl") == []
     p.write_text('{"round": 1}\n{oops\n')
-    with pytest.raises(ValueError, match="m.jsonl:2"):
+    with pytest.raises(ValueError, match=r"m\.jsonl:2"):
         read_jsonl(p)

@@ -20,10 +20,12 @@ def _final(tmp: Path, name: str, **kw) -> torch.Tensor:
 
 def test_plain_masking_ckks_agree(tmp_path: Path, cache_env: Path) -> None:
     plain = _final(tmp_path, "plain")
-    masked = _final(tmp_path, "masking", secure_aggregation__protocol="masking",
-                    secure_aggregation__threshold=2)
-    ckks = _final(tmp_path, "ckks", secure_aggregation__protocol="ckks",
-                  secure_aggregation__threshold=2)
+    masked = _final(
+        tmp_path, "masking", secure_aggregation__protocol="masking", secure_aggregation__threshold=2
+    )
+    ckks = _final(
+        tmp_path, "ckks", secure_aggregation__protocol="ckks", secure_aggregation__threshold=2
+    )
     # quantisation (2^-26 grid) and CKKS noise (~1e-7) stay far below one training step
     assert (masked - plain).abs().max() < 1e-4
     assert (ckks - plain).abs().max() < 1e-4
@@ -32,9 +34,14 @@ def test_plain_masking_ckks_agree(tmp_path: Path, cache_env: Path) -> None:
 
 @pytest.mark.parametrize("neighbours", ["all", 2])
 def test_masking_with_dropouts_in_the_loop(tmp_path: Path, cache_env: Path, neighbours) -> None:
-    cfg = tiny_config(federation__num_clients=5, federation__rounds=3,
-                      federation__dropout_prob=0.3, secure_aggregation__protocol="masking",
-                      secure_aggregation__threshold=2, secure_aggregation__neighbours=neighbours)
+    cfg = tiny_config(
+        federation__num_clients=5,
+        federation__rounds=3,
+        federation__dropout_prob=0.3,
+        secure_aggregation__protocol="masking",
+        secure_aggregation__threshold=2,
+        secure_aggregation__neighbours=neighbours,
+    )
     res = run_experiment(cfg, tmp_path / "r", progress=False, write_report=False)
     rows = res.metrics
     assert res.finished
@@ -54,8 +61,12 @@ def test_keys_init_cli_and_keys_dir_run(tmp_path: Path, cache_env: Path) -> None
     for name in ["client_0.key", "client_2.key", "server.key", "ckks_secret.ctx"]:
         assert (keys / name).stat().st_mode & 0o777 == 0o600, name
     assert (keys / "roster.json").exists() and (keys / "ckks_public.ctx").exists()
-    cfg = tiny_config(federation__rounds=1, secure_aggregation__protocol="masking",
-                      secure_aggregation__threshold=2, secure_aggregation__keys_dir=str(keys))
+    cfg = tiny_config(
+        federation__rounds=1,
+        secure_aggregation__protocol="masking",
+        secure_aggregation__threshold=2,
+        secure_aggregation__keys_dir=str(keys),
+    )
     assert run_experiment(cfg, tmp_path / "r", progress=False, write_report=False).finished
     # refusing to clobber existing keys, then an explicit overwrite
     assert main(["keys", "init", "--clients", "3", "--out", str(keys)]) == 2

@@ -20,11 +20,22 @@ def test_run_directory_contents(tmp_path: Path, cache_env: Path) -> None:
     res = run_experiment(cfg, tmp_path / "run", progress=False)
     run = res.run_dir
     assert res.finished and res.rounds_completed == 3
-    for name in ["config.yaml", "metrics.jsonl", "label_histogram.json", "model.json",
-                 "report.md", "curves.png", "label_histogram.png", "checkpoints/latest.json"]:
+    for name in [
+        "config.yaml",
+        "metrics.jsonl",
+        "label_histogram.json",
+        "model.json",
+        "report.md",
+        "curves.png",
+        "label_histogram.png",
+        "checkpoints/latest.json",
+    ]:
         assert (run / name).exists(), name
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
-        "round_0001.png", "round_0002.png", "round_0003.png"]
+        "round_0001.png",
+        "round_0002.png",
+        "round_0003.png",
+    ]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [1, 2, 3]
     for r in lines:
@@ -46,9 +57,17 @@ def test_training_reduces_holdout_loss(tmp_path: Path, cache_env: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
-def test_resume_reproduces_uninterrupted_run(tmp_path: Path, cache_env: Path, strategy: str) -> None:
-    cfg = tiny_config(strategy__name=strategy, strategy__ema_decay=0.5, strategy__server_momentum=0.5,
-                      federation__dropout_prob=0.3, federation__rounds=4, federation__fraction_fit=0.7)
+def test_resume_reproduces_uninterrupted_run(
+    tmp_path: Path, cache_env: Path, strategy: str
+) -> None:
+    cfg = tiny_config(
+        strategy__name=strategy,
+        strategy__ema_decay=0.5,
+        strategy__server_momentum=0.5,
+        federation__dropout_prob=0.3,
+        federation__rounds=4,
+        federation__fraction_fit=0.7,
+    )
     full = run_experiment(cfg, tmp_path / "full", progress=False, write_report=False)
     part = run_experiment(cfg, tmp_path / "part", progress=False, stop_after_round=2)
     assert not part.finished and part.rounds_completed == 2
@@ -79,9 +98,10 @@ def test_resume_refuses_changed_config_and_existing_dir(tmp_path: Path, cache_en
     with pytest.raises(FileExistsError, match="--resume"):
         run_experiment(cfg, tmp_path / "r", progress=False)
     with pytest.raises(CheckpointError, match="differs"):
-        run_experiment(tiny_config(federation__rounds=2, seed=9), tmp_path / "r", resume=True,
-                       progress=False)
-    with pytest.raises(CheckpointError, match="no config.yaml"):
+        run_experiment(
+            tiny_config(federation__rounds=2, seed=9), tmp_path / "r", resume=True, progress=False
+        )
+    with pytest.raises(CheckpointError, match=r"no config\.yaml"):
         run_experiment(cfg, tmp_path / "empty", resume=True, progress=False)
 
 
@@ -105,8 +125,12 @@ def test_partition_covers_members_and_never_holdout(cache_env: Path) -> None:
 
 
 def test_class_conditional_and_centralised(tmp_path: Path, cache_env: Path) -> None:
-    cfg = tiny_config(model__class_conditional=True, federation__num_clients=1,
-                      partition__kind="iid", federation__rounds=1)
+    cfg = tiny_config(
+        model__class_conditional=True,
+        federation__num_clients=1,
+        partition__kind="iid",
+        federation__rounds=1,
+    )
     res = run_experiment(cfg, tmp_path / "r", progress=False, write_report=False)
     assert res.finished
 
@@ -115,8 +139,22 @@ def test_cli_run_sample_report(tmp_path: Path, cache_env: Path, capsys) -> None:
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_raw()))
     run = tmp_path / "run"
-    assert main(["run", str(cfg_path), "--out", str(run), "--no-progress",
-                 "--stop-after-round", "1", "--set", "federation.rounds=2"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(cfg_path),
+                "--out",
+                str(run),
+                "--no-progress",
+                "--stop-after-round",
+                "1",
+                "--set",
+                "federation.rounds=2",
+            ]
+        )
+        == 0
+    )
     assert "securefed run --resume" in capsys.readouterr().out
     assert main(["run", "--resume", str(run), "--no-progress"]) == 0
     assert "report:" in capsys.readouterr().out

@@ -32,8 +32,9 @@ def _round(strategy, global_params, locals_, sizes, states=None, steps=10, lr=0.
         for i, (w, n) in enumerate(zip(locals_, sizes, strict=True))
     }
     keys = sorted(updates[0].vectors)
-    agg = PlainAggregation().aggregate(1, {i: pack_update(u.vectors, keys, u.weight)
-                                           for i, u in updates.items()})
+    agg = PlainAggregation().aggregate(
+        1, {i: pack_update(u.vectors, keys, u.weight) for i, u in updates.items()}
+    )
     sums, total_w = unpack_sum(agg.total, keys, updates)
     return strategy.aggregate(1, global_params, sums, total_w, len(updates)), updates
 

@@ -32,7 +32,11 @@ def bare_step_seconds(cfg, device: torch.device, repeats: int = 20) -> float:
     sched = NoiseSchedule.from_config(cfg.diffusion).to(device)
     opt = make_optimizer(list(model.parameters()), cfg.client)
     x = data.members.images[: cfg.client.batch_size].to(device)
-    y = data.members.labels[: cfg.client.batch_size].to(device) if cfg.model.class_conditional else None
+    y = (
+        data.members.labels[: cfg.client.batch_size].to(device)
+        if cfg.model.class_conditional
+        else None
+    )
     gen = torch.Generator(device=device).manual_seed(0)
     times = []
     for i in range(repeats + 3):
@@ -56,16 +60,25 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
-    overrides.update({"federation.rounds": args.rounds, "evaluation.fid": False,
-                      "evaluation.fid_at_start": False, "evaluation.every": 1})
+    overrides.update(
+        {
+            "federation.rounds": args.rounds,
+            "evaluation.fid": False,
+            "evaluation.fid_at_start": False,
+            "evaluation.every": 1,
+        }
+    )
     cfg = load_config(args.config, overrides)
     device = resolve_device(args.device)
-    print(f"config {args.config}: {cfg.federation.num_clients} clients, "
-          f"protocol {cfg.secure_aggregation.protocol}, device {device}, {args.rounds} rounds")
+    print(
+        f"config {args.config}: {cfg.federation.num_clients} clients, "
+        f"protocol {cfg.secure_aggregation.protocol}, device {device}, {args.rounds} rounds"
+    )
     step = bare_step_seconds(cfg, device)
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_experiment(cfg, Path(tmp) / "run", device=args.device, progress=False,
-                             write_report=False)
+        res = run_experiment(
+            cfg, Path(tmp) / "run", device=args.device, progress=False, write_report=False
+        )
     rows = [r for r in res.metrics if r["round"] > 0]
     phases = sorted({k for r in rows for k in r["seconds"] if k != "round_total"})
     total = statistics.median(r["seconds"]["round_total"] for r in rows)
@@ -78,8 +91,10 @@ def main() -> None:
     steps = sum(local_steps_for(cfg.client, len(p)) for p in data.parts)
     train = statistics.median(r["seconds"]["train"] for r in rows)
     print(f"\nbaseline: bare optimizer step {step * 1e3:.1f} ms; local steps per round {steps}")
-    print(f"train phase / (steps x bare step) = {train / (steps * step):.2f}x "
-          "(overhead of the federation around pure compute)")
+    print(
+        f"train phase / (steps x bare step) = {train / (steps * step):.2f}x "
+        "(overhead of the federation around pure compute)"
+    )
     mb_up = statistics.median(r["bytes_up"] for r in rows) / 1e6
     mb_down = statistics.median(r["bytes_down"] for r in rows) / 1e6
     print(f"bytes per round: {mb_up:.2f} MB up, {mb_down:.2f} MB down")

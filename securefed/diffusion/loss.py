@@ -59,6 +59,8 @@ def diffusion_loss_from_draws(
     t: torch.Tensor,
     noise: torch.Tensor,
     y: torch.Tensor | None = None,
+    *,
+    per_row: bool = False,
 ) -> torch.Tensor:
     """Per-example ``mean_k || eps_k - eps_theta(x_{t_k}, t_k, y) ||^2 / (C H W)`` for given draws.
 
@@ -74,8 +76,12 @@ def diffusion_loss_from_draws(
         noise: ``[K, B, C, H, W]`` (or ``[B, C, H, W]``) standard normal noise.
         y: ``[B]`` int64 labels or ``None``.
 
+        per_row: return the ``[K * B]`` row losses divided by ``K`` instead, so that the sum of an
+            example's K rows is its loss (DP-SGD clips the per-EXAMPLE gradient: the sum of
+            the gradients of its rows).
+
     Returns:
-        ``[B]`` per-example loss.
+        ``[B]`` per-example loss (``[K * B]`` row losses with ``per_row``).
     """
     if t.dim() == 1:
         t, noise = t[None], noise[None]
@@ -91,6 +97,8 @@ def diffusion_loss_from_draws(
     y_rep = None if y is None else y.repeat(k)
     x_t = q_sample(schedule, x0_rep, t_flat, noise_flat)
     err = (model(x_t, t_flat, y_rep) - noise_flat).pow(2).flatten(1).mean(dim=1)
+    if per_row:
+        return err / k
     return err.reshape(k, b).mean(dim=0)
 
 

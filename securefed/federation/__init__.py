@@ -1,6 +1,11 @@
 """Federation drivers: the in-process simulation (deployment lives in ``securefed.deploy``)."""
 
-from securefed.federation.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint
+from securefed.federation.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_latest,
+    save_checkpoint,
+)
 from securefed.federation.simulation import RoundRecord, SimClient, Simulation, derive_seed
 
 __all__ = [

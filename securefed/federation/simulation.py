@@ -28,7 +28,7 @@ from securefed.federation.checkpoint import Checkpoint, save_checkpoint
 from securefed.secagg import AggregationAbortedError, AggregationProtocol
 from securefed.strategies import Strategy, pack_update, unpack_sum
 
-__all__ = ["RoundRecord", "SimClient", "Simulation", "derive_seed"]
+__all__ = ["PrivacyContext", "RoundRecord", "SimClient", "Simulation", "derive_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,22 @@ class SimClient:
     cid: int
     data: ImageDataset
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class PrivacyContext:
+    """Record-level DP state of the simulated clients (only used when ``dp.level: record``).
+
+    Attributes:
+        ledger: the persistent privacy ledger (``privacy_ledger.json``).
+        noise_multipliers: client id -> noise multiplier calibrated once for its whole plan.
+        noise_source: callable ``(round, client) -> noise source`` with ``.normal(shape, std,
+            device)``; derived per client-round so a resumed run replays identical noise.
+    """
+
+    ledger: Any
+    noise_multipliers: dict[int, float]
+    noise_source: Callable[[int, int], Any]
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,7 @@ class Simulation:
         evaluate_quality: Callable[[int, torch.Tensor], dict[str, Any]] | None = None,
         on_samples: Callable[[int, torch.Tensor], None] | None = None,
         progress: bool = True,
+        privacy: PrivacyContext | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -100,7 +117,16 @@ class Simulation:
         self.on_samples = on_samples
         self.progress = progress
         self.conditional = cfg.model.class_conditional
-        self.trainer = LocalTrainer(model, schedule, cfg.client, device, self.conditional)
+        self.privacy = privacy
+        self.trainer: LocalTrainer
+        if privacy is not None:
+            from securefed.client.dp import DPLocalTrainer
+
+            self.trainer = DPLocalTrainer(
+                model, schedule, cfg.client, cfg.dp, device, self.conditional
+            )
+        else:
+            self.trainer = LocalTrainer(model, schedule, cfg.client, device, self.conditional)
         self.global_params = get_flat(model)
         self.round = 0
 
@@ -132,13 +158,20 @@ class Simulation:
         n = min(len(self.holdout), self.cfg.evaluation.holdout_loss_examples)
         x0 = self.holdout.images[:n].to(self.device)
         y = self.holdout.labels[:n].to(self.device) if self.conditional else None
-        gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.seed, _EVAL_LOSS))
+        gen = torch.Generator(device=self.device).manual_seed(
+            derive_seed(self.cfg.seed, _EVAL_LOSS)
+        )
         set_flat(self.model, params)
         self.model.eval()
         with torch.no_grad():
             losses = [
-                diffusion_loss(self.model, self.schedule, x0[i : i + 256],
-                               None if y is None else y[i : i + 256], generator=gen)
+                diffusion_loss(
+                    self.model,
+                    self.schedule,
+                    x0[i : i + 256],
+                    None if y is None else y[i : i + 256],
+                    generator=gen,
+                )
                 for i in range(0, n, 256)
             ]
         return float(torch.cat(losses).mean())
@@ -162,6 +195,16 @@ class Simulation:
         for cid in plan.clients:
             if cfg.federation.dropout_prob > 0 and rng.random() < cfg.federation.dropout_prob:
                 dropouts[cid] = stages[int(rng.integers(len(stages)))]
+        exhausted: list[int] = []
+        if self.privacy is not None:
+            ledger = self.privacy.ledger
+            for cid in plan.clients:
+                steps = local_steps_for(cfg.client, len(self.clients[cid].data))
+                if cid not in dropouts and ledger.would_exceed(cid, steps):
+                    # its next round would exceed target_epsilon: it does not train at all
+                    ledger.mark_exhausted(cid, rnd)
+                    exhausted.append(cid)
+                    dropouts[cid] = stages[0]
         trainers = [c for c in plan.clients if dropouts.get(c) != stages[0]]
 
         # ---- local training (each client sees only its own data)
@@ -169,18 +212,45 @@ class Simulation:
         updates: dict[int, Any] = {}
         losses: list[float] = []
         total_steps = sum(local_steps_for(cfg.client, len(self.clients[c].data)) for c in trainers)
-        bar = tqdm(total=total_steps, desc=f"round {rnd} local steps", leave=False,
-                   disable=not self.progress, unit="step")
+        bar = tqdm(
+            total=total_steps,
+            desc=f"round {rnd} local steps",
+            leave=False,
+            disable=not self.progress,
+            unit="step",
+        )
         for cid in trainers:
             client = self.clients[cid]
             objective = self.strategy.local_objective(plan.broadcast, client.state)
-            result = self.trainer.train(
-                client.data, plan.broadcast["params"], objective,
-                seed=derive_seed(cfg.seed, rnd, _TRAIN, cid), progress=bar,
-            )
+            seed = derive_seed(cfg.seed, rnd, _TRAIN, cid)
+            if self.privacy is not None:
+                from securefed.client.dp import DPLocalTrainer
+
+                trainer = self.trainer
+                if not isinstance(trainer, DPLocalTrainer):  # pragma: no cover - wiring error
+                    raise TypeError("DP run without a DP trainer")
+                result = trainer.train_private(
+                    client.data,
+                    plan.broadcast["params"],
+                    objective,
+                    seed,
+                    noise_multiplier=self.privacy.noise_multipliers[cid],
+                    noise_source=self.privacy.noise_source(rnd, cid),
+                    progress=bar,
+                )
+                # charged and persisted BEFORE the update can leave the client
+                self.privacy.ledger.charge(cid, phase="round", round=rnd, steps=result.steps)
+            else:
+                result = self.trainer.train(
+                    client.data, plan.broadcast["params"], objective, seed=seed, progress=bar
+                )
             updates[cid] = self.strategy.client_update(
-                plan.broadcast, result.params, result.num_examples, result.steps,
-                cfg.client.lr, client.state,
+                plan.broadcast,
+                result.params,
+                result.num_examples,
+                result.steps,
+                cfg.client.lr,
+                client.state,
             )
             losses.append(result.mean_loss)
         bar.close()
@@ -197,11 +267,21 @@ class Simulation:
             "trained": trainers,
             "mean_local_loss": float(np.mean(losses)) if losses else None,
         }
+        if self.privacy is not None:
+            line["epsilon"] = {
+                str(c.cid): round(float(self.privacy.ledger.epsilon(c.cid)), 6)
+                for c in self.clients
+            }
+            line["budget_exhausted"] = exhausted
         aborted = None
-        try:
-            agg = self.protocol.aggregate(rnd, inputs, dropouts)
-        except AggregationAbortedError as exc:
-            aborted, agg = str(exc), None
+        agg = None
+        if not inputs:
+            aborted = "no client trained this round"
+        else:
+            try:
+                agg = self.protocol.aggregate(rnd, inputs, dropouts)
+            except AggregationAbortedError as exc:
+                aborted = str(exc)
         seconds["aggregate"] = time.perf_counter() - t0
 
         if agg is not None and agg.survivors:
@@ -224,9 +304,14 @@ class Simulation:
         else:
             reason = aborted or "every selected client dropped out"
             log.warning("round %d abandoned: %s; the global model is unchanged", rnd, reason)
-            line.update(participants=[], dropped=sorted(dropouts), bytes_up=0,
-                        bytes_down=int(down_bytes * len(plan.clients)),
-                        protocol=self.protocol.name, abandoned=reason)
+            line.update(
+                participants=[],
+                dropped=sorted(dropouts),
+                bytes_up=0,
+                bytes_down=int(down_bytes * len(plan.clients)),
+                protocol=self.protocol.name,
+                abandoned=reason,
+            )
         self.round = rnd
 
         # ---- evaluation on schedule
@@ -248,6 +333,16 @@ class Simulation:
             seconds["fid"] = time.perf_counter() - t0
         line["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
         return line
+
+    def can_continue(self) -> bool:
+        """False when DP is on and no client can afford another round."""
+        if self.privacy is None:
+            return True
+        ledger = self.privacy.ledger
+        return any(
+            not ledger.would_exceed(c.cid, local_steps_for(self.cfg.client, len(c.data)))
+            for c in self.clients
+        )
 
     def save(self, ckpt_dir: Path, meta: Mapping[str, Any]) -> None:
         save_checkpoint(ckpt_dir, self.checkpoint(meta), self.cfg.checkpoint.keep_last)

@@ -21,7 +21,7 @@ def to_grid_image(images: torch.Tensor, nrow: int | None = None, min_cell: int =
         raise ValueError(f"images must be [N,C,H,W], got shape {tuple(images.shape)}")
     n = images.shape[0]
     nrow = nrow or max(1, int(np.ceil(np.sqrt(n))))
-    x = ((images.detach().cpu().float().clamp(-1, 1) + 1) / 2)
+    x = (images.detach().cpu().float().clamp(-1, 1) + 1) / 2
     scale = max(1, int(np.ceil(min_cell / images.shape[-1])))
     if scale > 1:
         x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")

@@ -10,11 +10,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import yaml
 
-from securefed.io import atomic_write_bytes, atomic_write_text, read_jsonl  # noqa: E402
+from securefed.io import atomic_write_bytes, atomic_write_text, read_jsonl
 
 __all__ = ["plot_label_histogram", "plot_training_curves", "write_run_report"]
 
@@ -88,7 +88,9 @@ def write_run_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml: it is not a securefed run directory")
+        raise FileNotFoundError(
+            f"{run_dir} has no config.yaml: it is not a securefed run directory"
+        )
     cfg = yaml.safe_load(cfg_path.read_text())
     rows = read_jsonl(run_dir / "metrics.jsonl")
     train_rows = [r for r in rows if r["round"] > 0]
@@ -105,8 +107,9 @@ def write_run_report(run_dir: str | Path) -> Path:
         f"| dataset | {data['name']} (holdout fraction {data['holdout_fraction']}) |",
         f"| clients | {fed['num_clients']} (fraction per round {fed['fraction_fit']}, "
         f"dropout probability {fed['dropout_prob']}) |",
-        f"| partition | {part['kind']}" + (f", alpha={part['alpha']}" if part["kind"] in
-                                          ("dirichlet", "quantity_skew") else "") + " |",
+        f"| partition | {part['kind']}"
+        + (f", alpha={part['alpha']}" if part["kind"] in ("dirichlet", "quantity_skew") else "")
+        + " |",
         f"| strategy | {strat['name']} (server lr {strat['server_lr']}) |",
         f"| secure aggregation | {sec.get('protocol', 'plain')} |",
         f"| rounds completed | {train_rows[-1]['round'] if train_rows else 0} of {fed['rounds']} |",
@@ -116,19 +119,33 @@ def write_run_report(run_dir: str | Path) -> Path:
     final = train_rows[-1] if train_rows else {}
     if final:
         lines += ["## Final round", ""]
-        keys = ["holdout_loss", "fid", "precision", "recall", "class_coverage",
-                "feature_net_accuracy"]
+        keys = [
+            "holdout_loss",
+            "fid",
+            "precision",
+            "recall",
+            "class_coverage",
+            "feature_net_accuracy",
+        ]
         lines += ["| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {_fmt(final.get(k))} |" for k in keys if k in final]
         start = next((r for r in rows if r["round"] == 0), None)
         if start and "fid" in start and "fid" in final:
-            lines.append(f"| FID untrained -> final | {start['fid']:.3g} -> {final['fid']:.3g} "
-                         f"(ratio {final['fid'] / start['fid']:.3f}) |")
+            lines.append(
+                f"| FID untrained -> final | {start['fid']:.3g} -> {final['fid']:.3g} "
+                f"(ratio {final['fid'] / start['fid']:.3f}) |"
+            )
         lines.append("")
     samples = sorted((run_dir / "samples").glob("round_*.png"))
     if samples:
-        lines += ["## Samples", "", f"![samples]({samples[-1].relative_to(run_dir)})", "",
-                  f"_{samples[-1].stem}; earlier grids in `samples/`._", ""]
+        lines += [
+            "## Samples",
+            "",
+            f"![samples]({samples[-1].relative_to(run_dir)})",
+            "",
+            f"_{samples[-1].stem}; earlier grids in `samples/`._",
+            "",
+        ]
     if train_rows:
         plot_training_curves(rows, run_dir / "curves.png")
         lines += ["## Training curves", "", "![curves](curves.png)", ""]
@@ -141,23 +158,30 @@ def write_run_report(run_dir: str | Path) -> Path:
         down = sum(r.get("bytes_down", 0) for r in train_rows)
         dropped = sum(len(r.get("dropped", [])) for r in train_rows)
         abandoned = sum(1 for r in train_rows if r.get("abandoned"))
-        recovered = sum(int(r.get("protocol_info", {}).get("dropouts_recovered", 0))
-                        for r in train_rows)
+        recovered = sum(
+            int(r.get("protocol_info", {}).get("dropouts_recovered", 0)) for r in train_rows
+        )
         uploads = sum(len(r.get("participants", [])) for r in train_rows) or 1
         proto = sec.get("protocol", "plain")
         lines += [
             "## Secure aggregation and communication",
             "",
             f"Protocol `{proto}`"
-            + (f" (threshold {sec.get('threshold')}, neighbours {sec.get('neighbours')}, "
-               f"{sec.get('bits')}-bit modulus, clip range ±{sec.get('clip_range')})"
-               if proto == "masking" else "")
+            + (
+                f" (threshold {sec.get('threshold')}, neighbours {sec.get('neighbours')}, "
+                f"{sec.get('bits')}-bit modulus, clip range ±{sec.get('clip_range')})"
+                if proto == "masking"
+                else ""
+            )
             + f": {up / 1e6:.2f} MB up and {down / 1e6:.2f} MB down in total, "
             f"{up / uploads / 1e6:.3f} MB up per participating client per round "
             f"({up / len(train_rows) / 1e6:.2f} MB per round). "
             f"{dropped} client dropouts handled"
-            + (f" ({recovered} masks reconstructed from Shamir shares)" if proto == "masking"
-               else "")
+            + (
+                f" ({recovered} masks reconstructed from Shamir shares)"
+                if proto == "masking"
+                else ""
+            )
             + f"; {abandoned} rounds abandoned.",
             "",
             "## Per round",

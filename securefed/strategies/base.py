@@ -80,7 +80,7 @@ def sample_clients(
 ) -> tuple[int, ...]:
     """Uniformly sample ``max(minimum, round(fraction * n))`` clients without replacement."""
     n = len(available)
-    k = min(n, max(minimum, int(round(fraction * n))))
+    k = min(n, max(minimum, round(fraction * n)))
     chosen = rng.choice(np.asarray(available), size=k, replace=False)
     return tuple(sorted(int(c) for c in chosen))
 
@@ -154,7 +154,9 @@ class Strategy(ABC):
     ) -> torch.Tensor:
         """Next global ``[D]`` parameters from the SUMS of the contributors' vectors."""
 
-    def apply_server_update(self, global_params: torch.Tensor, mean_delta: torch.Tensor) -> torch.Tensor:
+    def apply_server_update(
+        self, global_params: torch.Tensor, mean_delta: torch.Tensor
+    ) -> torch.Tensor:
         """``x <- x + server_lr * m`` with optional server momentum (FedAvgM, Hsu et al. 2019),
         then update the EMA of the global model if configured."""
         step = mean_delta
@@ -189,7 +191,9 @@ class Strategy(ABC):
         self.ema = state.get("ema")
 
 
-def pack_update(vectors: Mapping[str, torch.Tensor], keys: Sequence[str], weight: float) -> np.ndarray:
+def pack_update(
+    vectors: Mapping[str, torch.Tensor], keys: Sequence[str], weight: float
+) -> np.ndarray:
     """Concatenate named vectors (in ``keys`` order) and the weight into one float64 vector
     ``[sum_k D_k + 1]``: the single input a client hands to the aggregation protocol."""
     parts = [vectors[k].detach().to("cpu", torch.float64).reshape(-1).numpy() for k in keys]
