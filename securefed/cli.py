@@ -138,6 +138,50 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_budget(args: argparse.Namespace) -> int:
+    from securefed.privacy import calibrate_noise_multiplier, epsilon_of
+
+    if args.run_dir is not None:
+        from securefed.privacy import PrivacyLedger
+
+        path = Path(args.run_dir) / "privacy_ledger.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist: the run did not use record-level DP (dp.level: record)"
+            )
+        print(PrivacyLedger.load(path).table())
+        return 0
+    missing = [f for f in ("delta", "sample_rate", "steps") if getattr(args, f) is None]
+    if missing:
+        raise SystemExit(
+            "securefed budget: give RUN_DIR, or --delta, --sample-rate and --steps with either "
+            f"--target-epsilon or --noise-multiplier (missing: {', '.join(missing)})"
+        )
+    if (args.target_epsilon is None) == (args.noise_multiplier is None):
+        raise SystemExit(
+            "securefed budget: give exactly one of --target-epsilon, --noise-multiplier"
+        )
+    if args.target_epsilon is not None:
+        sigma = calibrate_noise_multiplier(
+            args.target_epsilon, args.delta, args.sample_rate, args.steps, args.accountant
+        )
+        print(
+            f"noise multiplier {sigma:.4f} gives epsilon <= {args.target_epsilon} at delta "
+            f"{args.delta} after {args.steps} steps at sample rate {args.sample_rate} "
+            f"({args.accountant} accountant)"
+        )
+    else:
+        eps = epsilon_of(
+            [(args.noise_multiplier, args.sample_rate, args.steps)], args.delta, args.accountant
+        )
+        print(
+            f"epsilon {eps:.4f} at delta {args.delta} after {args.steps} steps with noise "
+            f"multiplier {args.noise_multiplier} at sample rate {args.sample_rate} "
+            f"({args.accountant} accountant)"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="securefed",
@@ -180,6 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write report.md and plots for a run directory")
     rep.add_argument("run_dir")
     rep.set_defaults(func=_cmd_report)
+
+    b = sub.add_parser(
+        "budget",
+        help="noise multiplier for a target epsilon, epsilon for a noise multiplier, "
+        "or a run's privacy ledger",
+    )
+    b.add_argument("run_dir", nargs="?", help="print this run's privacy ledger")
+    b.add_argument("--target-epsilon", type=float)
+    b.add_argument("--noise-multiplier", type=float)
+    b.add_argument("--delta", type=float)
+    b.add_argument("--sample-rate", type=float)
+    b.add_argument("--steps", type=int)
+    b.add_argument("--accountant", choices=["prv", "rdp"], default="prv")
+    b.set_defaults(func=_cmd_budget)
 
     k = sub.add_parser("keys", help="provision protocol keys")
     ksub = k.add_subparsers(dest="keys_command", required=True)

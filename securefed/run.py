@@ -130,7 +130,6 @@ def build_privacy(
     + per-client-round noise sources, for ``dp.level: record``."""
     from securefed.client.dp import sample_rate_for
     from securefed.client.trainer import local_steps_for
-    from securefed.io import atomic_write_bytes
     from securefed.privacy import (
         PrivacyLedger,
         SecureGaussian,
@@ -138,6 +137,7 @@ def build_privacy(
         calibrate_noise_multiplier,
         default_delta,
         derive_key,
+        load_or_create_run_key,
     )
 
     dp = cfg.dp
@@ -155,7 +155,7 @@ def build_privacy(
                 f"({n} examples); choose a smaller delta or leave it unset (1/(10 n))"
             )
         if c.cid in ledger.clients:
-            sigmas[c.cid] = float(ledger.plan_of(c.cid)["noise_multiplier"])
+            sigmas[c.cid] = float(ledger.get_plan(c.cid).noise_multiplier)
             continue
         if dp.noise_multiplier is not None:
             sigma = dp.noise_multiplier
@@ -176,20 +176,12 @@ def build_privacy(
     ledger.save()
 
     if dp.secure_noise:
-        key_path = run_dir / "secrets" / "dp_noise.key"
-        if not key_path.exists():
-            import os
-
-            atomic_write_bytes(key_path, os.urandom(32), mode=0o600)
-        run_key = key_path.read_bytes()
+        # 0600, 32 bytes; anyone holding it can regenerate the noise: never release it
+        run_key = load_or_create_run_key(run_dir / "secrets" / "dp_noise.key")
 
         def source(rnd: int, cid: int) -> Any:
             return SecureGaussian(key=derive_key(run_key, rnd, cid))
-    else:
-        log.warning(
-            "dp.secure_noise is false: DP noise comes from torch's Mersenne Twister, which is "
-            "NOT cryptographically secure; use this only for tests and debugging"
-        )
+    else:  # TorchGaussian warns loudly, once per process
 
         def source(rnd: int, cid: int) -> Any:
             return TorchGaussian(seed=derive_seed(cfg.seed, rnd, _NOISE, cid))
@@ -343,11 +335,12 @@ def run_experiment(
     if resume:
         ckpt = load_latest(ckpt_dir)
         sim.restore(ckpt)
-        if privacy is not None:
-            # rounds after the checkpoint are replayed with identical seeds and noise, so their
-            # charges are dropped here and charged again (exactly once) by the replay
+        if privacy is not None and dev.type == "cpu":
+            # on CPU, rounds after the checkpoint are replayed bit-identically (same seeds, same
+            # noise keys), so their charges are dropped here and charged again exactly once by
+            # the replay. Elsewhere replay is not bit-identical: the charges are KEPT and the
+            # replay charges again (over-counting is safe, under-counting is not).
             privacy.ledger.truncate_after(ckpt.round)
-            privacy.ledger.save()
         rows = [r for r in read_jsonl(metrics_path) if int(r["round"]) <= ckpt.round]
         write_jsonl(metrics_path, rows)  # drop lines of rounds after the checkpoint
         log.info("resumed %s after round %d", run_dir, ckpt.round)

@@ -16,7 +16,12 @@ import yaml
 
 from securefed.io import atomic_write_bytes, atomic_write_text, read_jsonl
 
-__all__ = ["plot_label_histogram", "plot_training_curves", "write_run_report"]
+__all__ = [
+    "plot_epsilon",
+    "plot_label_histogram",
+    "plot_training_curves",
+    "write_run_report",
+]
 
 
 def _save_fig(fig: Any, path: Path) -> None:
@@ -71,6 +76,26 @@ def plot_label_histogram(hist: dict[str, Any], path: Path) -> Path:
     ax.set_title("Per-client label histogram")
     if c <= 20:
         ax.legend(ncol=1, fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", title="class")
+    _save_fig(fig, path)
+    return path
+
+
+def plot_epsilon(rows: list[dict[str, Any]], target: float | None, path: Path) -> Path:
+    """Epsilon spent by each client after each round (the privacy ledger over time)."""
+    eps_rows = [r for r in rows if "epsilon" in r]
+    clients = sorted({c for r in eps_rows for c in r["epsilon"]}, key=int)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for c in clients:
+        pts = [(r["round"], r["epsilon"][c]) for r in eps_rows if c in r["epsilon"]]
+        ax.plot(*zip(*pts, strict=True), marker=".", label=f"client {c}")
+    if target is not None:
+        ax.axhline(target, color="black", linestyle="--", label="target epsilon")
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon spent")
+    ax.set_title("Record-level privacy budget")
+    ax.grid(alpha=0.3)
+    if len(clients) <= 12:
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     _save_fig(fig, path)
     return path
 
@@ -149,6 +174,32 @@ def write_run_report(run_dir: str | Path) -> Path:
     if train_rows:
         plot_training_curves(rows, run_dir / "curves.png")
         lines += ["## Training curves", "", "![curves](curves.png)", ""]
+    dp = cfg.get("dp", {})
+    if any("epsilon" in r for r in rows):
+        plot_epsilon(rows, dp.get("target_epsilon"), run_dir / "privacy.png")
+        lines += [
+            "## Differential privacy",
+            "",
+            f"Record-level DP-SGD: target epsilon {dp.get('target_epsilon')}, clip "
+            f"{dp.get('max_grad_norm')}, noise multiplicity {dp.get('noise_multiplicity')}, "
+            f"{dp.get('accountant')} accountant, "
+            + (
+                "secure (ChaCha20) noise."
+                if dp.get("secure_noise")
+                else "**insecure (Mersenne Twister) noise: for tests only**."
+            ),
+            "",
+            "![epsilon per round](privacy.png)",
+            "",
+        ]
+        ledger_path = run_dir / "privacy_ledger.json"
+        if ledger_path.exists():
+            from securefed.privacy import PrivacyLedger
+
+            lines += ["```", PrivacyLedger.load(ledger_path).table(), "```", ""]
+    stopped = run_dir / "stopped.json"
+    if stopped.exists():
+        lines += [f"**Stopped early:** {json.loads(stopped.read_text())['reason']}", ""]
     hist_path = run_dir / "label_histogram.json"
     if hist_path.exists():
         plot_label_histogram(json.loads(hist_path.read_text()), run_dir / "label_histogram.png")

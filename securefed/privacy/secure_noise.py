@@ -1,0 +1,282 @@
+"""Gaussian noise sources for DP-SGD: a ChaCha20 CSPRNG (default) and a seeded torch fallback.
+
+DP-SGD's guarantee (Abadi et al. 2016) assumes the Gaussian noise is unpredictable to the
+adversary. ``torch.randn`` (Mersenne Twister / Philox) is not: its state can be recovered from
+outputs or guessed from a seed. :class:`SecureGaussian` therefore draws from a ChaCha20 keystream
+(Bernstein 2008; RFC 8439) keyed by 32 secret bytes:
+
+1. keystream -> little-endian ``uint64`` -> the top 53 bits -> uniform ``float64`` on
+   ``[0, 1)`` with step ``2^-53`` (every float64 of that grid equally likely);
+2. Box-Muller in float64 (Box & Muller 1958): ``r = sqrt(-2 ln(1 - u1))``,
+   ``(r cos 2 pi u2, r sin 2 pi u2)`` are two independent N(0, 1);
+3. floating-point attack mitigation (Holohan & Braghin 2021, "Secure Random Sampling in
+   Differential Privacy", arXiv:2107.10138, §5.1), as Opacus' ``secure_mode`` does in
+   ``opacus.optimizers.optimizer._generate_noise``: each output is the sum of ``2n = 4``
+   independent standard normals divided by ``sqrt(2n) = 2``. A single float Gaussian sample
+   leaks which floats its generator can produce, and that can reveal the un-noised value
+   (Mironov 2012, "On Significance of the Least Significant Bits for Differential Privacy";
+   for Opacus: Jin et al. 2022, "Are We There Yet? Timing and Floating-Point Attacks on
+   Differential Privacy Systems", arXiv:2112.05307); summing 2n draws raises the attack's
+   cost to ``2^(53 (2n - 1))``. (Opacus also discards one draw to perturb torch's generator
+   state; with a fresh keystream that is unnecessary.)
+
+Every key keys one stream (nonce 0) that is consumed in order, so the same key gives the same
+noise, call by call. For replayable resume the key is derived per client-round from a secret run
+key with :func:`derive_key` (HKDF-SHA256, Krawczyk 2010, RFC 5869); the run key is 32 bytes from
+``os.urandom`` stored with mode ``0600`` in the run directory (:func:`load_or_create_run_key`).
+Whoever holds the run key can regenerate, hence subtract, every client's noise: it must never
+leave the machine of the party that adds the noise (in a deployment, each client keeps its own).
+
+:class:`TorchGaussian` (``dp.secure_noise: false``) is a seeded ``torch.Generator`` with the same
+API, for fast experiments only; it warns loudly, once per process, that it is not secure.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import stat
+import struct
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from securefed.io import atomic_write_bytes
+
+__all__ = [
+    "KEY_BYTES",
+    "NOISE_KEY_FILENAME",
+    "InsecureNoiseWarning",
+    "NoiseSource",
+    "SecureGaussian",
+    "TorchGaussian",
+    "derive_key",
+    "load_or_create_run_key",
+    "make_noise_source",
+]
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 32
+NOISE_KEY_FILENAME = "dp_noise.key"
+_KDF_INFO = b"securefed/privacy/noise/v1"
+#: normals summed per output (Holohan & Braghin 2021 with n = 2, as in Opacus)
+_DRAWS = 4
+#: outputs generated per chunk (bounds the float64 work memory to ~32 MiB)
+_CHUNK = 1 << 20
+#: ChaCha20 in ``cryptography`` has a 32-bit block counter: at most 2^32 blocks of 64 bytes
+_MAX_STREAM_BYTES = (1 << 32) * 64
+
+
+class InsecureNoiseWarning(UserWarning):
+    """DP noise drawn from a non-cryptographic generator."""
+
+
+class NoiseSource(Protocol):
+    """Draws ``std * N(0, I)`` noise of a given shape."""
+
+    def normal(
+        self,
+        shape: Sequence[int] | torch.Size,
+        std: float,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor: ...
+
+
+def _check_std(std: float) -> float:
+    if not (isinstance(std, (int, float)) and math.isfinite(std) and std >= 0):
+        raise ValueError(f"std: must be a finite number >= 0, got {std!r}")
+    return float(std)
+
+
+def _numel(shape: Sequence[int] | torch.Size) -> tuple[tuple[int, ...], int]:
+    dims = tuple(int(d) for d in shape)
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape: dimensions must be >= 0, got {dims}")
+    return dims, math.prod(dims)
+
+
+class SecureGaussian:
+    """Gaussian noise from a ChaCha20 keystream (see the module docstring for the construction).
+
+    Args:
+        key: 32 secret bytes; ``None`` draws a fresh key from ``os.urandom`` (not replayable).
+            Pass ``derive_key(run_key, ...)`` for noise that resume can regenerate.
+        stream: selects one of ``2^96`` independent streams of the same key (the nonce).
+    """
+
+    def __init__(self, key: bytes | None = None, *, stream: int = 0) -> None:
+        if key is None:
+            key = os.urandom(KEY_BYTES)
+        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+            raise ValueError(
+                f"key: must be {KEY_BYTES} bytes, got {type(key).__name__} "
+                f"of length {len(key) if isinstance(key, bytes) else '?'}"
+            )
+        if not 0 <= stream < 1 << 96:
+            raise ValueError(f"stream: must lie in [0, 2^96), got {stream}")
+        # cryptography's 16-byte ChaCha20 nonce: 4-byte little-endian block counter || 12 bytes
+        nonce = bytes(4) + stream.to_bytes(12, "little")
+        self._cipher = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        self._used = 0
+
+    def _keystream(self, nbytes: int) -> bytes:
+        if self._used + nbytes > _MAX_STREAM_BYTES:
+            raise RuntimeError("SecureGaussian: keystream exhausted (256 GiB); use a new key")
+        self._used += nbytes
+        return self._cipher.update(bytes(nbytes))
+
+    def uniform(self, n: int) -> torch.Tensor:
+        """``[n]`` float64 uniform on ``[0, 1)``: 53 random bits each (``k * 2^-53``)."""
+        words = np.frombuffer(self._keystream(8 * n), dtype="<u8") >> np.uint64(11)
+        return torch.from_numpy(words.view(np.int64).astype(np.float64)).mul_(2.0**-53)
+
+    def standard_normal(self, n: int) -> torch.Tensor:
+        """``[n]`` float64 N(0, 1) by Box-Muller (``n`` rounded up to even internally)."""
+        pairs = (n + 1) // 2
+        u = self.uniform(2 * pairs).view(pairs, 2)
+        r = torch.log1p(-u[:, 0]).mul_(-2.0).sqrt_()  # log(1 - u1), 1 - u1 in (0, 1]: finite
+        theta = u[:, 1].mul(2.0 * math.pi)
+        return torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=1).view(-1)[:n]
+
+    def normal(
+        self,
+        shape: Sequence[int] | torch.Size,
+        std: float,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """``std * N(0, I)`` of ``shape``, computed in float64 on the CPU, then cast and moved.
+
+        Each element is ``std * (z_1 + z_2 + z_3 + z_4) / 2`` for independent standard normals
+        (Holohan & Braghin 2021, §5.1); element ``i`` uses uniforms ``4i .. 4i+3`` of the stream,
+        so the result does not depend on chunking. ``std == 0`` returns zeros and consumes nothing.
+        """
+        std = _check_std(std)
+        dims, n = _numel(shape)
+        if std == 0.0 or n == 0:
+            return torch.zeros(dims, device=device, dtype=dtype)
+        out = torch.empty(n, dtype=torch.float64)
+        for start in range(0, n, _CHUNK):
+            m = min(_CHUNK, n - start)
+            z = self.standard_normal(_DRAWS * m).view(m, _DRAWS)
+            torch.sum(z, dim=1, out=out[start : start + m])
+        out.mul_(std / math.sqrt(_DRAWS))
+        return out.view(dims).to(device=device, dtype=dtype)
+
+
+_warned_insecure = False
+
+
+class TorchGaussian:
+    """Seeded ``torch.Generator`` noise: reproducible and fast, NOT cryptographically secure.
+
+    Drawn on the CPU (the same numbers on every device), then moved. For debugging and quick
+    experiments (``dp.secure_noise: false``) only; warns once per process.
+
+    Args:
+        seed: ``None`` draws a seed from ``os.urandom``.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        global _warned_insecure
+        if not _warned_insecure:
+            _warned_insecure = True
+            msg = (
+                "dp.secure_noise is false: DP-SGD noise comes from torch's non-cryptographic "
+                "generator, whose state can be predicted or recovered; the (epsilon, delta) "
+                "guarantee does NOT hold against such an adversary. Use secure_noise: true for "
+                "any result that claims privacy."
+            )
+            log.warning(msg)
+            warnings.warn(msg, InsecureNoiseWarning, stacklevel=2)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        self._gen = torch.Generator().manual_seed(int(seed))
+
+    def normal(
+        self,
+        shape: Sequence[int] | torch.Size,
+        std: float,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """``std * N(0, I)`` of ``shape`` on ``device``; ``std == 0`` consumes nothing."""
+        std = _check_std(std)
+        dims, n = _numel(shape)
+        if std == 0.0 or n == 0:
+            return torch.zeros(dims, device=device, dtype=dtype)
+        z = torch.randn(dims, generator=self._gen, dtype=torch.float64)
+        return (z * std).to(device=device, dtype=dtype)
+
+
+def derive_key(run_key: bytes, *parts: int) -> bytes:
+    """Per-purpose noise key: ``HKDF-SHA256(run_key, info = label || parts as u64)`` (RFC 5869).
+
+    E.g. ``derive_key(run_key, client_id, round, phase_id)``: distinct parts give independent
+    keys; the same parts give the same key, so a replayed client-round redraws identical noise.
+    """
+    if not isinstance(run_key, bytes) or len(run_key) < KEY_BYTES:
+        raise ValueError(f"run_key: must be at least {KEY_BYTES} secret bytes")
+    for p in parts:
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < 1 << 64:
+            raise ValueError(f"derive_key: parts must be integers in [0, 2^64), got {p!r}")
+    info = _KDF_INFO + struct.pack(f">{len(parts)}Q", *parts)
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(run_key)
+
+
+def load_or_create_run_key(path: str | Path) -> bytes:
+    """Read the run's secret noise key, creating 32 ``os.urandom`` bytes (mode 0600) if absent.
+
+    Raises:
+        ValueError: the file is not 32 bytes, or is readable by group/others (``chmod 600`` it:
+            whoever reads it can remove the DP noise).
+    """
+    p = Path(path)
+    if not p.exists():
+        atomic_write_bytes(p, os.urandom(KEY_BYTES), mode=0o600)
+    mode = stat.S_IMODE(p.stat().st_mode)
+    if mode & 0o077:
+        raise ValueError(
+            f"{p}: the DP noise key is accessible to other users (mode {mode:o}); run "
+            f"`chmod 600 {p}`: anyone who reads it can regenerate and remove the noise"
+        )
+    key = p.read_bytes()
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"{p}: a DP noise key has {KEY_BYTES} bytes, this file has {len(key)}")
+    return key
+
+
+def make_noise_source(
+    secure: bool, seed: int | None = None, *, key: bytes | None = None
+) -> SecureGaussian | TorchGaussian:
+    """The noise source of ``dp.secure_noise``.
+
+    Args:
+        secure: ``True`` -> :class:`SecureGaussian` keyed by ``key`` (``None``: a fresh random
+            key); ``False`` -> :class:`TorchGaussian` seeded by ``seed``.
+        seed: only for the insecure source. A secure source is never keyed by an integer seed.
+        key: only for the secure source, e.g. ``derive_key(run_key, client_id, round)``.
+
+    Raises:
+        ValueError: ``seed`` given with ``secure=True`` or ``key`` given with ``secure=False``.
+    """
+    if secure:
+        if seed is not None:
+            raise ValueError(
+                "make_noise_source: a secure noise source is keyed by 32 secret bytes, not an "
+                "integer seed; pass key=derive_key(run_key, ...) for replayable noise"
+            )
+        return SecureGaussian(key)
+    if key is not None:
+        raise ValueError("make_noise_source: key is for secure=True; the torch source takes seed")
+    return TorchGaussian(seed)

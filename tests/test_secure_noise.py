@@ -1,0 +1,176 @@
+"""ChaCha20 Gaussian noise: distribution, determinism per key, keys, and the insecure fallback."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+import securefed.privacy.secure_noise as sn
+from securefed.privacy import (
+    InsecureNoiseWarning,
+    SecureGaussian,
+    TorchGaussian,
+    derive_key,
+    load_or_create_run_key,
+    make_noise_source,
+)
+
+torch.set_num_threads(1)
+
+KEY = bytes(range(32))
+N = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def million() -> torch.Tensor:
+    src = SecureGaussian(KEY)
+    t0 = time.perf_counter()
+    x = src.normal((N,), 1.0, dtype=torch.float64)
+    print(f"\nSecureGaussian: {N} samples in {time.perf_counter() - t0:.3f} s (1 thread)")
+    return x
+
+
+def test_moments_of_a_million_samples(million: torch.Tensor) -> None:
+    x = million.numpy()
+    se = N**-0.5
+    assert abs(x.mean()) < 5 * se
+    assert abs(x.var() - 1.0) < 5 * (2**0.5) * se
+    assert abs(stats.skew(x)) < 5 * 6**0.5 * se
+    assert abs(stats.kurtosis(x)) < 5 * 24**0.5 * se  # excess kurtosis of N(0, 1) is 0
+
+
+def test_kolmogorov_smirnov_against_standard_normal(million: torch.Tensor) -> None:
+    assert stats.kstest(million.numpy(), "norm").pvalue > 1e-3
+
+
+def test_uniforms_lie_on_the_53_bit_grid() -> None:
+    u = SecureGaussian(KEY).uniform(100_000)
+    assert u.dtype == torch.float64
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    k = u * 2.0**53
+    assert torch.equal(k, k.round())
+    assert stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+
+
+def test_same_key_same_stream_different_keys_differ() -> None:
+    a = SecureGaussian(KEY).normal((1000,), 2.0)
+    b = SecureGaussian(KEY).normal((1000,), 2.0)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, SecureGaussian(bytes(32)).normal((1000,), 2.0))
+    assert not torch.equal(a, SecureGaussian(KEY, stream=1).normal((1000,), 2.0))
+    assert not torch.equal(a, SecureGaussian().normal((1000,), 2.0))  # os.urandom key
+
+
+def test_stream_is_consumed_in_order_independent_of_call_and_chunk_sizes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    whole = SecureGaussian(KEY).normal((1000,), 1.5, dtype=torch.float64)
+    src = SecureGaussian(KEY)
+    parts = [
+        src.normal((300,), 1.5, dtype=torch.float64),
+        src.normal((700,), 1.5, dtype=torch.float64),
+    ]
+    assert torch.equal(torch.cat(parts), whole)
+    monkeypatch.setattr(sn, "_CHUNK", 64)
+    assert torch.equal(SecureGaussian(KEY).normal((1000,), 1.5, dtype=torch.float64), whole)
+
+
+def test_scaling_shape_dtype_and_zero_std() -> None:
+    src = SecureGaussian(KEY)
+    ref = SecureGaussian(KEY).normal((4, 5), 1.0, dtype=torch.float64)
+    z = src.normal((2, 3), 0.0)
+    assert torch.equal(z, torch.zeros(2, 3))  # consumes nothing
+    x = src.normal(torch.Size([4, 5]), 3.0, dtype=torch.float64)
+    assert torch.allclose(x, 3.0 * ref, rtol=1e-15, atol=0)
+    assert src.normal((7,), 1.0, dtype=torch.float16).dtype == torch.float16
+    assert src.normal((0, 3), 1.0).shape == (0, 3)
+    with pytest.raises(ValueError, match="std"):
+        src.normal((3,), -1.0)
+    with pytest.raises(ValueError, match="key"):
+        SecureGaussian(b"short")
+
+
+@pytest.mark.filterwarnings("ignore::securefed.privacy.InsecureNoiseWarning")
+@settings(max_examples=20, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=5), min_size=0, max_size=4),
+    st.floats(min_value=0.0, max_value=100.0),
+)
+def test_any_shape_gives_finite_noise_of_that_shape(shape: list[int], std: float) -> None:
+    for src in (SecureGaussian(KEY), TorchGaussian(0)):
+        x = src.normal(shape, std)
+        assert x.shape == tuple(shape) and x.dtype == torch.float32
+        assert bool(torch.isfinite(x).all())
+
+
+def test_derive_key_is_deterministic_and_separates_parts() -> None:
+    run = os.urandom(32)
+    k = derive_key(run, 3, 7)
+    assert len(k) == 32 and k == derive_key(run, 3, 7)
+    assert (
+        len(
+            {
+                k,
+                derive_key(run, 7, 3),
+                derive_key(run, 3, 8),
+                derive_key(run, 3),
+                derive_key(os.urandom(32), 3, 7),
+            }
+        )
+        == 5
+    )
+    with pytest.raises(ValueError, match="parts"):
+        derive_key(run, -1)
+    with pytest.raises(ValueError, match="run_key"):
+        derive_key(b"x", 1)
+
+
+def test_run_key_file_is_private_and_stable(tmp_path: Path) -> None:
+    path = tmp_path / "run" / sn.NOISE_KEY_FILENAME
+    key = load_or_create_run_key(path)
+    assert len(key) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_run_key(path) == key
+    path.chmod(0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        load_or_create_run_key(path)
+    path.chmod(0o600)
+    path.write_bytes(b"123")
+    with pytest.raises(ValueError, match="32 bytes"):
+        load_or_create_run_key(path)
+
+
+def test_replay_from_a_derived_key_redraws_identical_noise() -> None:
+    run = os.urandom(32)
+    a = make_noise_source(True, key=derive_key(run, 2, 5)).normal((100,), 1.0)
+    b = make_noise_source(True, key=derive_key(run, 2, 5)).normal((100,), 1.0)
+    assert torch.equal(a, b)
+
+
+def test_make_noise_source_and_the_insecure_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(make_noise_source(True), SecureGaussian)
+    with pytest.raises(ValueError, match="not an integer seed"):
+        make_noise_source(True, 5)
+    with pytest.raises(ValueError, match="key is for secure=True"):
+        make_noise_source(False, 5, key=KEY)
+    monkeypatch.setattr(sn, "_warned_insecure", False)
+    with pytest.warns(InsecureNoiseWarning, match="NOT hold"):
+        src = make_noise_source(False, 5)
+    assert isinstance(src, TorchGaussian)
+    assert torch.equal(src.normal((10,), 1.0), TorchGaussian(5).normal((10,), 1.0))
+
+
+@pytest.mark.filterwarnings("ignore::securefed.privacy.InsecureNoiseWarning")
+def test_secure_and_torch_speed_for_a_million_samples() -> None:
+    for src in (SecureGaussian(KEY), TorchGaussian(0)):
+        t0 = time.perf_counter()
+        src.normal((N,), 1.0)
+        print(f"\n{type(src).__name__}: {N} samples in {time.perf_counter() - t0:.3f} s")
