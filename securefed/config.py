@@ -251,7 +251,7 @@ class DPConfig(_Frozen):
     computed without materialising per-sample gradients; ``opacus`` uses Opacus' hooks.
     """
 
-    level: Literal["none", "record"] = "none"
+    level: Literal["none", "record", "client"] = "none"
     target_epsilon: float | None = Field(default=None, gt=0.0)
     delta: float | None = Field(
         default=None, gt=0.0, lt=1.0, description="None: 1 / (10 n) for the client's n examples"
@@ -263,13 +263,28 @@ class DPConfig(_Frozen):
     poisson_sampling: bool = True
     secure_noise: bool = True
     engine: Literal["fast", "opacus"] = "fast"
+    # ---- client-level DP (DP-FedAvg, McMahan et al. 2018; Andrew et al. 2021)
+    max_update_norm: float = Field(
+        default=0.5, gt=0.0, description="client level: L2 clip S of each client's model delta"
+    )
+    adaptive_clipping: bool = Field(
+        default=False, description="client level: geometric quantile clipping (Andrew et al. 2021)"
+    )
+    target_unclipped_quantile: float = Field(default=0.5, gt=0.0, lt=1.0)
+    clip_learning_rate: float = Field(default=0.2, gt=0.0)
+    clipped_count_stddev: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="client level, adaptive: noise std on the count of unclipped clients "
+        "(None: max(clients per round / 20, the value that adds only 5% to the delta's noise))",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DPConfig:
         if self.level != "none" and self.target_epsilon is None and self.noise_multiplier is None:
             raise ValueError(
-                "dp.target_epsilon: record-level DP needs a target_epsilon (the budget) or an "
-                "explicit noise_multiplier"
+                f"dp.target_epsilon: {self.level}-level DP needs a target_epsilon (the budget) or "
+                "an explicit noise_multiplier"
             )
         if self.level != "none" and not self.poisson_sampling:
             raise ValueError(
@@ -331,6 +346,12 @@ class ExperimentConfig(_Frozen):
             raise ValueError(
                 f"federation.min_fit_clients: {self.federation.min_fit_clients} exceeds "
                 f"num_clients ({self.federation.num_clients})"
+            )
+        if self.dp.level == "client" and self.strategy.name not in ("fedavg", "fedprox"):
+            raise ValueError(
+                f"dp.level: client-level DP clips and noises the model delta only; strategy.name "
+                f"{self.strategy.name!r} sends more (e.g. SCAFFOLD control variates) that would "
+                "leave un-noised; use strategy.name fedavg or fedprox"
             )
         return self
 

@@ -13,6 +13,7 @@ Run directory::
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from securefed.federation.simulation import PrivacyContext, SimClient, Simulatio
 from securefed.io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from securefed.report.grid import save_grid
 from securefed.secagg import build_protocol
-from securefed.strategies import build_strategy
+from securefed.strategies import Strategy, build_strategy
 
 __all__ = [
     "PreparedData",
@@ -189,6 +190,61 @@ def build_privacy(
     return PrivacyContext(ledger=ledger, noise_multipliers=sigmas, noise_source=source)
 
 
+def build_client_level_privacy(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    clients: list[SimClient],
+    strategy: Strategy,
+    resume: bool,
+) -> tuple[Strategy, PrivacyContext]:
+    """``dp.level: client``: wrap the strategy in DP-FedAvg and plan every client's ledger.
+
+    Each client is charged one Gaussian-mechanism step (sample rate 1: the server knows whom it
+    selected, so sampling gives no amplification against it) per round it trains in. ``z`` is
+    calibrated once from ``target_epsilon`` for the expected number of participations
+    ``ceil(rounds * k / N)``; a client selected more often than expected stops when its budget is
+    spent (``budget_exhausted``).
+    """
+    from securefed.privacy import PrivacyLedger, calibrate_noise_multiplier
+    from securefed.privacy.client_level import ClientLevelDP
+
+    dp, fed = cfg.dp, cfg.federation
+    n = len(clients)
+    per_round = min(n, max(fed.min_fit_clients, round(fed.fraction_fit * n)))
+    planned = max(1, math.ceil(fed.rounds * per_round / n))
+    delta = dp.delta if dp.delta is not None else min(1e-5, 1.0 / (10 * n))
+    path = run_dir / "privacy_ledger.json"
+    ledger = PrivacyLedger.load(path) if resume and path.exists() else PrivacyLedger(path)
+    if dp.noise_multiplier is not None:
+        z = float(dp.noise_multiplier)
+    elif clients and clients[0].cid in ledger.clients:
+        z = float(ledger.get_plan(clients[0].cid).noise_multiplier)
+    else:
+        if dp.target_epsilon is None:  # pragma: no cover - excluded by DPConfig validation
+            raise ValueError("dp.target_epsilon: required when noise_multiplier is unset")
+        z = calibrate_noise_multiplier(dp.target_epsilon, delta, 1.0, planned, dp.accountant)
+    for c in clients:
+        ledger.plan(
+            c.cid,
+            noise_multiplier=z,
+            sample_rate=1.0,
+            planned_steps=planned,
+            target_epsilon=dp.target_epsilon,
+            delta=delta,
+            accountant=dp.accountant,
+        )
+    ledger.save()
+    wrapped = ClientLevelDP(strategy, dp, cfg.secure_aggregation, z)
+
+    def no_source(rnd: int, cid: int) -> Any:  # noise is drawn by the protocol, not the client
+        raise RuntimeError("client-level DP draws its noise inside the aggregation protocol")
+
+    return wrapped, PrivacyContext(
+        ledger=ledger, noise_multipliers=dict.fromkeys((c.cid for c in clients), z),
+        noise_source=no_source, level="client",
+    )
+
+
 def _check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
@@ -314,7 +370,11 @@ def run_experiment(
         rep = evaluator.evaluate(imgs.cpu())
         return {k: v for k, v in rep.as_dict().items() if v is not None}
 
-    privacy = build_privacy(cfg, run_dir, clients, resume) if cfg.dp.level == "record" else None
+    privacy: PrivacyContext | None = None
+    if cfg.dp.level == "record":
+        privacy = build_privacy(cfg, run_dir, clients, resume)
+    elif cfg.dp.level == "client":
+        strategy, privacy = build_client_level_privacy(cfg, run_dir, clients, strategy, resume)
     sim = Simulation(
         cfg,
         model,
@@ -335,11 +395,12 @@ def run_experiment(
     if resume:
         ckpt = load_latest(ckpt_dir)
         sim.restore(ckpt)
-        if privacy is not None and dev.type == "cpu":
+        if privacy is not None and privacy.level == "record" and dev.type == "cpu":
             # on CPU, rounds after the checkpoint are replayed bit-identically (same seeds, same
             # noise keys), so their charges are dropped here and charged again exactly once by
             # the replay. Elsewhere replay is not bit-identical: the charges are KEPT and the
-            # replay charges again (over-counting is safe, under-counting is not).
+            # replay charges again (over-counting is safe, under-counting is not). Client-level
+            # noise is drawn from os.urandom inside the protocol: never replayed, always kept.
             privacy.ledger.truncate_after(ckpt.round)
         rows = [r for r in read_jsonl(metrics_path) if int(r["round"]) <= ckpt.round]
         write_jsonl(metrics_path, rows)  # drop lines of rounds after the checkpoint

@@ -53,18 +53,22 @@ class SimClient:
 
 @dataclass
 class PrivacyContext:
-    """Record-level DP state of the simulated clients (only used when ``dp.level: record``).
+    """DP state of the simulated clients (``dp.level: record`` or ``client``).
 
     Attributes:
         ledger: the persistent privacy ledger (``privacy_ledger.json``).
         noise_multipliers: client id -> noise multiplier calibrated once for its whole plan.
         noise_source: callable ``(round, client) -> noise source`` with ``.normal(shape, std,
             device)``; derived per client-round so a resumed run replays identical noise.
+        level: ``record`` (DP-SGD on every client) or ``client`` (DP-FedAvg: the strategy is a
+            :class:`~securefed.privacy.client_level.ClientLevelDP` and each participation is
+            charged one step at its noise plan's worst-case multiplier, sample rate 1).
     """
 
     ledger: Any
     noise_multipliers: dict[int, float]
     noise_source: Callable[[int, int], Any]
+    level: str = "record"
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ class Simulation:
         self.conditional = cfg.model.class_conditional
         self.privacy = privacy
         self.trainer: LocalTrainer
-        if privacy is not None:
+        if privacy is not None and privacy.level == "record":
             from securefed.client.dp import DPLocalTrainer
 
             self.trainer = DPLocalTrainer(
@@ -199,8 +203,7 @@ class Simulation:
         if self.privacy is not None:
             ledger = self.privacy.ledger
             for cid in plan.clients:
-                steps = local_steps_for(cfg.client, len(self.clients[cid].data))
-                if cid not in dropouts and ledger.would_exceed(cid, steps):
+                if cid not in dropouts and self._would_exceed(cid):
                     # its next round would exceed target_epsilon: it does not train at all
                     ledger.mark_exhausted(cid, rnd)
                     exhausted.append(cid)
@@ -223,7 +226,7 @@ class Simulation:
             client = self.clients[cid]
             objective = self.strategy.local_objective(plan.broadcast, client.state)
             seed = derive_seed(cfg.seed, rnd, _TRAIN, cid)
-            if self.privacy is not None:
+            if self.privacy is not None and self.privacy.level == "record":
                 from securefed.client.dp import DPLocalTrainer
 
                 trainer = self.trainer
@@ -252,6 +255,16 @@ class Simulation:
                 cfg.client.lr,
                 client.state,
             )
+            if self.privacy is not None and self.privacy.level == "client":
+                # client-level DP: one participation, charged (and persisted) before upload
+                self.privacy.ledger.charge(
+                    cid,
+                    phase="round",
+                    round=rnd,
+                    steps=1,
+                    noise_multiplier=self._client_dp().current_charge(),
+                    sample_rate=1.0,
+                )
             losses.append(result.mean_loss)
         bar.close()
         seconds["train"] = time.perf_counter() - t0
@@ -279,7 +292,10 @@ class Simulation:
             aborted = "no client trained this round"
         else:
             try:
-                agg = self.protocol.aggregate(rnd, inputs, dropouts)
+                noise = None
+                if self.privacy is not None and self.privacy.level == "client":
+                    noise = self._client_dp().current_noise()
+                agg = self.protocol.aggregate(rnd, inputs, dropouts, noise=noise)
             except AggregationAbortedError as exc:
                 aborted = str(exc)
         seconds["aggregate"] = time.perf_counter() - t0
@@ -301,6 +317,8 @@ class Simulation:
                 protocol=self.protocol.name,
                 protocol_info={k: v for k, v in agg.info.items()},
             )
+            if self.privacy is not None and self.privacy.level == "client":
+                line["client_dp"] = self._client_dp().round_summary(agg.info)
         else:
             reason = aborted or "every selected client dropped out"
             log.warning("round %d abandoned: %s; the global model is unchanged", rnd, reason)
@@ -334,10 +352,40 @@ class Simulation:
         line["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
         return line
 
+    def _client_dp(self) -> Any:
+        from securefed.privacy.client_level import ClientLevelDP
+
+        if not isinstance(self.strategy, ClientLevelDP):  # pragma: no cover - wiring error
+            raise TypeError("dp.level client needs a ClientLevelDP strategy")
+        return self.strategy
+
+    def _would_exceed(self, cid: int) -> bool:
+        """Would the client's next round take its epsilon over the target?"""
+        if self.privacy is None:
+            return False
+        ledger = self.privacy.ledger
+        if self.privacy.level == "client":
+            return bool(
+                ledger.would_exceed(
+                    cid, 1, noise_multiplier=self._client_dp().current_charge(), sample_rate=1.0
+                )
+            )
+        steps = local_steps_for(self.cfg.client, len(self.clients[cid].data))
+        return bool(ledger.would_exceed(cid, steps))
+
     def can_continue(self) -> bool:
         """False when DP is on and no client can afford another round."""
         if self.privacy is None:
             return True
+        if self.privacy.level == "client":
+            # the charge per participation is the calibrated z at the worst-case survivors
+            z = self._client_dp().z
+            return any(
+                not self.privacy.ledger.would_exceed(
+                    c.cid, 1, noise_multiplier=z, sample_rate=1.0
+                )
+                for c in self.clients
+            )
         ledger = self.privacy.ledger
         return any(
             not ledger.would_exceed(c.cid, local_steps_for(self.cfg.client, len(c.data)))

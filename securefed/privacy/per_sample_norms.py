@@ -174,7 +174,7 @@ def _conv_choice(
     hin, win = hw_in
     ho, wo = hw_out
     p = ho * wo
-    ghost = k * k * ((hin * win) ** 2 * cg + p * p * og)
+    ghost: float = k * k * ((hin * win) ** 2 * cg + p * p * og)
     ghost += _MEM_COST * k * k * ((kh + 1) * (ho * win) ** 2 + (kw + 1) * p * p + p * p)
     dg = cg * kh * kw
     mat = _MATERIALISE_GEMM * k * p * dg * og + _MEM_COST * dg * og
@@ -603,7 +603,8 @@ class PerSampleGradNorms:
         elif isinstance(mod, nn.GroupNorm):
             sq = self._groupnorm_sq(layer, mod, pairs)
         else:
-            sq = self._embedding_sq(layer, mod, pairs, b)  # nn.Embedding
+            assert isinstance(mod, nn.Embedding)
+            sq = self._embedding_sq(layer, mod, pairs, b)
         layer.sq_norm = sq
         return sq
 
@@ -642,7 +643,7 @@ class PerSampleGradNorms:
         o = mod.out_channels
         sq = pairs[0][1].new_zeros(b)
         if mod.bias is not None and mod.bias.requires_grad:
-            gb = _example_sum(sum(gr.sum((2, 3)) for _, gr in pairs), k)  # [B, O]
+            gb = _example_sum(torch.stack([gr.sum((2, 3)) for _, gr in pairs]).sum(0), k)  # [B, O]
             layer.small["bias"] = gb
             sq = sq + gb.square().sum(1)
         if not mod.weight.requires_grad:

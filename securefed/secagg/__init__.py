@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from securefed.config import SecureAggregationConfig
-from securefed.secagg.base import AggregationAbortedError, AggregationProtocol, AggregationResult
+from securefed.secagg.base import (
+    AggregationAbortedError,
+    AggregationProtocol,
+    AggregationResult,
+    DistributedNoise,
+)
 from securefed.secagg.plain import PlainAggregation
 
 __all__ = [
     "AggregationAbortedError",
     "AggregationProtocol",
     "AggregationResult",
+    "DistributedNoise",
     "PlainAggregation",
     "build_protocol",
 ]

@@ -14,7 +14,12 @@ from typing import ClassVar
 
 import numpy as np
 
-__all__ = ["AggregationAbortedError", "AggregationProtocol", "AggregationResult"]
+__all__ = [
+    "AggregationAbortedError",
+    "AggregationProtocol",
+    "AggregationResult",
+    "DistributedNoise",
+]
 
 
 class AggregationAbortedError(RuntimeError):
@@ -49,6 +54,34 @@ class AggregationResult:
     info: Mapping[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DistributedNoise:
+    """Gaussian noise the SUM must carry (client-level DP, McMahan et al. 2018).
+
+    ``std`` is the standard deviation of the noise on every coordinate of the sum when all
+    ``expected`` clients of the round contribute. Where the server is trusted (``plain``) it adds
+    the noise itself; under secure aggregation each client adds a share of variance
+    ``std^2 / expected`` to its own vector before it leaves the client (in the protocol's integer
+    domain for ``masking``: distributed discrete Gaussian, Kairouz et al. 2021), so the server
+    never sees an un-noised sum. The protocol reports in ``info`` the std the survivors' shares
+    actually add up to (``noise_std_total``) and any extra sensitivity its encoding introduces
+    (``encoding_sensitivity``, input units), for the accountant.
+    """
+
+    std: float
+    expected: int
+
+    def __post_init__(self) -> None:
+        if not (self.std >= 0 and np.isfinite(self.std)):
+            raise ValueError(f"DistributedNoise.std: must be finite and >= 0, got {self.std}")
+        if self.expected < 1:
+            raise ValueError(f"DistributedNoise.expected: must be >= 1, got {self.expected}")
+
+    def share_std(self) -> float:
+        """Std of one client's share: ``std / sqrt(expected)``."""
+        return float(self.std / np.sqrt(self.expected))
+
+
 class AggregationProtocol(ABC):
     """Sums client vectors. Subclasses: ``plain``, ``masking`` (SecAgg/SecAgg+), ``ckks``."""
 
@@ -63,6 +96,8 @@ class AggregationProtocol(ABC):
         round_id: int,
         inputs: Mapping[int, np.ndarray],
         dropouts: Mapping[int, str] | None = None,
+        *,
+        noise: DistributedNoise | None = None,
     ) -> AggregationResult:
         """Run one round.
 
@@ -71,6 +106,7 @@ class AggregationProtocol(ABC):
             inputs: client id -> ``[D]`` float vector (same D for all). Clients that drop at the
                 first stage may be absent.
             dropouts: client id -> the stage (one of :attr:`dropout_stages`) at which it drops.
+            noise: Gaussian noise the sum must carry (client-level DP), or None.
 
         Raises:
             AggregationAbortedError: the round cannot complete safely.

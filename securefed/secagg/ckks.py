@@ -49,10 +49,16 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import tenseal as ts
+import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from securefed.secagg.base import AggregationAbortedError, AggregationProtocol, AggregationResult
+from securefed.secagg.base import (
+    AggregationAbortedError,
+    AggregationProtocol,
+    AggregationResult,
+    DistributedNoise,
+)
 from securefed.secagg.plain import validate_inputs
 
 if TYPE_CHECKING:
@@ -1081,8 +1087,14 @@ class CKKSAggregation(AggregationProtocol):
         round_id: int,
         inputs: Mapping[int, np.ndarray],
         dropouts: Mapping[int, str] | None = None,
+        *,
+        noise: DistributedNoise | None = None,
     ) -> AggregationResult:
         """Client encrypt -> server verify + sum -> key holder decrypt, passing only bytes.
+
+        With ``noise``, every client adds its share ``N(0, noise.std^2 / noise.expected)`` (secure
+        ChaCha20 source) to its vector before encrypting it, so neither the server nor the key
+        holder ever sees an un-noised sum.
 
         A client dropping at ``upload`` contributes nothing; the result is the survivors' sum
         within :meth:`error_bound`. The key holder's upload of the decrypted sum (8 bytes per
@@ -1128,6 +1140,11 @@ class CKKSAggregation(AggregationProtocol):
         # streamed client by client: only one client's ciphertexts are in flight at a time
         for c in survivors:
             t0 = time.process_time()
+            if noise is not None and noise.std > 0:
+                from securefed.privacy.secure_noise import SecureGaussian
+
+                share = SecureGaussian().normal((length,), noise.share_std(), dtype=torch.float64)
+                live[c] = live[c] + share.numpy()
             messages = self._clients[c].encrypt_update(round_id, live[c])
             client_seconds[c] = time.process_time() - t0
             bytes_up[c] = sum(len(m) for m in messages)
@@ -1173,5 +1190,13 @@ class CKKSAggregation(AggregationProtocol):
                 "poly_modulus_degree": self.params.poly_modulus_degree,
                 "coeff_mod_bit_sizes": list(self.params.coeff_mod_bit_sizes),
                 "scale_bits": self.params.scale_bits,
+                **(
+                    {
+                        "noise_std_total": noise.share_std() * float(np.sqrt(len(survivors))),
+                        "encoding_sensitivity": 0.0,
+                    }
+                    if noise is not None and noise.std > 0
+                    else {}
+                ),
             },
         )

@@ -6,8 +6,14 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 
-from securefed.secagg.base import AggregationAbortedError, AggregationProtocol, AggregationResult
+from securefed.secagg.base import (
+    AggregationAbortedError,
+    AggregationProtocol,
+    AggregationResult,
+    DistributedNoise,
+)
 
 __all__ = ["PlainAggregation"]
 
@@ -42,7 +48,11 @@ class PlainAggregation(AggregationProtocol):
         round_id: int,
         inputs: Mapping[int, np.ndarray],
         dropouts: Mapping[int, str] | None = None,
+        *,
+        noise: DistributedNoise | None = None,
     ) -> AggregationResult:
+        """Sum in the clear; with ``noise``, the (trusted) server adds ``N(0, noise.std^2)``
+        from a fresh ChaCha20 key (central DP-FedAvg, McMahan et al. 2018)."""
         t0 = time.process_time()
         dropped = set(dropouts or {})
         survivors = sorted(c for c in inputs if c not in dropped)
@@ -51,6 +61,12 @@ class PlainAggregation(AggregationProtocol):
         total = np.zeros(length, dtype=np.float64)
         for c in survivors:
             total += np.asarray(live[c], dtype=np.float32).astype(np.float64)
+        info: dict[str, object] = {}
+        if noise is not None and noise.std > 0 and survivors:
+            from securefed.privacy.secure_noise import SecureGaussian
+
+            total += SecureGaussian().normal((length,), noise.std, dtype=torch.float64).numpy()
+            info = {"noise_std_total": noise.std, "encoding_sensitivity": 0.0}
         return AggregationResult(
             total=total,
             survivors=tuple(survivors),
@@ -58,4 +74,5 @@ class PlainAggregation(AggregationProtocol):
             bytes_up={c: 4 * length for c in survivors},
             bytes_down={c: 0 for c in survivors},
             server_seconds=time.process_time() - t0,
+            info=info,
         )

@@ -372,6 +372,12 @@ class MaskingClient:
         except ValueError as exc:
             raise self._error("finite", str(exc)) from exc
         self._input = None  # the plaintext is not kept past this point
+        if self.params.noise_std > 0:  # client-level DP share, in the integer domain
+            from securefed.privacy.discrete_gaussian import discrete_gaussian
+
+            share = self.params.noise_std / plan.quant.step / len(plan.participants) ** 0.5
+            noise = discrete_gaussian(share, words.shape[0])
+            words = (words.astype(np.int64) + noise).astype(words.dtype)  # wraps mod 2^64/2^32
         acc = MaskAccumulator(words)
         acc.add(self_mask_key(state.b_seed, plan.round_id, me))
         for v in sorted(senders):

@@ -38,13 +38,20 @@ Threat model (what the masks protect, and under which assumptions):
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from securefed.config import SecureAggregationConfig
-from securefed.secagg.base import AggregationAbortedError, AggregationProtocol, AggregationResult
+from securefed.secagg.base import (
+    AggregationAbortedError,
+    AggregationProtocol,
+    AggregationResult,
+    DistributedNoise,
+)
 from securefed.secagg.keys import Identities, ephemeral_identities, load_identities
 from securefed.secagg.masking.client import MaskingClient
 from securefed.secagg.masking.graph import effective_degree
@@ -129,8 +136,15 @@ class MaskingAggregation(AggregationProtocol):
         round_id: int,
         inputs: Mapping[int, np.ndarray],
         dropouts: Mapping[int, str] | None = None,
+        *,
+        noise: DistributedNoise | None = None,
     ) -> AggregationResult:
         """Run one round in-process; see the module docstring for dropout semantics.
+
+        With ``noise`` (client-level DP), every participant adds a discrete Gaussian share in the
+        integer domain before masking (see :class:`~.stages.MaskingParams`); ``info`` reports the
+        std the survivors' shares add up to and the sensitivity added by stochastic rounding
+        (``sqrt(D)`` grid steps, Kairouz et al. 2021 §4), both in input units.
 
         Raises:
             AggregationAbortedError: too few clients at some stage (fail closed).
@@ -153,8 +167,11 @@ class MaskingAggregation(AggregationProtocol):
             if (at is None or Stage.index(at) > sends_input) and cid not in inputs:
                 raise ValueError(f"client {cid}: no input vector, yet it sends a masked input")
         length = validate_inputs(inputs)
+        params = self.params
+        if noise is not None and noise.std > 0:
+            params = dataclasses.replace(params, noise_std=float(noise.std))
         try:  # e.g. a count threshold above this round's (sampled) neighbourhood size
-            plan_round(self.params, round_id, participants, length)
+            plan_round(params, round_id, participants, length)
         except ValueError as exc:
             raise AggregationAbortedError(f"round {round_id} cannot run: {exc}") from exc
 
@@ -166,7 +183,7 @@ class MaskingAggregation(AggregationProtocol):
             round_id,
             participants,
             length,
-            self.params,
+            params,
             roster,
             self.identities.server_key,
             record_view=self.record_server_view,
@@ -176,7 +193,7 @@ class MaskingAggregation(AggregationProtocol):
         self.last_server_view = server.view
         clients = {
             c: MaskingClient(
-                c, round_id, self.params, self.identities.client_keys[c], roster, inputs.get(c)
+                c, round_id, params, self.identities.client_keys[c], roster, inputs.get(c)
             )
             for c in participants
         }
@@ -218,6 +235,12 @@ class MaskingAggregation(AggregationProtocol):
             "bits": self.params.bits,
             "quantization_error_bound": quantization_error_bound(plan.quant, len(out.survivors)),
         }
+        if params.noise_std > 0:
+            info["noise_std_total"] = params.noise_std * math.sqrt(
+                len(out.survivors) / len(participants)
+            )
+            info["encoding_sensitivity"] = 2.0 * math.sqrt(length) * plan.quant.step
+            info["grid_step"] = plan.quant.step
         return AggregationResult(
             total=out.total,
             survivors=out.survivors,

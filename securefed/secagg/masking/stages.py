@@ -492,12 +492,23 @@ class MaskingParams:
         neighbours: k of the k-regular graph, or None for the complete graph.
         bits: ring Z_{2^bits} of the masked sum.
         clip_range: inputs are clipped to [-clip_range, clip_range].
+        noise_std: client-level DP: std of the noise the round's sum carries when every
+            participant contributes (0: none). Each client adds a discrete Gaussian share
+            ``N_Z(0, (noise_std / step)^2 / n)`` in grid units after quantisation (Kairouz et al.
+            2021); the grid is widened by :data:`NOISE_HEADROOM` ``* noise_std`` so that the
+            noisy sum cannot wrap mod ``2^bits`` (except with probability below ``10^-32`` per
+            coordinate).
     """
 
     threshold: float
     neighbours: int | None
     bits: int
     clip_range: float
+    noise_std: float = 0.0
+
+
+#: the quantisation grid is widened by this many noise standard deviations on each side
+NOISE_HEADROOM = 12.0
 
 
 def resolve_threshold(threshold: float, neighbourhood: int) -> int:
@@ -551,7 +562,8 @@ def plan_round(
         raise ValueError("participants must be distinct")
     graph = build_graph(round_id, ids, params.neighbours)
     t = resolve_threshold(params.threshold, graph.neighbourhood_size)
-    quant = quantization_params(params.bits, params.clip_range, len(ids))
+    clip = params.clip_range + NOISE_HEADROOM * params.noise_std
+    quant = quantization_params(params.bits, clip, len(ids))
     return RoundPlan(round_id, ids, int(vector_length), graph, t, quant)
 
 
