@@ -125,7 +125,11 @@ def build_model(cfg: ExperimentConfig, image_shape: tuple[int, int, int], num_cl
 
 
 def build_privacy(
-    cfg: ExperimentConfig, run_dir: Path, clients: list[SimClient], resume: bool
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    clients: list[SimClient],
+    resume: bool,
+    exact_replay: bool = True,
 ) -> PrivacyContext:
     """Ledger + per-client noise multipliers (calibrated ONCE for the whole planned schedule)
     + per-client-round noise sources, for ``dp.level: record``."""
@@ -179,6 +183,14 @@ def build_privacy(
     if dp.secure_noise:
         # 0600, 32 bytes; anyone holding it can regenerate the noise: never release it
         run_key = load_or_create_run_key(run_dir / "secrets" / "dp_noise.key")
+        if resume and not exact_replay:
+            # a replayed round whose first attempt already reached the server must NOT reuse
+            # that attempt's noise with different (non-bit-identical) gradients: the difference
+            # of the two releases would cancel the noise. Fresh key material per resume.
+            import hashlib
+            import os
+
+            run_key = hashlib.sha256(run_key + os.urandom(32)).digest()
 
         def source(rnd: int, cid: int) -> Any:
             return SecureGaussian(key=derive_key(run_key, rnd, cid))
@@ -372,7 +384,7 @@ def run_experiment(
 
     privacy: PrivacyContext | None = None
     if cfg.dp.level == "record":
-        privacy = build_privacy(cfg, run_dir, clients, resume)
+        privacy = build_privacy(cfg, run_dir, clients, resume, exact_replay=dev.type == "cpu")
     elif cfg.dp.level == "client":
         strategy, privacy = build_client_level_privacy(cfg, run_dir, clients, strategy, resume)
     sim = Simulation(
