@@ -25,6 +25,8 @@ __all__ = [
     "DiffusionConfig",
     "EvaluationConfig",
     "ExperimentConfig",
+    "FedDDPMConfig",
+    "FedDiffuseConfig",
     "FederationConfig",
     "ModelConfig",
     "PartitionConfig",
@@ -293,6 +295,67 @@ class DPConfig(_Frozen):
         return self
 
 
+class FedDDPMConfig(_Frozen):
+    """FedDDPM / FedDDPM+ (Peng et al. 2025; abstract only, every choice is a knob; README).
+
+    Phase 0: every client pre-trains a local DDPM for ``pretrain_epochs`` (DP-SGD under
+    ``dp.level: record``, charged to its budget as phase ``pretrain``) and either uploads it
+    (``upload: model``; the server samples from it) or samples it locally and uploads only the
+    images (``upload: samples``). The server's auxiliary set has ``aux_total`` images, client i
+    contributing ``n_i`` proportional to its size. After every aggregation the server runs
+    ``calibration_steps`` DDPM-loss steps on it (``fedddpm``), or one correction of
+    ``correction_steps`` when the slow-learning detector fires (``fedddpm_plus``).
+    """
+
+    enabled: bool = False
+    variant: Literal["fedddpm", "fedddpm_plus"] = "fedddpm"
+    pretrain_epochs: float = Field(default=1.0, gt=0.0)
+    upload: Literal["model", "samples"] = "samples"
+    aux_total: int = Field(default=500, ge=1, description="auxiliary images over all clients")
+    class_counts: Literal["histogram", "uniform"] = Field(
+        default="histogram",
+        description="class-conditional models: per-class counts follow the client's (noised "
+        "under DP) label histogram, or are uniform",
+    )
+    histogram_noise_multiplier: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="DP: Gaussian std (in counts, L2 sensitivity 1) of the released histogram",
+    )
+    aux_sampler: Literal["ddpm", "ddim"] = "ddim"
+    aux_sampling_steps: int = Field(default=50, ge=1)
+    calibration_steps: int = Field(default=20, ge=0, description="fedddpm: server steps/round")
+    server_optimizer: Literal["adam", "sgd"] = "adam"
+    server_lr: float = Field(default=2e-4, gt=0.0)
+    server_batch_size: int = Field(default=64, ge=1)
+    aux_holdout_fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0, description="slice of the aux set the detector evaluates on"
+    )
+    detector_window: int = Field(default=3, ge=1, description="fedddpm_plus: rounds compared")
+    detector_threshold: float = Field(
+        default=0.02, ge=0.0, description="fedddpm_plus: fires when the relative improvement "
+        "of the aux-holdout loss over the window is below this"
+    )
+    correction_steps: int = Field(default=100, ge=1)
+    max_corrections: int = Field(default=1, ge=1, description="fedddpm_plus: one-shot = 1")
+    allow_non_dp_uploads: bool = Field(
+        default=False,
+        description="permit uploading local models that are not DP (the server sees each one)",
+    )
+
+
+class FedDiffuseConfig(_Frozen):
+    """FedDiffuse (de Goede, Cox, Decouchant 2024): exchange only parts of the UNet.
+
+    ``full``: every group; ``usplit``: clients paired at random each round, one sends
+    encoder + bottleneck, the other the decoder; ``udec``: only the decoder is shared (encoder and
+    bottleneck stay on the client); ``ulatdec``: decoder + bottleneck shared, encoder local.
+    """
+
+    enabled: bool = False
+    variant: Literal["full", "usplit", "udec", "ulatdec"] = "full"
+
+
 class EvaluationConfig(_Frozen):
     """What is measured after rounds and how often."""
 
@@ -332,6 +395,8 @@ class ExperimentConfig(_Frozen):
     strategy: StrategyConfig = StrategyConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     dp: DPConfig = DPConfig()
+    fedddpm: FedDDPMConfig = FedDDPMConfig()
+    feddiffuse: FedDiffuseConfig = FedDiffuseConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
@@ -352,6 +417,31 @@ class ExperimentConfig(_Frozen):
                 f"dp.level: client-level DP clips and noises the model delta only; strategy.name "
                 f"{self.strategy.name!r} sends more (e.g. SCAFFOLD control variates) that would "
                 "leave un-noised; use strategy.name fedavg or fedprox"
+            )
+        fd, fu = self.fedddpm, self.feddiffuse
+        if fd.enabled and fu.enabled:
+            raise ValueError(
+                "fedddpm.enabled: FedDDPM calibrates one global model; FedDiffuse keeps parts of "
+                "the model on the clients; enable only one of fedddpm and feddiffuse"
+            )
+        if fd.enabled and self.dp.level != "record" and not fd.allow_non_dp_uploads:
+            if fd.upload == "model" or self.dp.level == "client":
+                raise ValueError(
+                    f"fedddpm.upload: {fd.upload!r} with dp.level {self.dp.level!r} hands the "
+                    "server each client's individual (non-DP) pre-trained "
+                    + ("model" if fd.upload == "model" else "model's samples")
+                    + "; set dp.level: record, or set fedddpm.allow_non_dp_uploads: true to "
+                    "accept that explicitly"
+                )
+        if fu.enabled and self.strategy.name == "scaffold":
+            raise ValueError(
+                "feddiffuse.enabled: SCAFFOLD control variates are not defined for client-local "
+                "parts; use strategy.name fedavg or fedprox with feddiffuse"
+            )
+        if fu.enabled and self.dp.level == "client":
+            raise ValueError(
+                "feddiffuse.enabled: client-level DP clips the whole model delta; combine "
+                "feddiffuse with dp.level none or record"
             )
         return self
 

@@ -53,6 +53,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SAMPLES, _FID, _NOISE = 4, 5, 6
+# new purposes (FedDDPM / FedDiffuse); phase 0 uses 11, 12 (federation/auxiliary.py)
+_CALIBRATE, _AUX_EVAL, _AUX_SPLIT, _USPLIT = 13, 14, 15, 16
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ def build_privacy(
     + per-client-round noise sources, for ``dp.level: record``."""
     from securefed.client.dp import sample_rate_for
     from securefed.client.trainer import local_steps_for
+    from securefed.federation.auxiliary import calibrate_with_extra, pretrain_steps_for
     from securefed.privacy import (
         PrivacyLedger,
         SecureGaussian,
@@ -146,13 +149,20 @@ def build_privacy(
     )
 
     dp = cfg.dp
+    fd = cfg.fedddpm
     path = run_dir / "privacy_ledger.json"
     ledger = PrivacyLedger.load(path) if resume and path.exists() else PrivacyLedger(path)
     sigmas: dict[int, float] = {}
+    # FedDDPM phase 0 is part of the SAME budget: the plan covers pretrain + rounds x local
+    # steps, and (class-conditional, histogram counts) one Gaussian histogram release
+    hist_release = fd.enabled and cfg.model.class_conditional and fd.class_counts == "histogram"
+    extra = [(fd.histogram_noise_multiplier, 1.0, 1)] if hist_release else []
     for c in clients:
         n = len(c.data)
         q = sample_rate_for(cfg.client, n)
         planned = cfg.federation.rounds * local_steps_for(cfg.client, n)
+        if fd.enabled:
+            planned += pretrain_steps_for(cfg, n)
         delta = dp.delta if dp.delta is not None else default_delta(n)
         if dp.delta is not None and dp.delta >= 1.0 / n:
             raise ValueError(
@@ -167,7 +177,14 @@ def build_privacy(
         else:
             if dp.target_epsilon is None:  # pragma: no cover - excluded by DPConfig validation
                 raise ValueError("dp.target_epsilon: required when noise_multiplier is unset")
-            sigma = calibrate_noise_multiplier(dp.target_epsilon, delta, q, planned, dp.accountant)
+            if extra:
+                sigma = calibrate_with_extra(
+                    dp.target_epsilon, delta, q, planned, extra, dp.accountant
+                )
+            else:
+                sigma = calibrate_noise_multiplier(
+                    dp.target_epsilon, delta, q, planned, dp.accountant
+                )
         ledger.plan(
             c.cid,
             noise_multiplier=sigma,
@@ -194,12 +211,21 @@ def build_privacy(
 
         def source(rnd: int, cid: int) -> Any:
             return SecureGaussian(key=derive_key(run_key, rnd, cid))
+
+        def phase_source(rnd: int, cid: int, phase: int) -> Any:
+            return SecureGaussian(key=derive_key(run_key, rnd, cid, phase))
     else:  # TorchGaussian warns loudly, once per process
 
         def source(rnd: int, cid: int) -> Any:
             return TorchGaussian(seed=derive_seed(cfg.seed, rnd, _NOISE, cid))
 
-    return PrivacyContext(ledger=ledger, noise_multipliers=sigmas, noise_source=source)
+        def phase_source(rnd: int, cid: int, phase: int) -> Any:
+            return TorchGaussian(seed=derive_seed(cfg.seed, rnd, _NOISE, cid, phase))
+
+    return PrivacyContext(
+        ledger=ledger, noise_multipliers=sigmas, noise_source=source,
+        phase_noise_source=phase_source,
+    )
 
 
 def build_client_level_privacy(
@@ -402,6 +428,11 @@ def run_experiment(
         privacy=privacy,
     )
 
+    if cfg.feddiffuse.enabled:
+        sim.strategy = _wrap_feddiffuse(cfg, model, sim.strategy)
+    if cfg.fedddpm.enabled:
+        sim.strategy = _wrap_fedddpm(cfg, run_dir, sim, data, privacy, resume, progress)
+
     metrics_path = run_dir / "metrics.jsonl"
     ckpt_dir = run_dir / "checkpoints"
     if resume:
@@ -489,6 +520,65 @@ def run_experiment(
         write_run_report(run_dir)
     log.info("run %s: %d rounds in %.1f s", run_dir, sim.round, time.perf_counter() - t_start)
     return RunResult(run_dir, sim.round, sim.global_params.clone(), rows, finished)
+
+
+def _wrap_feddiffuse(cfg: ExperimentConfig, model: UNet, base: Strategy) -> Strategy:
+    """``feddiffuse.enabled``: partial-UNet exchange around the base strategy."""
+    from securefed.client.update import param_slices
+    from securefed.strategies.feddiffuse import FedDiffuse, group_indices
+
+    groups = group_indices(param_slices(model), model.parameter_groups())
+    return FedDiffuse(base, cfg.feddiffuse, groups, cfg.seed, derive=derive_seed, purpose=_USPLIT)
+
+
+def _wrap_fedddpm(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    sim: Simulation,
+    data: PreparedData,
+    privacy: PrivacyContext | None,
+    resume: bool,
+    progress: bool,
+) -> Strategy:
+    """``fedddpm.enabled``: phase 0 (or, on resume, the stored auxiliary set) + the wrapper."""
+    from securefed.federation.auxiliary import (
+        build_auxiliary_set,
+        load_auxiliary,
+        save_auxiliary,
+    )
+    from securefed.strategies.fedddpm import FedDDPM, ServerCalibrator, split_holdout
+    from securefed.strategies.fedddpm_plus import FedDDPMPlus
+
+    fd = cfg.fedddpm
+    if fd.upload == "samples" and privacy is None:
+        log.warning(
+            "fedddpm: dp.level is %r: the uploaded samples come from NON-DP local models and may "
+            "reproduce training images; the server sees each client's samples", cfg.dp.level
+        )
+    if resume:
+        aux, _ = load_auxiliary(run_dir)
+        log.info("resume: reloaded the auxiliary set (%d images) from %s", len(aux), run_dir)
+    else:
+        t0 = time.perf_counter()
+        init = sim.global_params.clone()
+        aux, meta = build_auxiliary_set(
+            cfg, sim.model, sim.schedule, sim.clients, init, data.members.num_classes,
+            data.histogram, sim.device, privacy if privacy is not None and privacy.level ==
+            "record" else None, trainer=sim.trainer, derive=derive_seed, progress=progress,
+        )
+        set_flat(sim.model, init)  # phase 0 left a client's local model in the instance
+        meta["seconds"] = round(time.perf_counter() - t0, 3)
+        save_auxiliary(run_dir, aux, meta)
+    train_idx, hold_idx = split_holdout(
+        len(aux), fd.aux_holdout_fraction, derive_seed(cfg.seed, _AUX_SPLIT)
+    )
+    calibrator = ServerCalibrator(
+        sim.model, sim.schedule, aux.images, aux.labels, train_idx, hold_idx, fd, sim.device,
+        cfg.seed, cfg.model.class_conditional, derive=derive_seed,
+        purpose_calibrate=_CALIBRATE, purpose_eval=_AUX_EVAL,
+    )
+    cls = FedDDPMPlus if fd.variant == "fedddpm_plus" else FedDDPM
+    return cls(sim.strategy, fd, calibrator)
 
 
 def _postfix(line: dict[str, Any]) -> str:

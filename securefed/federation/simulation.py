@@ -26,7 +26,7 @@ from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule, diffusion_loss
 from securefed.federation.checkpoint import Checkpoint, save_checkpoint
 from securefed.secagg import AggregationAbortedError, AggregationProtocol
-from securefed.strategies import Strategy, pack_update, unpack_sum
+from securefed.strategies import CohortSum, Strategy, pack_update, unpack_sum
 
 __all__ = ["PrivacyContext", "RoundRecord", "SimClient", "Simulation", "derive_seed"]
 
@@ -63,12 +63,16 @@ class PrivacyContext:
         level: ``record`` (DP-SGD on every client) or ``client`` (DP-FedAvg: the strategy is a
             :class:`~securefed.privacy.client_level.ClientLevelDP` and each participation is
             charged one step at its noise plan's worst-case multiplier, sample rate 1).
+        phase_noise_source: callable ``(round, client, phase) -> noise source`` for mechanisms
+            other than DP-SGD (phase >= 1, e.g. FedDDPM's histogram release): independent of
+            ``noise_source(round, client)``.
     """
 
     ledger: Any
     noise_multipliers: dict[int, float]
     noise_source: Callable[[int, int], Any]
     level: str = "record"
+    phase_noise_source: Callable[[int, int, int], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,8 @@ class Simulation:
         )
         for cid in trainers:
             client = self.clients[cid]
+            self.strategy.set_current_client(cid)
+            start = self.strategy.start_params(plan.broadcast, client.state)
             objective = self.strategy.local_objective(plan.broadcast, client.state)
             seed = derive_seed(cfg.seed, rnd, _TRAIN, cid)
             if self.privacy is not None and self.privacy.level == "record":
@@ -234,7 +240,7 @@ class Simulation:
                     raise TypeError("DP run without a DP trainer")
                 result = trainer.train_private(
                     client.data,
-                    plan.broadcast["params"],
+                    start,
                     objective,
                     seed,
                     noise_multiplier=self.privacy.noise_multipliers[cid],
@@ -245,7 +251,7 @@ class Simulation:
                 self.privacy.ledger.charge(cid, phase="round", round=rnd, steps=result.steps)
             else:
                 result = self.trainer.train(
-                    client.data, plan.broadcast["params"], objective, seed=seed, progress=bar
+                    client.data, start, objective, seed=seed, progress=bar
                 )
             updates[cid] = self.strategy.client_update(
                 plan.broadcast,
@@ -269,11 +275,15 @@ class Simulation:
         bar.close()
         seconds["train"] = time.perf_counter() - t0
 
-        # ---- secure aggregation: only the SUM reaches the strategy
+        # ---- secure aggregation: only the SUM reaches the strategy (one protocol session per
+        # upload cohort: clients of a cohort send the same vector keys; normally one cohort)
         t0 = time.perf_counter()
-        keys = sorted(next(iter(updates.values())).vectors) if updates else []
-        inputs = {cid: pack_update(u.vectors, keys, u.weight) for cid, u in updates.items()}
-        down_bytes = sum(4 * v.numel() for v in plan.broadcast.values())
+        cohorts = self.strategy.upload_cohorts(rnd, updates) if updates else {}
+        down_numel = {
+            cid: self.strategy.download_numel(plan.broadcast, self.clients[cid].state)
+            for cid in plan.clients
+        }
+        down_bytes = 4 * sum(down_numel.values())
         line: dict[str, Any] = {
             "round": rnd,
             "selected": list(plan.clients),
@@ -286,59 +296,95 @@ class Simulation:
                 for c in self.clients
             }
             line["budget_exhausted"] = exhausted
-        aborted = None
+        aborted: list[str] = []
+        results: dict[str, CohortSum] = {}
+        survivors: set[int] = set()
+        up_bytes = proto_down = params_up = 0
+        infos: dict[str, Any] = {}
         agg = None
-        if not inputs:
-            aborted = "no client trained this round"
-        else:
+        if not cohorts:
+            aborted.append("no client trained this round")
+        for name, members in cohorts.items():
+            keys = sorted(next(iter(members.values())).vectors)
+            inputs = {cid: pack_update(u.vectors, keys, u.weight) for cid, u in members.items()}
+            drops = (
+                dropouts if len(cohorts) == 1
+                else {c: st for c, st in dropouts.items() if c in members}
+            )
             try:
                 noise = None
                 if self.privacy is not None and self.privacy.level == "client":
                     noise = self._client_dp().current_noise()
-                agg = self.protocol.aggregate(rnd, inputs, dropouts, noise=noise)
+                agg = self.protocol.aggregate(rnd, inputs, drops, noise=noise)
             except AggregationAbortedError as exc:
-                aborted = str(exc)
+                aborted.append(f"{name}: {exc}" if len(cohorts) > 1 else str(exc))
+                continue
+            if not agg.survivors:
+                continue
+            sums, total_weight = unpack_sum(agg.total, keys, members)
+            results[name] = CohortSum(sums, total_weight, len(agg.survivors))
+            survivors.update(agg.survivors)
+            up_bytes += int(sum(agg.bytes_up.values()))
+            proto_down += int(sum(agg.bytes_down.values()))
+            params_up += len(agg.survivors) * int(next(iter(inputs.values())).shape[0])
+            infos[name] = dict(agg.info)
         seconds["aggregate"] = time.perf_counter() - t0
 
-        if agg is not None and agg.survivors:
-            sums, total_weight = unpack_sum(agg.total, keys, updates)
+        if results:
             t0 = time.perf_counter()
-            self.global_params = self.strategy.aggregate(
-                rnd, self.global_params, sums, total_weight, len(agg.survivors)
+            self.global_params = self.strategy.aggregate_cohorts(
+                rnd, self.global_params, results
             ).to(torch.float32)
             seconds["server_update"] = time.perf_counter() - t0
-            for cid in agg.survivors:  # private state commits only if the update was used
+            for cid in sorted(survivors):  # private state commits only if the update was used
                 self.clients[cid].state.update(updates[cid].new_state)
             line.update(
-                participants=list(agg.survivors),
+                participants=sorted(survivors),
                 dropped=sorted(dropouts),
-                bytes_up=int(sum(agg.bytes_up.values())),
-                bytes_down=int(down_bytes * len(plan.clients) + sum(agg.bytes_down.values())),
+                bytes_up=up_bytes,
+                bytes_down=int(down_bytes + proto_down),
                 protocol=self.protocol.name,
-                protocol_info={k: v for k, v in agg.info.items()},
+                protocol_info=infos["all"] if set(infos) == {"all"} else infos,
             )
-            if self.privacy is not None and self.privacy.level == "client":
+            if aborted:
+                line["cohorts_abandoned"] = aborted
+            if self.privacy is not None and self.privacy.level == "client" and agg is not None:
                 line["client_dp"] = self._client_dp().round_summary(agg.info)
+            server = self.strategy.round_metrics()
+            if server:
+                line["server"] = server
         else:
-            reason = aborted or "every selected client dropped out"
+            reason = "; ".join(aborted) or "every selected client dropped out"
             log.warning("round %d abandoned: %s; the global model is unchanged", rnd, reason)
             line.update(
                 participants=[],
                 dropped=sorted(dropouts),
                 bytes_up=0,
-                bytes_down=int(down_bytes * len(plan.clients)),
+                bytes_down=int(down_bytes),
                 protocol=self.protocol.name,
                 abandoned=reason,
             )
+        line["exchange"] = {
+            "params_up": int(params_up),
+            "params_down": int(sum(down_numel.values())),
+        }
         self.round = rnd
 
         # ---- evaluation on schedule
         ev = cfg.evaluation
         last = rnd == cfg.federation.rounds
         eval_params = self.strategy.eval_params(self.global_params)
+        personal = self.personal_models()
+        if personal:  # no single global model: each client's composed model is evaluated
+            eval_params = personal[min(personal)]
         if rnd % ev.every == 0 or last:
             t0 = time.perf_counter()
-            line["holdout_loss"] = self.holdout_loss(eval_params)
+            if personal:
+                per = {c: self.holdout_loss(p) for c, p in personal.items()}
+                line["holdout_loss"] = float(np.mean(list(per.values())))
+                line["holdout_loss_clients"] = {str(c): v for c, v in per.items()}
+            else:
+                line["holdout_loss"] = self.holdout_loss(eval_params)
             seconds["eval_loss"] = time.perf_counter() - t0
             if self.on_samples is not None:
                 t0 = time.perf_counter()
@@ -347,10 +393,40 @@ class Simulation:
         fid_due = last or (ev.fid_every > 0 and rnd % ev.fid_every == 0)
         if ev.fid and fid_due and self.evaluate_quality is not None:
             t0 = time.perf_counter()
-            line.update(self.evaluate_quality(rnd, eval_params))
+            if personal:
+                line.update(self._personal_quality(rnd, personal))
+            else:
+                line.update(self.evaluate_quality(rnd, eval_params))
             seconds["fid"] = time.perf_counter() - t0
         line["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
         return line
+
+    def personal_models(self) -> dict[int, torch.Tensor]:
+        """Client id -> its composed ``[D]`` model when the strategy keeps client-local parts
+        (FedDiffuse UDEC/ULATDEC); empty when there is one global model."""
+        out = {}
+        for c in self.clients:
+            p = self.strategy.personal_params(self.global_params, c.state)
+            if p is not None:
+                out[c.cid] = p
+        return out
+
+    def _personal_quality(self, rnd: int, personal: Mapping[int, torch.Tensor]) -> dict[str, Any]:
+        """FID etc. of every client's composed model: means, worst FID, per-client values."""
+        if self.evaluate_quality is None:  # pragma: no cover - guarded by the caller
+            return {}
+        reports = {c: self.evaluate_quality(rnd, p) for c, p in personal.items()}
+        out: dict[str, Any] = {}
+        keys = set.intersection(*(set(r) for r in reports.values()))
+        for k in sorted(keys):
+            vals = [r[k] for r in reports.values()]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                out[k] = float(np.mean(vals))
+        if "fid" in keys:
+            fids = {str(c): float(r["fid"]) for c, r in reports.items()}
+            out["fid_worst"] = max(fids.values())
+            out["fid_clients"] = fids
+        return out
 
     def _client_dp(self) -> Any:
         from securefed.privacy.client_level import ClientLevelDP

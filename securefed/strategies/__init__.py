@@ -5,6 +5,7 @@ from __future__ import annotations
 from securefed.config import StrategyConfig
 from securefed.strategies.base import (
     ClientUpdate,
+    CohortSum,
     LocalObjective,
     RoundPlan,
     Strategy,
@@ -19,6 +20,7 @@ from securefed.strategies.scaffold import Scaffold
 __all__ = [
     "STRATEGIES",
     "ClientUpdate",
+    "CohortSum",
     "FedAvg",
     "FedProx",
     "LocalObjective",

@@ -20,6 +20,7 @@ from securefed.config import StrategyConfig
 
 __all__ = [
     "ClientUpdate",
+    "CohortSum",
     "LocalObjective",
     "RoundPlan",
     "Strategy",
@@ -75,6 +76,25 @@ class ClientUpdate:
     new_state: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CohortSum:
+    """What the aggregation protocol returned for one upload cohort.
+
+    A round normally has one cohort (``"all"``: every trainer sends the same vectors). A strategy
+    whose clients send different parts (FedDiffuse USPLIT) runs one protocol session per cohort,
+    so every client sends only what it shares and each session still reveals only a SUM.
+
+    Attributes:
+        sums: name -> float64 ``[D_k]`` sum over the cohort's survivors.
+        total_weight: summed weight of the survivors.
+        num_contributors: number of survivors.
+    """
+
+    sums: Mapping[str, torch.Tensor]
+    total_weight: float
+    num_contributors: int
+
+
 def sample_clients(
     available: Sequence[int], fraction: float, minimum: int, rng: np.random.Generator
 ) -> tuple[int, ...]:
@@ -123,6 +143,24 @@ class Strategy(ABC):
         return {"params": global_params}
 
     # ----------------------------------------------------------------- client side
+    def set_current_client(self, cid: int) -> None:
+        """Called before a client's hooks run (strategies whose clients send different parts
+        need the id; default: nothing)."""
+        return None
+
+    def start_params(
+        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """``[D]`` parameters a client starts local training from (default: the global model;
+        FedDiffuse composes the shared groups with the client's own local groups)."""
+        return broadcast["params"]
+
+    def download_numel(
+        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
+    ) -> int:
+        """Scalars the server sends this client in the broadcast (for the byte count)."""
+        return sum(int(v.numel()) for v in broadcast.values())
+
     def local_objective(
         self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
     ) -> LocalObjective:
@@ -153,6 +191,32 @@ class Strategy(ABC):
         num_contributors: int,
     ) -> torch.Tensor:
         """Next global ``[D]`` parameters from the SUMS of the contributors' vectors."""
+
+    def upload_cohorts(
+        self, rnd: int, updates: Mapping[int, ClientUpdate]
+    ) -> dict[str, dict[int, ClientUpdate]]:
+        """Group the round's updates into cohorts that send the same vector keys; one protocol
+        session sums each cohort. Default: one cohort ``"all"``."""
+        return {"all": dict(updates)}
+
+    def aggregate_cohorts(
+        self, rnd: int, global_params: torch.Tensor, results: Mapping[str, CohortSum]
+    ) -> torch.Tensor:
+        """Next global model from the cohorts that completed (default: :meth:`aggregate` of the
+        single cohort ``"all"``)."""
+        r = results["all"]
+        return self.aggregate(rnd, global_params, r.sums, r.total_weight, r.num_contributors)
+
+    def round_metrics(self) -> dict[str, object]:
+        """Server-side facts of the last aggregation for ``metrics.jsonl`` (default: none)."""
+        return {}
+
+    def personal_params(
+        self, global_params: torch.Tensor, client_state: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """A client's own composed model when there is no single global model (FedDiffuse UDEC
+        and ULATDEC), else None."""
+        return None
 
     def apply_server_update(
         self, global_params: torch.Tensor, mean_delta: torch.Tensor

@@ -1,0 +1,332 @@
+"""FedDDPM (Peng et al. 2025; abstract only): server calibration on a DP auxiliary dataset.
+
+A WRAPPER around any base strategy (FedAvg, FedProx, SCAFFOLD), in the style of Flower's DP
+wrappers: planning, client-side hooks and the aggregation of the SUM are the base strategy's;
+after every aggregation the server takes ``calibration_steps`` optimizer steps of the DDPM loss
+(Ho et al. 2020, eq. 14) on the auxiliary set the clients' pre-trained local models produced in
+phase 0 (``securefed.federation.auxiliary``). With ``calibration_steps: 0`` the wrapper returns
+the base strategy's aggregate unchanged.
+
+The auxiliary set is DP when the local models were trained with DP-SGD (post-processing), so the
+server's calibration costs no privacy. Its individual uploads (a model or its samples per client)
+ARE visible to the server: that is the threat the README states.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from securefed.client.update import get_flat, set_flat
+from securefed.config import FedDDPMConfig
+from securefed.diffusion import NoiseSchedule, diffusion_loss
+from securefed.strategies.base import (
+    ClientUpdate,
+    CohortSum,
+    LocalObjective,
+    RoundPlan,
+    Strategy,
+)
+
+__all__ = [
+    "CalibrationResult",
+    "FedDDPM",
+    "ServerCalibrator",
+    "allocate_proportional",
+    "split_holdout",
+]
+
+log = logging.getLogger(__name__)
+
+
+def allocate_proportional(weights: Sequence[float] | np.ndarray, total: int) -> np.ndarray:
+    """Integer counts ``n_i`` proportional to ``weights`` that sum exactly to ``total``.
+
+    Hamilton's largest-remainder method (Balinski & Young, "Fair Representation", 1982): floor
+    of the quotas, then one extra unit to the largest remainders (ties to the lower index).
+
+    Args:
+        weights: ``[K]`` non-negative floats, not all zero (client sizes, class counts).
+        total: the number to distribute, >= 0.
+
+    Returns:
+        ``[K]`` int64 counts, ``sum == total``.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.size == 0:
+        raise ValueError(f"weights: must be a non-empty 1-D sequence, got shape {w.shape}")
+    if np.any(~np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"weights: must be finite, >= 0 and not all zero, got {w.tolist()}")
+    if total < 0:
+        raise ValueError(f"total: must be >= 0, got {total}")
+    quota = w / w.sum() * total
+    base = np.floor(quota).astype(np.int64)
+    rest = int(total - base.sum())
+    order = np.lexsort((np.arange(w.size), -(quota - base)))  # largest remainder, lower index
+    base[order[:rest]] += 1
+    return base
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` into (train, holdout) index arrays (holdout >= 1 if n >= 2)."""
+    if n < 1:
+        raise ValueError("the auxiliary set is empty; raise fedddpm.aux_total")
+    perm = np.random.default_rng(seed).permutation(n)
+    k = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """One server calibration: new ``[D]`` params, steps taken, mean loss, wall seconds."""
+
+    params: torch.Tensor
+    steps: int
+    mean_loss: float
+    seconds: float
+
+
+class ServerCalibrator:
+    """Server-side DDPM-loss optimisation on the auxiliary set (its own optimizer and lr).
+
+    The optimizer is created afresh for each calibration (like a client's local optimizer each
+    round), so the calibrator's only state is the auxiliary data: resume is exact.
+
+    Args:
+        model: the denoiser instance (parameters are overwritten from the given vector).
+        schedule: noise schedule.
+        images: ``[N,C,H,W]`` float32 auxiliary images in [-1, 1].
+        labels: ``[N]`` int64 labels (used when ``conditional``).
+        train_idx / holdout_idx: disjoint index arrays into the auxiliary set.
+        cfg: the ``fedddpm`` section (optimizer, lr, batch size).
+        device: where the server computes. seed: the run seed. conditional: class-conditional.
+        seed_purpose_calibrate / seed_purpose_eval: derive_seed purposes of the batch/noise
+            stream and of the fixed evaluation noise.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: NoiseSchedule,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        train_idx: np.ndarray,
+        holdout_idx: np.ndarray,
+        cfg: FedDDPMConfig,
+        device: torch.device,
+        seed: int,
+        conditional: bool,
+        *,
+        derive: Any,
+        purpose_calibrate: int,
+        purpose_eval: int,
+    ) -> None:
+        self.model = model
+        self.schedule = schedule.to(device)
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.train_idx = torch.as_tensor(train_idx, dtype=torch.long)
+        self.holdout_idx = torch.as_tensor(holdout_idx, dtype=torch.long)
+        self.cfg = cfg
+        self.device = device
+        self.seed = seed
+        self.conditional = conditional
+        self._derive = derive
+        self._p_cal, self._p_eval = purpose_calibrate, purpose_eval
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        params = list(self.model.parameters())
+        if self.cfg.server_optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.cfg.server_lr)
+        return torch.optim.SGD(params, lr=self.cfg.server_lr)
+
+    def calibrate(
+        self, params: torch.Tensor, steps: int, rnd: int, *, use_all: bool = False
+    ) -> CalibrationResult:
+        """``steps`` optimizer steps of the mean eps-MSE on auxiliary batches from ``params``.
+
+        Args:
+            params: ``[D]`` float32 start (the freshly aggregated global model).
+            steps: number of server steps (0: ``params`` returned unchanged).
+            rnd: the round (seeds the batch order and the diffusion noise).
+            use_all: train on the whole auxiliary set (FedDDPM) rather than only the slice the
+                detector does not evaluate on (FedDDPM+).
+        """
+        t0 = time.perf_counter()
+        if steps == 0:
+            return CalibrationResult(params.clone(), 0, float("nan"), 0.0)
+        pool = (
+            torch.arange(self.images.shape[0]) if use_all or len(self.holdout_idx) == 0
+            else self.train_idx
+        )
+        seed = self._derive(self.seed, rnd, self._p_cal)
+        cpu_gen = torch.Generator().manual_seed(seed)
+        dev_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        set_flat(self.model, params)
+        self.model.train()
+        opt = self._optimizer()
+        bs = min(self.cfg.server_batch_size, len(pool))
+        perm, pos, total = pool[torch.randperm(len(pool), generator=cpu_gen)], 0, 0.0
+        for _ in range(steps):
+            if pos + bs > len(pool):
+                perm, pos = pool[torch.randperm(len(pool), generator=cpu_gen)], 0
+            idx = perm[pos : pos + bs].to(self.device)
+            pos += bs
+            y = self.labels[idx] if self.conditional else None
+            loss = diffusion_loss(
+                self.model, self.schedule, self.images[idx], y, generator=dev_gen
+            ).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(list(self.model.parameters()), 1.0)
+            opt.step()
+            total += float(loss.detach())
+        return CalibrationResult(
+            get_flat(self.model), steps, total / steps, time.perf_counter() - t0
+        )
+
+    def holdout_loss(self, params: torch.Tensor) -> float:
+        """Mean eps-MSE of ``params`` on the held-out auxiliary slice with FIXED noise (the same
+        draws every round, so rounds are comparable)."""
+        idx = self.holdout_idx if len(self.holdout_idx) else torch.arange(self.images.shape[0])
+        gen = torch.Generator(device=self.device).manual_seed(
+            self._derive(self.seed, self._p_eval)
+        )
+        set_flat(self.model, params)
+        self.model.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(idx), 256):
+                j = idx[i : i + 256].to(self.device)
+                y = self.labels[j] if self.conditional else None
+                out.append(diffusion_loss(self.model, self.schedule, self.images[j], y,
+                                          generator=gen))
+        return float(torch.cat(out).mean())
+
+
+class FedDDPM(Strategy):
+    """Wraps ``base``; after each aggregation runs ``calibration_steps`` server steps.
+
+    Args:
+        base: the federated strategy whose aggregation is kept (FedAvg, FedProx, SCAFFOLD).
+        cfg: the ``fedddpm`` section.
+        calibrator: server calibration on the auxiliary set.
+    """
+
+    name = "fedddpm"
+
+    def __init__(self, base: Strategy, cfg: FedDDPMConfig, calibrator: ServerCalibrator) -> None:
+        super().__init__(base.cfg, base.num_clients, base.weight_scale)
+        self.base = base
+        self.fd = cfg
+        self.calibrator = calibrator
+        self.server_steps_total = 0
+        self.server_seconds_total = 0.0
+        self._last: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ delegation
+    def configure_round(
+        self,
+        rnd: int,
+        global_params: torch.Tensor,
+        available: Sequence[int],
+        fraction: float,
+        minimum: int,
+        rng: np.random.Generator,
+    ) -> RoundPlan:
+        return self.base.configure_round(rnd, global_params, available, fraction, minimum, rng)
+
+    def broadcast(self, global_params: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.base.broadcast(global_params)
+
+    def local_objective(
+        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
+    ) -> LocalObjective:
+        return self.base.local_objective(broadcast, client_state)
+
+    def client_update(
+        self,
+        broadcast: Mapping[str, torch.Tensor],
+        local_params: torch.Tensor,
+        num_examples: int,
+        local_steps: int,
+        lr: float,
+        client_state: Mapping[str, torch.Tensor],
+    ) -> ClientUpdate:
+        return self.base.client_update(
+            broadcast, local_params, num_examples, local_steps, lr, client_state
+        )
+
+    def eval_params(self, global_params: torch.Tensor) -> torch.Tensor:
+        return self.base.eval_params(global_params)
+
+    # ------------------------------------------------------------------ server
+    def aggregate(
+        self,
+        rnd: int,
+        global_params: torch.Tensor,
+        sums: Mapping[str, torch.Tensor],
+        total_weight: float,
+        num_contributors: int,
+    ) -> torch.Tensor:
+        new = self.base.aggregate(rnd, global_params, sums, total_weight, num_contributors)
+        return self.after_aggregation(rnd, new)
+
+    def aggregate_cohorts(
+        self, rnd: int, global_params: torch.Tensor, results: Mapping[str, CohortSum]
+    ) -> torch.Tensor:
+        new = self.base.aggregate_cohorts(rnd, global_params, results)
+        return self.after_aggregation(rnd, new)
+
+    def after_aggregation(self, rnd: int, new: torch.Tensor) -> torch.Tensor:
+        """FedDDPM: calibrate every round."""
+        steps = self.fd.calibration_steps
+        if steps == 0:
+            self._last = {"server_steps": 0, "server_seconds": 0.0}
+            return new
+        res = self.calibrator.calibrate(new.to(torch.float32), steps, rnd, use_all=True)
+        out = self._commit(new, res)
+        self._last = {
+            "server_steps": res.steps,
+            "server_seconds": round(res.seconds, 4),
+            "calibration_loss": round(res.mean_loss, 6),
+        }
+        return out
+
+    def _commit(self, new: torch.Tensor, res: CalibrationResult) -> torch.Tensor:
+        """Account the steps and keep the base strategy's EMA consistent with the calibrated
+        model: ``ema = d ema_prev + (1 - d) new`` becomes the value it would have had with the
+        calibrated ``new'``, i.e. ``ema += (1 - d) (new' - new)``."""
+        self.server_steps_total += res.steps
+        self.server_seconds_total += res.seconds
+        calibrated = res.params.to(new.dtype)
+        if self.base.ema is not None and self.cfg.ema_decay > 0:
+            self.base.ema = self.base.ema + (1 - self.cfg.ema_decay) * (calibrated - new)
+        return calibrated
+
+    def round_metrics(self) -> dict[str, object]:
+        return {
+            **self._last,
+            "server_steps_total": self.server_steps_total,
+            "server_seconds_total": round(self.server_seconds_total, 4),
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = dict(self.base.state_dict())
+        out["fedddpm.server_steps_total"] = torch.tensor(self.server_steps_total)
+        out["fedddpm.server_seconds_total"] = torch.tensor(self.server_seconds_total)
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.base.load_state_dict({k: v for k, v in state.items() if not k.startswith("fedddpm")})
+        if "fedddpm.server_steps_total" in state:
+            self.server_steps_total = int(state["fedddpm.server_steps_total"])
+            self.server_seconds_total = float(state["fedddpm.server_seconds_total"])
