@@ -1,4 +1,4 @@
-"""The ``securefed`` command: ``run | sample | report | keys``."""
+"""The ``securefed`` command: ``run | sample | report | budget | keys | audit | threats``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise SystemExit("securefed run: give a CONFIG.yaml (or --resume RUN_DIR)")
         cfg = load_config(args.config, _overrides(args.set))
         out = Path(args.out) if args.out else Path("runs") / cfg.name
+    if args.threat_model and not _threats_ok(cfg, args.threat_model, "securefed run"):
+        return 1
     result = run_experiment(
         cfg,
         out,
@@ -64,6 +66,120 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"`securefed run --resume {result.run_dir}`"
         )
     return 0
+
+
+def _threats_ok(cfg: object, names: list[str], prog: str) -> bool:
+    """Check a config against threat models; print every defence; False if any is missing."""
+    from securefed.audit.threats import check_config, load_threat_model
+
+    raw = cfg.model_dump(mode="json")  # type: ignore[attr-defined]
+    ok = True
+    for name in names:
+        tm = load_threat_model(name)
+        checks = check_config(tm, raw)
+        missing = [c for c in checks if not c.passed]
+        for c in checks:
+            mark = "ok     " if c.passed else "MISSING"
+            print(f"[{tm.name}] {mark} {c.id}: {c.check}  ({c.detail})")
+        if missing:
+            ok = False
+            print(
+                f"{prog}: refused: threat model {tm.name!r} requires "
+                + "; ".join(f"{c.id} ({c.check}; {c.why or 'see ' + tm.path})" for c in missing),
+                file=sys.stderr,
+            )
+    return ok
+
+
+def _cmd_threats(args: argparse.Namespace) -> int:
+    from securefed.audit.threats import list_threat_models, load_threat_model
+
+    if args.threats_command == "list":
+        for name in list_threat_models():
+            tm = load_threat_model(name)
+            print(f"{name}: {tm.title} ({len(tm.requires)} defences, {len(tm.criteria)} criteria)")
+        return 0
+    from securefed.config import load_config
+
+    cfg = load_config(args.config, _overrides(args.set))
+    if _threats_ok(cfg, args.threat_model, "securefed threats check"):
+        print(f"{args.config}: every required defence is present")
+        return 0
+    return 1
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import yaml
+
+    from securefed.audit.report import write_audit
+    from securefed.audit.runner import AuditSettings, run_audit
+    from securefed.audit.threats import load_threat_model
+
+    opts: dict[str, object] = {}
+    if args.settings:
+        loaded = yaml.safe_load(Path(args.settings).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"--settings: {args.settings} must hold a mapping of audit settings")
+        opts.update(loaded.get("audit", loaded))
+    for key in (
+        "max_examples",
+        "num_samples",
+        "sampling_steps",
+        "seed",
+        "bootstrap",
+        "lira_shadows",
+        "shadow_steps",
+        "device",
+    ):
+        v = getattr(args, key)
+        if v is not None:
+            opts[key] = v
+    if args.attacks:
+        opts["attacks"] = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    elif "attacks" in opts and opts["attacks"] is not None:
+        opts["attacks"] = tuple(opts["attacks"])  # type: ignore[arg-type]
+    opts["progress"] = not args.no_progress
+    try:
+        settings = AuditSettings(**opts)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise SystemExit(f"securefed audit: bad audit setting: {exc}") from None
+    tms = [load_threat_model(n) for n in args.threat_model]
+    report = run_audit(args.run_dir, tms, settings)
+    out = write_audit(report)
+    if (Path(args.run_dir) / "metrics.jsonl").exists():
+        from securefed.report import write_run_report
+
+        write_run_report(args.run_dir)
+    eps = report.epsilon
+    print(
+        f"accountant epsilon {eps.get('accountant')}, empirical eps_LB "
+        f"{eps.get('eps_lb', '-')} ({eps.get('source', 'no source')})"
+    )
+    for a in report.attacks:
+        print(
+            f"  {a.attack:13s} {a.target:12s} AUC {a.auc:.3f}  TPR@1%FPR {a.tpr_at_1pct_fpr:.3f}  "
+            f"TPR@0.1%FPR {a.tpr_at_01pct_fpr:.3f}"
+        )
+    if report.memorization is not None:
+        m = report.memorization
+        print(
+            f"  memorisation on {m.source}: {m.flagged} flagged of {m.num_samples}, DCR share "
+            f"{m.dcr_share:.3f}"
+        )
+    for c in report.criteria:
+        if not c.passed:
+            print(
+                f"  FAIL [{c.threat_model}] {c.id}: {c.metric} = {c.actual} {c.op} "
+                f"{c.threshold} required ({c.detail})"
+            )
+    for tm, checks in report.defences.items():
+        for d in checks:
+            if not d.passed:
+                print(f"  FAIL [{tm}] defence {d.id}: {d.check} ({d.detail})")
+    for n in report.notes:
+        print(f"  note: {n}")
+    print(f"audit {'PASSED' if report.passed else 'FAILED'} in {report.seconds:.1f} s: {out}")
+    return 0 if report.passed else 1
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -208,7 +324,49 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set partition.kind=iid (repeatable)",
     )
+    r.add_argument(
+        "--threat-model",
+        action="append",
+        metavar="NAME_OR_YAML",
+        help="refuse to train unless the config has every defence this threat model requires "
+        "(repeatable; names from threat_models/)",
+    )
     r.set_defaults(func=_cmd_run)
+
+    a = sub.add_parser(
+        "audit",
+        help="attack a run's released model / synthetic data and judge it against threat models",
+    )
+    a.add_argument("run_dir")
+    a.add_argument(
+        "--threat-model",
+        action="append",
+        required=True,
+        metavar="NAME_OR_YAML",
+        help="threat model(s) whose criteria must pass (repeatable)",
+    )
+    a.add_argument("--attacks", help="comma-separated attacks (default: those the criteria use)")
+    a.add_argument("--settings", help="YAML of audit settings (e.g. experiments/audit_*.yaml)")
+    a.add_argument("--max-examples", type=int, help="members and non-members scored (each)")
+    a.add_argument("--num-samples", type=int, help="generated samples for memorisation")
+    a.add_argument("--sampling-steps", type=int, help="DDIM steps of those samples")
+    a.add_argument("--bootstrap", type=int, help="bootstrap resamples for the intervals")
+    a.add_argument("--lira-shadows", type=int, help="LiRA shadow models")
+    a.add_argument("--shadow-steps", type=int, help="training steps per shadow model")
+    a.add_argument("--seed", type=int)
+    a.add_argument("--device", choices=["cpu", "cuda"])
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=_cmd_audit)
+
+    t = sub.add_parser("threats", help="threat models: list them, check a config against one")
+    tsub = t.add_subparsers(dest="threats_command", required=True)
+    tl = tsub.add_parser("list", help="the shipped threat models")
+    tl.set_defaults(func=_cmd_threats)
+    tc = tsub.add_parser("check", help="does a config have every defence a threat model requires?")
+    tc.add_argument("config")
+    tc.add_argument("--threat-model", action="append", required=True, metavar="NAME_OR_YAML")
+    tc.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    tc.set_defaults(func=_cmd_threats)
 
     s = sub.add_parser("sample", help="draw samples from a run's latest checkpoint")
     s.add_argument("run_dir")
@@ -257,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from securefed.audit.attacks import AttackError
+    from securefed.audit.threats import ThreatModelError
     from securefed.config import ConfigError
     from securefed.data import DatasetError, PartitionError
     from securefed.federation.checkpoint import CheckpointError
@@ -270,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         FileExistsError,
         FileNotFoundError,
+        ThreatModelError,
+        AttackError,
     ) as exc:
         print(f"securefed {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,172 @@
+"""Small, self-contained training runs for auditing the auditor (tests, ``experiments/``).
+
+:func:`train_model` trains one model on one dataset with the project's own trainers
+(:class:`~securefed.client.trainer.LocalTrainer` or DP-SGD with
+:class:`~securefed.client.dp.DPLocalTrainer`), optionally with canaries inserted;
+:func:`write_run_dir` writes a run directory that ``securefed audit`` opens like any other
+(config.yaml, model.json, label_histogram.json, checkpoint, privacy_ledger.json, canaries/).
+
+A run is "centralised": one client holds every member (``federation.num_clients: 1``,
+``rounds: 1``), so ``prepare_data(cfg)`` reproduces the members exactly. A LYING run trains
+with a different noise multiplier than the one its ledger records: the audit must catch it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from securefed.audit.canaries import CanarySet, insert_canaries, save_canaries
+from securefed.config import ExperimentConfig, dump_config
+from securefed.data import ImageDataset
+from securefed.io import atomic_write_json, atomic_write_text
+
+__all__ = ["TrainedModel", "train_model", "write_run_dir"]
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """Parameters ``[D]`` of a trained model, what it saw and how it was trained."""
+
+    params: torch.Tensor
+    data: ImageDataset
+    steps: int
+    noise_multiplier: float | None
+    sample_rate: float
+
+
+def train_model(
+    cfg: ExperimentConfig,
+    members: ImageDataset,
+    *,
+    steps: int,
+    seed: int,
+    noise_multiplier: float | None = None,
+    canaries: CanarySet | None = None,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> TrainedModel:
+    """Train the run's UNet (``cfg.model``, initialised from ``cfg.seed``) on ``members``
+    (+ the included canaries) for ``steps`` steps.
+
+    Args:
+        noise_multiplier: None trains without DP (``LocalTrainer``); a float runs DP-SGD
+            (``DPLocalTrainer``, Poisson rate ``batch_size / n``, clip ``cfg.dp.max_grad_norm``)
+            at that multiplier; 0 is allowed (clipping without noise: a LYING run).
+    """
+    from tqdm.auto import tqdm
+
+    from securefed.client.dp import DPLocalTrainer, sample_rate_for
+    from securefed.client.trainer import LocalTrainer
+    from securefed.client.update import get_flat
+    from securefed.diffusion import NoiseSchedule
+    from securefed.privacy import TorchGaussian
+    from securefed.run import build_model
+    from securefed.strategies.base import LocalObjective
+
+    dev = device or torch.device("cpu")
+    data = members if canaries is None else insert_canaries([members], canaries)[0]
+    model = build_model(cfg, data.image_shape, data.num_classes).to(dev)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    ccfg = cfg.client.model_copy(update={"local_steps": steps, "local_epochs": None})
+    start = get_flat(model)
+    bar = tqdm(total=steps, desc="training", disable=not progress, unit="step")
+    cond = cfg.model.class_conditional
+    try:
+        if noise_multiplier is None:
+            res = LocalTrainer(model, schedule, ccfg, dev, cond).train(
+                data, start, LocalObjective(), seed=seed, progress=bar
+            )
+        else:
+            trainer = DPLocalTrainer(model, schedule, ccfg, cfg.dp, dev, cond)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = trainer.train_private(
+                    data,
+                    start,
+                    LocalObjective(),
+                    seed,
+                    noise_multiplier=float(noise_multiplier),
+                    noise_source=TorchGaussian(seed=seed + 1),
+                    progress=bar,
+                )
+    finally:
+        bar.close()
+    return TrainedModel(
+        params=res.params,
+        data=data,
+        steps=steps,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate_for(ccfg, len(data)),
+    )
+
+
+def write_run_dir(
+    run_dir: str | Path,
+    cfg: ExperimentConfig,
+    trained: TrainedModel,
+    *,
+    canaries: CanarySet | None = None,
+    ledger_noise_multiplier: float | None = None,
+    ledger_target_epsilon: float | None = None,
+    delta: float | None = None,
+) -> Path:
+    """Write a run directory for ``trained`` that ``securefed audit`` can open.
+
+    With ``cfg.dp.level: record`` a privacy ledger is written for client 0, planned and charged
+    for ``trained.steps`` steps at ``ledger_noise_multiplier`` (default: the multiplier actually
+    used). Passing a LARGER multiplier than the one used writes a ledger that lies.
+    """
+    from securefed.client.update import num_params
+    from securefed.federation.checkpoint import Checkpoint, save_checkpoint
+    from securefed.privacy import PrivacyLedger, default_delta
+    from securefed.run import build_model
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.federation.num_clients != 1:
+        raise ValueError(
+            "write_run_dir: harness runs are centralised; set federation.num_clients: 1 "
+            f"(got {cfg.federation.num_clients})"
+        )
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    model = build_model(cfg, trained.data.image_shape, trained.data.num_classes)
+    atomic_write_json(
+        run_dir / "model.json",
+        {"parameters": num_params(model), "image_shape": list(trained.data.image_shape)},
+    )
+    atomic_write_json(
+        run_dir / "label_histogram.json",
+        {"num_classes": trained.data.num_classes, "class_names": list(trained.data.class_names)},
+    )
+    save_checkpoint(
+        run_dir / "checkpoints",
+        Checkpoint(1, trained.params.clone(), {}, {}, {"harness": True}),
+    )
+    if canaries is not None:
+        save_canaries(run_dir, canaries)
+    if cfg.dp.level == "record":
+        sigma = ledger_noise_multiplier
+        if sigma is None:
+            sigma = trained.noise_multiplier
+        if not sigma:
+            raise ValueError(
+                "write_run_dir: a record-level DP ledger needs a positive noise multiplier; "
+                "pass ledger_noise_multiplier"
+            )
+        ledger = PrivacyLedger(run_dir / "privacy_ledger.json")
+        ledger.plan(
+            0,
+            noise_multiplier=sigma,
+            sample_rate=trained.sample_rate,
+            planned_steps=trained.steps,
+            target_epsilon=ledger_target_epsilon,
+            delta=delta if delta is not None else default_delta(len(trained.data)),
+            accountant=cfg.dp.accountant,
+        )
+        ledger.charge(0, phase="round", round=1, steps=trained.steps)
+    atomic_write_json(run_dir / "harness.json", {"steps": trained.steps})
+    return run_dir

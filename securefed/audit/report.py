@@ -1,0 +1,181 @@
+"""Audit outputs: ``audit/report.json``, ``audit/report.md``, ROC plots, and the audit section
+of the run report (``securefed report`` appends it when ``audit/`` exists)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from securefed.audit.metrics import plot_roc
+from securefed.audit.runner import AuditReport
+from securefed.io import atomic_write_json, atomic_write_text
+
+__all__ = ["AUDIT_DIR", "audit_section", "render_markdown", "write_audit"]
+
+AUDIT_DIR = "audit"
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: inf/nan become strings so that the file stays standard JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _privacy_table(eps: dict[str, Any]) -> list[str]:
+    if "eps_lb" not in eps:
+        return ["_No empirical epsilon: no attack scores or canaries were available._", ""]
+    acct = eps.get("accountant")
+    one = eps.get("one_run", {})
+    return [
+        "| accountant epsilon | empirical eps_LB | one-run eps_LB | Clopper-Pearson eps_LB "
+        "| delta | source |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| {_f(acct)} ({eps.get('accountant_level')}) | **{_f(eps.get('eps_lb'))}** | "
+        f"{_f(eps.get('eps_lb_one_run'))} ({one.get('v')}/{one.get('r')} correct, "
+        f"m={one.get('m')}) | {_f(eps.get('eps_lb_cp'))} | {_f(eps.get('delta'), 6)} | "
+        f"{eps.get('source', '-')}, {eps.get('attack')} attack, confidence "
+        f"{1 - float(eps.get('beta', 0.05)):.0%} |",
+        "",
+    ]
+
+
+def _attack_table(attacks: list[dict[str, Any]]) -> list[str]:
+    if not attacks:
+        return []
+    lines = [
+        "| attack | target | AUC [95% CI] | TPR@1%FPR | TPR@0.1%FPR | balanced acc. | n |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for a in attacks:
+        ci = a.get("ci", {}).get("auc")
+        ci_s = f" [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""
+        lines.append(
+            f"| {a['attack']} | {a['target']} | {a['auc']:.3f}{ci_s} | "
+            f"{a['tpr_at_1pct_fpr']:.3f} | {a['tpr_at_01pct_fpr']:.3f} | "
+            f"{a['balanced_accuracy']:.3f} | {a['num_members']}+{a['num_nonmembers']} |"
+        )
+    return [*lines, ""]
+
+
+def _memo_lines(mem: dict[str, Any] | None, link_prefix: str) -> list[str]:
+    if not mem:
+        return []
+    ci = mem["dcr_share_ci"]
+    lines = [
+        "| source | samples | flagged (ratio <= 1) | holdout baseline | min / median ratio | "
+        "DCR share [95% CI] |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| {mem['source']} | {mem['num_samples']} | {mem['flagged']} "
+        f"({mem['flagged_fraction']:.1%}) | {mem['baseline_flagged_fraction']:.1%} | "
+        f"{mem['min_ratio']:.3f} / {mem['median_ratio']:.3f} | {mem['dcr_share']:.3f} "
+        f"[{ci[0]:.3f}, {ci[1]:.3f}] |",
+        "",
+    ]
+    if mem.get("grid"):
+        lines += [
+            f"Closest synthetic (left) / training (right) pairs: "
+            f"![closest pairs]({link_prefix}{mem['grid']})",
+            "",
+        ]
+    return lines
+
+
+def render_markdown(d: dict[str, Any], link_prefix: str = "", heading: str = "#") -> list[str]:
+    """Markdown lines of an audit report dict (``AuditReport.as_dict()``)."""
+    h = heading
+    verdict = "PASS" if d["passed"] else "FAIL"
+    lines = [
+        f"{h} Privacy audit: {verdict}",
+        "",
+        f"Threat models: {', '.join(d['threat_models'])}. Audit time {d['seconds']:.1f} s.",
+        "",
+        f"{h}# Accountant vs empirical epsilon",
+        "",
+        *_privacy_table(d["epsilon"]),
+        f"{h}# Membership-inference attacks",
+        "",
+        *_attack_table(d["attacks"]),
+    ]
+    if d["attacks"]:
+        lines += [f"![ROC]({link_prefix}roc.png)", ""]
+    if d.get("memorization"):
+        lines += [
+            f"{h}# Synthetic data memorisation",
+            "",
+            *_memo_lines(d["memorization"], link_prefix),
+        ]
+    lines += [f"{h}# Criteria", ""]
+    lines += [
+        "| threat model | criterion | metric | value | required | pass |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for tm, checks in d["defences"].items():
+        for c in checks:
+            lines.append(
+                f"| {tm} | defence `{c['id']}` | `{c['check']}` | {c['detail']} | config | "
+                f"{'PASS' if c['passed'] else '**FAIL**'} |"
+            )
+    for c in d["criteria"]:
+        req = f"{c['op']} {_f(c['threshold'])}"
+        if isinstance(c["threshold_expr"], str):
+            req += f" ({c['threshold_expr']})"
+        lines.append(
+            f"| {c['threat_model']} | `{c['id']}` | `{c['metric']}` | {_f(c['actual'])} | {req} | "
+            f"{'PASS' if c['passed'] else '**FAIL**'} |"
+        )
+    lines.append("")
+    if d.get("notes"):
+        lines += [f"{h}# Notes", "", *[f"- {n}" for n in d["notes"]], ""]
+    return lines
+
+
+def write_audit(report: AuditReport, run_dir: str | Path | None = None) -> Path:
+    """Write ``audit/report.json``, ``audit/report.md`` and ``audit/roc.png``; returns the
+    audit folder."""
+    out = Path(run_dir or report.run_dir) / AUDIT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    d = report.as_dict()
+    if report.attacks:
+        plot_roc(report.attacks, out / "roc.png", title="Membership inference (log-log)")
+        atomic_write_json(
+            out / "roc_curves.json",
+            {f"{a.attack}:{a.target}": {"fpr": a.fpr, "tpr": a.tpr} for a in report.attacks},
+        )
+    atomic_write_json(out / "report.json", _clean(d))
+    atomic_write_text(out / "report.md", "\n".join(render_markdown(d)) + "\n")
+    return out
+
+
+def audit_section(run_dir: str | Path) -> list[str]:
+    """The run report's audit section (``## Privacy audit``), or ``[]`` without ``audit/``."""
+    path = Path(run_dir) / AUDIT_DIR / "report.json"
+    if not path.exists():
+        return []
+    try:
+        d = json.loads(path.read_text())
+    except ValueError:
+        return ["## Privacy audit", "", f"_{path} is not valid JSON; rerun `securefed audit`._", ""]
+    for key in ("accountant", "eps_lb"):
+        v = d.get("epsilon", {}).get(key)
+        if isinstance(v, str):
+            d["epsilon"][key] = float(v)
+    return render_markdown(d, link_prefix=f"{AUDIT_DIR}/", heading="##")

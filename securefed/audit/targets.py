@@ -1,0 +1,299 @@
+"""What an audit attacks, reconstructed from a run directory.
+
+- members: the clients' training records, rebuilt exactly with ``prepare_data(cfg)`` (the
+  split and the partition are deterministic); non-members: the holdout (never reaches a client);
+- the released global model (the EMA when the strategy keeps one, as ``securefed sample`` uses);
+- individual models the server received, if the run stored any under ``received/`` (one
+  ``*.pt`` per model: a ``[D]`` tensor or a mapping with ``params``; members of ``client_<i>``
+  are client i's records);
+- per-client composed models (FedDiffuse ``udec``/``ulatdec``: the global shared groups with a
+  client's local groups from the checkpoint; members = that client's records);
+- canaries (``canaries/``), the ledger's epsilon, and synthetic images from ``auxiliary/``
+  (any ``.npz``/``.pt`` holding an ``[N, C, H, W]`` image array).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from securefed.audit.canaries import CanarySet, load_canaries
+from securefed.config import ExperimentConfig, load_config
+from securefed.data import ImageDataset
+from securefed.diffusion import NoiseSchedule
+
+__all__ = [
+    "AuditRun",
+    "Ledger",
+    "find_synthetic",
+    "load_audit_run",
+    "make_shadow_trainer",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """The accountant's promise for the run: the WORST client's (epsilon, delta); a record of
+    any client is protected at least that well. ``epsilon`` is inf without DP."""
+
+    epsilon: float
+    delta: float
+    level: str
+    per_client: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class AuditRun:
+    """A run directory opened for auditing (see module docstring)."""
+
+    run_dir: Path
+    cfg: ExperimentConfig
+    members: ImageDataset
+    holdout: ImageDataset
+    parts: list[np.ndarray]
+    schedule: NoiseSchedule
+    device: torch.device
+    released: torch.Tensor
+    round: int
+    received: dict[str, torch.Tensor]
+    client_models: dict[int, torch.Tensor]
+    canaries: CanarySet | None
+    ledger: Ledger
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.cfg.model.class_conditional)
+
+    def model(self, params: torch.Tensor) -> nn.Module:
+        """A fresh UNet of the run's architecture holding ``params`` ``[D]`` (eval mode)."""
+        from securefed.client.update import set_flat
+        from securefed.run import build_model
+
+        m = build_model(self.cfg, self.members.image_shape, self.members.num_classes)
+        m = m.to(self.device)
+        if params.numel() != sum(p.numel() for p in m.parameters()):
+            raise ValueError(
+                f"{self.run_dir}: a model vector has {params.numel()} values, the run's "
+                f"architecture {sum(p.numel() for p in m.parameters())}"
+            )
+        set_flat(m, params.to(self.device))
+        return m.eval()
+
+    def client_records(self, cid: int) -> ImageDataset:
+        return self.members.subset(self.parts[cid])
+
+
+def _ledger(run_dir: Path, cfg: ExperimentConfig) -> Ledger:
+    path = run_dir / "privacy_ledger.json"
+    if cfg.dp.level == "none" or not path.exists():
+        return Ledger(float("inf"), 0.0, cfg.dp.level)
+    from securefed.privacy import PrivacyLedger
+
+    led = PrivacyLedger.load(path)
+    per = {c: float(led.epsilon(c)) for c in led.clients}
+    if not per:
+        return Ledger(float("inf"), 0.0, cfg.dp.level)
+    delta = max(float(led.get_plan(c).delta) for c in led.clients)
+    return Ledger(max(per.values()), delta, cfg.dp.level, per)
+
+
+def _load_vector(path: Path) -> torch.Tensor | None:
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # tolerant: a foreign file is skipped, not fatal
+        log.warning("%s: not a loadable model vector (%s); skipped", path, exc)
+        return None
+    if isinstance(raw, dict):
+        raw = raw.get("params", raw.get("global_params"))
+    if isinstance(raw, torch.Tensor) and raw.dim() == 1:
+        return raw.to(torch.float32)
+    log.warning("%s: holds no [D] parameter vector; skipped", path)
+    return None
+
+
+def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> AuditRun:
+    """Open a run directory for auditing.
+
+    Raises:
+        FileNotFoundError: not a run directory, or it has no checkpoint.
+    """
+    from securefed.federation.checkpoint import load_latest
+    from securefed.run import build_model, prepare_data
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(
+            f"{run_dir} has no config.yaml: it is not a securefed run directory"
+        )
+    if not (run_dir / "checkpoints" / "latest.json").exists():
+        raise FileNotFoundError(
+            f"{run_dir}/checkpoints/latest.json is missing: the run has no model to audit yet"
+        )
+    cfg = load_config(run_dir / "config.yaml")
+    dev = device or torch.device("cpu")
+    data = prepare_data(cfg)
+    ckpt = load_latest(run_dir / "checkpoints")
+    released = ckpt.strategy.get("ema", ckpt.global_params).to(torch.float32)
+    received: dict[str, torch.Tensor] = {}
+    rdir = run_dir / "received"
+    if rdir.is_dir():
+        for p in sorted(rdir.glob("*.pt")):
+            v = _load_vector(p)
+            if v is not None:
+                received[p.stem] = v
+    client_models: dict[int, torch.Tensor] = {}
+    fd = getattr(cfg, "feddiffuse", None)
+    if fd is not None and getattr(fd, "enabled", False):
+        from securefed.client.update import param_slices
+        from securefed.strategies.feddiffuse import group_indices, shared_groups
+
+        model = build_model(cfg, data.members.image_shape, data.members.num_classes)
+        groups = group_indices(param_slices(model), model.parameter_groups())
+        shared = set(shared_groups(fd.variant))
+        local = [groups[g] for g in groups if g not in shared]
+        if local:
+            local_idx = torch.sort(torch.cat(local)).values
+            for cid, state in ckpt.clients.items():
+                vec = state.get("feddiffuse.local")
+                if vec is not None and vec.numel() == local_idx.numel():
+                    composed = released.clone()
+                    composed[local_idx] = vec.to(composed.dtype)
+                    client_models[int(cid)] = composed
+    return AuditRun(
+        run_dir=run_dir,
+        cfg=cfg,
+        members=data.members,
+        holdout=data.holdout,
+        parts=list(data.parts),
+        schedule=NoiseSchedule.from_config(cfg.diffusion),
+        device=dev,
+        released=released,
+        round=int(ckpt.round),
+        received=received,
+        client_models=client_models,
+        canaries=load_canaries(run_dir),
+        ledger=_ledger(run_dir, cfg),
+    )
+
+
+def _to_unit_range(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if lo >= -1.0001 and hi <= 1.0001 and lo < -0.01:
+        return x
+    if lo >= 0 and hi <= 1.0001:
+        return x * 2 - 1
+    if lo >= 0 and hi <= 255.5:
+        return x / 127.5 - 1
+    return np.clip(x, -1, 1)
+
+
+def find_synthetic(
+    run_dir: Path, image_shape: tuple[int, int, int]
+) -> tuple[torch.Tensor, str] | None:
+    """Synthetic images stored under ``auxiliary/`` (``.npz``: key ``images`` or the first image
+    array; ``.pt``: a tensor or a mapping with ``images``), as ``[N, C, H, W]`` in [-1, 1];
+    None when there are none."""
+    d = run_dir / "auxiliary"
+    if not d.is_dir():
+        return None
+    for p in sorted(d.iterdir()):
+        arr: Any = None
+        try:
+            if p.suffix == ".npz":
+                with np.load(p, allow_pickle=False) as z:
+                    keys = ["images", *[k for k in z.files if k != "images"]]
+                    for k in keys:
+                        if k in z.files and z[k].ndim in (3, 4) and z[k].dtype.kind == "f":
+                            arr = z[k]
+                            break
+                        if k in z.files and z[k].ndim in (3, 4) and z[k].dtype == np.uint8:
+                            arr = z[k].astype(np.float32)
+                            break
+            elif p.suffix == ".pt":
+                raw = torch.load(p, map_location="cpu", weights_only=True)
+                if isinstance(raw, dict):
+                    raw = raw.get("images")
+                if isinstance(raw, torch.Tensor):
+                    arr = raw.numpy()
+        except Exception as exc:  # tolerant: skip what cannot be read
+            log.warning("%s: unreadable (%s); skipped", p, exc)
+            continue
+        if arr is None:
+            continue
+        x = np.asarray(arr, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[:, None]
+        c, h, w = image_shape
+        if x.shape[1:] != (c, h, w) and x.shape[-1] == c and x.shape[1:3] == (h, w):
+            x = np.transpose(x, (0, 3, 1, 2))
+        if x.shape[1:] != (c, h, w) or x.shape[0] == 0:
+            log.warning("%s: images %s do not match the run's %s; skipped", p, x.shape, image_shape)
+            continue
+        return torch.from_numpy(np.ascontiguousarray(_to_unit_range(x))), f"auxiliary/{p.name}"
+    return None
+
+
+def make_shadow_trainer(run: AuditRun, steps: int | None = None, progress: bool = False) -> Any:
+    """The run's own trainer as a LiRA shadow trainer ``(data, seed) -> model``.
+
+    A shadow is one client holding the shadow data and training for ``rounds x local steps``
+    (the federation's total local steps per client; ``steps`` overrides) from the run's
+    initial model: plain :class:`~securefed.client.trainer.LocalTrainer`, or
+    :class:`~securefed.client.dp.DPLocalTrainer` at the ledger's noise multiplier for
+    record-level DP runs (attacker-side noise from a seeded torch generator).
+    """
+    from securefed.client.dp import DPLocalTrainer
+    from securefed.client.trainer import LocalTrainer, local_steps_for
+    from securefed.client.update import get_flat
+    from securefed.privacy import InsecureNoiseWarning, TorchGaussian
+    from securefed.run import build_model
+    from securefed.strategies.base import LocalObjective
+
+    cfg = run.cfg
+    sigma = None
+    if cfg.dp.level == "record" and (run.run_dir / "privacy_ledger.json").exists():
+        from securefed.privacy import PrivacyLedger
+
+        led = PrivacyLedger.load(run.run_dir / "privacy_ledger.json")
+        if led.clients:
+            sigma = float(led.get_plan(led.clients[0]).noise_multiplier)
+
+    def train(data: ImageDataset, seed: int) -> nn.Module:
+        model = build_model(cfg, data.image_shape, data.num_classes).to(run.device)
+        n_steps = steps or cfg.federation.rounds * local_steps_for(cfg.client, len(data))
+        ccfg = cfg.client.model_copy(update={"local_steps": n_steps, "local_epochs": None})
+        start = get_flat(model)
+        if sigma is not None:
+            trainer: LocalTrainer = DPLocalTrainer(
+                model, run.schedule, ccfg, cfg.dp, run.device, run.conditional
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", InsecureNoiseWarning)
+                res = trainer.train_private(  # type: ignore[attr-defined]
+                    data,
+                    start,
+                    LocalObjective(),
+                    seed,
+                    noise_multiplier=sigma,
+                    noise_source=TorchGaussian(seed=seed + 7),
+                )
+        else:
+            trainer = LocalTrainer(model, run.schedule, ccfg, run.device, run.conditional)
+            res = trainer.train(data, start, LocalObjective(), seed=seed)
+        return run.model(res.params)
+
+    return train
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
