@@ -230,6 +230,7 @@ class FedDDPM(Strategy):
         self.server_steps_total = 0
         self.server_seconds_total = 0.0
         self._last: dict[str, object] = {}
+        self._ema_fresh = False
 
     # ------------------------------------------------------------------ delegation
     def configure_round(
@@ -276,12 +277,14 @@ class FedDDPM(Strategy):
         total_weight: float,
         num_contributors: int,
     ) -> torch.Tensor:
+        self._ema_fresh = self.base.ema is None
         new = self.base.aggregate(rnd, global_params, sums, total_weight, num_contributors)
         return self.after_aggregation(rnd, new)
 
     def aggregate_cohorts(
         self, rnd: int, global_params: torch.Tensor, results: Mapping[str, CohortSum]
     ) -> torch.Tensor:
+        self._ema_fresh = self.base.ema is None
         new = self.base.aggregate_cohorts(rnd, global_params, results)
         return self.after_aggregation(rnd, new)
 
@@ -303,12 +306,16 @@ class FedDDPM(Strategy):
     def _commit(self, new: torch.Tensor, res: CalibrationResult) -> torch.Tensor:
         """Account the steps and keep the base strategy's EMA consistent with the calibrated
         model: ``ema = d ema_prev + (1 - d) new`` becomes the value it would have had with the
-        calibrated ``new'``, i.e. ``ema += (1 - d) (new' - new)``."""
+        calibrated ``new'``, i.e. ``ema += (1 - d) (new' - new)``; an EMA initialised this
+        round (``ema = new``) becomes ``new'``."""
         self.server_steps_total += res.steps
         self.server_seconds_total += res.seconds
         calibrated = res.params.to(new.dtype)
         if self.base.ema is not None and self.cfg.ema_decay > 0:
-            self.base.ema = self.base.ema + (1 - self.cfg.ema_decay) * (calibrated - new)
+            if self._ema_fresh:
+                self.base.ema = calibrated.clone()
+            else:
+                self.base.ema = self.base.ema + (1 - self.cfg.ema_decay) * (calibrated - new)
         return calibrated
 
     def round_metrics(self) -> dict[str, object]:

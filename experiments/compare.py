@@ -1,0 +1,280 @@
+"""Method comparison on digits: centralized, FedAvg, FedProx, SCAFFOLD, FedDDPM(+) with and
+without DP, and the four FedDiffuse variants, over partitions and seeds.
+
+    python experiments/compare.py [--seeds 0 1 2] [--partitions iid dir0.5 dir0.1]
+                                  [--methods fedavg fedddpm ...] [--scale full|small|tiny]
+                                  [--out runs/compare] [--readme README.md]
+
+Every run is a normal securefed run directory under ``OUT/<scale>/<partition>/<method>/seed<k>``;
+a finished run (its line in ``OUT/<scale>/results.jsonl``) is not run again, so the script can
+be interrupted and restarted. Output: ``OUT/<scale>/table.md`` (domain FID mean ± std over
+seeds, precision/recall, server steps, parameters exchanged, wall time) and
+``OUT/<scale>/fid_vs_round.png``; with ``--readme`` the table replaces the block between
+``<!-- compare:begin -->`` and ``<!-- compare:end -->``.
+
+Equal total client steps: every federated method runs ``rounds x local_steps`` steps on each of
+10 clients; ``centralized`` (one client holding every member) runs ``10 x local_steps`` steps per
+round. FedDDPM's phase-0 pre-training steps come on top and are listed in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from securefed.config import parse_config  # noqa: E402
+from securefed.io import atomic_write_text, read_jsonl  # noqa: E402
+from securefed.run import run_experiment  # noqa: E402
+
+PARTITIONS: dict[str, dict[str, Any]] = {
+    "iid": {"kind": "iid"},
+    "dir0.5": {"kind": "dirichlet", "alpha": 0.5},
+    "dir0.1": {"kind": "dirichlet", "alpha": 0.1},
+}
+
+_DDPM = {"fedddpm": {"enabled": True, "variant": "fedddpm"}}
+_PLUS = {"fedddpm": {"enabled": True, "variant": "fedddpm_plus"}}
+
+METHODS: dict[str, dict[str, Any]] = {
+    "centralized": {"centralized": True},
+    "fedavg": {"strategy": {"name": "fedavg"}},
+    "fedprox": {"strategy": {"name": "fedprox"}},
+    "scaffold": {"strategy": {"name": "scaffold"}},
+    "fedddpm": _DDPM,
+    "fedddpm_plus": _PLUS,
+    "fedavg_dp": {"dp": True},
+    "fedddpm_dp": {**_DDPM, "dp": True},
+    "fedddpm_plus_dp": {**_PLUS, "dp": True},
+    "feddiffuse_full": {"feddiffuse": {"enabled": True, "variant": "full"}},
+    "feddiffuse_usplit": {"feddiffuse": {"enabled": True, "variant": "usplit"}},
+    "feddiffuse_udec": {"feddiffuse": {"enabled": True, "variant": "udec"}},
+    "feddiffuse_ulatdec": {"feddiffuse": {"enabled": True, "variant": "ulatdec"}},
+}
+DEFAULT_METHODS = [m for m in METHODS if m != "fedavg_dp"]
+
+#: rounds, local steps, FID samples, FID every k rounds. ``full`` is the 90-minute grid.
+SCALES: dict[str, dict[str, int]] = {
+    "full": {"rounds": 10, "local_steps": 8, "fid_samples": 300, "fid_every": 5},
+    "small": {"rounds": 6, "local_steps": 8, "fid_samples": 200, "fid_every": 3},
+    "tiny": {"rounds": 2, "local_steps": 2, "fid_samples": 50, "fid_every": 1},
+}
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_raw(method: str, partition: str, seed: int, scale: str) -> dict[str, Any]:
+    """The raw config of one cell of the grid."""
+    raw = yaml.safe_load((ROOT / "experiments" / "compare_digits.yaml").read_text())
+    sc = SCALES[scale]
+    spec = dict(METHODS[method])
+    raw = _merge(
+        raw,
+        {
+            "name": f"compare-{method}-{partition}-s{seed}",
+            "seed": seed,
+            "partition": PARTITIONS[partition],
+            "federation": {"rounds": sc["rounds"]},
+            "client": {"local_steps": sc["local_steps"]},
+            "evaluation": {"num_fid_samples": sc["fid_samples"], "fid_every": sc["fid_every"],
+                           "every": sc["fid_every"]},
+        },
+    )
+    if spec.pop("centralized", False):
+        n = raw["federation"]["num_clients"]
+        raw = _merge(raw, {"partition": {"kind": "iid"}, "federation": {"num_clients": 1},
+                           "client": {"local_steps": sc["local_steps"] * n}})
+    if spec.pop("dp", False):
+        raw = _merge(raw, yaml.safe_load((ROOT / "experiments" / "compare_dp.yaml").read_text()))
+    return _merge(raw, spec)
+
+
+def summarize_run(rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """Final metrics, FID per round and totals of one run's metrics lines."""
+    train = [r for r in rows if r["round"] > 0]
+    final = train[-1]
+    server = final.get("server", {})
+    return {
+        "fid": final.get("fid"),
+        "fid_worst": final.get("fid_worst"),
+        "precision": final.get("precision"),
+        "recall": final.get("recall"),
+        "holdout_loss": final.get("holdout_loss"),
+        "fid_curve": [[r["round"], r["fid"]] for r in rows if "fid" in r],
+        "server_steps": int(server.get("server_steps_total", 0)),
+        "params_exchanged": int(
+            sum(r["exchange"]["params_up"] + r["exchange"]["params_down"] for r in train)
+        ),
+        "params_up": int(sum(r["exchange"]["params_up"] for r in train)),
+        "wall_seconds": round(wall, 2),
+    }
+
+
+def run_cell(method: str, partition: str, seed: int, scale: str, out: Path) -> dict[str, Any]:
+    cfg = parse_config(build_raw(method, partition, seed, scale))
+    run_dir = out / partition / method / f"seed{seed}"
+    if run_dir.exists():  # an interrupted attempt: start over in a fresh directory
+        import shutil
+
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    res = run_experiment(cfg, run_dir, progress=False, write_report=False)
+    wall = time.perf_counter() - t0
+    summary = summarize_run(res.metrics, wall)
+    meta = run_dir / "auxiliary" / "meta.json"
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        summary["pretrain_steps"] = int(
+            sum(c.get("pretrain_steps", 0) for c in m["clients"].values())
+        )
+        summary["phase0_seconds"] = m.get("seconds")
+    return {"method": method, "partition": partition, "seed": seed, "scale": scale, **summary}
+
+
+def _ms(vals: list[float]) -> str:
+    v = [x for x in vals if x is not None]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.1f}"
+    return f"{np.mean(v):.1f} ± {np.std(v, ddof=1):.1f}"
+
+
+def make_table(results: list[dict[str, Any]], methods: list[str], partitions: list[str]) -> str:
+    """Markdown table: one row per (partition, method)."""
+    lines = [
+        "| partition | method | seeds | domain FID | worst client FID | precision | recall | "
+        "server steps | params exchanged (M) | vs FedAvg | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for part in partitions:
+        ref = [r for r in results if r["method"] == "fedavg" and r["partition"] == part]
+        ref_params = np.mean([r["params_exchanged"] for r in ref]) if ref else None
+        for m in methods:
+            src = "iid" if m == "centralized" else part
+            rs = [r for r in results if r["method"] == m and r["partition"] == src]
+            if not rs:
+                continue
+            params = float(np.mean([r["params_exchanged"] for r in rs]))
+            rel = f"{params / ref_params:.2f}x" if ref_params and m != "centralized" else "-"
+            lines.append(
+                f"| {part} | {m} | {len(rs)} | {_ms([r['fid'] for r in rs])} | "
+                f"{_ms([r.get('fid_worst') for r in rs])} | "
+                f"{_ms([100 * r['precision'] for r in rs if r['precision'] is not None])}% | "
+                f"{_ms([100 * r['recall'] for r in rs if r['recall'] is not None])}% | "
+                f"{int(np.mean([r['server_steps'] for r in rs]))} | "
+                f"{params / 1e6:.2f} | {rel} | {np.mean([r['wall_seconds'] for r in rs]):.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot_fid(results: list[dict[str, Any]], partitions: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(partitions), figsize=(5 * len(partitions), 3.8), squeeze=False)
+    for ax, part in zip(axes[0], partitions, strict=True):
+        methods = sorted({r["method"] for r in results})
+        for m in methods:
+            src = "iid" if m == "centralized" else part
+            curves = [r["fid_curve"] for r in results if r["method"] == m and r["partition"] == src]
+            if not curves:
+                continue
+            rounds = sorted({c[0] for cur in curves for c in cur})
+            mean = [np.mean([v for cur in curves for (k, v) in cur if k == rd]) for rd in rounds]
+            ax.plot(rounds, mean, marker="o", label=m)
+        ax.set_title(f"{part}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("domain FID (mean over seeds)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def update_readme(readme: Path, block: str) -> None:
+    begin, end = "<!-- compare:begin -->", "<!-- compare:end -->"
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme}: no {begin} ... {end} block to replace")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write_text(readme, f"{head}{begin}\n{block}\n{end}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--partitions", nargs="+", default=list(PARTITIONS), choices=list(PARTITIONS))
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    ap.add_argument("--scale", default="full", choices=list(SCALES))
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
+    ap.add_argument("--readme", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    out = args.out / args.scale
+    out.mkdir(parents=True, exist_ok=True)
+    res_path = out / "results.jsonl"
+    results = read_jsonl(res_path) if res_path.exists() else []
+    done = {(r["method"], r["partition"], r["seed"]) for r in results}
+    cells = []
+    for seed in args.seeds:
+        for part in args.partitions:
+            for m in args.methods:
+                key = (m, "iid" if m == "centralized" else part, seed)
+                if key not in done and key not in {(c[0], c[1], c[2]) for c in cells}:
+                    cells.append(key)
+    t_all = time.perf_counter()
+    for i, (m, part, seed) in enumerate(cells, 1):
+        print(f"[{i}/{len(cells)}] {m} {part} seed {seed} ...", flush=True)
+        r = run_cell(m, part, seed, args.scale, out)
+        results.append(r)
+        with res_path.open("a") as fh:
+            fh.write(json.dumps(r) + "\n")
+        print(
+            f"    fid {r['fid']} worst {r.get('fid_worst')} server_steps {r['server_steps']} "
+            f"params {r['params_exchanged']} wall {r['wall_seconds']} s "
+            f"(elapsed {time.perf_counter() - t_all:.0f} s)",
+            flush=True,
+        )
+    parts = args.partitions
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    table = make_table(results, methods, parts)
+    sc = SCALES[args.scale]
+    note = (
+        f"_Scale `{args.scale}`: digits 8x8, 10 clients, {sc['rounds']} rounds x "
+        f"{sc['local_steps']} local steps (batch 32), UNet base 16 channels, FID on "
+        f"{sc['fid_samples']} DDIM-25 samples vs the holdout; seeds {sorted(args.seeds)}._"
+    )
+    atomic_write_text(out / "table.md", note + "\n\n" + table + "\n")
+    plot_fid(results, parts, out / "fid_vs_round.png")
+    print(note)
+    print(table)
+    if args.readme is not None:
+        update_readme(args.readme, note + "\n\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
