@@ -1,0 +1,76 @@
+"""What the coordinator and every site derive identically from the experiment config."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from securefed.config import ExperimentConfig
+from securefed.secagg.keys import ROSTER_FILE
+from securefed.secagg.masking.stages import MaskingParams
+
+__all__ = ["DeployConfigError", "check_deployable", "masking_params", "roster_digest"]
+
+
+class DeployConfigError(ValueError):
+    """The experiment cannot run on the deployment path; names the field, value and fix."""
+
+
+def check_deployable(cfg: ExperimentConfig) -> None:
+    """Refuse configurations the deployment path does not implement (yet).
+
+    Raises:
+        DeployConfigError: naming the field, its value and what to use instead.
+    """
+    sa = cfg.secure_aggregation
+    if sa.protocol != "masking":
+        raise DeployConfigError(
+            f"secure_aggregation.protocol: {sa.protocol!r} is not supported on the deployment "
+            "path, which never sends an unmasked update off a site; use 'masking'"
+        )
+    if cfg.dp.level == "client":
+        raise DeployConfigError(
+            "dp.level: 'client' (DP-FedAvg with distributed noise) is not supported on the "
+            "deployment path yet; use 'record' (DP-SGD on every site)"
+        )
+    if cfg.federation.dropout_prob != 0:
+        raise DeployConfigError(
+            f"federation.dropout_prob: {cfg.federation.dropout_prob} simulates dropouts; a "
+            "deployment has real ones: set it to 0"
+        )
+    if cfg.fedddpm.enabled:
+        raise DeployConfigError(
+            "fedddpm.enabled: FedDDPM (server-side calibration on an auxiliary set) is not "
+            "supported on the deployment path; set it to false"
+        )
+    if cfg.feddiffuse.enabled:
+        raise DeployConfigError(
+            "feddiffuse.enabled: partial-UNet exchange (per-cohort uploads) is not supported on "
+            "the deployment path; set it to false"
+        )
+    if cfg.federation.num_clients < 2:
+        raise DeployConfigError(
+            f"federation.num_clients: {cfg.federation.num_clients}; secure aggregation needs at "
+            "least 2 sites"
+        )
+
+
+def masking_params(cfg: ExperimentConfig) -> MaskingParams:
+    """The public masking parameters, resolved and validated exactly as the simulation does
+    (:meth:`MaskingAggregation.from_config`). Identities come from the deployment's key folders,
+    so ``secure_aggregation.keys_dir`` is ignored here."""
+    from securefed.secagg.masking.protocol import MaskingAggregation
+
+    sa = cfg.secure_aggregation.model_copy(update={"keys_dir": None})
+    return MaskingAggregation.from_config(sa, cfg.federation.num_clients).params
+
+
+def roster_digest(keys_dir: Path) -> str:
+    """SHA-256 of ``roster.json``: every party must hold the same roster."""
+    path = Path(keys_dir) / ROSTER_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"keys-dir: no {ROSTER_FILE} in {keys_dir}; copy the roster written by "
+            "`securefed keys init` there"
+        )
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,531 @@
+"""The coordinator (ServerApp side): the simulation's round, with each masking stage a
+network round-trip to the sites.
+
+The round mirrors :meth:`securefed.federation.simulation.Simulation.run_round`: the same
+``Strategy.configure_round`` with the same ``(seed, round)`` stream selects the sites and builds
+the broadcast; each selected site trains locally (on its own machine, see
+:mod:`securefed.deploy.node`); the masking server
+(:class:`~securefed.secagg.masking.server.MaskingServer`) runs the five stages, one message per
+site and stage; only the SUM reaches ``Strategy.aggregate_cohorts``.
+
+Dropouts are real: a site that does not answer a stage within the stage timeout (crashed,
+disconnected, or its reply failed a protocol check) is offline for the rest of the round, and
+the masking protocol's recovery removes its masks (its s-key shares) if its masked input never
+arrived. The round completes if the threshold is met at every stage; otherwise it is abandoned
+and the global model is unchanged (fail closed), as in the simulation.
+
+The transport is abstract (:class:`Transport`): :mod:`securefed.deploy.server_app` implements
+it over Flower's ``Grid``; tests may implement it in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from securefed.config import ExperimentConfig, dump_config
+from securefed.deploy.common import DeployConfigError, check_deployable, masking_params
+from securefed.deploy.common import roster_digest as _roster_digest
+from securefed.deploy.wire import (
+    MESSAGE_SETUP,
+    PROTOCOL_VERSION,
+    WireError,
+    encode_vector,
+    get_bytes,
+    get_int,
+    get_str,
+    stage_message_type,
+)
+from securefed.io import atomic_write_json, atomic_write_text, write_jsonl
+from securefed.secagg.base import AggregationAbortedError
+from securefed.secagg.masking.stages import ProtocolError, Stage
+
+__all__ = [
+    "Coordinator",
+    "CoordinatorOptions",
+    "DeployResult",
+    "SiteInfo",
+    "Transport",
+]
+
+log = logging.getLogger(__name__)
+
+#: a reply: the message content, or a string saying why there is none (error reply)
+Reply = Mapping[str, Any] | str
+
+
+class Transport(Protocol):
+    """How the coordinator reaches the sites (Flower's Grid in a deployment)."""
+
+    def node_ids(self) -> list[int]:
+        """Transport ids of the sites connected now."""
+        ...
+
+    def exchange(
+        self,
+        message_type: str,
+        contents: Mapping[int, Mapping[str, Any]],
+        *,
+        timeout: float,
+        group: str,
+    ) -> dict[int, Reply]:
+        """Send ``contents[node]`` to each node; return the replies that arrived in time."""
+        ...
+
+
+@dataclass(frozen=True)
+class CoordinatorOptions:
+    """Deployment settings of the coordinator (Flower run config)."""
+
+    run_dir: Path
+    keys_dir: Path
+    min_sites: int
+    join_timeout: float = 300.0
+    stage_timeout: float = 120.0
+    train_timeout: float = 900.0
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What a site told the coordinator at setup (public facts, no data)."""
+
+    client_id: int
+    node_id: int
+    num_examples: int
+    image_shape: tuple[int, int, int]
+    num_classes: int
+
+
+@dataclass
+class DeployResult:
+    run_dir: Path
+    rounds_completed: int
+    final_params: torch.Tensor
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Coordinator:
+    """Runs an experiment over a :class:`Transport`.
+
+    Args:
+        cfg: the experiment (sent to every site at setup; the sites validate it themselves).
+        options: run directory, key folder (``server.key`` + ``roster.json``), timeouts.
+        transport: the network.
+        on_event: optional ``(event dict) -> None`` called at every stage boundary (tests and
+            operators watch progress; the same events go to ``<run_dir>/status.json``).
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        options: CoordinatorOptions,
+        transport: Transport,
+        *,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        check_deployable(cfg)
+        if options.min_sites < 2:
+            raise DeployConfigError(
+                f"min-sites: {options.min_sites}; secure aggregation needs at least 2 sites"
+            )
+        self.cfg = cfg
+        self.options = options
+        self.transport = transport
+        self.on_event = on_event
+        self.sites: dict[int, SiteInfo] = {}
+        self._last_trained: dict[int, int] = {}  # client -> last round it trained in
+        self._survivors: dict[int, set[int]] = {}  # round -> clients whose update was used
+
+    # ------------------------------------------------------------------ helpers
+    def _event(self, **values: Any) -> None:
+        values["time"] = time.time()
+        atomic_write_json(self.options.run_dir / "status.json", values)
+        if self.on_event is not None:
+            self.on_event(values)
+
+    def _wait_for_sites(self) -> list[int]:
+        deadline = time.monotonic() + self.options.join_timeout
+        while True:
+            nodes = sorted(self.transport.node_ids())
+            if len(nodes) >= self.options.min_sites:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} SuperNode(s) connected within join-timeout="
+                    f"{self.options.join_timeout:g} s, min-sites={self.options.min_sites}; start "
+                    "more SuperNodes or lower min-sites"
+                )
+            time.sleep(0.5)
+
+    def setup(self) -> None:
+        """Send the experiment to every connected site and collect their public facts."""
+        from securefed.secagg.keys import load_roster, load_server_key
+
+        self._server_key = load_server_key(self.options.keys_dir)
+        self._roster = load_roster(self.options.keys_dir)
+        digest = _roster_digest(self.options.keys_dir)
+        nodes = self._wait_for_sites()
+        self._event(stage="setup", nodes=len(nodes))
+        content = {"version": PROTOCOL_VERSION, "experiment": dump_config(self.cfg)}
+        replies = self.transport.exchange(
+            MESSAGE_SETUP, dict.fromkeys(nodes, content),
+            timeout=self.options.stage_timeout, group="setup",
+        )
+        refused: dict[int, str] = {}
+        for node in nodes:
+            r = replies.get(node)
+            who = f"SuperNode {node}"
+            if r is None:
+                refused[node] = "no reply to setup"
+                continue
+            if isinstance(r, str):
+                refused[node] = r
+                continue
+            try:
+                if get_str(r, "version", who) != PROTOCOL_VERSION:
+                    raise WireError(f"{who}: protocol version {r.get('version')!r}")
+                cid = get_int(r, "client_id", who, minimum=0)
+                if get_str(r, "roster_sha256", who) != digest:
+                    raise WireError(
+                        f"{who} (client {cid}): its roster.json differs from the coordinator's; "
+                        "distribute the same roster to every party"
+                    )
+                shape = r.get("image_shape")
+                if not (isinstance(shape, list) and len(shape) == 3):
+                    raise WireError(f"{who}: image_shape: expected 3 integers")
+                info = SiteInfo(
+                    client_id=cid,
+                    node_id=node,
+                    num_examples=get_int(r, "num_examples", who, minimum=1),
+                    image_shape=(int(shape[0]), int(shape[1]), int(shape[2])),
+                    num_classes=get_int(r, "num_classes", who, minimum=1),
+                )
+            except WireError as exc:
+                refused[node] = str(exc)
+                continue
+            if cid in self.sites:
+                raise DeployConfigError(
+                    f"client id {cid} is claimed by SuperNodes {self.sites[cid].node_id} and "
+                    f"{node}; give every site its own client-id in --node-config"
+                )
+            if self._roster.client(cid) is None:
+                refused[node] = f"client id {cid} is not in the roster"
+                continue
+            self.sites[cid] = info
+        for node, reason in refused.items():
+            log.warning("SuperNode %d refused or failed setup: %s", node, reason)
+        if len(self.sites) < self.options.min_sites:
+            raise DeployConfigError(
+                f"only {len(self.sites)} site(s) accepted the experiment, min-sites="
+                f"{self.options.min_sites}; refusals: {refused}"
+            )
+        shapes = {s.image_shape for s in self.sites.values()}
+        if len(shapes) != 1:
+            raise DeployConfigError(
+                f"sites report different image shapes {sorted(shapes)}; set data.image_size "
+                "and data.channels in the experiment"
+            )
+        self.image_shape = next(iter(shapes))
+        self.num_classes = max(s.num_classes for s in self.sites.values())
+        self._refused = refused
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> DeployResult:
+        """Setup, then every configured round; fills the run directory."""
+        from securefed.client.update import get_flat, num_params
+        from securefed.federation.checkpoint import save_checkpoint
+        from securefed.run import build_model
+        from securefed.strategies import build_strategy
+
+        run_dir = self.options.run_dir
+        own = {"status.json", "coordinator.log"}  # written by the ServerApp before the run
+        if run_dir.exists() and any(p.name not in own for p in run_dir.iterdir()):
+            raise FileExistsError(
+                f"run directory {run_dir} already exists and is not empty; give a new run-dir"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.setup()
+        cfg = self.cfg
+        model = build_model(cfg, self.image_shape, self.num_classes)
+        self.global_params = get_flat(model)
+        self.weight_scale = float(sum(s.num_examples for s in self.sites.values()))
+        self.strategy = build_strategy(
+            cfg.strategy, cfg.federation.num_clients, weight_scale=self.weight_scale
+        )
+        self.params = masking_params(cfg)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        atomic_write_json(
+            run_dir / "model.json",
+            {
+                "parameters": num_params(model),
+                "groups": {k: len(v) for k, v in model.parameter_groups().items()},
+                "image_shape": list(self.image_shape),
+            },
+        )
+        atomic_write_json(
+            run_dir / "sites.json",
+            {
+                "sites": {
+                    str(c): {"node_id": s.node_id, "num_examples": s.num_examples}
+                    for c, s in sorted(self.sites.items())
+                },
+                "refused": {str(n): r for n, r in self._refused.items()},
+            },
+        )
+        rows: list[dict[str, Any]] = []
+        meta = {"name": cfg.name, "parameters": num_params(model), "deployment": "flower"}
+        for rnd in range(1, cfg.federation.rounds + 1):
+            t0 = time.perf_counter()
+            line = self.run_round(rnd)
+            line["seconds"]["round_total"] = round(time.perf_counter() - t0, 4)
+            rows.append(line)
+            write_jsonl(run_dir / "metrics.jsonl", rows)
+            from securefed.federation.checkpoint import Checkpoint
+
+            save_checkpoint(
+                run_dir / "checkpoints",
+                Checkpoint(
+                    round=rnd,
+                    global_params=self.global_params.clone(),
+                    strategy=self.strategy.state_dict(),
+                    clients={},  # private client state stays on the sites
+                    meta=meta,
+                ),
+                cfg.checkpoint.keep_last,
+            )
+            if line.get("budget_exhausted") and set(line["budget_exhausted"]) >= set(self.sites):
+                reason = f"every site's privacy budget is exhausted after round {rnd - 1}"
+                atomic_write_json(run_dir / "stopped.json", {"round": rnd, "reason": reason})
+                log.warning(reason)
+                break
+        self._event(stage="finished", round=len(rows))
+        return DeployResult(run_dir, len(rows), self.global_params.clone(), rows)
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        """One round over the network; returns its ``metrics.jsonl`` line."""
+        from securefed.federation.simulation import _SELECT, derive_seed
+        from securefed.secagg.masking.quantize import quantization_error_bound
+        from securefed.secagg.masking.server import MaskingServer
+        from securefed.strategies import CohortSum, unpack_sum
+
+        cfg = self.cfg
+        rng = np.random.default_rng(derive_seed(cfg.seed, rnd, _SELECT))
+        plan = self.strategy.configure_round(
+            rnd,
+            self.global_params,
+            sorted(self.sites),
+            cfg.federation.fraction_fit,
+            cfg.federation.min_fit_clients,
+            rng,
+        )
+        # the vector layout every selected site will send: the strategy's client hook applied
+        # to the broadcast itself (no client data; only the names and sizes are used)
+        layout = self.strategy.client_update(
+            plan.broadcast, plan.broadcast["params"], 1, 1, cfg.client.lr, {}
+        )
+        cohorts = self.strategy.upload_cohorts(rnd, dict.fromkeys(plan.clients, layout))
+        if set(cohorts) != {"all"}:
+            raise DeployConfigError(
+                f"strategy.name: {cfg.strategy.name!r} uploads in several cohorts, which the "
+                "deployment path does not support"
+            )
+        keys = sorted(layout.vectors)
+        length = int(sum(layout.vectors[k].numel() for k in keys)) + 1
+        names = sorted(plan.broadcast)
+        broadcast = {f"broadcast.{n}": encode_vector(plan.broadcast[n]) for n in names}
+        bcast_bytes = sum(len(b) for b in broadcast.values())
+
+        seconds: dict[str, float] = {}
+        dropped_at: dict[int, str] = {}
+        reasons: dict[int, str] = {}
+        exhausted: list[int] = []
+        trained: list[int] = []
+        losses: list[float] = []
+        epsilon: dict[str, float] = {}
+        up = dict.fromkeys(plan.clients, 0)
+        down = dict.fromkeys(plan.clients, 0)
+        line: dict[str, Any] = {"round": rnd, "selected": list(plan.clients)}
+
+        try:
+            server = MaskingServer(
+                rnd, plan.clients, length, self.params, self._roster, self._server_key,
+                record_view=False,
+            )
+        except ValueError as exc:
+            return self._abandon(line, f"round {rnd} cannot run: {exc}", dropped_at, seconds)
+        outgoing = server.start()
+        live = set(plan.clients)
+        aborted: str | None = None
+        for stage in Stage.ORDER:
+            t0 = time.perf_counter()
+            for cid in sorted(live - set(outgoing)):  # pruned or rejected by the server
+                live.discard(cid)
+                dropped_at.setdefault(cid, stage)
+            contents: dict[int, dict[str, Any]] = {}
+            for cid in sorted(live):
+                c: dict[str, Any] = {"round": rnd, "stage": stage, "secagg": outgoing[cid]}
+                if stage == Stage.ADVERTISE_KEYS:
+                    last = self._last_trained.get(cid)
+                    c.update(broadcast)
+                    c.update(
+                        broadcast_keys=names,
+                        weight_scale=self.weight_scale,
+                        image_shape=list(self.image_shape),
+                        num_classes=self.num_classes,
+                        commit=int(last is not None and cid in self._survivors.get(last, ())),
+                    )
+                    down[cid] += bcast_bytes
+                down[cid] += len(outgoing[cid])
+                contents[self.sites[cid].node_id] = c
+            self._event(round=rnd, stage=stage, state="sent", clients=sorted(live))
+            timeout = (
+                self.options.train_timeout
+                if stage == Stage.ADVERTISE_KEYS
+                else self.options.stage_timeout
+            )
+            replies = self.transport.exchange(
+                stage_message_type(stage), contents, timeout=timeout, group=str(rnd)
+            )
+            for cid in sorted(live):
+                r = replies.get(self.sites[cid].node_id)
+                who = f"site {cid}"
+                reason = None
+                if r is None:
+                    reason = f"no reply within {timeout:g} s"
+                elif isinstance(r, str):
+                    reason = r
+                else:
+                    try:
+                        if get_int(r, "round", who) != rnd:
+                            raise WireError(f"{who}: reply for round {r.get('round')}")
+                        if "epsilon" in r:
+                            epsilon[str(cid)] = round(float(r["epsilon"]), 6)
+                        if stage == Stage.ADVERTISE_KEYS:
+                            if r.get("status") == "budget_exhausted":
+                                exhausted.append(cid)
+                                reason = "privacy budget exhausted (did not train)"
+                            else:
+                                if list(r.get("vector_keys", [])) != keys:
+                                    raise WireError(
+                                        f"{who}: sends vectors {r.get('vector_keys')}, the "
+                                        f"strategy expects {keys}"
+                                    )
+                                trained.append(cid)
+                                self._last_trained[cid] = rnd
+                                losses.append(float(r["mean_loss"]))
+                        if reason is None:
+                            data = get_bytes(r, "secagg", who)
+                            up[cid] += len(data)
+                            server.receive(cid, data)
+                    except (WireError, ProtocolError, KeyError, TypeError, ValueError) as exc:
+                        # the server changed no state: the offender is treated as dropped
+                        reason = f"{type(exc).__name__}: {exc}"
+                if reason is not None:
+                    live.discard(cid)
+                    dropped_at.setdefault(cid, stage)
+                    reasons[cid] = reason
+                    log.warning("round %d, stage %s: site %d dropped: %s", rnd, stage, cid, reason)
+            try:
+                outgoing = server.close_stage()
+            except AggregationAbortedError as exc:
+                aborted = str(exc)
+            seconds[stage] = round(time.perf_counter() - t0, 4)
+            self._event(round=rnd, stage=stage, state="closed", clients=sorted(live))
+            if aborted is not None:
+                break
+
+        line["trained"] = trained
+        line["mean_local_loss"] = float(np.mean(losses)) if losses else None
+        if cfg.dp.level == "record":
+            line["epsilon"] = epsilon
+            line["budget_exhausted"] = exhausted
+        line["bytes_up_clients"] = {str(c): int(v) for c, v in up.items()}
+        line["bytes_down_clients"] = {str(c): int(v) for c, v in down.items()}
+        if reasons:
+            line["dropout_reasons"] = {str(c): r for c, r in reasons.items()}
+        out = server.output
+        if aborted is not None or out is None:
+            reason = aborted or "secure aggregation ended without a result"
+            return self._abandon(line, reason, dropped_at, seconds)
+
+        t0 = time.perf_counter()
+        stand_in = {plan.clients[0]: layout}  # unpack_sum reads only the vector sizes
+        sums, total_weight = unpack_sum(out.total, keys, stand_in)
+        self.global_params = self.strategy.aggregate_cohorts(
+            rnd, self.global_params, {"all": CohortSum(sums, total_weight, len(out.survivors))}
+        ).to(torch.float32)
+        seconds["server_update"] = round(time.perf_counter() - t0, 4)
+        self._survivors[rnd] = set(out.survivors)
+        splan = server.state.plan
+        late = sorted(c for c in out.survivors if c in dropped_at)
+        line.update(
+            participants=sorted(out.survivors),
+            dropped=sorted(dropped_at),
+            dropped_at={str(c): s for c, s in sorted(dropped_at.items())},
+            bytes_up=int(sum(up.values())),
+            bytes_down=int(sum(down.values())),
+            protocol="masking",
+            protocol_info={
+                "dropouts_recovered": len(out.recovered),
+                "recovered_clients": list(out.recovered),
+                "threshold": splan.threshold,
+                "neighbours": "all" if splan.graph.complete else splan.graph.degree,
+                "pruned": list(out.pruned),
+                "late_dropouts": late,
+                "bits": self.params.bits,
+                "quantization_error_bound": quantization_error_bound(
+                    splan.quant, len(out.survivors)
+                ),
+                "total_weight": total_weight,
+            },
+            exchange={"params_up": len(out.survivors) * length,
+                      "params_down": len(plan.clients) * len(names) * int(
+                          plan.broadcast[names[0]].numel())},
+        )
+        server_metrics = self.strategy.round_metrics()
+        if server_metrics:
+            line["server"] = server_metrics
+        line["seconds"] = seconds
+        return line
+
+    def _abandon(
+        self,
+        line: dict[str, Any],
+        reason: str,
+        dropped_at: Mapping[int, str],
+        seconds: dict[str, float],
+    ) -> dict[str, Any]:
+        log.warning("round %d abandoned: %s; the global model is unchanged", line["round"], reason)
+        line.setdefault("trained", [])
+        line.update(
+            participants=[],
+            dropped=sorted(dropped_at),
+            dropped_at={str(c): s for c, s in sorted(dropped_at.items())},
+            bytes_up=int(sum(line.get("bytes_up_clients", {}).values())),
+            bytes_down=int(sum(line.get("bytes_down_clients", {}).values())),
+            protocol="masking",
+            abandoned=reason,
+            seconds=seconds,
+        )
+        return line
+
+
+
+def quantization_tolerance(
+    bound: float, total_weight: float, mean_delta_abs: float, server_lr: float = 1.0
+) -> float:
+    """Per-coordinate bound on how far a FedAvg round's new global model can be moved by the
+    masking grid: with the summed delta and the summed weight each off by at most ``bound``
+    (``protocol_info.quantization_error_bound``), ``|S'/W' - S/W| <= bound * (1 + |S/W|) /
+    (W - bound)``; times ``server_lr``."""
+    if total_weight <= bound:
+        return math.inf
+    return server_lr * bound * (1.0 + mean_delta_abs) / (total_weight - bound)

@@ -1,0 +1,346 @@
+"""A whole deployment on one machine (127.0.0.1): rehearsal for a pilot, and the test harness.
+
+:class:`LoopbackFederation` does what the pilot guide (``docs/deploy.md``) asks each party to
+do, with real processes and the real credentials, only on loopback:
+
+1. ``securefed keys tls`` (CA, SuperLink certificate for ``127.0.0.1``/``localhost``, SuperNode
+   authentication keys) and ``securefed keys init`` (secure-aggregation signing keys + roster);
+   each party gets only its own private keys (copied into its own folder, 0600);
+2. ``flower-superlink`` with TLS and ``--enable-supernode-auth``;
+3. ``flwr supernode register`` of every SuperNode's public key;
+4. one ``flower-supernode`` per site (TLS, its auth key, its ``--node-config``);
+5. ``flwr run securefed/deploy/app`` with the experiment, run dir and key folder as run config.
+
+Every process runs in its own session and is killed with its children (SuperExec, ClientApp
+processes) by :meth:`LoopbackFederation.stop` or :meth:`kill_site`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from securefed.io import atomic_write_bytes, atomic_write_text
+
+__all__ = ["APP_DIR", "LoopbackFederation", "free_port"]
+
+#: the Flower App folder (``flwr run APP_DIR ...``)
+APP_DIR = Path(__file__).resolve().parent / "app"
+CONNECTION = "loopback"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return json.dumps(str(v))  # a TOML basic string
+
+
+def _pairs(values: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    fh: IO[bytes]
+
+
+@dataclass
+class LoopbackFederation:
+    """SuperLink + ``num_sites`` SuperNodes on 127.0.0.1 with TLS and node authentication.
+
+    Args:
+        work: folder for every party's files (created).
+        num_sites: number of SuperNodes (site i is client i).
+        node_config: ``i -> extra --node-config entries`` of site i (``partition-id`` or
+            ``data-path`` ...); ``state-dir`` and ``keys-dir`` are filled in.
+    """
+
+    work: Path
+    num_sites: int
+    node_config: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+    startup_timeout: float = 90.0
+    procs: dict[str, _Proc] = field(default_factory=dict)
+    node_ids: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.work = Path(self.work).resolve()
+        self.bin = Path(sys.executable).parent
+        self.link_port = free_port()
+        self.site_ports = [free_port() for _ in range(self.num_sites)]
+        self.tls_dir = self.work / "provision" / "tls"
+        self.keys_all = self.work / "provision" / "secagg"
+        self.coordinator_dir = self.work / "coordinator"
+        self.cli_home = self.work / "operator" / "flwr-home"
+
+    # ------------------------------------------------------------------ helpers
+    def site_dir(self, i: int) -> Path:
+        return self.work / f"site_{i}"
+
+    def _env(self, flwr_home: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
+        env["FLWR_HOME"] = str(flwr_home)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env["FLWR_TELEMETRY_ENABLED"] = "0"
+        return env
+
+    def _spawn(self, name: str, argv: Sequence[str], flwr_home: Path) -> _Proc:
+        log = self.work / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        fh = log.open("ab")
+        popen = subprocess.Popen(
+            list(argv), stdout=fh, stderr=subprocess.STDOUT, env=self._env(flwr_home),
+            start_new_session=True, cwd=self.work,
+        )
+        proc = _Proc(name, popen, log, fh)
+        self.procs[name] = proc
+        return proc
+
+    def _cli(self, args: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.bin / "flwr"), *args], env=self._env(self.cli_home), capture_output=True,
+            text=True, timeout=timeout, cwd=self.work, check=False,
+        )
+
+    def _wait_port(self, port: int, proc: _Proc) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited early; see {proc.log}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"{proc.name} did not listen on 127.0.0.1:{port}; see {proc.log}")
+
+    # ------------------------------------------------------------------ provisioning
+    def provision(self) -> None:
+        """Credentials for every party, each copied into that party's own folder."""
+        from securefed.deploy.tls import write_tls_material
+        from securefed.secagg.keys import ROSTER_FILE, SERVER_KEY_FILE, init_identity_keys
+
+        write_tls_material(self.tls_dir, ["127.0.0.1", "localhost"], self.num_sites)
+        init_identity_keys(self.keys_all, self.num_sites)
+        roster = (self.keys_all / ROSTER_FILE).read_bytes()
+        ck = self.coordinator_dir / "keys"
+        atomic_write_bytes(ck / SERVER_KEY_FILE, (self.keys_all / SERVER_KEY_FILE).read_bytes(),
+                           mode=0o600)
+        atomic_write_bytes(ck / ROSTER_FILE, roster, mode=0o644)
+        for i in range(self.num_sites):
+            sk = self.site_dir(i) / "keys"
+            name = f"client_{i}.key"
+            atomic_write_bytes(sk / name, (self.keys_all / name).read_bytes(), mode=0o600)
+            atomic_write_bytes(sk / ROSTER_FILE, roster, mode=0o644)
+            atomic_write_bytes(self.site_dir(i) / "tls" / "ca.crt",
+                               (self.tls_dir / "ca.crt").read_bytes(), mode=0o644)
+            atomic_write_bytes(self.site_dir(i) / "tls" / "supernode.key",
+                               (self.tls_dir / f"supernode_{i}.key").read_bytes(), mode=0o600)
+
+    # ------------------------------------------------------------------ processes
+    def start_superlink(self) -> None:
+        t = self.tls_dir
+        proc = self._spawn(
+            "superlink",
+            [
+                str(self.bin / "flower-superlink"),
+                "--ssl-ca-certfile", str(t / "ca.crt"),
+                "--ssl-certfile", str(t / "superlink.crt"),
+                "--ssl-keyfile", str(t / "superlink.key"),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host", "127.0.0.1",
+                "--port", str(self.link_port),
+            ],
+            self.work / "coordinator" / "flwr-home",
+        )
+        self._wait_port(self.link_port, proc)
+        atomic_write_text(
+            self.cli_home / "config.toml",
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.link_port}"\n'
+            f'root-certificates = "{t / "ca.crt"}"\n',
+        )
+
+    def register_sites(self) -> None:
+        """``flwr supernode register`` every site's public key (the SuperLink admits no other)."""
+        for i in range(self.num_sites):
+            pub = self.tls_dir / f"supernode_{i}.pub"
+            res = self._cli(["supernode", "register", str(pub), CONNECTION, "--format", "json"],
+                            timeout=self.startup_timeout)
+            node_id = None
+            start = res.stdout.find("{")
+            if start >= 0:
+                try:
+                    node_id = int(json.loads(res.stdout[start:])["node-id"])
+                except (ValueError, KeyError, TypeError):
+                    node_id = None
+            if res.returncode != 0 or node_id is None:
+                raise RuntimeError(
+                    f"flwr supernode register {pub} failed ({res.returncode}): "
+                    f"{res.stdout[-2000:]} {res.stderr[-2000:]}"
+                )
+            self.node_ids[i] = node_id
+
+    def node_config_string(self, i: int) -> str:
+        values: dict[str, Any] = {
+            "state-dir": str(self.site_dir(i) / "state"),
+            "keys-dir": str(self.site_dir(i) / "keys"),
+        }
+        values.update(self.node_config.get(i, {"partition-id": i}))
+        return _pairs(values)
+
+    def start_site(self, i: int) -> None:
+        d = self.site_dir(i)
+        self._spawn(
+            f"site_{i}",
+            [
+                str(self.bin / "flower-supernode"),
+                "--superlink", f"127.0.0.1:{self.link_port}",
+                "--root-certificates", str(d / "tls" / "ca.crt"),
+                "--auth-supernode-private-key", str(d / "tls" / "supernode.key"),
+                "--host", "127.0.0.1",
+                "--port", str(self.site_ports[i]),
+                "--node-config", self.node_config_string(i),
+            ],
+            d / "flwr-home",
+        )
+
+    def start(self) -> LoopbackFederation:
+        """Provision, start the SuperLink, register and start every site."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.provision()
+        self.start_superlink()
+        self.register_sites()
+        for i in range(self.num_sites):
+            self.start_site(i)
+        return self
+
+    def flwr_run(
+        self,
+        experiment: Path,
+        run_dir: Path,
+        run_config: Mapping[str, Any] | None = None,
+        *,
+        timeout: float = 600.0,
+        wait: bool = True,
+    ) -> subprocess.Popen[bytes]:
+        """``flwr run APP_DIR loopback --run-config ... --stream``; waits for the run to end
+        unless ``wait`` is False (then the caller polls ``run_dir/status.json``)."""
+        values: dict[str, Any] = {
+            "experiment": str(Path(experiment).resolve()),
+            "run-dir": str(Path(run_dir).resolve()),
+            "keys-dir": str(self.coordinator_dir / "keys"),
+        }
+        values.update(run_config or {})
+        log = self.work / "logs" / "flwr-run.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        fh = log.open("ab")
+        popen = subprocess.Popen(
+            [str(self.bin / "flwr"), "run", str(APP_DIR), CONNECTION,
+             "--run-config", _pairs(values), "--stream"],
+            stdout=fh, stderr=subprocess.STDOUT, env=self._env(self.cli_home),
+            start_new_session=True, cwd=self.work,
+        )
+        self.procs["flwr-run"] = _Proc("flwr-run", popen, log, fh)
+        if wait:
+            self.wait_finished(run_dir, timeout)
+        return popen
+
+    def wait_finished(self, run_dir: Path, timeout: float) -> dict[str, Any]:
+        """Wait for the coordinator's ``status.json`` to say ``finished``."""
+        status = Path(run_dir) / "status.json"
+        deadline = time.monotonic() + timeout
+        run = self.procs.get("flwr-run")
+        while time.monotonic() < deadline:
+            if status.exists():
+                try:
+                    doc = json.loads(status.read_text())
+                except ValueError:
+                    doc = {}
+                if doc.get("stage") == "finished":
+                    return dict(doc)
+            if run is not None and run.popen.poll() is not None:
+                time.sleep(1.0)  # the last status write may still be landing
+                if not (status.exists() and json.loads(status.read_text()).get("stage")
+                        == "finished"):
+                    raise RuntimeError(
+                        "flwr run ended before the coordinator finished: "
+                        f"{run.log.read_text(errors='replace')[-3000:]}"
+                    )
+            time.sleep(0.2)
+        raise TimeoutError(f"the deployed run did not finish within {timeout:g} s; logs in "
+                           f"{self.work / 'logs'}")
+
+    def kill_site(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Kill site i's SuperNode and its children (a crash, not a goodbye)."""
+        proc = self.procs.get(f"site_{i}")
+        if proc is not None:
+            self._kill(proc, sig)
+
+    @staticmethod
+    def _kill(proc: _Proc, sig: int) -> None:
+        try:  # the whole session: the leader may be gone while its children live on
+            os.killpg(proc.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.popen.wait(timeout=10)
+        proc.fh.close()
+
+    def stop(self) -> None:
+        """Stop every process this federation started (sessions killed with children)."""
+        for name in list(self.procs)[::-1]:
+            proc = self.procs.pop(name)
+            self._kill(proc, signal.SIGTERM)
+            # SuperExec / ClientApp children share the session: make sure none survives
+            try:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self) -> LoopbackFederation:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def logs(self, tail: int = 4000) -> str:
+        """The tail of every log (for failure messages)."""
+        out = []
+        for p in sorted((self.work / "logs").glob("*.log")):
+            out.append(f"==== {p.name}\n{p.read_text(errors='replace')[-tail:]}")
+        return "\n".join(out)
+
+    def clean(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
