@@ -263,7 +263,7 @@ class FedDiffuse(Strategy):
             mean[self._segment_index(seg)] = r.sums[f"delta.{seg}"].to(torch.float64) / (
                 r.total_weight
             )
-        return self.base.apply_server_update(global_params, mean.to(global_params.dtype))
+        return self.base.apply_server_update(global_params, mean)
 
     def aggregate(
         self,
