@@ -405,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     ki.add_argument("--out", required=True, help="output folder")
     ki.add_argument("--overwrite", action="store_true", help="replace existing key files")
     ki.set_defaults(func=_cmd_keys_init)
+    from securefed.deploy.tls import add_keys_tls_parser  # `keys tls`: Flower deployment
+
+    add_keys_tls_parser(ksub)
     return p
 
 

@@ -105,6 +105,8 @@ class LoopbackFederation:
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("OMP_NUM_THREADS", "1")
         env["FLWR_TELEMETRY_ENABLED"] = "0"
+        # SuperExec polls for new ClientApp/ServerApp tasks every second by default
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
         return env
 
     def _spawn(self, name: str, argv: Sequence[str], flwr_home: Path) -> _Proc:

@@ -29,6 +29,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -39,6 +40,8 @@ from securefed.io import atomic_write_bytes
 
 __all__ = [
     "TLSMaterial",
+    "add_keys_tls_parser",
+    "cli_keys_tls",
     "load_supernode_public_key",
     "supernode_key_paths",
     "write_tls_material",
@@ -266,3 +269,40 @@ def load_supernode_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ValueError(f"{path}: SuperNode keys must be EC (NIST curve), got {type(key)}")
     return key
+
+
+def add_keys_tls_parser(keys_subparsers: Any) -> None:
+    """Register ``securefed keys tls`` on the ``keys`` sub-command parser."""
+    kt = keys_subparsers.add_parser(
+        "tls", help="Flower deployment: CA, SuperLink TLS certificate, SuperNode auth keys"
+    )
+    kt.add_argument("--out", required=True, help="output folder (created 0700)")
+    kt.add_argument(
+        "--host", action="append", dest="hosts", metavar="NAME_OR_IP",
+        help="host name or IP address the SuperNodes use to reach the SuperLink (repeat; "
+        "default: localhost and 127.0.0.1)",
+    )
+    kt.add_argument("--supernodes", type=int, required=True,
+                    help="number of SuperNode authentication key pairs")
+    kt.add_argument("--days", type=int, default=365, help="certificate validity (days)")
+    kt.add_argument("--overwrite", action="store_true", help="replace existing files")
+    kt.set_defaults(func=cli_keys_tls)
+
+
+def cli_keys_tls(args: Any) -> int:
+    """``securefed keys tls``: write the material, print what goes where."""
+    hosts = args.hosts or ["localhost", "127.0.0.1"]
+    try:
+        m = write_tls_material(
+            args.out, hosts, args.supernodes, days=args.days, overwrite=args.overwrite
+        )
+    except ValueError as exc:
+        raise SystemExit(f"securefed keys tls: error: {exc}") from None
+    print(f"CA certificate (every SuperNode, flwr CLI): {m.ca_cert}")
+    print(f"CA private key (keep offline, 0600):        {m.ca_key}")
+    print(f"SuperLink certificate for {', '.join(hosts)}: {m.superlink_cert}")
+    print(f"SuperLink private key (0600):               {m.superlink_key}")
+    for priv, pub in zip(m.supernode_keys, m.supernode_public_keys, strict=True):
+        print(f"SuperNode key (0600) {priv.name} / register {pub.name}")
+    print(f"manifest: {m.manifest}")
+    return 0

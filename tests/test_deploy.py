@@ -1,0 +1,519 @@
+"""Deployment on Flower: credentials, site config, protocol state across processes, and two
+loopback integration tests (SuperLink + 3 SuperNodes with TLS and node authentication).
+
+The integration tests (marker ``deploy``) start real ``flower-superlink`` / ``flower-supernode``
+processes on 127.0.0.1 and kill them (and their children) in ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from securefed.config import ExperimentConfig, parse_config
+from securefed.deploy.common import DeployConfigError, check_deployable, masking_params
+from securefed.deploy.coordinator import (
+    Coordinator,
+    CoordinatorOptions,
+    Reply,
+    quantization_tolerance,
+)
+from securefed.deploy.node import (
+    NodeConfigError,
+    NodeOptions,
+    Site,
+    build_trainer,
+    client_round_update,
+    dispatch,
+)
+from securefed.deploy.state import StateError, load_round_state, save_round_state
+from securefed.deploy.tls import load_supernode_public_key, write_tls_material
+from securefed.deploy.wire import WireError, decode_vector, encode_vector
+from securefed.secagg.keys import init_identity_keys, load_identities
+from securefed.secagg.masking.client import MaskingClient
+from securefed.secagg.masking.server import MaskingServer
+from securefed.secagg.masking.stages import Stage
+
+RAW: dict[str, Any] = {
+    "name": "deploy-test",
+    "seed": 3,
+    "device": "cpu",
+    "data": {"name": "digits", "max_examples": 400, "holdout_fraction": 0.25},
+    "partition": {"kind": "iid"},
+    "model": {"base_channels": 8, "channel_mults": [1], "norm_groups": 4,
+              "attention_levels": []},
+    "diffusion": {"timesteps": 50},
+    "federation": {"num_clients": 3, "rounds": 2, "fraction_fit": 1.0},
+    "client": {"local_steps": 2, "batch_size": 16, "lr": 0.002},
+    "strategy": {"name": "fedavg"},
+    "secure_aggregation": {"protocol": "masking", "threshold": 0.5, "neighbours": "all",
+                           "bits": 32, "clip_range": 1.0},
+    # secure_noise false: the noise is seeded from (seed, round, client) on both paths, so the
+    # deployed model can be compared with the simulation's
+    "dp": {"level": "record", "target_epsilon": 8.0, "max_grad_norm": 1.0,
+           "accountant": "rdp", "secure_noise": False},
+    "evaluation": {"every": 100, "fid": False, "grid_samples": 4, "sampling_steps": 5,
+                   "holdout_loss_examples": 32},
+    "checkpoint": {"every": 1, "keep_last": 5},
+}
+
+
+def _cfg(**section_overrides: dict[str, Any]) -> ExperimentConfig:
+    raw = json.loads(json.dumps(RAW))
+    for section, values in section_overrides.items():
+        raw[section].update(values)
+    return parse_config(raw)
+
+
+def _write_cfg(path: Path, cfg: ExperimentConfig) -> Path:
+    from securefed.config import dump_config
+
+    path.write_text(dump_config(cfg))
+    return path
+
+
+def _ckpt_params(run_dir: Path, rnd: int) -> torch.Tensor:
+    payload = torch.load(run_dir / "checkpoints" / f"round_{rnd:04d}.pt", weights_only=True)
+    return payload["global_params"]
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------- TLS
+
+
+def test_tls_material_is_a_valid_chain_with_private_keys_0600(tmp_path: Path) -> None:
+    m = write_tls_material(tmp_path / "tls", ["superlink.example.org", "10.0.0.5"], 2)
+    for p in (m.ca_key, m.superlink_key, *m.supernode_keys):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    ca = x509.load_pem_x509_certificate(m.ca_cert.read_bytes())
+    link = x509.load_pem_x509_certificate(m.superlink_cert.read_bytes())
+    # the SuperLink certificate is signed by the CA and names both hosts
+    ca_pub = ca.public_key()
+    assert isinstance(ca_pub, ec.EllipticCurvePublicKey)
+    assert link.signature_hash_algorithm is not None
+    ca_pub.verify(link.signature, link.tbs_certificate_bytes,
+                  ec.ECDSA(link.signature_hash_algorithm))
+    san = link.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["superlink.example.org"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    # SuperNode auth keys: EC (NIST) in OpenSSH format, public half matches the private key
+    for priv, pub in zip(m.supernode_keys, m.supernode_public_keys, strict=True):
+        key = serialization.load_ssh_private_key(priv.read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        pk = load_supernode_public_key(pub)
+        assert pk.public_numbers() == key.public_key().public_numbers()
+        sig = key.sign(b"x", ec.ECDSA(hashes.SHA256()))
+        pk.verify(sig, b"x", ec.ECDSA(hashes.SHA256()))
+    manifest = json.loads(m.manifest.read_text())
+    assert manifest["hosts"] == ["superlink.example.org", "10.0.0.5"]
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_tls_material(tmp_path / "tls", ["localhost"], 1)
+    with pytest.raises(ValueError, match="--host 'https://x'"):
+        write_tls_material(tmp_path / "other", ["https://x"], 1)
+    with pytest.raises(ValueError, match="--supernodes"):
+        write_tls_material(tmp_path / "other", ["localhost"], 0)
+
+
+def test_cli_keys_tls(tmp_path: Path) -> None:
+    from securefed.cli import main
+
+    out = tmp_path / "tls"
+    assert main(["keys", "tls", "--out", str(out), "--host", "127.0.0.1", "--host",
+                 "localhost", "--supernodes", "3"]) == 0
+    assert sorted(p.name for p in out.glob("supernode_*.key")) == [
+        "supernode_0.key", "supernode_1.key", "supernode_2.key"
+    ]
+    assert stat.S_IMODE((out / "superlink.key").stat().st_mode) == 0o600
+
+
+# ---------------------------------------------------------------------------- site config
+
+
+@pytest.mark.parametrize(
+    ("node_config", "match"),
+    [
+        ({"keys-dir": "/k", "partition-id": 0}, "state-dir: required"),
+        ({"state-dir": "/s", "partition-id": 0}, "keys-dir: required"),
+        ({"state-dir": "/s", "keys-dir": "/k"}, "exactly one of data-path"),
+        ({"state-dir": "/s", "keys-dir": "/k", "partition-id": 0, "data-path": "/d"},
+         "exactly one of data-path"),
+        ({"state-dir": "/s", "keys-dir": "/k", "data-path": "/d"}, "client-id: required"),
+        ({"state-dir": "/s", "keys-dir": "/k", "partition-id": "zero"},
+         "partition-id='zero': not an integer"),
+        ({"state-dir": "/s", "keys-dir": "/k", "partition-id": 0, "device": "tpu"},
+         "device='tpu'"),
+        ({"state-dir": "/s", "keys-dir": "/k", "partition-id": 0, "max-epsilon": -1},
+         "max-epsilon=-1.0: must be > 0"),
+        ({"state-dir": "/s", "keys-dir": "/k", "partition-id": 0, "colour": "red"},
+         r"unknown key\(s\) \['colour'\]"),
+    ],
+)
+def test_node_config_errors_name_the_key(node_config: dict[str, Any], match: str) -> None:
+    with pytest.raises(NodeConfigError, match=match):
+        NodeOptions.from_node_config(node_config)
+
+
+def test_node_config_parses_and_defaults() -> None:
+    o = NodeOptions.from_node_config({"state-dir": "/s", "keys-dir": "/k", "partition-id": 2})
+    assert (o.client_id, o.partition_id, o.device, o.require_dp) == (2, 2, "cpu", True)
+    o = NodeOptions.from_node_config(
+        {"state-dir": "/s", "keys-dir": "/k", "data-path": "/d", "client-id": "4",
+         "require-dp": "false", "max-epsilon": 3}
+    )
+    assert (o.client_id, o.data_path, o.require_dp, o.max_epsilon) == (4, Path("/d"), False, 3)
+
+
+def test_deployment_refuses_what_it_does_not_implement() -> None:
+    with pytest.raises(DeployConfigError, match="secure_aggregation.protocol: 'plain'"):
+        check_deployable(_cfg(secure_aggregation={"protocol": "plain"}))
+    with pytest.raises(DeployConfigError, match="federation.dropout_prob"):
+        check_deployable(_cfg(federation={"dropout_prob": 0.1}))
+    check_deployable(_cfg())
+
+
+def test_site_refuses_an_experiment_without_dp(tmp_path: Path) -> None:
+    from securefed.config import dump_config
+    from securefed.deploy.wire import PROTOCOL_VERSION
+
+    init_identity_keys(tmp_path / "keys", 3)
+    site = Site(NodeOptions(tmp_path / "s", tmp_path / "keys", 0, partition_id=0))
+    no_dp = _cfg(dp={"level": "none", "target_epsilon": None})
+    with pytest.raises(DeployConfigError, match="dp.level: 'none'.*require-dp"):
+        site.setup({"version": PROTOCOL_VERSION, "experiment": dump_config(no_dp)})
+    strict = Site(NodeOptions(tmp_path / "s", tmp_path / "keys", 0, partition_id=0,
+                              max_epsilon=4.0))
+    with pytest.raises(DeployConfigError, match="exceeds this site's max-epsilon 4.0"):
+        strict.setup({"version": PROTOCOL_VERSION, "experiment": dump_config(_cfg())})
+    with pytest.raises(WireError, match="coordinator speaks 'v0'"):
+        site.setup({"version": "v0", "experiment": ""})
+    assert not (tmp_path / "s" / "privacy_ledger.json").exists()
+
+
+# ------------------------------------------------------------------------------ wire / state
+
+
+def test_vectors_are_length_checked_before_use() -> None:
+    t = torch.tensor([1.0, -2.5, 3.25])
+    assert torch.equal(decode_vector(encode_vector(t), 3, "x", "f"), t)
+    with pytest.raises(WireError, match="x: f: 8 bytes, expected 12"):
+        decode_vector(encode_vector(t)[:8], 3, "x", "f")
+    with pytest.raises(WireError, match="NaN or infinite"):
+        decode_vector(encode_vector(torch.tensor([float("nan")])), 1, "x", "f")
+    with pytest.raises(WireError, match="expected bytes"):
+        decode_vector("abc", 1, "x", "f")  # type: ignore[arg-type]
+
+
+def test_masking_round_survives_a_process_per_stage(tmp_path: Path) -> None:
+    """Each stage rebuilds the client from its saved state (as a fresh ClientApp process
+    does); a client that drops after sharing keys is recovered; the sum is the survivors'."""
+    cfg = _cfg()
+    params = masking_params(cfg)
+    init_identity_keys(tmp_path / "keys", 3)
+    ids = load_identities(tmp_path / "keys", 3)
+    rng = np.random.default_rng(0)
+    inputs = {c: rng.uniform(-0.3, 0.3, 17) for c in range(3)}
+    server = MaskingServer(5, [0, 1, 2], 17, params, ids.roster, ids.server_key)
+    down = server.start()
+    live = {0, 1, 2}
+    for stage in Stage.ORDER:
+        if stage == Stage.MASKED_INPUT:
+            live.discard(2)  # site 2 crashes after sharing its keys
+        for cid in sorted(live & set(down)):
+            d = tmp_path / f"site{cid}"
+            if stage == Stage.ADVERTISE_KEYS:
+                client = MaskingClient(cid, 5, params, ids.client_keys[cid], ids.roster,
+                                       inputs[cid])
+            else:
+                state, vec = load_round_state(d, cid, 5, params)
+                client = MaskingClient(cid, 5, params, ids.client_keys[cid], ids.roster, vec)
+                client.state = state
+            reply = client.handle(down[cid])
+            masked = Stage.index(stage) >= Stage.index(Stage.MASKED_INPUT)
+            save_round_state(d, client.state, None if masked else inputs[cid])
+            assert stat.S_IMODE((d / "secagg" / "round.json").stat().st_mode) == 0o600
+            server.receive(cid, reply)
+        down = server.close_stage()
+    assert server.output is not None
+    assert server.output.survivors == (0, 1)
+    assert server.output.recovered == (2,)
+    np.testing.assert_allclose(server.output.total, inputs[0] + inputs[1], atol=1e-8)
+    # the stored state is bound to its client and round
+    with pytest.raises(StateError, match="for client 0 round 5"):
+        load_round_state(tmp_path / "site0", 0, 6, params)
+    (tmp_path / "site1" / "secagg" / "round.json").write_text("{not json")
+    with pytest.raises(StateError, match="corrupt"):
+        load_round_state(tmp_path / "site1", 1, 5, params)
+
+
+# ------------------------------------------------------------ expected results, recomputed
+
+
+def _expected_round_one(
+    cfg: ExperimentConfig, survivors: list[int], weight_scale: float, work: Path
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Round 1 recomputed in this process from the survivors' own data: the FedAvg of their
+    updates (exact sums, no masking). Returns (initial, expected next global, total weight)."""
+    from securefed.client.update import get_flat
+    from securefed.federation.simulation import SimClient
+    from securefed.run import build_model, build_privacy
+    from securefed.strategies import build_strategy
+
+    strategy = build_strategy(cfg.strategy, cfg.federation.num_clients, weight_scale=weight_scale)
+    sums: dict[str, torch.Tensor] = {}
+    total_weight = 0.0
+    init = None
+    for cid in survivors:
+        site = Site(NodeOptions(work / f"re{cid}", work, cid, partition_id=cid))
+        data = site.load_data(cfg)
+        model = build_model(cfg, data.image_shape, data.num_classes)
+        if init is None:
+            init = get_flat(model)
+        privacy = build_privacy(cfg, work / f"re{cid}", [SimClient(cid, data)], resume=False)
+        update, _ = client_round_update(
+            cfg, strategy, build_trainer(cfg, model, torch.device("cpu")), cid, data,
+            strategy.broadcast(init), {}, 1, privacy,
+        )
+        for k, v in update.vectors.items():
+            sums[k] = sums.get(k, torch.zeros(v.numel(), dtype=torch.float64)) + v.double()
+        total_weight += update.weight
+    assert init is not None
+    nxt = strategy.aggregate(1, init, sums, total_weight, len(survivors)).to(torch.float32)
+    return init, nxt, total_weight
+
+
+def _tolerance(line: Mapping[str, Any], init: torch.Tensor, new: torch.Tensor) -> float:
+    """The masking grid's bound on one round's global model, plus float32 rounding."""
+    info = line["protocol_info"]
+    mean_delta = float((new - init).abs().max())
+    q = quantization_tolerance(info["quantization_error_bound"], info["total_weight"],
+                               mean_delta)
+    return q + 4 * float(torch.finfo(torch.float32).eps) * float(new.abs().max())
+
+
+class _InProcess:
+    """The coordinator's transport, in-process: every message goes through the same
+    ``dispatch`` the ClientApp uses. ``drop`` = {client: stage}: from that stage on, the site
+    does not answer (a crash)."""
+
+    def __init__(self, sites: dict[int, Site], drop: Mapping[int, str]) -> None:
+        self.sites, self.drop = sites, dict(drop)
+
+    def node_ids(self) -> list[int]:
+        return sorted(self.sites)
+
+    def exchange(self, message_type: str, contents: Mapping[int, Mapping[str, Any]], *,
+                 timeout: float, group: str) -> dict[int, Reply]:
+        out: dict[int, Reply] = {}
+        stage = message_type.partition(".")[2]
+        for node, content in contents.items():
+            site = self.sites[node]
+            at = self.drop.get(site.cid)
+            if at is not None and stage in Stage.ORDER and (
+                Stage.index(stage) >= Stage.index(at)
+            ):
+                continue
+            out[node] = dispatch(site, message_type, content)
+        return out
+
+
+def test_coordinator_recovers_a_dropped_site_in_process(tmp_path: Path) -> None:
+    """The deployment round (without Flower): site 2 vanishes after sharing its keys; the
+    round completes with exactly the survivors' FedAvg, and every site's ledger is charged."""
+    cfg = _cfg(federation={"rounds": 1})
+    init_identity_keys(tmp_path / "keys", 3)
+    sites = {
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i))
+        for i in range(3)
+    }
+    events: list[dict[str, Any]] = []
+    res = Coordinator(
+        cfg,
+        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
+        _InProcess(sites, {2: Stage.MASKED_INPUT}),
+        on_event=events.append,
+    ).run()
+    line = res.metrics[0]
+    assert line["participants"] == [0, 1]
+    assert line["dropped_at"] == {"2": "masked_input"}
+    assert line["protocol_info"]["recovered_clients"] == [2]
+    assert [e["stage"] for e in events if e.get("state") == "sent"] == list(Stage.ORDER)
+    n = json.loads((tmp_path / "run" / "sites.json").read_text())["sites"]
+    scale = float(sum(s["num_examples"] for s in n.values()))
+    init, expected, _ = _expected_round_one(cfg, [0, 1], scale, tmp_path / "re")
+    got = _ckpt_params(tmp_path / "run", 1)
+    assert float((got - expected).abs().max()) <= _tolerance(line, init, expected)
+    assert float((got - init).abs().max()) > 100 * _tolerance(line, init, expected)
+    for i in range(3):  # charged before the update left the site, dropped or not
+        ledger = json.loads((tmp_path / f"site{i}" / "privacy_ledger.json").read_text())
+        assert [(e["round"], e["steps"]) for e in ledger["entries"]] == [(1, 2)]
+    assert not (tmp_path / "site0" / "secagg" / "round.json").exists()  # round state cleared
+
+
+# ------------------------------------------------------------------ Flower integration tests
+
+
+def _federation(tmp_path: Path) -> Any:
+    pytest.importorskip("flwr")
+    from securefed.deploy.loopback import LoopbackFederation
+
+    return LoopbackFederation(tmp_path / "fed", 3)
+
+
+def _wait_status(run_dir: Path, pred: Any, timeout: float, fed: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = run_dir / "status.json"
+        if p.exists():
+            try:
+                doc = json.loads(p.read_text())
+            except ValueError:
+                doc = {}
+            if pred(doc):
+                return dict(doc)
+        time.sleep(0.1)
+    raise AssertionError(f"status never reached the expected state\n{fed.logs()}")
+
+
+@pytest.mark.deploy
+@pytest.mark.timeout(1200)
+def test_deployed_run_matches_the_simulation(tmp_path: Path) -> None:
+    """2 rounds of FedAvg + record-level DP + masking over flower-superlink and 3
+    flower-supernodes (TLS, registered node keys): the global model equals the simulation's
+    within the masking grid, and each site's ledger equals the simulation's for that client."""
+    from securefed.run import run_experiment
+
+    cfg = _cfg()
+    exp = _write_cfg(tmp_path / "experiment.yaml", cfg)
+    fed = _federation(tmp_path)
+    run_dir = tmp_path / "deployed"
+    try:
+        t0 = time.monotonic()
+        fed.start()
+        started = time.monotonic() - t0
+        fed.flwr_run(exp, run_dir, {"stage-timeout": 240.0, "train-timeout": 480.0},
+                     wait=False)
+        # meanwhile, the simulation of the same config and seed, in this process
+        t1 = time.monotonic()
+        sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+        sim_seconds = time.monotonic() - t1
+        fed.wait_finished(run_dir, timeout=900)
+        deployed_seconds = time.monotonic() - t0
+    except BaseException:
+        print(fed.logs())
+        raise
+    finally:
+        fed.stop()
+    rows, sim_rows = _metrics(run_dir), sim.metrics
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["participants"] == [0, 1, 2] and r["dropped"] == [], r
+    # the SuperNodes that took part are exactly the registered (authenticated) ones
+    sites = json.loads((run_dir / "sites.json").read_text())["sites"]
+    assert {int(c): s["node_id"] for c, s in sites.items()} == fed.node_ids
+    # TLS: the SuperLink served https only
+    assert "Uvicorn running on https://127.0.0.1" in (fed.work / "logs" / "superlink.log"
+                                                         ).read_text()
+    # round 1: same start, same seeded DP noise; only the two masking grids differ
+    sim1, dep1 = _ckpt_params(tmp_path / "sim", 1), _ckpt_params(run_dir, 1)
+    from securefed.client.update import get_flat
+    from securefed.run import build_model
+
+    init = get_flat(build_model(cfg, (1, 8, 8), 10))
+    tol1 = 2 * _tolerance(rows[0], init, sim1)
+    assert float((dep1 - sim1).abs().max()) <= tol1
+    assert float((dep1 - init).abs().max()) > 100 * tol1  # the model did move
+    # round 2 trains from those (equal within tol1) models: the final models agree to the
+    # grid bound of both rounds, with room for the training step's sensitivity to its start
+    final = _ckpt_params(run_dir, 2)
+    tol2 = tol1 + 2 * _tolerance(rows[1], sim1, sim.final_params)
+    assert float((final - sim.final_params).abs().max()) <= 10 * tol2
+    # ledgers: each site's own file holds exactly the simulation's plan and charges for it
+    sim_ledger = json.loads((tmp_path / "sim" / "privacy_ledger.json").read_text())
+    for i in range(3):
+        led = json.loads((fed.site_dir(i) / "state" / "privacy_ledger.json").read_text())
+        assert list(led["clients"]) == [str(i)]
+        assert led["clients"][str(i)] == sim_ledger["clients"][str(i)]
+        mine = [e for e in sim_ledger["entries"] if e["client_id"] == i]
+        assert len(led["entries"]) == len(mine) == 2
+        for a, b in zip(led["entries"], mine, strict=True):
+            assert {k: v for k, v in a.items() if k != "epsilon_after"} == {
+                k: v for k, v in b.items() if k != "epsilon_after"
+            }
+            assert a["epsilon_after"] == pytest.approx(b["epsilon_after"], rel=1e-9)
+        assert rows[-1]["epsilon"][str(i)] == pytest.approx(sim_rows[-1]["epsilon"][str(i)],
+                                                            abs=1e-6)
+    timing = {
+        "federation_start_s": round(started, 1),
+        "deployed_total_s": round(deployed_seconds, 1),
+        "deployed_round_s": [r["seconds"]["round_total"] for r in rows],
+        "simulated_total_s": round(sim_seconds, 1),
+        "simulated_round_s": [r["seconds"]["round_total"] for r in sim_rows],
+        "bytes_up_per_site": rows[0]["bytes_up_clients"],
+    }
+    print("deploy timing:", json.dumps(timing))
+
+
+@pytest.mark.deploy
+@pytest.mark.timeout(900)
+def test_killed_supernode_round_completes_with_the_survivors_sum(tmp_path: Path) -> None:
+    """SIGKILL one SuperNode right after the coordinator asked for masked inputs: the round
+    completes with the two survivors (its masks removed through its s-key shares) and the new
+    global model is the survivors' FedAvg."""
+    cfg = _cfg(federation={"rounds": 1})
+    exp = _write_cfg(tmp_path / "experiment.yaml", cfg)
+    fed = _federation(tmp_path)
+    run_dir = tmp_path / "deployed"
+    try:
+        fed.start()
+        fed.flwr_run(exp, run_dir, {"stage-timeout": 60.0, "train-timeout": 480.0},
+                     wait=False)
+        _wait_status(
+            run_dir,
+            lambda d: d.get("round") == 1 and d.get("stage") == Stage.MASKED_INPUT
+            and d.get("state") == "sent",
+            timeout=600, fed=fed,
+        )
+        fed.kill_site(2)
+        killed_at = time.monotonic()
+        fed.wait_finished(run_dir, timeout=600)
+    except BaseException:
+        print(fed.logs())
+        raise
+    finally:
+        fed.stop()
+    assert time.monotonic() - killed_at < 600
+    (line,) = _metrics(run_dir)
+    assert line["participants"] == [0, 1]
+    assert line["dropped_at"] == {"2": "masked_input"}
+    assert line["protocol_info"]["recovered_clients"] == [2]
+    assert "no reply within" in line["dropout_reasons"]["2"]
+    sites = json.loads((run_dir / "sites.json").read_text())["sites"]
+    scale = float(sum(s["num_examples"] for s in sites.values()))
+    init, expected, total_weight = _expected_round_one(cfg, [0, 1], scale, tmp_path / "re")
+    assert line["protocol_info"]["total_weight"] == pytest.approx(total_weight, abs=1e-6)
+    got = _ckpt_params(run_dir, 1)
+    tol = _tolerance(line, init, expected)
+    assert float((got - expected).abs().max()) <= tol
+    assert float((got - init).abs().max()) > 100 * tol
+    # the killed site had charged its ledger before its keys (and nothing else) left it
+    led = json.loads((fed.site_dir(2) / "state" / "privacy_ledger.json").read_text())
+    assert [(e["round"], e["steps"]) for e in led["entries"]] == [(1, 2)]
+    assert os.path.exists(fed.site_dir(2) / "state" / "secagg" / "round.json")
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["federation"]["rounds"] == 1
