@@ -270,6 +270,12 @@ class Coordinator:
                 "image_shape": list(self.image_shape),
             },
         )
+        # what `securefed sample RUN_DIR` needs; the label counts themselves stay at the sites
+        atomic_write_json(
+            run_dir / "label_histogram.json",
+            {"num_classes": self.num_classes, "class_names": [], "counts": [],
+             "members": int(self.weight_scale), "holdout": 0},
+        )
         atomic_write_json(
             run_dir / "sites.json",
             {
