@@ -11,6 +11,8 @@ Kinds:
     - ``inverted``: real images (from a source set that never reaches a client, e.g. a held
       part of the holdout) with their intensities inverted (``x -> -x``).
     - ``mislabelled``: real source images with a wrong label (class-conditional models).
+    - ``natural``: real source images, unchanged (in-distribution canaries; the one-run
+      audit then randomises the membership of ordinary examples, Steinke et al. 2023 §7).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ __all__ = [
 ]
 
 CANARY_DIR = "canaries"
-CanaryKind = Literal["ood", "inverted", "mislabelled"]
-CANARY_KINDS: tuple[str, ...] = ("ood", "inverted", "mislabelled")
+CanaryKind = Literal["ood", "inverted", "mislabelled", "natural"]
+CANARY_KINDS: tuple[str, ...] = ("ood", "inverted", "mislabelled", "natural")
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,8 @@ def make_canary_images(
     """``m`` canary images ``[m, C, H, W]`` and labels ``[m]`` of the given kind.
 
     Args:
-        kind: ``ood``, ``inverted`` or ``mislabelled``.
-        source: real images the canaries are made from (``inverted``/``mislabelled``); must
+        kind: ``ood``, ``inverted``, ``mislabelled`` or ``natural``.
+        source: real images the canaries are made from (all kinds but ``ood``); must
             not be training data, and must hold at least ``m`` examples.
     """
     if kind not in CANARY_KINDS:
@@ -101,7 +103,7 @@ def make_canary_images(
     labels = source.labels[torch.as_tensor(idx)].clone()
     if kind == "inverted":
         imgs = -imgs
-    else:
+    elif kind == "mislabelled":
         if num_classes < 2:
             raise ValueError("canaries.kind: 'mislabelled' needs at least 2 classes")
         shift = torch.from_numpy(rng.integers(1, num_classes, size=m).astype(np.int64))
