@@ -39,7 +39,8 @@ def test_copies_are_flagged_and_fresh_images_are_not(tmp_path) -> None:
     rng = np.random.default_rng(0)
     train = torch.tensor(rng.uniform(-1, 1, (200, 1, 8, 8)), dtype=torch.float32)
     holdout = torch.tensor(rng.uniform(-1, 1, (200, 1, 8, 8)), dtype=torch.float32)
-    copies = train[:10] + 0.01 * torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    copies = train[:10] + 0.01 * torch.randn(10, 1, 8, 8, generator=gen)
     fresh = torch.tensor(rng.uniform(-1, 1, (30, 1, 8, 8)), dtype=torch.float32)
     rep = audit_memorization(
         torch.cat([copies, fresh]),

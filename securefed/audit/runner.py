@@ -170,6 +170,18 @@ def _targets(run: AuditRun, kinds: set[str], notes: list[str]) -> list[tuple[str
     return out
 
 
+def _without_canaries(ds: ImageDataset, run: AuditRun) -> ImageDataset:
+    """``ds`` minus any image that is one of the run's canaries (natural canaries are drawn
+    from the holdout; an inserted one is a member, not a non-member)."""
+    if run.canaries is None:
+        return ds
+    from securefed.audit.attacks.lira import _row_keys
+
+    canary_keys = set(_row_keys(run.canaries.images))
+    keep = [i for i, k in enumerate(_row_keys(ds.images)) if k not in canary_keys]
+    return ds.subset(np.asarray(keep, dtype=np.int64))
+
+
 def _generate(run: AuditRun, n: int, steps: int, seed: int, progress: bool) -> torch.Tensor:
     from securefed.diffusion import sample
 
@@ -260,7 +272,12 @@ def run_audit(
 
     # ---- evaluation sets: the same non-members for every target; LiRA keeps half the holdout
     # as its reference (shadow) data and evaluates on the other half
-    holdout = run.holdout
+    holdout = _without_canaries(run.holdout, run)
+    if len(holdout) < len(run.holdout):
+        notes.append(
+            f"{len(run.holdout) - len(holdout)} holdout images served as canaries and are not "
+            "used as non-members"
+        )
     uses_lira = any(n.startswith("lira") for n in names)
     reference = None
     if uses_lira:
@@ -390,7 +407,7 @@ def run_audit(
         mem = audit_memorization(
             synth,
             run.members.images,
-            run.holdout.images,
+            holdout.images,
             rng,
             source=source,
             bootstrap=st.bootstrap,
