@@ -175,9 +175,10 @@ class Coordinator:
         nodes = self._wait_for_sites()
         self._event(stage="setup", nodes=len(nodes))
         content = {"version": PROTOCOL_VERSION, "experiment": dump_config(self.cfg)}
+        # setup loads the site's data and calibrates its noise: as slow as training
         replies = self.transport.exchange(
             MESSAGE_SETUP, dict.fromkeys(nodes, content),
-            timeout=self.options.stage_timeout, group="setup",
+            timeout=self.options.train_timeout, group="setup",
         )
         refused: dict[int, str] = {}
         for node in nodes:

@@ -32,13 +32,11 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from securefed.config import ConfigError, ExperimentConfig, dump_config, parse_config
-from securefed.data import ImageDataset
 from securefed.deploy.common import (
     DeployConfigError,
     check_deployable,
@@ -57,7 +55,12 @@ from securefed.deploy.wire import (
 )
 from securefed.io import atomic_write_bytes, atomic_write_text
 from securefed.secagg.masking.stages import Stage
-from securefed.strategies import ClientUpdate, Strategy
+
+if TYPE_CHECKING:  # torch, data and strategies load only in the stages that train
+    import torch
+
+    from securefed.data import ImageDataset
+    from securefed.strategies import ClientUpdate, Strategy
 
 __all__ = [
     "NodeConfigError",
@@ -405,6 +408,8 @@ class Site:
             pending.unlink()
 
     def _client_state(self) -> dict[str, torch.Tensor]:
+        import torch
+
         path = self.options.state_dir / CLIENT_STATE_FILE
         if not path.exists():
             return {}
@@ -416,6 +421,8 @@ class Site:
     def train_and_advertise(self, content: Mapping[str, Any]) -> dict[str, Any]:
         """Stage ``advertise_keys``: train locally (DP), charge the ledger, mask nothing yet:
         answer the round's :class:`RoundStart` with this site's advertised keys."""
+        import torch
+
         from securefed.client.trainer import local_steps_for
         from securefed.client.update import num_params
         from securefed.run import build_model, resolve_device

@@ -24,10 +24,12 @@ stage)                 broadcast (global model), weight scale and the    trainin
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "MESSAGE_SETUP",
@@ -57,6 +59,8 @@ class WireError(ValueError):
 
 def encode_vector(t: torch.Tensor) -> bytes:
     """``[D]`` tensor -> raw little-endian float32 bytes."""
+    import torch
+
     arr = t.detach().to("cpu", torch.float32).reshape(-1).numpy()
     return arr.astype("<f4", copy=False).tobytes()
 
@@ -72,6 +76,8 @@ def decode_vector(data: bytes, numel: int, who: str, field: str) -> torch.Tensor
     arr = np.frombuffer(bytes(data), dtype="<f4").astype(np.float32)
     if not np.all(np.isfinite(arr)):
         raise WireError(f"{who}: {field}: contains NaN or infinite values")
+    import torch
+
     return torch.from_numpy(arr.copy())
 
 
