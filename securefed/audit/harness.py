@@ -118,7 +118,8 @@ def write_run_dir(
 
     With ``cfg.dp.level: record`` a privacy ledger is written for client 0, planned and charged
     for ``trained.steps`` steps at ``ledger_noise_multiplier`` (default: the multiplier actually
-    used). Passing a LARGER multiplier than the one used writes a ledger that lies.
+    used) and ``delta`` (default ``cfg.dp.delta``, else ``1 / (10 n)``). Passing a LARGER
+    multiplier than the one used writes a ledger that lies.
     """
     from securefed.client.update import num_params
     from securefed.federation.checkpoint import Checkpoint, save_checkpoint
@@ -140,7 +141,14 @@ def write_run_dir(
     )
     atomic_write_json(
         run_dir / "label_histogram.json",
-        {"num_classes": trained.data.num_classes, "class_names": list(trained.data.class_names)},
+        {
+            "num_classes": trained.data.num_classes,
+            "class_names": list(trained.data.class_names),
+            "counts": [
+                torch.bincount(trained.data.labels, minlength=trained.data.num_classes).tolist()
+            ],
+            "members": len(trained.data),
+        },
     )
     save_checkpoint(
         run_dir / "checkpoints",
@@ -164,7 +172,7 @@ def write_run_dir(
             sample_rate=trained.sample_rate,
             planned_steps=trained.steps,
             target_epsilon=ledger_target_epsilon,
-            delta=delta if delta is not None else default_delta(len(trained.data)),
+            delta=delta or cfg.dp.delta or default_delta(len(trained.data)),
             accountant=cfg.dp.accountant,
         )
         ledger.charge(0, phase="round", round=1, steps=trained.steps)

@@ -250,6 +250,9 @@ def write_run_report(run_dir: str | Path) -> Path:
                 f"{_fmt(r.get('fid'))} | {total:.1f} |"
             )
         lines.append("")
+    from securefed.audit.report import audit_section  # `securefed audit` wrote audit/
+
+    lines += audit_section(run_dir)
     out = run_dir / "report.md"
     atomic_write_text(out, "\n".join(lines))
     return out

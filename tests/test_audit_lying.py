@@ -1,0 +1,97 @@
+"""A lying run (noise multiplier 0 while the ledger claims epsilon = 1) is caught: the canary
+audit's eps_LB exceeds 1, `securefed audit` fails loudly, and the run report shows it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from securefed.audit.canaries import draw_canaries, load_canaries
+from securefed.audit.harness import train_model, write_run_dir
+from securefed.cli import main
+from securefed.client.dp import sample_rate_for
+from securefed.privacy import calibrate_noise_multiplier
+from securefed.run import prepare_data
+from tests.test_audit_helpers import audit_config
+
+STEPS = 300
+DELTA = 1e-5
+
+
+@pytest.fixture(scope="module")
+def lying_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """13 records + 96 natural canaries (fair coins), full-batch DP-SGD with NO noise; the
+    ledger records the multiplier calibrated for epsilon 1. The clip is large: with zero noise
+    the clip does not change the (absent) guarantee, only how fast the model memorises."""
+    cfg = audit_config(
+        128,
+        0.9,
+        batch_size=64,
+        dp={
+            "level": "record",
+            "target_epsilon": 1.0,
+            "delta": DELTA,
+            "max_grad_norm": 100.0,
+            "secure_noise": False,
+        },
+    )
+    data = prepare_data(cfg)
+    canaries = draw_canaries("natural", 96, data.members.image_shape, 10, 1, 11, data.holdout)
+    trained = train_model(
+        cfg, data.members, steps=STEPS, seed=0, noise_multiplier=0.0, canaries=canaries
+    )
+    claimed = calibrate_noise_multiplier(
+        1.0, DELTA, sample_rate_for(cfg.client, len(trained.data)), STEPS, cfg.dp.accountant
+    )
+    run_dir = tmp_path_factory.mktemp("lying")
+    return write_run_dir(
+        run_dir,
+        cfg,
+        trained,
+        canaries=canaries,
+        ledger_noise_multiplier=claimed,
+        ledger_target_epsilon=1.0,
+    )
+
+
+def test_lying_run_fails_the_audit(lying_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert load_canaries(lying_run) is not None  # recorded in the run directory
+    rc = main(
+        [
+            "audit",
+            str(lying_run),
+            "--threat-model",
+            "external_released_model",
+            "--max-examples",
+            "64",
+            "--bootstrap",
+            "20",
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    rep = json.loads((lying_run / "audit" / "report.json").read_text())
+    assert rep["passed"] is False
+    eps = rep["epsilon"]
+    assert eps["accountant"] == pytest.approx(1.0, abs=0.02)
+    assert eps["eps_lb"] > 1.0, eps
+    dp_holds = next(c for c in rep["criteria"] if c["id"] == "dp-holds")
+    assert dp_holds["passed"] is False and dp_holds["actual"] > dp_holds["threshold"]
+    assert any("DP VIOLATION" in n for n in rep["notes"])
+    assert "DP VIOLATION" in out and "audit FAILED" in out
+    for f in ("report.md", "roc.png", "roc_curves.json"):
+        assert (lying_run / "audit" / f).exists()
+    assert "Privacy audit: FAIL" in (lying_run / "audit" / "report.md").read_text()
+
+
+def test_run_report_includes_the_audit_section(lying_run: Path) -> None:
+    if not (lying_run / "audit" / "report.json").exists():
+        pytest.skip("needs the audit of the previous test")
+    assert main(["report", str(lying_run)]) == 0
+    text = (lying_run / "report.md").read_text()
+    assert "## Privacy audit: FAIL" in text
+    assert "accountant epsilon" in text and "empirical eps_LB" in text
+    assert "| loss | global |" in text
