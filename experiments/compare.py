@@ -126,6 +126,29 @@ def summarize_run(rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     }
 
 
+def aux_quality(run_dir: Path) -> dict[str, float] | None:
+    """Domain FID / precision / recall of a FedDDPM run's auxiliary set against the holdout
+    (the same evaluator the run uses): how good the data the server calibrates on is."""
+    npz = run_dir / "auxiliary" / "auxiliary.npz"
+    if not npz.exists():
+        return None
+    from securefed.metrics import SampleEvaluator
+    from securefed.run import cache_dir, prepare_data
+
+    cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    data = prepare_data(cfg)
+    ev = SampleEvaluator(
+        data.members.images, data.members.labels, data.holdout.images, data.holdout.labels,
+        data.members.num_classes, dataset_fingerprint=data.members.fingerprint(),
+        cfg=cfg.evaluation, cache_dir=cache_dir() / "featnets", seed=cfg.seed,
+        device=torch.device("cpu"),
+    )
+    with np.load(npz) as z:
+        imgs = torch.from_numpy(z["images"])
+    rep = ev.evaluate(imgs).as_dict()
+    return {k: float(rep[k]) for k in ("fid", "precision", "recall") if rep.get(k) is not None}
+
+
 def run_cell(method: str, partition: str, seed: int, scale: str, out: Path) -> dict[str, Any]:
     cfg = parse_config(build_raw(method, partition, seed, scale))
     run_dir = out / partition / method / f"seed{seed}"
@@ -144,6 +167,7 @@ def run_cell(method: str, partition: str, seed: int, scale: str, out: Path) -> d
             sum(c.get("pretrain_steps", 0) for c in m["clients"].values())
         )
         summary["phase0_seconds"] = m.get("seconds")
+        summary["aux"] = aux_quality(run_dir)
     return {"method": method, "partition": partition, "seed": seed, "scale": scale, **summary}
 
 
@@ -182,6 +206,28 @@ def make_table(results: list[dict[str, Any]], methods: list[str], partitions: li
                 f"{params / 1e6:.2f} | {rel} | {np.mean([r['wall_seconds'] for r in rs]):.0f} |"
             )
     return "\n".join(lines)
+
+
+def aux_table(results: list[dict[str, Any]], out: Path) -> str:
+    """FedDDPM rows: quality of the auxiliary set vs the final model, and phase-0 cost."""
+    lines = [
+        "| partition | method | seed | aux-set FID | aux precision | aux recall | model FID | "
+        "pretrain steps | phase 0 s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        if not r["method"].startswith("fedddpm"):
+            continue
+        aux = r.get("aux") or aux_quality(out / r["partition"] / r["method"] / f"seed{r['seed']}")
+        if not aux:
+            continue
+        lines.append(
+            f"| {r['partition']} | {r['method']} | {r['seed']} | {aux['fid']:.2f} | "
+            f"{100 * aux.get('precision', float('nan')):.0f}% | "
+            f"{100 * aux.get('recall', float('nan')):.0f}% | {r['fid']:.2f} | "
+            f"{r.get('pretrain_steps', '-')} | {r.get('phase0_seconds', '-')} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def plot_fid(results: list[dict[str, Any]], partitions: list[str], path: Path) -> None:
@@ -230,7 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
     ap.add_argument("--readme", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--calibration-sweep", type=int, nargs="*", default=[],
+        help="also run fedddpm with these calibration_steps (methods fedddpm_cal<k>)",
+    )
     args = ap.parse_args(argv)
+    for k in args.calibration_sweep:
+        name = f"fedddpm_cal{k}"
+        METHODS[name] = {"fedddpm": {"enabled": True, "variant": "fedddpm",
+                                     "calibration_steps": k}}
+        args.methods.append(name)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out = args.out / args.scale
@@ -267,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{sc['local_steps']} local steps (batch 32), UNet base 16 channels, FID on "
         f"{sc['fid_samples']} DDIM-25 samples vs the holdout; seeds {sorted(args.seeds)}._"
     )
+    aux = aux_table(results, out)
+    if aux:
+        table += "\n\nAuxiliary-set quality (FedDDPM runs):\n\n" + aux
     atomic_write_text(out / "table.md", note + "\n\n" + table + "\n")
     plot_fid(results, parts, out / "fid_vs_round.png")
     print(note)
