@@ -4,7 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= experiments/quickstart.yaml
-RUN_OUT ?= runs/$(notdir $(basename $(CONFIG)))-$(shell date +%Y%m%d-%H%M%S)
+RUN_STAMP := $(shell date +%Y%m%d-%H%M%S)
+RUN_OUT ?= runs/$(notdir $(basename $(CONFIG)))-$(RUN_STAMP)
+# threat models the quickstart's releases (global model, FedDDPM auxiliary set) must meet
+AUDIT_THREATS ?= external_released_model external_released_synthetic
 # pytest workers (2 cores here); each worker uses one torch thread
 WORKERS ?= 2
 
@@ -18,9 +21,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## quickstart on the embedded digits dataset (creates the environment if missing)
+## quickstart on the embedded digits dataset (creates the environment if missing), then its
+## privacy audit against AUDIT_THREATS (fails if a required defence or criterion fails)
 run: $(STAMP)
-	$(VENV)/bin/securefed run $(CONFIG) --out $(RUN_OUT)
+	$(VENV)/bin/securefed run $(CONFIG) --out $(RUN_OUT) $(foreach t,$(AUDIT_THREATS),--threat-model $(t))
+	$(VENV)/bin/securefed audit $(RUN_OUT) $(foreach t,$(AUDIT_THREATS),--threat-model $(t))
 
 ## the test suite (creates the environment if missing); slow tests excluded
 test: $(STAMP)

@@ -133,6 +133,15 @@ def write_run_dir(
             "write_run_dir: harness runs are centralised; set federation.num_clients: 1 "
             f"(got {cfg.federation.num_clients})"
         )
+    # the saved config says what was trained: one client, one round of `steps` local steps
+    # (shadow models read it to train like the target)
+    cfg = cfg.model_copy(
+        update={
+            "client": cfg.client.model_copy(
+                update={"local_steps": trained.steps, "local_epochs": None}
+            )
+        }
+    )
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     model = build_model(cfg, trained.data.image_shape, trained.data.num_classes)
     atomic_write_json(
