@@ -508,7 +508,9 @@ def test_killed_supernode_round_completes_with_the_survivors_sum(tmp_path: Path)
     assert line["participants"] == [0, 1]
     assert line["dropped_at"] == {"2": "masked_input"}
     assert line["protocol_info"]["recovered_clients"] == [2]
-    assert "no reply within" in line["dropout_reasons"]["2"]
+    # detected by the stage timeout or, sooner, by Flower's heartbeat (an error reply)
+    reason = line["dropout_reasons"]["2"]
+    assert "no reply within" in reason or "Node Unavailable" in reason, reason
     sites = json.loads((run_dir / "sites.json").read_text())["sites"]
     scale = float(sum(s["num_examples"] for s in sites.values()))
     init, expected, total_weight = _expected_round_one(cfg, [0, 1], scale, tmp_path / "re")

@@ -104,7 +104,9 @@ class LoopbackFederation:
         env["FLWR_HOME"] = str(flwr_home)
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("OMP_NUM_THREADS", "1")
+        # no phone-home from any party: Flower's telemetry and its update check are off
         env["FLWR_TELEMETRY_ENABLED"] = "0"
+        env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
         # SuperExec polls for new ClientApp/ServerApp tasks every second by default
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
         return env
