@@ -176,8 +176,8 @@ def _ms(vals: list[float]) -> str:
     if not v:
         return "-"
     if len(v) == 1:
-        return f"{v[0]:.1f}"
-    return f"{np.mean(v):.1f} ± {np.std(v, ddof=1):.1f}"
+        return f"{v[0]:.2f}"
+    return f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}"
 
 
 def make_table(results: list[dict[str, Any]], methods: list[str], partitions: list[str]) -> str:
