@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -103,7 +103,7 @@ class SlowLearningDetector:
             "corrections": torch.tensor(self.corrections),
         }
 
-    def load(self, state: dict[str, torch.Tensor]) -> None:
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
         self.history = [float(x) for x in state["history"].tolist()]
         self.corrections = int(state["corrections"])
 
@@ -166,7 +166,7 @@ class FedDDPMPlus(FedDDPM):
         out["fedddpm.rounds_seen"] = torch.tensor(self.rounds_seen)
         return out
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         super().load_state_dict(state)
         pre = "fedddpm.detector."
         det = {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}

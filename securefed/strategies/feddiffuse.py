@@ -19,7 +19,7 @@ Each segment's global update is the weighted mean over the clients that sent it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -107,7 +107,7 @@ class FedDiffuse(Strategy):
         groups: Mapping[str, torch.Tensor],
         seed: int,
         *,
-        derive: object,
+        derive: Callable[..., int],
         purpose: int,
     ) -> None:
         super().__init__(base.cfg, base.num_clients, base.weight_scale)
@@ -152,7 +152,7 @@ class FedDiffuse(Strategy):
     ) -> RoundPlan:
         plan = self.base.configure_round(rnd, global_params, available, fraction, minimum, rng)
         if self.variant == "usplit":
-            own = np.random.default_rng(self._derive(self.seed, rnd, self._purpose))  # type: ignore[operator]
+            own = np.random.default_rng(self._derive(self.seed, rnd, self._purpose))
             self._assignment = pair_clients(plan.clients, own)
         else:
             segs = ("all",) if self.variant == "full" else ("shared",)
