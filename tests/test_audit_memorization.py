@@ -78,3 +78,22 @@ def test_errors_name_the_problem() -> None:
             torch.zeros(2, 1, 4, 4), torch.zeros(5, 1, 8, 8), torch.zeros(5, 1, 8, 8),
             np.random.default_rng(0), source="x",
         )
+
+
+def test_find_synthetic_reads_auxiliary_sets(tmp_path) -> None:
+    from securefed.audit.targets import find_synthetic
+
+    aux = tmp_path / "auxiliary"
+    aux.mkdir()
+    assert find_synthetic(tmp_path, (1, 8, 8)) is None
+    (aux / "notes.txt").write_text("not images")
+    imgs = np.linspace(-1, 1, 5 * 64, dtype=np.float32).reshape(5, 1, 8, 8)
+    np.savez(aux / "auxiliary.npz", images=imgs, labels=np.zeros(5, np.int64))
+    found = find_synthetic(tmp_path, (1, 8, 8))
+    assert found is not None and found[1] == "auxiliary/auxiliary.npz"
+    assert torch.allclose(found[0], torch.from_numpy(imgs))
+    np.savez(aux / "auxiliary.npz", images=np.full((3, 8, 8, 1), 255, np.uint8))  # HWC, 8-bit
+    x, _ = find_synthetic(tmp_path, (1, 8, 8))  # type: ignore[misc]
+    assert x.shape == (3, 1, 8, 8) and float(x.max()) == 1.0
+    np.savez(aux / "auxiliary.npz", images=np.zeros((3, 1, 4, 4), np.float32))  # wrong size
+    assert find_synthetic(tmp_path, (1, 8, 8)) is None

@@ -186,15 +186,11 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
     )
 
 
-def _to_unit_range(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(np.min(x)), float(np.max(x))
-    if lo >= -1.0001 and hi <= 1.0001 and lo < -0.01:
-        return x
-    if lo >= 0 and hi <= 1.0001:
-        return x * 2 - 1
-    if lo >= 0 and hi <= 255.5:
-        return x / 127.5 - 1
-    return np.clip(x, -1, 1)
+def _to_unit_range(x: np.ndarray, was_uint8: bool) -> np.ndarray:
+    """The project's convention is float images in [-1, 1]; 8-bit images are rescaled."""
+    if was_uint8 or float(np.max(x)) > 1.5:
+        return x / 127.5 - 1.0
+    return np.clip(x, -1.0, 1.0)
 
 
 def find_synthetic(
@@ -208,6 +204,7 @@ def find_synthetic(
         return None
     for p in sorted(d.iterdir()):
         arr: Any = None
+        was_uint8 = False
         try:
             if p.suffix == ".npz":
                 with np.load(p, allow_pickle=False) as z:
@@ -217,7 +214,7 @@ def find_synthetic(
                             arr = z[k]
                             break
                         if k in z.files and z[k].ndim in (3, 4) and z[k].dtype == np.uint8:
-                            arr = z[k].astype(np.float32)
+                            arr, was_uint8 = z[k].astype(np.float32), True
                             break
             elif p.suffix == ".pt":
                 raw = torch.load(p, map_location="cpu", weights_only=True)
@@ -239,7 +236,9 @@ def find_synthetic(
         if x.shape[1:] != (c, h, w) or x.shape[0] == 0:
             log.warning("%s: images %s do not match the run's %s; skipped", p, x.shape, image_shape)
             continue
-        return torch.from_numpy(np.ascontiguousarray(_to_unit_range(x))), f"auxiliary/{p.name}"
+        return torch.from_numpy(
+            np.ascontiguousarray(_to_unit_range(x, was_uint8))
+        ), f"auxiliary/{p.name}"
     return None
 
 
