@@ -95,3 +95,45 @@ def test_run_report_includes_the_audit_section(lying_run: Path) -> None:
     assert "## Privacy audit: FAIL" in text
     assert "accountant epsilon" in text and "empirical eps_LB" in text
     assert "| loss | global |" in text
+
+
+def test_received_models_copied_synthetic_data_and_missing_defences(lying_run: Path) -> None:
+    """Individual uploads are attacked with their client's records as members; an auxiliary
+    set made of near-copies of members is flagged; a config without secure aggregation fails
+    the honest-but-curious server's defences."""
+    import numpy as np
+    import torch
+
+    from securefed.audit.runner import AuditSettings, run_audit
+    from securefed.audit.threats import load_threat_model
+    from securefed.federation.checkpoint import load_latest
+
+    params = load_latest(lying_run / "checkpoints").global_params
+    (lying_run / "received").mkdir(exist_ok=True)
+    torch.save({"params": params}, lying_run / "received" / "client_0.pt")
+    members = prepare_data(
+        __import__("securefed.config", fromlist=["load_config"]).load_config(
+            lying_run / "config.yaml"
+        )
+    ).members.images
+    (lying_run / "auxiliary").mkdir(exist_ok=True)
+    copies = members + 0.01 * torch.randn(members.shape, generator=torch.Generator().manual_seed(0))
+    np.savez(lying_run / "auxiliary" / "auxiliary.npz", images=copies.numpy().astype(np.float32))
+    tms = [
+        load_threat_model("honest_but_curious_server"),
+        load_threat_model("external_released_synthetic"),
+    ]
+    rep = run_audit(
+        lying_run,
+        tms,
+        AuditSettings(attacks=("loss",), max_examples=32, bootstrap=10, progress=False),
+    )
+    assert {a.target for a in rep.attacks} == {"global", "received:client_0"}
+    assert rep.memorization is not None and rep.memorization.source == "auxiliary/auxiliary.npz"
+    assert rep.memorization.flagged == len(members)
+    failed = {c.id for c in rep.criteria if not c.passed}
+    assert {"no-copies", "dp-holds"} <= failed
+    assert "pia-auc" in failed  # --attacks left PIA out: a criterion not measured fails
+    missing = {d.id for d in rep.defences["honest_but_curious_server"] if not d.passed}
+    assert missing == {"secure-aggregation"}
+    assert not rep.passed
