@@ -90,6 +90,9 @@ def test_attack_result_intervals_and_errors(tmp_path) -> None:
     assert r.metric("auc_ci_high") == r.ci["auc"].high
     with pytest.raises(KeyError, match="unknown attack metric"):
         r.metric("accuracy")
+    assert r.metric("auc_symmetric") == r.auc  # AUC > 0.5 here
+    flipped = attack_result("loss", "g", n, m, rng=np.random.default_rng(1), bootstrap=0)
+    assert flipped.metric("auc_symmetric") == pytest.approx(r.auc)
     assert plot_roc([r], tmp_path / "roc.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="at least one member"):
         attack_result("loss", "g", np.array([]), n, rng=rng)

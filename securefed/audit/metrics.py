@@ -133,18 +133,23 @@ class AttackResult:
     seconds: float = 0.0
 
     def metric(self, name: str) -> float:
-        """A metric by its criteria name: ``auc``, ``tpr_at_1pct_fpr``, ``tpr_at_01pct_fpr``,
-        ``balanced_accuracy``, or ``<metric>_ci_high`` / ``<metric>_ci_low``."""
+        """A metric by its criteria name: ``auc``, ``auc_symmetric`` (``max(auc, 1 - auc)``),
+        ``tpr_at_1pct_fpr``, ``tpr_at_01pct_fpr``, ``balanced_accuracy``, or
+        ``<metric>_ci_high`` / ``<metric>_ci_low``."""
         for suffix, attr in (("_ci_high", "high"), ("_ci_low", "low")):
             if name.endswith(suffix):
                 base = name[: -len(suffix)]
                 if base not in self.ci:
                     raise KeyError(f"no bootstrap interval for {base!r} in attack {self.attack}")
                 return float(getattr(self.ci[base], attr))
+        if name == "auc_symmetric":
+            # an attacker with reference data learns the score's direction: AUC 0.3 leaks as
+            # much as AUC 0.7
+            return float(max(self.auc, 1.0 - self.auc))
         if name not in _METRICS:
             raise KeyError(
-                f"unknown attack metric {name!r}; choose one of {sorted(_METRICS)} (optionally "
-                "with _ci_high / _ci_low)"
+                f"unknown attack metric {name!r}; choose one of "
+                f"{[*sorted(_METRICS), 'auc_symmetric']} (optionally with _ci_high / _ci_low)"
             )
         return float(getattr(self, name))
 
