@@ -410,6 +410,7 @@ def test_deployed_run_matches_the_simulation(tmp_path: Path) -> None:
         t0 = time.monotonic()
         fed.start()
         started = time.monotonic() - t0
+        fed.start_intruder()  # an unregistered SuperNode key, claiming site 0's data
         fed.flwr_run(exp, run_dir, {"stage-timeout": 240.0, "train-timeout": 480.0},
                      wait=False)
         # meanwhile, the simulation of the same config and seed, in this process
@@ -428,8 +429,12 @@ def test_deployed_run_matches_the_simulation(tmp_path: Path) -> None:
     for r in rows:
         assert r["participants"] == [0, 1, 2] and r["dropped"] == [], r
     # the SuperNodes that took part are exactly the registered (authenticated) ones
-    sites = json.loads((run_dir / "sites.json").read_text())["sites"]
-    assert {int(c): s["node_id"] for c, s in sites.items()} == fed.node_ids
+    # node authentication: exactly the registered SuperNodes took part, the intruder never
+    # reached the coordinator (admitted, it would have claimed client 0 or been refused)
+    doc = json.loads((run_dir / "sites.json").read_text())
+    assert {int(c): s["node_id"] for c, s in doc["sites"].items()} == fed.node_ids
+    assert doc["refused"] == {}
+    assert "Failed to activate SuperNode" in (fed.work / "logs" / "intruder.log").read_text()
     # TLS: the SuperLink served https only
     assert "Uvicorn running on https://127.0.0.1" in (fed.work / "logs" / "superlink.log"
                                                          ).read_text()

@@ -234,6 +234,36 @@ class LoopbackFederation:
             d / "flwr-home",
         )
 
+    def start_intruder(self) -> str:
+        """Start a SuperNode whose (fresh) key was never registered, claiming site 0's data:
+        with ``--enable-supernode-auth`` the SuperLink must never admit it."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        d = self.work / "intruder"
+        key = ec.generate_private_key(ec.SECP384R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        atomic_write_bytes(d / "supernode.key", key, mode=0o600)
+        values = {"state-dir": str(d / "state"), "keys-dir": str(self.site_dir(0) / "keys"),
+                  "partition-id": 0}
+        self._spawn(
+            "intruder",
+            [
+                str(self.bin / "flower-supernode"),
+                "--superlink", f"127.0.0.1:{self.link_port}",
+                "--root-certificates", str(self.tls_dir / "ca.crt"),
+                "--auth-supernode-private-key", str(d / "supernode.key"),
+                "--host", "127.0.0.1",
+                "--port", str(free_port()),
+                "--max-retries", "3",
+                "--node-config", _pairs(values),
+            ],
+            d / "flwr-home",
+        )
+        return "intruder"
+
     def start(self) -> LoopbackFederation:
         """Provision, start the SuperLink, register and start every site."""
         self.work.mkdir(parents=True, exist_ok=True)
