@@ -63,7 +63,7 @@ def train_model(
     from securefed.client.trainer import LocalTrainer
     from securefed.client.update import get_flat
     from securefed.diffusion import NoiseSchedule
-    from securefed.privacy import TorchGaussian
+    from securefed.privacy import SecureGaussian, TorchGaussian
     from securefed.run import build_model
     from securefed.strategies.base import LocalObjective
 
@@ -90,7 +90,11 @@ def train_model(
                     LocalObjective(),
                     seed,
                     noise_multiplier=float(noise_multiplier),
-                    noise_source=TorchGaussian(seed=seed + 1),
+                    # the project's ChaCha20 noise when the config asks for it (fresh key);
+                    # seeded torch noise otherwise (reproducible tests)
+                    noise_source=SecureGaussian()
+                    if cfg.dp.secure_noise
+                    else TorchGaussian(seed=seed + 1),
                     progress=bar,
                 )
     finally:
