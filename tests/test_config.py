@@ -9,7 +9,10 @@ import yaml
 
 from securefed.config import ConfigError, dump_config, load_config, parse_config
 
-EXPERIMENTS = sorted(Path(__file__).parent.parent.joinpath("experiments").glob("*.yaml"))
+_ALL = sorted(Path(__file__).parent.parent.joinpath("experiments").glob("*.yaml"))
+# audit_*.yaml are audit specs (a base ExperimentConfig + variants), checked separately below
+EXPERIMENTS = [p for p in _ALL if not p.name.startswith("audit_")]
+AUDIT_SPECS = [p for p in _ALL if p.name.startswith("audit_")]
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
@@ -17,6 +20,17 @@ def test_shipped_configs_load_and_round_trip(path: Path) -> None:
     cfg = load_config(path)
     again = parse_config(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
+
+
+@pytest.mark.parametrize("path", AUDIT_SPECS, ids=lambda p: p.name)
+def test_shipped_audit_specs_give_valid_configs(path: Path) -> None:
+    from securefed.audit.experiment import _variant_config
+
+    spec = yaml.safe_load(path.read_text())
+    assert spec["variants"], f"{path.name}: no variants"
+    for v in spec["variants"]:
+        cfg = _variant_config(spec["base"], v, float(spec.get("delta", 1e-5)))
+        assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg
 
 
 def test_required_experiments_exist() -> None:
