@@ -310,7 +310,8 @@ def run_audit(
                 )
                 ev_members, ev_non = members, nm
                 if aname.startswith("lira"):
-                    assert reference is not None
+                    if reference is None:  # pragma: no cover - set whenever a LiRA is asked
+                        raise RuntimeError(f"{aname}: LiRA needs reference (shadow) data")
                     kk = min(k, len(lira_nonmembers))
                     ev_members = _subset(members, kk, rng)
                     ev_non = _subset(lira_nonmembers, kk, rng)

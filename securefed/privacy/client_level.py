@@ -44,7 +44,12 @@ import torch
 
 from securefed.config import DPConfig, SecureAggregationConfig
 from securefed.secagg.base import DistributedNoise
-from securefed.strategies.base import ClientUpdate, LocalObjective, RoundPlan, Strategy
+from securefed.strategies.base import (
+    ClientUpdate,
+    RoundPlan,
+    Strategy,
+    StrategyWrapper,
+)
 
 __all__ = [
     "ClientLevelDP",
@@ -139,7 +144,7 @@ class RoundNoise:
         return DistributedNoise(std=self.std, expected=self.participants)
 
 
-class ClientLevelDP(Strategy):
+class ClientLevelDP(StrategyWrapper):
     """Wraps FedAvg/FedProx: clipped deltas, noised sum, per-participation ledger charges.
 
     Args:
@@ -158,9 +163,8 @@ class ClientLevelDP(Strategy):
         secagg: SecureAggregationConfig,
         noise_multiplier: float,
     ) -> None:
-        super().__init__(base.cfg, base.num_clients, base.weight_scale)
+        super().__init__(base)
         self.name = f"{base.name}+client_dp"  # type: ignore[misc]
-        self.base = base
         self.dp = dp
         self.secagg = secagg
         self.z = float(noise_multiplier)
@@ -283,14 +287,6 @@ class ClientLevelDP(Strategy):
             [self.current.clip, self.current.bit_scale], dtype=torch.float64
         )
         return RoundPlan(round=plan.round, clients=plan.clients, broadcast=broadcast)
-
-    def broadcast(self, global_params: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.base.broadcast(global_params)
-
-    def local_objective(
-        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
-    ) -> LocalObjective:
-        return self.base.local_objective(broadcast, client_state)
 
     def client_update(
         self,

@@ -602,9 +602,10 @@ class PerSampleGradNorms:
             sq = self._linear_sq(layer, mod, pairs, b)
         elif isinstance(mod, nn.GroupNorm):
             sq = self._groupnorm_sq(layer, mod, pairs)
-        else:
-            assert isinstance(mod, nn.Embedding)
+        elif isinstance(mod, nn.Embedding):
             sq = self._embedding_sq(layer, mod, pairs, b)
+        else:  # pragma: no cover - only supported layers are hooked
+            raise TypeError(f"per-sample norms: unsupported layer {type(mod).__name__}")
         layer.sq_norm = sq
         return sq
 

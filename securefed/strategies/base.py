@@ -24,6 +24,7 @@ __all__ = [
     "LocalObjective",
     "RoundPlan",
     "Strategy",
+    "StrategyWrapper",
     "pack_update",
     "sample_clients",
     "unpack_sum",
@@ -253,6 +254,55 @@ class Strategy(ABC):
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self._momentum = state.get("momentum")
         self.ema = state.get("ema")
+
+
+class StrategyWrapper(Strategy):
+    """A strategy that adds behaviour around a ``base`` strategy (Flower's DP-wrapper pattern).
+
+    Every client-side and planning hook delegates to ``base``; subclasses override only what
+    they change (FedDDPM: server calibration; FedDiffuse: partial exchange; client-level DP:
+    clipping and noise). ``aggregate`` stays abstract: a wrapper must say what it does with the
+    sums, even if that is ``self.base.aggregate(...)``.
+    """
+
+    def __init__(self, base: Strategy) -> None:
+        super().__init__(base.cfg, base.num_clients, base.weight_scale)
+        self.base = base
+
+    def configure_round(
+        self,
+        rnd: int,
+        global_params: torch.Tensor,
+        available: Sequence[int],
+        fraction: float,
+        minimum: int,
+        rng: np.random.Generator,
+    ) -> RoundPlan:
+        return self.base.configure_round(rnd, global_params, available, fraction, minimum, rng)
+
+    def broadcast(self, global_params: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.base.broadcast(global_params)
+
+    def local_objective(
+        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
+    ) -> LocalObjective:
+        return self.base.local_objective(broadcast, client_state)
+
+    def client_update(
+        self,
+        broadcast: Mapping[str, torch.Tensor],
+        local_params: torch.Tensor,
+        num_examples: int,
+        local_steps: int,
+        lr: float,
+        client_state: Mapping[str, torch.Tensor],
+    ) -> ClientUpdate:
+        return self.base.client_update(
+            broadcast, local_params, num_examples, local_steps, lr, client_state
+        )
+
+    def eval_params(self, global_params: torch.Tensor) -> torch.Tensor:
+        return self.base.eval_params(global_params)
 
 
 def pack_update(

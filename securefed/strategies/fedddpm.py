@@ -28,11 +28,9 @@ from securefed.client.update import get_flat, set_flat
 from securefed.config import FedDDPMConfig
 from securefed.diffusion import NoiseSchedule, diffusion_loss
 from securefed.strategies.base import (
-    ClientUpdate,
     CohortSum,
-    LocalObjective,
-    RoundPlan,
     Strategy,
+    StrategyWrapper,
 )
 
 __all__ = [
@@ -211,7 +209,7 @@ class ServerCalibrator:
         return float(torch.cat(out).mean())
 
 
-class FedDDPM(Strategy):
+class FedDDPM(StrategyWrapper):
     """Wraps ``base``; after each aggregation runs ``calibration_steps`` server steps.
 
     Args:
@@ -223,8 +221,7 @@ class FedDDPM(Strategy):
     name = "fedddpm"
 
     def __init__(self, base: Strategy, cfg: FedDDPMConfig, calibrator: ServerCalibrator) -> None:
-        super().__init__(base.cfg, base.num_clients, base.weight_scale)
-        self.base = base
+        super().__init__(base)
         self.fd = cfg
         self.calibrator = calibrator
         self.server_steps_total = 0
@@ -233,40 +230,7 @@ class FedDDPM(Strategy):
         self._ema_fresh = False
 
     # ------------------------------------------------------------------ delegation
-    def configure_round(
-        self,
-        rnd: int,
-        global_params: torch.Tensor,
-        available: Sequence[int],
-        fraction: float,
-        minimum: int,
-        rng: np.random.Generator,
-    ) -> RoundPlan:
-        return self.base.configure_round(rnd, global_params, available, fraction, minimum, rng)
-
-    def broadcast(self, global_params: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.base.broadcast(global_params)
-
-    def local_objective(
-        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
-    ) -> LocalObjective:
-        return self.base.local_objective(broadcast, client_state)
-
-    def client_update(
-        self,
-        broadcast: Mapping[str, torch.Tensor],
-        local_params: torch.Tensor,
-        num_examples: int,
-        local_steps: int,
-        lr: float,
-        client_state: Mapping[str, torch.Tensor],
-    ) -> ClientUpdate:
-        return self.base.client_update(
-            broadcast, local_params, num_examples, local_steps, lr, client_state
-        )
-
-    def eval_params(self, global_params: torch.Tensor) -> torch.Tensor:
-        return self.base.eval_params(global_params)
+    # configure_round, broadcast, local_objective, client_update, eval_params: StrategyWrapper
 
     # ------------------------------------------------------------------ server
     def aggregate(

@@ -28,9 +28,9 @@ from securefed.config import FedDiffuseConfig
 from securefed.strategies.base import (
     ClientUpdate,
     CohortSum,
-    LocalObjective,
     RoundPlan,
     Strategy,
+    StrategyWrapper,
 )
 
 __all__ = ["SEGMENTS", "FedDiffuse", "group_indices", "pair_clients", "shared_groups"]
@@ -88,7 +88,7 @@ def pair_clients(clients: Sequence[int], rng: np.random.Generator) -> dict[int, 
     return out
 
 
-class FedDiffuse(Strategy):
+class FedDiffuse(StrategyWrapper):
     """Partial-UNet exchange around a FedAvg/FedProx ``base``.
 
     Args:
@@ -110,8 +110,7 @@ class FedDiffuse(Strategy):
         derive: Callable[..., int],
         purpose: int,
     ) -> None:
-        super().__init__(base.cfg, base.num_clients, base.weight_scale)
-        self.base = base
+        super().__init__(base)
         self.variant = cfg.variant
         self.groups = {k: v.clone() for k, v in groups.items()}
         shared = shared_groups(cfg.variant)
@@ -195,11 +194,6 @@ class FedDiffuse(Strategy):
         if self.personalized and _LOCAL in client_state:
             return int(self.shared_idx.numel())
         return sum(int(v.numel()) for v in broadcast.values())
-
-    def local_objective(
-        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
-    ) -> LocalObjective:
-        return self.base.local_objective(broadcast, client_state)
 
     def client_update(
         self,
