@@ -24,6 +24,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,13 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_raw(method: str, partition: str, seed: int, scale: str) -> dict[str, Any]:
-    """The raw config of one cell of the grid."""
+def build_raw(
+    method: str, partition: str, seed: int, scale: str, spec: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The raw config of one cell of the grid (``spec`` overrides ``METHODS[method]``)."""
     raw = yaml.safe_load((ROOT / "experiments" / "compare_digits.yaml").read_text())
     sc = SCALES[scale]
-    spec = dict(METHODS[method])
+    spec = dict(METHODS[method] if spec is None else spec)
     raw = _merge(
         raw,
         {
@@ -149,8 +152,15 @@ def aux_quality(run_dir: Path) -> dict[str, float] | None:
     return {k: float(rep[k]) for k in ("fid", "precision", "recall") if rep.get(k) is not None}
 
 
-def run_cell(method: str, partition: str, seed: int, scale: str, out: Path) -> dict[str, Any]:
-    cfg = parse_config(build_raw(method, partition, seed, scale))
+def run_cell(
+    method: str, partition: str, seed: int, scale: str, out: Path,
+    spec: dict[str, Any] | None = None, threads: int = 1,
+) -> dict[str, Any]:
+    """Run one cell in a fresh run directory and summarise it (also the worker entry point
+    of ``--jobs``: everything it needs comes in its arguments)."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    cfg = parse_config(build_raw(method, partition, seed, scale, spec))
     run_dir = out / partition / method / f"seed{seed}"
     if run_dir.exists():  # an interrupted attempt: start over in a fresh directory
         import shutil
@@ -275,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", default="full", choices=list(SCALES))
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
     ap.add_argument("--readme", type=Path, default=None)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument(
+        "--jobs", type=int, default=1,
+        help="runs in parallel (separate processes); --jobs 2 --threads 1 on 2 cores",
+    )
     ap.add_argument(
         "--calibration-sweep", type=int, nargs="*", default=[],
         help="also run fedddpm with these calibration_steps (methods fedddpm_cal<k>)",
@@ -300,19 +314,57 @@ def main(argv: list[str] | None = None) -> int:
                 key = (m, "iid" if m == "centralized" else part, seed)
                 if key not in done and key not in {(c[0], c[1], c[2]) for c in cells}:
                     cells.append(key)
+    if args.jobs < 1 or args.threads < 1:
+        raise SystemExit(f"--jobs {args.jobs} / --threads {args.threads}: both must be >= 1")
     t_all = time.perf_counter()
-    for i, (m, part, seed) in enumerate(cells, 1):
-        print(f"[{i}/{len(cells)}] {m} {part} seed {seed} ...", flush=True)
-        r = run_cell(m, part, seed, args.scale, out)
+
+    def record(i: int, r: dict[str, Any]) -> None:
         results.append(r)
-        with res_path.open("a") as fh:
+        with res_path.open("a") as fh:  # one line per finished run, written by this process only
             fh.write(json.dumps(r) + "\n")
         print(
-            f"    fid {r['fid']} worst {r.get('fid_worst')} server_steps {r['server_steps']} "
+            f"[{i}/{len(cells)}] done {r['method']} {r['partition']} seed {r['seed']}: "
+            f"fid {r['fid']} worst {r.get('fid_worst')} server_steps {r['server_steps']} "
             f"params {r['params_exchanged']} wall {r['wall_seconds']} s "
             f"(elapsed {time.perf_counter() - t_all:.0f} s)",
             flush=True,
         )
+
+    failed: list[tuple[str, str, int, str]] = []
+
+    def failure(i: int, cell: tuple[str, str, int], exc: BaseException) -> None:
+        # one broken cell must not lose the others: report it, go on, exit non-zero at the end
+        failed.append((*cell, f"{type(exc).__name__}: {exc}"))
+        print(f"[{i}/{len(cells)}] FAILED {cell[0]} {cell[1]} seed {cell[2]}: "
+              f"{type(exc).__name__}: {exc}", flush=True)
+        traceback.print_exception(exc)
+
+    if args.jobs == 1:
+        for i, (m, part, seed) in enumerate(cells, 1):
+            print(f"[{i}/{len(cells)}] {m} {part} seed {seed} ...", flush=True)
+            try:
+                record(i, run_cell(m, part, seed, args.scale, out, METHODS[m], args.threads))
+            except Exception as exc:  # reported and counted, see failure()
+                failure(i, (m, part, seed), exc)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futs = {
+                pool.submit(run_cell, m, part, seed, args.scale, out, METHODS[m], args.threads):
+                (m, part, seed)
+                for (m, part, seed) in cells
+            }
+            print(f"{len(cells)} runs on {args.jobs} workers x {args.threads} threads", flush=True)
+            for i, fut in enumerate(as_completed(futs), 1):
+                exc = fut.exception()
+                if exc is None:
+                    record(i, fut.result())
+                else:
+                    failure(i, futs[fut], exc)
+    if cells:
+        print(f"grid: {len(cells)} runs in {time.perf_counter() - t_all:.0f} s wall", flush=True)
     parts = args.partitions
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     table = make_table(results, methods, parts)
@@ -331,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.readme is not None:
         update_readme(args.readme, note + "\n\n" + table)
+    if failed:
+        print(f"{len(failed)} run(s) FAILED (not in results.jsonl; rerun to retry them):")
+        for m, part, seed, why in failed:
+            print(f"  {m} {part} seed {seed}: {why}")
+        return 1
     return 0
 
 

@@ -196,6 +196,12 @@ class StrategyConfig(_Frozen):
     ema_decay: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="per-round EMA of the global model (0: off)"
     )
+    scaffold_control: Literal["gradients", "option2"] = Field(
+        default="gradients",
+        description="SCAFFOLD client control variate: 'gradients' = mean of the raw local "
+        "gradients (equals option II under plain SGD, correct under any optimizer); 'option2' "
+        "= (x - y) / (K lr) of Karimireddy et al. (mis-scaled under Adam)",
+    )
 
 
 class SecureAggregationConfig(_Frozen):

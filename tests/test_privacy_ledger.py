@@ -51,6 +51,24 @@ def test_epsilon_of_equals_opacus_accountants_stepped_one_step_at_a_time() -> No
     assert epsilon_of(history, DELTA, "prv") < epsilon_of(history, DELTA, "rdp")
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    q=st.floats(1e-4, 1.0),
+    sigma=st.floats(0.3, 20.0),
+    alpha=st.sampled_from([1.5, 2.0, 3.3, 8.0, 10.9, 32.0, 63.0]),
+)
+def test_memoised_rdp_orders_are_bit_identical_to_opacus(q: float, sigma: float, alpha: float
+                                                          ) -> None:
+    """The accountant memoises Opacus' per-order RDP (a pure function); the cached value must
+    be exactly what the uncached function returns."""
+    from opacus.accountants.analysis import rdp
+
+    cached = rdp._compute_rdp
+    assert hasattr(cached, "cache_info"), "securefed.privacy.accountant did not install the cache"
+    assert cached(q, sigma, alpha) == cached.__wrapped__(q, sigma, alpha)
+    assert cached(q, sigma, alpha) == cached.__wrapped__(q, sigma, alpha)  # the cached hit too
+
+
 def test_epsilon_of_edge_cases_and_refusals() -> None:
     assert epsilon_of([], DELTA) == 0.0
     assert epsilon_of([(SIGMA, Q, 0)], DELTA) == 0.0

@@ -96,7 +96,7 @@ def test_scaffold_with_zero_control_variates_equals_fedavg() -> None:
     locals_ = [torch.randn(D) for _ in range(3)]
     sizes = [5, 9, 20]
     fedavg_new, _ = _round(FedAvg(StrategyConfig(), 3, 10.0), g, locals_, sizes)
-    sc = Scaffold(StrategyConfig(name="scaffold"), 3, 10.0)
+    sc = Scaffold(StrategyConfig(name="scaffold", scaffold_control="option2"), 3, 10.0)
     obj = sc.local_objective(sc.broadcast(g), {})
     assert obj.grad_correction is not None and torch.count_nonzero(obj.grad_correction) == 0
     sc_new, _ = _round(sc, g, locals_, sizes)
@@ -106,7 +106,8 @@ def test_scaffold_with_zero_control_variates_equals_fedavg() -> None:
 def test_scaffold_control_variates_follow_option_ii() -> None:
     g = torch.zeros(D)
     locals_ = [torch.full((D,), -1.0), torch.full((D,), -3.0)]
-    sc = Scaffold(StrategyConfig(name="scaffold"), num_clients=4)
+    sc = Scaffold(StrategyConfig(name="scaffold", scaffold_control="option2"), num_clients=4)
+    assert not sc.local_objective(sc.broadcast(g), {}).track_mean_grad
     _, updates = _round(sc, g, locals_, [10, 10], steps=10, lr=0.1)
     # c_i+ = 0 - 0 + (x - y_i) / (K lr) = -y_i
     torch.testing.assert_close(updates[0].new_state["control"], torch.full((D,), 1.0))
@@ -149,3 +150,56 @@ def test_sample_clients_properties(n: int, fraction: float, minimum: int, seed: 
     assert a == b
     assert len(set(a)) == len(a) == min(n, max(minimum, round(fraction * n)))
     assert set(a) <= set(avail)
+
+
+def _scaffold_local_run(optimizer: str, control: str, momentum: float = 0.0):
+    """One real local run of a tiny UNet on digits under a SCAFFOLD correction: returns
+    (strategy, broadcast, trainer result, client state, lr)."""
+    from securefed.client import LocalTrainer
+    from securefed.client.update import get_flat
+    from securefed.config import ClientConfig
+    from securefed.data.datasets import load_dataset
+    from securefed.diffusion import NoiseSchedule, UNet
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config()
+    data = load_dataset(cfg.data)
+    data = data.subset(np.arange(64))
+    model = UNet(cfg.model, data.images.shape[1], data.images.shape[2], None)
+    ccfg = ClientConfig(local_steps=4, batch_size=16, lr=0.01, optimizer=optimizer,
+                        momentum=momentum, grad_clip=None)
+    trainer = LocalTrainer(model, NoiseSchedule.from_config(cfg.diffusion), ccfg,
+                           torch.device("cpu"))
+    g = get_flat(model)
+    sc = Scaffold(StrategyConfig(name="scaffold", scaffold_control=control), num_clients=2)
+    sc.broadcast(g)
+    sc.control = torch.randn_like(g) * 1e-3  # a non-zero server variate: the correction matters
+    state = {"control": torch.randn_like(g) * 1e-3}
+    bc = sc.broadcast(g)
+    obj = sc.local_objective(bc, state)
+    res = trainer.train(data, g, obj, seed=11)
+    return sc, bc, res, state, ccfg.lr
+
+
+def test_scaffold_gradient_variate_equals_option_ii_under_plain_sgd() -> None:
+    """Slow reference: under SGD without momentum the mean raw gradient IS option II."""
+    sc, bc, res, state, lr = _scaffold_local_run("sgd", "gradients")
+    assert res.mean_grad is not None and res.mean_grad.shape == res.params.shape
+    upd = sc.client_update(bc, res.params, res.num_examples, res.steps, lr, state, res.mean_grad)
+    ref = scaffold_control_update(state["control"], bc["control"], bc["params"], res.params,
+                                  res.steps, lr)
+    torch.testing.assert_close(upd.new_state["control"], ref, atol=2e-5, rtol=1e-3)
+    assert float(res.mean_grad.abs().max()) > 0
+
+
+def test_scaffold_option_ii_is_misscaled_under_adam_and_gradients_is_not() -> None:
+    sc, bc, res, state, lr = _scaffold_local_run("adam", "gradients")
+    grad_norm = float(res.mean_grad.norm())
+    opt2 = scaffold_control_update(state["control"], bc["control"], bc["params"], res.params,
+                                   res.steps, lr)
+    # Adam's step is ~lr per coordinate, so (x - y)/(K lr) has norm ~sqrt(D) whatever the gradient
+    assert float(opt2.norm()) > 5 * grad_norm
+    upd = sc.client_update(bc, res.params, res.num_examples, res.steps, lr, state, res.mean_grad)
+    torch.testing.assert_close(upd.new_state["control"], res.mean_grad)
+    with pytest.raises(ValueError, match="mean_grad"):
+        sc.client_update(bc, res.params, res.num_examples, res.steps, lr, state)

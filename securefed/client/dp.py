@@ -101,6 +101,9 @@ class DPLocalTrainer(LocalTrainer):
             if objective.grad_correction is not None
             else None
         )
+        from securefed.client.trainer import GradMeanTracker
+
+        tracker = GradMeanTracker(params) if objective.track_mean_grad else None
         images = data.images.to(self.device)
         labels = data.labels.to(self.device)
         total, counted = 0.0, 0
@@ -121,6 +124,8 @@ class DPLocalTrainer(LocalTrainer):
             opt.zero_grad(set_to_none=True)
             stats = self._dp_step(row_losses, expected, noise_multiplier, noise_source)
             with torch.no_grad():
+                if tracker is not None:
+                    tracker.add()  # the privatized gradient: post-processing of the DP release
                 for j, p in enumerate(params):
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -140,6 +145,7 @@ class DPLocalTrainer(LocalTrainer):
             steps=steps,
             num_examples=n,
             seconds=time.perf_counter() - t0,
+            mean_grad=tracker.mean() if tracker is not None else None,
         )
 
     def _dp_step(self, row_losses: Any, expected: float, sigma: float, noise_source: Any) -> Any:

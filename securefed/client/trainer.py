@@ -28,6 +28,8 @@ class LocalResult:
         steps: optimizer steps taken.
         num_examples: size of the client's dataset.
         seconds: wall seconds spent.
+        mean_grad: ``[D]`` float32 CPU mean of the raw minibatch gradients (before any
+            FedProx term or SCAFFOLD correction) when ``LocalObjective.track_mean_grad``.
     """
 
     params: torch.Tensor
@@ -35,6 +37,28 @@ class LocalResult:
     steps: int
     num_examples: int
     seconds: float
+    mean_grad: torch.Tensor | None = None
+
+
+class GradMeanTracker:
+    """Running sum of per-step gradients, flattened like :func:`get_flat` (``[D]``)."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        self.sums = [torch.zeros_like(p) for p in params]
+        self.steps = 0
+
+    def add(self) -> None:
+        """Accumulate the current ``p.grad`` (a missing gradient counts as zero)."""
+        for s, p in zip(self.sums, self.params, strict=True):
+            if p.grad is not None:
+                s.add_(p.grad)
+        self.steps += 1
+
+    def mean(self) -> torch.Tensor:
+        if self.steps == 0:
+            raise RuntimeError("GradMeanTracker.mean: no steps were recorded")
+        return torch.cat([s.reshape(-1) for s in self.sums]).div_(self.steps).float().cpu()
 
 
 def local_steps_for(cfg: ClientConfig, num_examples: int) -> int:
@@ -48,8 +72,10 @@ def local_steps_for(cfg: ClientConfig, num_examples: int) -> int:
 def make_optimizer(params: list[nn.Parameter], cfg: ClientConfig) -> torch.optim.Optimizer:
     """Registry of client optimizers (``client.optimizer``)."""
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
+    )
 
 
 class LocalTrainer:
@@ -125,6 +151,7 @@ class LocalTrainer:
         if objective.grad_correction is not None:
             correction = _split_like(objective.grad_correction, params, self.device)
 
+        tracker = GradMeanTracker(params) if objective.track_mean_grad else None
         images = data.images.to(self.device)
         labels = data.labels.to(self.device)
         total = 0.0
@@ -136,6 +163,8 @@ class LocalTrainer:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             with torch.no_grad():
+                if tracker is not None:
+                    tracker.add()
                 for k, p in enumerate(params):
                     if p.grad is None:
                         continue
@@ -155,6 +184,7 @@ class LocalTrainer:
             steps=steps,
             num_examples=n,
             seconds=time.perf_counter() - t0,
+            mean_grad=tracker.mean() if tracker is not None else None,
         )
 
 

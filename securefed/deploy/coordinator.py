@@ -336,7 +336,8 @@ class Coordinator:
         # the vector layout every selected site will send: the strategy's client hook applied
         # to the broadcast itself (no client data; only the names and sizes are used)
         layout = self.strategy.client_update(
-            plan.broadcast, plan.broadcast["params"], 1, 1, cfg.client.lr, {}
+            plan.broadcast, plan.broadcast["params"], 1, 1, cfg.client.lr, {},
+            mean_grad=torch.zeros_like(plan.broadcast["params"]),
         )
         cohorts = self.strategy.upload_cohorts(rnd, dict.fromkeys(plan.clients, layout))
         if set(cohorts) != {"all"}:

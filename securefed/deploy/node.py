@@ -240,7 +240,8 @@ def client_round_update(
     else:
         result = trainer.train(data, start, objective, seed=seed)
     update = strategy.client_update(
-        broadcast, result.params, result.num_examples, result.steps, cfg.client.lr, client_state
+        broadcast, result.params, result.num_examples, result.steps, cfg.client.lr, client_state,
+        result.mean_grad,
     )
     return update, result
 

@@ -260,6 +260,7 @@ class Simulation:
                 result.steps,
                 cfg.client.lr,
                 client.state,
+                result.mean_grad,
             )
             if self.privacy is not None and self.privacy.level == "client":
                 # client-level DP: one participation, charged (and persisted) before upload

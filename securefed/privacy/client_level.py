@@ -296,6 +296,7 @@ class ClientLevelDP(StrategyWrapper):
         local_steps: int,
         lr: float,
         client_state: Mapping[str, torch.Tensor],
+        mean_grad: torch.Tensor | None = None,
     ) -> ClientUpdate:
         """Clipped delta (unweighted: every client counts once) and, with adaptive clipping,
         the centred, scaled clip bit. The weight is ``1``: the server divides by the number of

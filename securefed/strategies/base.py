@@ -54,10 +54,13 @@ class LocalObjective:
     Attributes:
         prox_mu: FedProx weight: the gradient gets ``prox_mu * (w - w_global)``.
         grad_correction: ``[D]`` vector added to every local gradient (SCAFFOLD ``c - c_i``).
+        track_mean_grad: the trainer also returns the mean of the raw (uncorrected; under DP
+            the privatized) minibatch gradients over the local steps, ``LocalResult.mean_grad``.
     """
 
     prox_mu: float = 0.0
     grad_correction: torch.Tensor | None = None
+    track_mean_grad: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,8 +178,12 @@ class Strategy(ABC):
         local_steps: int,
         lr: float,
         client_state: Mapping[str, torch.Tensor],
+        mean_grad: torch.Tensor | None = None,
     ) -> ClientUpdate:
-        """Default: weighted model delta ``w_i * (local - global)`` with ``w_i = n_i / scale``."""
+        """Default: weighted model delta ``w_i * (local - global)`` with ``w_i = n_i / scale``.
+
+        ``mean_grad`` (``[D]``) is ``LocalResult.mean_grad``, present when the strategy's
+        ``local_objective`` asked for it (SCAFFOLD); other strategies ignore it."""
         weight = num_examples / self.weight_scale
         delta = (local_params - broadcast["params"]) * weight
         return ClientUpdate(vectors={"delta": delta}, weight=weight)
@@ -296,9 +303,10 @@ class StrategyWrapper(Strategy):
         local_steps: int,
         lr: float,
         client_state: Mapping[str, torch.Tensor],
+        mean_grad: torch.Tensor | None = None,
     ) -> ClientUpdate:
         return self.base.client_update(
-            broadcast, local_params, num_examples, local_steps, lr, client_state
+            broadcast, local_params, num_examples, local_steps, lr, client_state, mean_grad
         )
 
     def eval_params(self, global_params: torch.Tensor) -> torch.Tensor:

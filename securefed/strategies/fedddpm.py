@@ -142,8 +142,8 @@ class ServerCalibrator:
     def _optimizer(self) -> torch.optim.Optimizer:
         params = list(self.model.parameters())
         if self.cfg.server_optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.cfg.server_lr)
-        return torch.optim.SGD(params, lr=self.cfg.server_lr)
+            return torch.optim.Adam(params, lr=self.cfg.server_lr, foreach=True)
+        return torch.optim.SGD(params, lr=self.cfg.server_lr, foreach=True)
 
     def calibrate(
         self, params: torch.Tensor, steps: int, rnd: int, *, use_all: bool = False

@@ -203,12 +203,13 @@ class FedDiffuse(StrategyWrapper):
         local_steps: int,
         lr: float,
         client_state: Mapping[str, torch.Tensor],
+        mean_grad: torch.Tensor | None = None,
     ) -> ClientUpdate:
         """Only the vectors of the segments this client shares; local groups go to new_state."""
         start = self.start_params(broadcast, client_state)
         inner = self.base.client_update(
             {**broadcast, "params": start}, local_params, num_examples, local_steps, lr,
-            client_state,
+            client_state, mean_grad,
         )
         if set(inner.vectors) != {"delta"}:  # pragma: no cover - excluded by config validation
             raise TypeError(f"FedDiffuse wraps delta-only strategies, got {sorted(inner.vectors)}")
