@@ -75,6 +75,17 @@ SCALES: dict[str, dict[str, int]] = {
 }
 
 
+def register_sweep(name: str) -> None:
+    """Add a sweep method to ``METHODS``: ``fedddpm_cal<k>`` (``calibration_steps: k``) or
+    ``fedddpm_pre<k>`` (``pretrain_epochs: k``)."""
+    for prefix, key in (("fedddpm_cal", "calibration_steps"), ("fedddpm_pre", "pretrain_epochs")):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            METHODS[name] = {"fedddpm": {"enabled": True, "variant": "fedddpm",
+                                         key: int(name[len(prefix):])}}
+            return
+    raise SystemExit(f"results.jsonl: unknown method {name!r} (not in METHODS, not a sweep)")
+
+
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
@@ -221,23 +232,31 @@ def make_table(results: list[dict[str, Any]], methods: list[str], partitions: li
 
 
 def aux_table(results: list[dict[str, Any]], out: Path) -> str:
-    """FedDDPM rows: quality of the auxiliary set vs the final model, and phase-0 cost."""
+    """FedDDPM rows, mean ± std over seeds: quality of the auxiliary set against the final
+    model, and the cost of phase 0."""
     lines = [
-        "| partition | method | seed | aux-set FID | aux precision | aux recall | model FID | "
-        "pretrain steps | phase 0 s |",
+        "| partition | method | seeds | aux-set FID | aux precision | aux recall | model FID | "
+        "pretrain steps (all clients) | phase 0 s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    groups: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, float]]]] = {}
     for r in results:
         if not r["method"].startswith("fedddpm"):
             continue
         aux = r.get("aux") or aux_quality(out / r["partition"] / r["method"] / f"seed{r['seed']}")
-        if not aux:
-            continue
+        if aux:
+            groups.setdefault((r["partition"], r["method"]), []).append((r, aux))
+    order = {m: i for i, m in enumerate(METHODS)}
+    parts = {p: i for i, p in enumerate(PARTITIONS)}
+    for (part, m) in sorted(groups, key=lambda pm: (parts[pm[0]], order[pm[1]])):
+        rows = groups[(part, m)]
         lines.append(
-            f"| {r['partition']} | {r['method']} | {r['seed']} | {aux['fid']:.2f} | "
-            f"{100 * aux.get('precision', float('nan')):.0f}% | "
-            f"{100 * aux.get('recall', float('nan')):.0f}% | {r['fid']:.2f} | "
-            f"{r.get('pretrain_steps', '-')} | {r.get('phase0_seconds', '-')} |"
+            f"| {part} | {m} | {len(rows)} | {_ms([a['fid'] for _, a in rows])} | "
+            f"{_ms([100 * a['precision'] for _, a in rows if 'precision' in a])}% | "
+            f"{_ms([100 * a['recall'] for _, a in rows if 'recall' in a])}% | "
+            f"{_ms([r['fid'] for r, _ in rows])} | "
+            f"{np.mean([r.get('pretrain_steps', 0) for r, _ in rows]):.0f} | "
+            f"{np.mean([r.get('phase0_seconds') or 0 for r, _ in rows]):.0f} |"
         )
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -296,11 +315,21 @@ def main(argv: list[str] | None = None) -> int:
         "--calibration-sweep", type=int, nargs="*", default=[],
         help="also run fedddpm with these calibration_steps (methods fedddpm_cal<k>)",
     )
+    ap.add_argument(
+        "--pretrain-sweep", type=int, nargs="*", default=[],
+        help="also run fedddpm with these phase-0 pretrain_epochs (methods fedddpm_pre<k>): "
+        "how much a better auxiliary set helps, at extra client cost",
+    )
+    ap.add_argument(
+        "--table-only", action="store_true",
+        help="run nothing: rebuild the table and plot from results.jsonl (every method and "
+        "partition found there)",
+    )
     args = ap.parse_args(argv)
-    for k in args.calibration_sweep:
-        name = f"fedddpm_cal{k}"
-        METHODS[name] = {"fedddpm": {"enabled": True, "variant": "fedddpm",
-                                     "calibration_steps": k}}
+    sweeps = [f"fedddpm_cal{k}" for k in args.calibration_sweep]
+    sweeps += [f"fedddpm_pre{k}" for k in args.pretrain_sweep]
+    for name in sweeps:
+        register_sweep(name)
         args.methods.append(name)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -308,6 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     res_path = out / "results.jsonl"
     results = read_jsonl(res_path) if res_path.exists() else []
+    for r in results:
+        if r["method"] not in METHODS:
+            register_sweep(r["method"])
+    if args.table_only:
+        if not results:
+            raise SystemExit(f"--table-only: no results in {res_path}; run the grid first")
+        args.partitions = [p for p in PARTITIONS if any(r["partition"] == p for r in results)]
+        args.seeds = sorted({r["seed"] for r in results})
+        args.methods = []
     done = {(r["method"], r["partition"], r["seed"]) for r in results}
     cells = []
     for seed in args.seeds:
