@@ -1,0 +1,106 @@
+"""experiments/compare.py: every grid cell is a valid config with equal client steps; tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from securefed.config import parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def compare() -> Any:
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments" / "compare.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_cell_of_the_grid_is_a_valid_config_with_equal_client_steps(compare: Any) -> None:
+    sc = compare.SCALES["full"]
+    for method in compare.METHODS:
+        for part in compare.PARTITIONS:
+            cfg = parse_config(compare.build_raw(method, part, 1, "full"))
+            assert cfg.seed == 1 and cfg.federation.rounds == sc["rounds"]
+            if method == "centralized":  # one client holding everything, 10x the local steps
+                assert cfg.federation.num_clients == 1 and cfg.partition.kind == "iid"
+                assert cfg.client.local_steps == 10 * sc["local_steps"]
+                continue
+            assert cfg.federation.num_clients == 10
+            assert cfg.client.local_steps == sc["local_steps"]
+            assert cfg.partition.kind == compare.PARTITIONS[part]["kind"]
+            assert (cfg.dp.level == "record") == method.endswith("_dp")
+            if cfg.dp.level == "record":
+                assert cfg.dp.target_epsilon == 10
+            assert cfg.fedddpm.enabled == method.startswith("fedddpm")
+            assert cfg.feddiffuse.enabled == method.startswith("feddiffuse")
+            if method.startswith("fedddpm"):
+                want = "fedddpm_plus" if "plus" in method else "fedddpm"
+                assert cfg.fedddpm.variant == want
+
+
+def test_sweep_methods_override_one_knob(compare: Any) -> None:
+    compare.register_sweep("fedddpm_cal30")
+    compare.register_sweep("fedddpm_pre12")
+    base = parse_config(compare.build_raw("fedddpm", "dir0.1", 0, "tiny"))
+    cal = parse_config(compare.build_raw("fedddpm_cal30", "dir0.1", 0, "tiny"))
+    pre = parse_config(compare.build_raw("fedddpm_pre12", "dir0.1", 0, "tiny"))
+    assert cal.fedddpm.calibration_steps == 30 != base.fedddpm.calibration_steps
+    assert pre.fedddpm.pretrain_epochs == 12 != base.fedddpm.pretrain_epochs
+    assert pre.fedddpm.calibration_steps == base.fedddpm.calibration_steps
+    with pytest.raises(SystemExit, match="unknown method 'fedddpm_calx'"):
+        compare.register_sweep("fedddpm_calx")
+
+
+def _rows() -> list[dict[str, Any]]:
+    def row(method: str, part: str, seed: int, fid: float, **kw: Any) -> dict[str, Any]:
+        return {"method": method, "partition": part, "seed": seed, "fid": fid,
+                "fid_worst": kw.get("worst"), "precision": 0.5, "recall": 0.9,
+                "server_steps": kw.get("steps", 0), "params_exchanged": kw.get("params", 100),
+                "wall_seconds": 10.0, "fid_curve": [[4, fid * 2], [8, fid]]}
+
+    return [
+        row("fedavg", "dir0.1", 0, 1.0), row("fedavg", "dir0.1", 1, 3.0),
+        row("feddiffuse_udec", "dir0.1", 0, 2.0, worst=4.0, params=44),
+        row("centralized", "iid", 0, 0.5, params=10),
+        row("fedddpm_plus", "dir0.1", 0, 1.5, steps=60),
+    ]
+
+
+def test_table_means_stds_and_exchange_ratio(compare: Any) -> None:
+    table = compare.make_table(_rows(), list(compare.METHODS), ["dir0.1"])
+    lines = {ln.split(" | ")[1]: ln for ln in table.splitlines()[2:]}
+    assert "| 2.00 ± 1.41 |" in lines["fedavg"]  # mean and sample std over two seeds
+    assert "| 0.44x |" in lines["feddiffuse_udec"] and "| 4.00 |" in lines["feddiffuse_udec"]
+    assert "| 60 |" in lines["fedddpm_plus"]
+    assert "| 0.50 |" in lines["centralized"]  # the IID centralized run is every partition's row
+    assert "scaffold" not in lines  # no results: no row
+
+
+def test_plot_is_written(compare: Any, tmp_path: Path) -> None:
+    path = tmp_path / "fid.png"
+    compare.plot_fid(_rows(), ["dir0.1", "iid"], path)
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_readme_block_is_replaced_and_a_missing_block_refused(compare: Any,
+                                                              tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("head\n<!-- compare:begin -->\nold\n<!-- compare:end -->\ntail\n")
+    compare.update_readme(readme, "NEW TABLE")
+    assert readme.read_text() == (
+        "head\n<!-- compare:begin -->\nNEW TABLE\n<!-- compare:end -->\ntail\n"
+    )
+    other = tmp_path / "other.md"
+    other.write_text("no block")
+    with pytest.raises(SystemExit, match="compare:begin"):
+        compare.update_readme(other, "x")
+    assert other.read_text() == "no block"
