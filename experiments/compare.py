@@ -267,9 +267,13 @@ def plot_fid(results: list[dict[str, Any]], partitions: list[str], path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(partitions), figsize=(5 * len(partitions), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(partitions), figsize=(5 * len(partitions), 4.2), squeeze=False)
+    order = {m: i for i, m in enumerate(METHODS)}
+    methods = sorted({r["method"] for r in results}, key=lambda m: order.get(m, len(order)))
+    # one fixed colour + line style per method in every panel (tab20 has 20 distinct colours)
+    cmap = plt.get_cmap("tab20")
+    style = {m: (cmap(i % 20), "-" if i < 10 else "--") for i, m in enumerate(methods)}
     for ax, part in zip(axes[0], partitions, strict=True):
-        methods = sorted({r["method"] for r in results})
         for m in methods:
             src = "iid" if m == "centralized" else part
             curves = [r["fid_curve"] for r in results if r["method"] == m and r["partition"] == src]
@@ -277,13 +281,20 @@ def plot_fid(results: list[dict[str, Any]], partitions: list[str], path: Path) -
                 continue
             rounds = sorted({c[0] for cur in curves for c in cur})
             mean = [np.mean([v for cur in curves for (k, v) in cur if k == rd]) for rd in rounds]
-            ax.plot(rounds, mean, marker="o", label=m)
+            ax.plot(rounds, mean, marker="o", label=m, color=style[m][0], linestyle=style[m][1])
         ax.set_title(f"{part}")
         ax.set_xlabel("round")
-        ax.set_ylabel("domain FID (mean over seeds)")
+        if ax is axes[0][0]:
+            ax.set_ylabel("domain FID (mean over seeds)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    handles, labels = [], []
+    for ax in axes[0]:  # the union of the panels' lines, in METHODS order
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
