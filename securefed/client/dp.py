@@ -25,7 +25,7 @@ from securefed.diffusion import NoiseSchedule
 from securefed.diffusion.loss import diffusion_loss_from_draws, draw_timesteps_and_noise
 from securefed.strategies.base import LocalObjective
 
-__all__ = ["DPLocalTrainer", "poisson_batches", "sample_rate_for"]
+__all__ = ["DPLocalTrainer", "dp_row_losses", "poisson_batches", "sample_rate_for"]
 
 
 def sample_rate_for(cfg: ClientConfig, num_examples: int) -> float:
@@ -39,6 +39,28 @@ def poisson_batches(n: int, q: float, steps: int, gen: torch.Generator) -> list[
     Batches can be empty (the step then releases noise only).
     """
     return [torch.nonzero(torch.rand(n, generator=gen) < q).reshape(-1) for _ in range(steps)]
+
+
+def dp_row_losses(
+    net: nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    y: torch.Tensor | None,
+    num_draws: int,
+    *,
+    generator: torch.Generator,
+) -> torch.Tensor | None:
+    """The ``[K * B]`` per-row losses that the DP-SGD engines reduce to per-example losses.
+
+    Row ``k * B + b`` is draw ``k`` of example ``b`` (draw-major, undivided); the engines take
+    example ``b``'s loss as the MEAN of its ``K`` rows (``row_reduction="mean"``), i.e. exactly
+    ``diffusion_loss_from_draws(...)[b]``, and clip the gradient of that loss. ``None`` for an
+    empty Poisson batch (the step then releases noise only).
+    """
+    if x0.shape[0] == 0:
+        return None
+    t, noise = draw_timesteps_and_noise(schedule, x0, num_draws, generator=generator)
+    return diffusion_loss_from_draws(net, schedule, x0, t, noise, y, per_row=True)
 
 
 class DPLocalTrainer(LocalTrainer):
@@ -115,11 +137,8 @@ class DPLocalTrainer(LocalTrainer):
             def row_losses(
                 x0: torch.Tensor = x0, y: torch.Tensor | None = y
             ) -> torch.Tensor | None:
-                if x0.shape[0] == 0:
-                    return None  # empty Poisson batch: the step releases noise only
-                t, noise = draw_timesteps_and_noise(self.schedule, x0, k, generator=dev_gen)
                 net = self._gsm if self._gsm is not None else self.model
-                return diffusion_loss_from_draws(net, self.schedule, x0, t, noise, y, per_row=True)
+                return dp_row_losses(net, self.schedule, x0, y, k, generator=dev_gen)
 
             opt.zero_grad(set_to_none=True)
             stats = self._dp_step(row_losses, expected, noise_multiplier, noise_source)

@@ -76,9 +76,11 @@ def diffusion_loss_from_draws(
         noise: ``[K, B, C, H, W]`` (or ``[B, C, H, W]``) standard normal noise.
         y: ``[B]`` int64 labels or ``None``.
 
-        per_row: return the ``[K * B]`` row losses divided by ``K`` instead, so that the sum of an
-            example's K rows is its loss (DP-SGD clips the per-EXAMPLE gradient: the sum of
-            the gradients of its rows).
+        per_row: return the ``[K * B]`` undivided row losses instead; example ``b``'s loss is
+            the MEAN of its rows ``b, B + b, ..., (K-1) B + b``, which is how the DP-SGD
+            engines (``dp_sgd_step``, ``opacus_dp_step``) reduce per-row losses before clipping
+            the per-EXAMPLE gradient. (Dividing here as well would shrink every per-example
+            gradient K-fold relative to the noise.)
 
     Returns:
         ``[B]`` per-example loss (``[K * B]`` row losses with ``per_row``).
@@ -98,7 +100,7 @@ def diffusion_loss_from_draws(
     x_t = q_sample(schedule, x0_rep, t_flat, noise_flat)
     err = (model(x_t, t_flat, y_rep) - noise_flat).pow(2).flatten(1).mean(dim=1)
     if per_row:
-        return err / k
+        return err
     return err.reshape(k, b).mean(dim=0)
 
 

@@ -1,0 +1,102 @@
+"""Issue 14: the DP claims hold in every run (noise multiplicity, sampling, resume, seeds, ...)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from securefed.client.dp import dp_row_losses
+from securefed.diffusion import NoiseSchedule, UNet
+from securefed.diffusion.loss import diffusion_loss_from_draws, draw_timesteps_and_noise
+from tests.conftest import tiny_config
+
+B = 3
+
+
+def _model_and_schedule() -> tuple[UNet, NoiseSchedule]:
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = UNet(cfg.model, 1, 8, None)
+    # non-zero output layers, so that every parameter gets a gradient
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(0.0, 0.05)
+    return model, NoiseSchedule.from_config(cfg.diffusion)
+
+
+def _true_per_example(
+    model: UNet, schedule: NoiseSchedule, x0: torch.Tensor, k: int, seed: int
+) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """Each example's loss (mean over its K draws) and its gradient, one example at a time."""
+    t, noise = draw_timesteps_and_noise(
+        schedule, x0, k, generator=torch.Generator().manual_seed(seed)
+    )
+    losses, grads = [], []
+    params = list(model.parameters())
+    for b in range(x0.shape[0]):
+        loss = diffusion_loss_from_draws(
+            model, schedule, x0[b : b + 1], t[:, b : b + 1], noise[:, b : b + 1]
+        )[0]
+        losses.append(loss.detach())
+        grads.append(list(torch.autograd.grad(loss, params)))
+    return torch.stack(losses), grads
+
+
+class _Zero:
+    def normal(self, shape, std, device=None, dtype=torch.float32):  # noqa: ANN001, ANN201
+        return torch.zeros(tuple(shape), device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("engine", ["fast", "opacus"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_noise_multiplicity_divides_once(engine: str, k: int) -> None:
+    """The engines' per-example gradient is the gradient of the example's TRUE loss (mean of its K
+    draws), computed independently: the old code divided by K twice (true/engine norm = K)."""
+    model, schedule = _model_and_schedule()
+    x0 = torch.rand(B, 1, 8, 8) * 2 - 1
+    true_loss, true_grads = _true_per_example(model, schedule, x0, k, seed=5)
+    true_norms = torch.stack(
+        [torch.sqrt(sum(g.double().pow(2).sum() for g in gs)) for gs in true_grads]
+    )
+    expected = 2.5
+    gsm = None
+    if engine == "opacus":
+        from securefed.privacy.opacus_engine import make_private_module
+
+        gsm = make_private_module(model)
+    lo, mid = true_norms.sort().values[:2].tolist()
+    for clip in (1e6, (lo + mid) / 2):  # no clipping; then two of the three examples clipped
+        factors = (clip / (true_norms + 1e-6)).clamp(max=1.0)
+        want = [
+            sum(float(factors[b]) * true_grads[b][j] for b in range(B)) / expected
+            for j in range(len(true_grads[0]))
+        ]
+        gen = torch.Generator().manual_seed(5)
+        if gsm is not None:
+            from securefed.privacy.opacus_engine import opacus_dp_step
+
+            stats = opacus_dp_step(
+                gsm,
+                lambda gsm=gsm, gen=gen: dp_row_losses(gsm, schedule, x0, None, k, generator=gen),
+                expected_batch_size=expected, max_grad_norm=clip, noise_multiplier=0.0,
+                noise_source=_Zero(), group_size=k,
+            )
+            params = [p for p in gsm.parameters() if p.requires_grad]
+        else:
+            from securefed.privacy.dp_step import dp_sgd_step
+
+            stats = dp_sgd_step(
+                model,
+                lambda gen=gen: dp_row_losses(model, schedule, x0, None, k, generator=gen),
+                batch_size_expected=expected, max_grad_norm=clip, noise_multiplier=0.0,
+                noise_source=_Zero(), group_size=k,
+            )
+            params = list(model.parameters())
+        assert stats.batch_size == B
+        assert stats.mean_loss == pytest.approx(float(true_loss.mean()), rel=1e-5)
+        assert stats.mean_norm == pytest.approx(float(true_norms.mean()), rel=1e-4)
+        want_clipped = float((true_norms > clip).double().mean())
+        assert stats.clipped_fraction == pytest.approx(want_clipped)
+        for p, w in zip(params, want, strict=True):
+            torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-7)
