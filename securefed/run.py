@@ -34,10 +34,11 @@ from securefed.data import (
 )
 from securefed.diffusion import NoiseSchedule, UNet, sample
 from securefed.federation.checkpoint import CheckpointError, load_latest
-from securefed.federation.simulation import PrivacyContext, SimClient, Simulation, derive_seed
+from securefed.federation.simulation import PrivacyContext, SimClient, Simulation
 from securefed.io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from securefed.report.grid import save_grid
 from securefed.secagg import build_protocol
+from securefed.seeds import Purpose, derive_seed
 from securefed.strategies import Strategy, build_strategy
 
 __all__ = [
@@ -51,10 +52,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_SAMPLES, _FID, _NOISE = 4, 5, 6
-# new purposes (FedDDPM / FedDiffuse); phase 0 uses 11, 12 (federation/auxiliary.py)
-_CALIBRATE, _AUX_EVAL, _AUX_SPLIT, _USPLIT = 13, 14, 15, 16
 
 
 @dataclass(frozen=True)
@@ -122,7 +119,7 @@ def build_model(cfg: ExperimentConfig, image_shape: tuple[int, int, int], num_cl
     if h != w:
         raise ValueError(f"data: images must be square, got {h}x{w}; set data.image_size")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, 0))
+        torch.manual_seed(derive_seed(cfg.seed, Purpose.MODEL_INIT))
         return UNet(cfg.model, c, h, num_classes if cfg.model.class_conditional else None)
 
 
@@ -217,10 +214,10 @@ def build_privacy(
     else:  # TorchGaussian warns loudly, once per process
 
         def source(rnd: int, cid: int) -> Any:
-            return TorchGaussian(seed=derive_seed(cfg.seed, rnd, _NOISE, cid))
+            return TorchGaussian(seed=derive_seed(cfg.seed, Purpose.NOISE, rnd, cid))
 
         def phase_source(rnd: int, cid: int, phase: int) -> Any:
-            return TorchGaussian(seed=derive_seed(cfg.seed, rnd, _NOISE, cid, phase))
+            return TorchGaussian(seed=derive_seed(cfg.seed, Purpose.NOISE, rnd, cid, phase))
 
     return PrivacyContext(
         ledger=ledger, noise_multipliers=sigmas, noise_source=source,
@@ -350,7 +347,7 @@ def run_experiment(
 
     def write_samples(rnd: int, params: torch.Tensor) -> None:
         set_flat(model, params)
-        gen = torch.Generator(device=dev).manual_seed(derive_seed(cfg.seed, _SAMPLES))
+        gen = torch.Generator(device=dev).manual_seed(derive_seed(cfg.seed, Purpose.SAMPLES))
         n = cfg.evaluation.grid_samples
         y = None
         if conditional:
@@ -389,7 +386,7 @@ def run_experiment(
         if evaluator is None:
             return {}
         set_flat(model, params)
-        gen = torch.Generator(device=dev).manual_seed(derive_seed(cfg.seed, rnd, _FID))
+        gen = torch.Generator(device=dev).manual_seed(derive_seed(cfg.seed, Purpose.FID, rnd))
         n = cfg.evaluation.num_fid_samples
         y = None
         if conditional:
@@ -528,7 +525,9 @@ def _wrap_feddiffuse(cfg: ExperimentConfig, model: UNet, base: Strategy) -> Stra
     from securefed.strategies.feddiffuse import FedDiffuse, group_indices
 
     groups = group_indices(param_slices(model), model.parameter_groups())
-    return FedDiffuse(base, cfg.feddiffuse, groups, cfg.seed, derive=derive_seed, purpose=_USPLIT)
+    return FedDiffuse(
+        base, cfg.feddiffuse, groups, cfg.seed, derive=derive_seed, purpose=Purpose.USPLIT
+    )
 
 
 def _wrap_fedddpm(
@@ -570,12 +569,12 @@ def _wrap_fedddpm(
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         save_auxiliary(run_dir, aux, meta)
     train_idx, hold_idx = split_holdout(
-        len(aux), fd.aux_holdout_fraction, derive_seed(cfg.seed, _AUX_SPLIT)
+        len(aux), fd.aux_holdout_fraction, derive_seed(cfg.seed, Purpose.AUX_SPLIT)
     )
     calibrator = ServerCalibrator(
         sim.model, sim.schedule, aux.images, aux.labels, train_idx, hold_idx, fd, sim.device,
         cfg.seed, cfg.model.class_conditional, derive=derive_seed,
-        purpose_calibrate=_CALIBRATE, purpose_eval=_AUX_EVAL,
+        purpose_calibrate=Purpose.CALIBRATE, purpose_eval=Purpose.AUX_EVAL,
     )
     cls = FedDDPMPlus if fd.variant == "fedddpm_plus" else FedDDPM
     return cls(sim.strategy, fd, calibrator)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import securefed
 
 from securefed.client.dp import dp_row_losses
 from securefed.diffusion import NoiseSchedule, UNet
 from securefed.diffusion.loss import diffusion_loss_from_draws, draw_timesteps_and_noise
+from securefed.seeds import Purpose, derive_seed
 from tests.conftest import tiny_config
 
 B = 3
@@ -44,7 +53,7 @@ def _true_per_example(
 
 
 class _Zero:
-    def normal(self, shape, std, device=None, dtype=torch.float32):  # noqa: ANN001, ANN201
+    def normal(self, shape, std, device=None, dtype=torch.float32):
         return torch.zeros(tuple(shape), device=device, dtype=dtype)
 
 
@@ -100,3 +109,66 @@ def test_noise_multiplicity_divides_once(engine: str, k: int) -> None:
         assert stats.clipped_fraction == pytest.approx(want_clipped)
         for p, w in zip(params, want, strict=True):
             torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- item 4: seeds
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 2**64 - 1),
+            st.sampled_from(list(Purpose)),
+            st.integers(0, 2**20),
+            st.integers(0, 2**20),
+            st.integers(0, 3),
+        ),
+        min_size=2,
+        max_size=8,
+        unique=True,
+    )
+)
+def test_distinct_seed_tuples_give_distinct_streams(tuples: list[tuple]) -> None:
+    seeds = [derive_seed(s, p, r, c, ph) for s, p, r, c, ph in tuples]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= x < 2**63 for x in seeds)
+    # distinct seeds start distinct torch streams
+    firsts = {
+        tuple(torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(x)).tolist())
+        for x in seeds
+    }
+    assert len(firsts) == len(seeds)
+
+
+def test_the_old_colliding_streams_are_apart() -> None:
+    """Old layouts: FID at round 12 was (seed, 12, FID=5) and client 5's auxiliary sampling
+    (seed, AUX_SAMPLE=12, 5): the same stream. The calibration stream of round 12 (seed, 12, 13)
+    equalled client 13's (seed, 12, 13)."""
+    s = 3
+    assert derive_seed(s, Purpose.FID, 12) != derive_seed(s, Purpose.AUX_SAMPLE, 0, 5)
+    assert derive_seed(s, Purpose.CALIBRATE, 12) != derive_seed(s, Purpose.AUX_SAMPLE, 0, 13)
+    assert derive_seed(s, Purpose.TRAIN, 1, 0) != derive_seed(s, Purpose.TRAIN, 0, 1)
+
+
+def test_seed_api_refuses_bare_purposes_and_bad_fields() -> None:
+    with pytest.raises(TypeError, match="Purpose enum"):
+        derive_seed(3, 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="round must be an integer"):
+        derive_seed(3, Purpose.FID, -1)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        derive_seed(True, Purpose.FID)  # type: ignore[arg-type]
+    assert derive_seed(3, Purpose.FID, np.int64(4)) == derive_seed(3, Purpose.FID, 4)
+
+
+def test_no_ad_hoc_seed_offsets_in_the_library() -> None:
+    """Every stream goes through derive_seed: no ``seed + k`` / ``seed * k`` anywhere."""
+    root = Path(securefed.__file__).parent
+    pattern = re.compile(r"\bseed\w*\s*[-+*^]\s*\w|\w\s*[+*^]\s*\w*seed\b")
+    offenders = [
+        f"{p.relative_to(root)}:{i}: {line.strip()}"
+        for p in sorted(root.rglob("*.py"))
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, offenders

@@ -23,6 +23,7 @@ from securefed.audit.canaries import CanarySet, insert_canaries, save_canaries
 from securefed.config import ExperimentConfig, dump_config
 from securefed.data import ImageDataset
 from securefed.io import atomic_write_json, atomic_write_text
+from securefed.seeds import Purpose, derive_seed
 
 __all__ = ["TrainedModel", "train_model", "write_run_dir"]
 
@@ -94,7 +95,7 @@ def train_model(
                     # seeded torch noise otherwise (reproducible tests)
                     noise_source=SecureGaussian()
                     if cfg.dp.secure_noise
-                    else TorchGaussian(seed=seed + 1),
+                    else TorchGaussian(seed=derive_seed(seed, Purpose.AUDIT_NOISE)),
                     progress=bar,
                 )
     finally:

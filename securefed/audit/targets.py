@@ -29,6 +29,7 @@ from securefed.audit.canaries import CanarySet, load_canaries
 from securefed.config import ExperimentConfig, load_config
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule
+from securefed.seeds import Purpose, derive_seed
 
 __all__ = [
     "AuditRun",
@@ -284,7 +285,7 @@ def make_shadow_trainer(run: AuditRun, steps: int | None = None, progress: bool 
                     LocalObjective(),
                     seed,
                     noise_multiplier=sigma,
-                    noise_source=TorchGaussian(seed=seed + 7),
+                    noise_source=TorchGaussian(seed=derive_seed(seed, Purpose.AUDIT_NOISE)),
                 )
         else:
             trainer = LocalTrainer(model, run.schedule, ccfg, run.device, run.conditional)

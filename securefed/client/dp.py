@@ -23,6 +23,7 @@ from securefed.config import ClientConfig, DPConfig
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule
 from securefed.diffusion.loss import diffusion_loss_from_draws, draw_timesteps_and_noise
+from securefed.seeds import Purpose, derive_seed
 from securefed.strategies.base import LocalObjective
 
 __all__ = ["DPLocalTrainer", "dp_row_losses", "poisson_batches", "sample_rate_for"]
@@ -115,8 +116,9 @@ class DPLocalTrainer(LocalTrainer):
 
         opt = make_optimizer(params, self.cfg)
         cpu_gen = torch.Generator().manual_seed(seed)
-        dev_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
-        torch.manual_seed(seed + 2)
+        dev_seed = derive_seed(seed, Purpose.LOSS_DRAWS)
+        dev_gen = torch.Generator(device=self.device).manual_seed(dev_seed)
+        torch.manual_seed(derive_seed(seed, Purpose.MODULE_RNG))
         prox_ref = _split_like(start_params, params, self.device) if objective.prox_mu > 0 else None
         correction = (
             _split_like(objective.grad_correction, params, self.device)

@@ -13,6 +13,7 @@ from securefed.client.update import get_flat, set_flat
 from securefed.config import ClientConfig
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule, diffusion_loss
+from securefed.seeds import Purpose, derive_seed
 from securefed.strategies.base import LocalObjective
 
 __all__ = ["LocalResult", "LocalTrainer", "local_steps_for", "make_optimizer"]
@@ -141,8 +142,10 @@ class LocalTrainer:
         opt = make_optimizer(params, self.cfg)
 
         cpu_gen = torch.Generator().manual_seed(seed)
-        dev_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
-        torch.manual_seed(seed + 2)  # any module-level randomness (e.g. dropout) is seeded too
+        dev_seed = derive_seed(seed, Purpose.LOSS_DRAWS)
+        dev_gen = torch.Generator(device=self.device).manual_seed(dev_seed)
+        # any module-level randomness (e.g. dropout) is seeded too
+        torch.manual_seed(derive_seed(seed, Purpose.MODULE_RNG))
 
         prox_ref: list[torch.Tensor] | None = None
         correction: list[torch.Tensor] | None = None

@@ -318,13 +318,13 @@ class Coordinator:
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         """One round over the network; returns its ``metrics.jsonl`` line."""
-        from securefed.federation.simulation import _SELECT, derive_seed
         from securefed.secagg.masking.quantize import quantization_error_bound
         from securefed.secagg.masking.server import MaskingServer
+        from securefed.seeds import Purpose, derive_seed
         from securefed.strategies import CohortSum, unpack_sum
 
         cfg = self.cfg
-        rng = np.random.default_rng(derive_seed(cfg.seed, rnd, _SELECT))
+        rng = np.random.default_rng(derive_seed(cfg.seed, Purpose.SELECT, rnd))
         plan = self.strategy.configure_round(
             rnd,
             self.global_params,

@@ -216,12 +216,12 @@ def client_round_update(
         ``(ClientUpdate, LocalResult)``.
     """
     # the simulation's seed purpose for local training: same stream, same model
-    from securefed.federation.simulation import _TRAIN, derive_seed
+    from securefed.seeds import Purpose, derive_seed
 
     strategy.set_current_client(cid)
     start = strategy.start_params(broadcast, client_state)
     objective = strategy.local_objective(broadcast, client_state)
-    seed = derive_seed(cfg.seed, rnd, _TRAIN, cid)
+    seed = derive_seed(cfg.seed, Purpose.TRAIN, rnd, cid)
     if privacy is not None and privacy.level == "record":
         from securefed.client.dp import DPLocalTrainer
 

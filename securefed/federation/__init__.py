@@ -6,7 +6,8 @@ from securefed.federation.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from securefed.federation.simulation import RoundRecord, SimClient, Simulation, derive_seed
+from securefed.federation.simulation import RoundRecord, SimClient, Simulation
+from securefed.seeds import derive_seed
 
 __all__ = [
     "Checkpoint",

@@ -43,6 +43,7 @@ from securefed.config import ExperimentConfig
 from securefed.diffusion import NoiseSchedule, sample
 from securefed.io import atomic_write_bytes, atomic_write_json, sha256_file
 from securefed.report.grid import save_grid
+from securefed.seeds import Purpose
 from securefed.strategies import LocalObjective
 from securefed.strategies.fedddpm import allocate_proportional
 
@@ -61,8 +62,6 @@ log = logging.getLogger(__name__)
 
 AUX_DIR = "auxiliary"
 
-# derive_seed purposes (new, distinct from simulation.py / run.py: 1..6)
-PURPOSE_PRETRAIN, PURPOSE_AUX_SAMPLE = 11, 12
 
 
 @dataclass(frozen=True)
@@ -261,7 +260,7 @@ def _phase0(
             per_client[str(c.cid)] = {**rec, "pretrain_steps": 0, "note": "no allocation"}
             continue
         t0 = time.perf_counter()
-        seed = derive(cfg.seed, 0, PURPOSE_PRETRAIN, c.cid)
+        seed = derive(cfg.seed, Purpose.PRETRAIN, 0, c.cid)
         steps = pretrain_steps_for(cfg, len(c.data))
         if privacy is not None:
             ledger = privacy.ledger
@@ -300,7 +299,7 @@ def _phase0(
             rec["class_counts"] = counts.tolist()
             y = torch.repeat_interleave(torch.arange(num_classes), torch.as_tensor(counts))
         gen = torch.Generator(device=device).manual_seed(
-            derive(cfg.seed, PURPOSE_AUX_SAMPLE, c.cid)
+            derive(cfg.seed, Purpose.AUX_SAMPLE, 0, c.cid)
         )
         x = sample(
             model, sched, n_i, shape, sampler=fd.aux_sampler, steps=fd.aux_sampling_steps,

@@ -1,9 +1,11 @@
 """In-process federated round loop with dropouts, checkpoints and exact resume.
 
 Roles are kept apart: each :class:`SimClient` owns only its own examples and private state; the
-server side (strategy + aggregation protocol) receives only the protocol's SUM. Every random draw
-is derived from ``(seed, round, purpose[, client])``, so a run resumed from the checkpoint after
-round k replays rounds k+1.. exactly as an uninterrupted run would (on CPU).
+server side (strategy + aggregation protocol) receives only the protocol's SUM. Every public random
+draw is derived from ``(seed, purpose, round, client, phase)`` (:mod:`securefed.seeds`); DP
+noise and Poisson sampling come from the secret run key. A run resumed from the checkpoint after
+round k replays rounds k+1.. and keeps a replayed round's charge unless the replay reproduces the
+released update's digest (see ``PrivacyLedger``).
 """
 
 from __future__ import annotations
@@ -26,20 +28,12 @@ from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule, diffusion_loss
 from securefed.federation.checkpoint import Checkpoint, save_checkpoint
 from securefed.secagg import AggregationAbortedError, AggregationProtocol
+from securefed.seeds import Purpose, derive_seed
 from securefed.strategies import CohortSum, Strategy, pack_update, unpack_sum
 
-__all__ = ["PrivacyContext", "RoundRecord", "SimClient", "Simulation", "derive_seed"]
+__all__ = ["PrivacyContext", "RoundRecord", "SimClient", "Simulation"]
 
 log = logging.getLogger(__name__)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers via NumPy's SeedSequence (hash-mixing, order-sensitive)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-# purposes mixed into derive_seed so that streams never overlap
-_SELECT, _TRAIN, _EVAL_LOSS, _SAMPLES, _FID = 1, 2, 3, 4, 5
 
 
 @dataclass
@@ -167,7 +161,7 @@ class Simulation:
         x0 = self.holdout.images[:n].to(self.device)
         y = self.holdout.labels[:n].to(self.device) if self.conditional else None
         gen = torch.Generator(device=self.device).manual_seed(
-            derive_seed(self.cfg.seed, _EVAL_LOSS)
+            derive_seed(self.cfg.seed, Purpose.EVAL_LOSS)
         )
         set_flat(self.model, params)
         self.model.eval()
@@ -189,7 +183,7 @@ class Simulation:
         """Run round ``rnd`` (1-based) and return its metrics line."""
         cfg = self.cfg
         seconds: dict[str, float] = {}
-        rng = np.random.default_rng(derive_seed(cfg.seed, rnd, _SELECT))
+        rng = np.random.default_rng(derive_seed(cfg.seed, Purpose.SELECT, rnd))
         plan = self.strategy.configure_round(
             rnd,
             self.global_params,
@@ -231,7 +225,7 @@ class Simulation:
             self.strategy.set_current_client(cid)
             start = self.strategy.start_params(plan.broadcast, client.state)
             objective = self.strategy.local_objective(plan.broadcast, client.state)
-            seed = derive_seed(cfg.seed, rnd, _TRAIN, cid)
+            seed = derive_seed(cfg.seed, Purpose.TRAIN, rnd, cid)
             if self.privacy is not None and self.privacy.level == "record":
                 from securefed.client.dp import DPLocalTrainer
 

@@ -164,9 +164,10 @@ class ServerCalibrator:
             torch.arange(self.images.shape[0]) if use_all or len(self.holdout_idx) == 0
             else self.train_idx
         )
-        seed = self._derive(self.seed, rnd, self._p_cal)
+        seed = self._derive(self.seed, self._p_cal, rnd)
         cpu_gen = torch.Generator().manual_seed(seed)
-        dev_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        draws = self._derive(self.seed, self._p_cal, rnd, 0, 1)  # phase 1: diffusion draws
+        dev_gen = torch.Generator(device=self.device).manual_seed(draws)
         set_flat(self.model, params)
         self.model.train()
         opt = self._optimizer()

@@ -151,7 +151,7 @@ class FedDiffuse(StrategyWrapper):
     ) -> RoundPlan:
         plan = self.base.configure_round(rnd, global_params, available, fraction, minimum, rng)
         if self.variant == "usplit":
-            own = np.random.default_rng(self._derive(self.seed, rnd, self._purpose))
+            own = np.random.default_rng(self._derive(self.seed, self._purpose, rnd))
             self._assignment = pair_clients(plan.clients, own)
         else:
             segs = ("all",) if self.variant == "full" else ("shared",)
