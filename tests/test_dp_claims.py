@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import securefed
-
 from securefed.client.dp import dp_row_losses
 from securefed.diffusion import NoiseSchedule, UNet
 from securefed.diffusion.loss import diffusion_loss_from_draws, draw_timesteps_and_noise
