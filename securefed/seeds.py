@@ -3,9 +3,9 @@
 A stream is named by the fixed-arity tuple ``(seed, purpose, round, client, phase)``;
 :func:`derive_seed` hashes it with SHA-256 (FIPS 180-4) behind a domain label, each field encoded
 as one big-endian unsigned 64-bit word, so distinct tuples give distinct, independent 63-bit
-seeds (a collision needs a SHA-256 collision on the first 63 bits: ~2^-63 per pair). Fields that
-a purpose does not use are 0. There are no ad-hoc offsets (a seed plus a constant): a sub-stream of a
-derived seed is ``derive_seed(derived, Purpose.X)``.
+seeds (a collision needs a SHA-256 collision on the first 63 bits: ~2^-63 per pair). Fields
+that a purpose does not use are 0. There are no ad-hoc offsets (a seed plus a constant): a
+sub-stream of a derived seed is ``derive_seed(derived, Purpose.X)``.
 
 These seeds are PUBLIC (``cfg.seed`` is written in ``config.yaml`` and sent to every site): they
 may drive model initialisation, client selection, evaluation noise, diffusion (t, eps) draws and
