@@ -141,7 +141,7 @@ def build_privacy(
         TorchGaussian,
         calibrate_noise_multiplier,
         default_delta,
-        derive_key,
+        dp_round_key,
         load_or_create_run_key,
     )
 
@@ -207,10 +207,10 @@ def build_privacy(
             run_key = hashlib.sha256(run_key + os.urandom(32)).digest()
 
         def source(rnd: int, cid: int) -> Any:
-            return SecureGaussian(key=derive_key(run_key, rnd, cid))
+            return SecureGaussian(key=dp_round_key(run_key, rnd, cid))
 
         def phase_source(rnd: int, cid: int, phase: int) -> Any:
-            return SecureGaussian(key=derive_key(run_key, rnd, cid, phase))
+            return SecureGaussian(key=dp_round_key(run_key, rnd, cid, phase))
     else:  # TorchGaussian warns loudly, once per process
 
         def source(rnd: int, cid: int) -> Any:

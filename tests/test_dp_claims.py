@@ -12,10 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import securefed
-from securefed.client.dp import dp_row_losses
+from securefed.client.dp import dp_row_losses, poisson_batches, sampling_source_of
+from securefed.client.update import get_flat
+from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule, UNet
 from securefed.diffusion.loss import diffusion_loss_from_draws, draw_timesteps_and_noise
+from securefed.privacy.secure_noise import SecureGaussian
 from securefed.seeds import Purpose, derive_seed
+from securefed.strategies.base import LocalObjective
 from tests.conftest import tiny_config
 
 B = 3
@@ -171,3 +175,87 @@ def test_no_ad_hoc_seed_offsets_in_the_library() -> None:
         if pattern.search(line)
     ]
     assert not offenders, offenders
+
+
+# ----------------------------------------------------------------------------- item 1: sampling
+
+
+def _dp_trainer(batch_size: int = 8, steps: int = 4):
+    from securefed.client.dp import DPLocalTrainer
+
+    model, schedule = _model_and_schedule()
+    cfg = tiny_config(
+        client__batch_size=batch_size, client__local_steps=steps, client__lr=0.05,
+        dp__level="record", dp__target_epsilon=10.0,
+    )
+    return DPLocalTrainer(model, schedule, cfg.client, cfg.dp, torch.device("cpu")), model
+
+
+def _digits(n: int) -> ImageDataset:
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    return ImageDataset(images, torch.zeros(n, dtype=torch.int64), 1, "random", ("x",))
+
+
+def test_batches_depend_on_the_secret_key_not_on_the_seed() -> None:
+    """Same public seed, different secret keys: different Poisson batches (hence, at sigma = 0,
+    different models); same key: identical replay. The old code drew the batches from the seed,
+    so two keys gave identical models."""
+    trainer, model = _dp_trainer()
+    data = _digits(40)
+    start = get_flat(model)
+
+    def train(key: bytes) -> torch.Tensor:
+        return trainer.train_private(
+            data, start, LocalObjective(), 12345, noise_multiplier=0.0,
+            noise_source=SecureGaussian(key),
+        ).params
+
+    a, a2, b = train(bytes(32)), train(bytes(32)), train(bytes([1]) * 32)
+    assert torch.equal(a, a2)  # exact replay through the key
+    assert not torch.equal(a, b)
+
+
+def test_poisson_batches_come_from_the_keyed_sampling_stream() -> None:
+    key = bytes(range(32))
+    coins = SecureGaussian(key).sampling_source()
+    batches = poisson_batches(1000, 0.1, 5, coins)
+    again = poisson_batches(1000, 0.1, 5, SecureGaussian(key).sampling_source())
+    other = poisson_batches(1000, 0.1, 5, SecureGaussian(key[::-1]).sampling_source())
+    assert all(torch.equal(x, y) for x, y in zip(batches, again, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(batches, other, strict=True))
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
+    assert abs(float(sizes.mean()) - 100) < 4 * (1000 * 0.1 * 0.9 / 5) ** 0.5
+    # the sampling stream is independent of the noise stream of the same key
+    noise_u = SecureGaussian(key).uniform(1000)
+    assert not torch.equal(noise_u, SecureGaussian(key).sampling_source().uniform(1000))
+    with pytest.raises(TypeError, match="sampling_source"):
+        sampling_source_of(object())
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_run_batches_cannot_be_rebuilt_from_config_and_seed(
+    tmp_path: Path, cache_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs of the SAME config.yaml (same seed) draw different batches: they are a function of
+    each run's secret key, so config.yaml and the seed alone cannot reproduce them."""
+    import securefed.client.dp as dp_mod
+    from securefed.run import run_experiment
+
+    seen: list[list[list[int]]] = []
+    orig = dp_mod.poisson_batches
+
+    def spy(n, q, steps, coins):
+        out = orig(n, q, steps, coins)
+        seen[-1].append([int(i) for b in out for i in b])
+        return out
+
+    monkeypatch.setattr(dp_mod, "poisson_batches", spy)
+    cfg = tiny_config(dp__level="record", dp__target_epsilon=10.0, federation__rounds=1)
+    for name in ("a", "b"):
+        seen.append([])
+        run_experiment(cfg, tmp_path / name, progress=False, write_report=False)
+    assert len(seen[0]) == cfg.federation.num_clients
+    assert seen[0] != seen[1]
+    for got_a, got_b in zip(seen[0], seen[1], strict=True):
+        assert got_a != got_b  # every client's batches differ

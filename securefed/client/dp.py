@@ -1,12 +1,13 @@
 """Record-level DP-SGD local training (Abadi et al. 2016) with noise multiplicity (DPDM).
 
 Each step draws a Poisson batch (every example independently with rate ``q = batch_size / n``:
-what the accountant assumes), computes each EXAMPLE's gradient of its loss averaged over K
-(t, noise) draws, clips it to ``max_grad_norm``, sums, adds Gaussian noise of std
-``noise_multiplier * max_grad_norm`` from the configured noise source, and divides by the
-expected batch size ``q n``. Strategy terms (FedProx, SCAFFOLD) are data-independent and are
-added after the noise (post-processing). The privacy cost of the steps is charged by the caller
-to the client's ledger BEFORE the resulting update leaves the client.
+what the accountant assumes) from the noise source's secret-keyed sampling stream (never from the
+public seed: amplification by subsampling assumes the batches are secret), computes each
+EXAMPLE's gradient of its loss averaged over K (t, noise) draws, clips it to ``max_grad_norm``,
+sums, adds Gaussian noise of std ``noise_multiplier * max_grad_norm`` from the configured noise
+source, and divides by the expected batch size ``q n``. Strategy terms (FedProx, SCAFFOLD) are
+data-independent and are added after the noise (post-processing). The privacy cost of the steps
+is charged by the caller to the client's ledger BEFORE the resulting update leaves the client.
 """
 
 from __future__ import annotations
@@ -23,10 +24,17 @@ from securefed.config import ClientConfig, DPConfig
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule
 from securefed.diffusion.loss import diffusion_loss_from_draws, draw_timesteps_and_noise
+from securefed.privacy.secure_noise import UniformSource
 from securefed.seeds import Purpose, derive_seed
 from securefed.strategies.base import LocalObjective
 
-__all__ = ["DPLocalTrainer", "dp_row_losses", "poisson_batches", "sample_rate_for"]
+__all__ = [
+    "DPLocalTrainer",
+    "dp_row_losses",
+    "poisson_batches",
+    "sample_rate_for",
+    "sampling_source_of",
+]
 
 
 def sample_rate_for(cfg: ClientConfig, num_examples: int) -> float:
@@ -34,12 +42,32 @@ def sample_rate_for(cfg: ClientConfig, num_examples: int) -> float:
     return min(1.0, cfg.batch_size / num_examples)
 
 
-def poisson_batches(n: int, q: float, steps: int, gen: torch.Generator) -> list[torch.Tensor]:
+def poisson_batches(n: int, q: float, steps: int, coins: UniformSource) -> list[torch.Tensor]:
     """``steps`` Poisson batches: each index in ``0..n-1`` independently with probability ``q``.
 
+    ``coins`` must be unpredictable to the adversary (a CSPRNG keyed by a secret, e.g.
+    ``SecureGaussian(key).sampling_source()``; Opacus' ``secure_mode`` does the same): the
+    privacy amplification of Poisson subsampling assumes nobody knows which steps used a record.
     Batches can be empty (the step then releases noise only).
     """
-    return [torch.nonzero(torch.rand(n, generator=gen) < q).reshape(-1) for _ in range(steps)]
+    return [torch.nonzero(coins.uniform(n) < q).reshape(-1) for _ in range(steps)]
+
+
+def sampling_source_of(noise_source: Any) -> UniformSource:
+    """The Poisson coins that belong to ``noise_source`` (its ``sampling_source()``).
+
+    Raises:
+        TypeError: the noise source has no sampling stream.
+    """
+    get = getattr(noise_source, "sampling_source", None)
+    if get is None:
+        raise TypeError(
+            f"noise_source: {type(noise_source).__name__} has no sampling_source(); DP-SGD draws "
+            "its Poisson batches from the noise source's secret key: pass a SecureGaussian "
+            "(or TorchGaussian for insecure tests)"
+        )
+    coins: UniformSource = get()
+    return coins
 
 
 def dp_row_losses(
@@ -115,7 +143,7 @@ class DPLocalTrainer(LocalTrainer):
         from securefed.client.trainer import make_optimizer
 
         opt = make_optimizer(params, self.cfg)
-        cpu_gen = torch.Generator().manual_seed(seed)
+        coins = sampling_source_of(noise_source)
         dev_seed = derive_seed(seed, Purpose.LOSS_DRAWS)
         dev_gen = torch.Generator(device=self.device).manual_seed(dev_seed)
         torch.manual_seed(derive_seed(seed, Purpose.MODULE_RNG))
@@ -131,7 +159,7 @@ class DPLocalTrainer(LocalTrainer):
         images = data.images.to(self.device)
         labels = data.labels.to(self.device)
         total, counted = 0.0, 0
-        for idx in poisson_batches(n, q, steps, cpu_gen):
+        for idx in poisson_batches(n, q, steps, coins):
             idx = idx.to(self.device)
             x0 = images[idx]
             y = labels[idx] if self.conditional else None

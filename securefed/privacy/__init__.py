@@ -31,6 +31,7 @@ from securefed.privacy.secure_noise import (
     SecureGaussian,
     TorchGaussian,
     derive_key,
+    dp_round_key,
     load_or_create_run_key,
     make_noise_source,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "compact_history",
     "default_delta",
     "derive_key",
+    "dp_round_key",
     "epsilon_of",
     "load_or_create_run_key",
     "make_noise_source",

@@ -22,10 +22,17 @@ outputs or guessed from a seed. :class:`SecureGaussian` therefore draws from a C
 
 Every key keys one stream (nonce 0) that is consumed in order, so the same key gives the same
 noise, call by call. For replayable resume the key is derived per client-round from a secret run
-key with :func:`derive_key` (HKDF-SHA256, Krawczyk 2010, RFC 5869); the run key is 32 bytes from
+key with :func:`dp_round_key` (HKDF-SHA256, Krawczyk 2010, RFC 5869); the run key is 32 bytes from
 ``os.urandom`` stored with mode ``0600`` in the run directory (:func:`load_or_create_run_key`).
 Whoever holds the run key can regenerate, hence subtract, every client's noise: it must never
 leave the machine of the party that adds the noise (in a deployment, each client keeps its own).
+
+DP-SGD's Poisson sampling must be just as unpredictable: amplification by subsampling assumes the
+adversary does not know which steps used a record (Opacus' ``secure_mode`` draws its sampler from
+a CSPRNG for this reason). :meth:`SecureGaussian.sampling_source` is the SAME key's ChaCha20
+stream with nonce ``SAMPLING_STREAM`` (the noise is nonce ``NOISE_STREAM``): an independent
+keystream, so the coins are keyed per (run secret, round, client, phase, purpose) exactly as
+the noise is, and a replay with the same key redraws the same batches.
 
 :class:`TorchGaussian` (``dp.secure_noise: false``) is a seeded ``torch.Generator`` with the same
 API, for fast experiments only; it warns loudly, once per process, that it is not secure.
@@ -54,11 +61,16 @@ from securefed.io import atomic_write_bytes
 __all__ = [
     "KEY_BYTES",
     "NOISE_KEY_FILENAME",
+    "NOISE_STREAM",
+    "SAMPLING_STREAM",
     "InsecureNoiseWarning",
     "NoiseSource",
     "SecureGaussian",
     "TorchGaussian",
+    "TorchUniform",
+    "UniformSource",
     "derive_key",
+    "dp_round_key",
     "load_or_create_run_key",
     "make_noise_source",
 ]
@@ -74,6 +86,8 @@ _DRAWS = 4
 _CHUNK = 1 << 20
 #: ChaCha20 in ``cryptography`` has a 32-bit block counter: at most 2^32 blocks of 64 bytes
 _MAX_STREAM_BYTES = (1 << 32) * 64
+#: ChaCha20 nonces (streams) of one client-round key: the Gaussian noise, the Poisson coins
+NOISE_STREAM, SAMPLING_STREAM = 0, 1
 
 
 class InsecureNoiseWarning(UserWarning):
@@ -90,6 +104,12 @@ class NoiseSource(Protocol):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor: ...
+
+
+class UniformSource(Protocol):
+    """Draws ``[n]`` float64 uniforms on ``[0, 1)`` (DP-SGD's Poisson inclusion coins)."""
+
+    def uniform(self, n: int) -> torch.Tensor: ...
 
 
 def _check_std(std: float) -> float:
@@ -126,8 +146,22 @@ class SecureGaussian:
             raise ValueError(f"stream: must lie in [0, 2^96), got {stream}")
         # cryptography's 16-byte ChaCha20 nonce: 4-byte little-endian block counter || 12 bytes
         nonce = bytes(4) + stream.to_bytes(12, "little")
+        self._key, self._stream = key, stream
         self._cipher = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
         self._used = 0
+
+    def sampling_source(self) -> SecureGaussian:
+        """The Poisson-sampling coins of this key: its independent ``SAMPLING_STREAM`` stream.
+
+        Raises:
+            ValueError: this source is not a noise stream (``stream != NOISE_STREAM``).
+        """
+        if self._stream != NOISE_STREAM:
+            raise ValueError(
+                f"sampling_source: only the noise stream ({NOISE_STREAM}) has a sampling stream; "
+                f"this source is stream {self._stream}"
+            )
+        return SecureGaussian(self._key, stream=SAMPLING_STREAM)
 
     def _keystream(self, nbytes: int) -> bytes:
         if self._used + nbytes > _MAX_STREAM_BYTES:
@@ -192,8 +226,9 @@ class TorchGaussian:
         if not _warned_insecure:
             _warned_insecure = True
             msg = (
-                "dp.secure_noise is false: DP-SGD noise comes from torch's non-cryptographic "
-                "generator, whose state can be predicted or recovered; the (epsilon, delta) "
+                "dp.secure_noise is false: DP-SGD noise and Poisson sampling come from torch's "
+                "non-cryptographic generator seeded from the public config seed, so they can be "
+                "predicted or recovered; the (epsilon, delta) "
                 "guarantee does NOT hold against such an adversary. Use secure_noise: true for "
                 "any result that claims privacy."
             )
@@ -201,7 +236,14 @@ class TorchGaussian:
             warnings.warn(msg, InsecureNoiseWarning, stacklevel=2)
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
-        self._gen = torch.Generator().manual_seed(int(seed))
+        self._seed = int(seed)
+        self._gen = torch.Generator().manual_seed(self._seed)
+
+    def sampling_source(self) -> TorchUniform:
+        """Poisson-sampling coins from the same (insecure, predictable) seed."""
+        from securefed.seeds import Purpose, derive_seed
+
+        return TorchUniform(derive_seed(self._seed, Purpose.DP_SAMPLING))
 
     def normal(
         self,
@@ -217,6 +259,30 @@ class TorchGaussian:
             return torch.zeros(dims, device=device, dtype=dtype)
         z = torch.randn(dims, generator=self._gen, dtype=torch.float64)
         return (z * std).to(device=device, dtype=dtype)
+
+
+class TorchUniform:
+    """Seeded ``torch.Generator`` uniforms (the insecure sampler of :class:`TorchGaussian`)."""
+
+    def __init__(self, seed: int) -> None:
+        self._gen = torch.Generator().manual_seed(int(seed))
+
+    def uniform(self, n: int) -> torch.Tensor:
+        """``[n]`` float64 uniform on ``[0, 1)``."""
+        return torch.rand(n, generator=self._gen, dtype=torch.float64)
+
+
+def dp_round_key(run_key: bytes, round: int, client: int, phase: int = 0) -> bytes:
+    """The secret key of one client's DP randomness in one round and phase.
+
+    ``HKDF-SHA256(run_key, info = label || round || client || phase)``, fixed arity (phase 0:
+    DP-SGD; phase >= 1: other mechanisms of the same client-round, e.g. a histogram release).
+    ``SecureGaussian(dp_round_key(...))`` draws the noise; its :meth:`~SecureGaussian.
+    sampling_source` the Poisson coins. The same inputs give the same key (exact replay on
+    resume); a fresh, non-replayable source is ``SecureGaussian()`` (``os.urandom`` key).
+    Shared by the simulation and the deployed site (each site holds its own ``run_key``).
+    """
+    return derive_key(run_key, round, client, phase)
 
 
 def derive_key(run_key: bytes, *parts: int) -> bytes:
