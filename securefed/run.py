@@ -128,7 +128,6 @@ def build_privacy(
     run_dir: Path,
     clients: list[SimClient],
     resume: bool,
-    exact_replay: bool = True,
 ) -> PrivacyContext:
     """Ledger + per-client noise multipliers (calibrated ONCE for the whole planned schedule)
     + per-client-round noise sources, for ``dp.level: record``."""
@@ -196,15 +195,9 @@ def build_privacy(
 
     if dp.secure_noise:
         # 0600, 32 bytes; anyone holding it can regenerate the noise: never release it
+        # the same key on resume: a replay either reproduces the released update's digest or
+        # is discarded and retrained with a fresh key (client.dp.train_private_charged)
         run_key = load_or_create_run_key(run_dir / "secrets" / "dp_noise.key")
-        if resume and not exact_replay:
-            # a replayed round whose first attempt already reached the server must NOT reuse
-            # that attempt's noise with different (non-bit-identical) gradients: the difference
-            # of the two releases would cancel the noise. Fresh key material per resume.
-            import hashlib
-            import os
-
-            run_key = hashlib.sha256(run_key + os.urandom(32)).digest()
 
         def source(rnd: int, cid: int) -> Any:
             return SecureGaussian(key=dp_round_key(run_key, rnd, cid))
@@ -407,7 +400,7 @@ def run_experiment(
 
     privacy: PrivacyContext | None = None
     if cfg.dp.level == "record":
-        privacy = build_privacy(cfg, run_dir, clients, resume, exact_replay=dev.type == "cpu")
+        privacy = build_privacy(cfg, run_dir, clients, resume)
     elif cfg.dp.level == "client":
         strategy, privacy = build_client_level_privacy(cfg, run_dir, clients, strategy, resume)
     sim = Simulation(
@@ -435,13 +428,12 @@ def run_experiment(
     if resume:
         ckpt = load_latest(ckpt_dir)
         sim.restore(ckpt)
-        if privacy is not None and privacy.level == "record" and dev.type == "cpu":
-            # on CPU, rounds after the checkpoint are replayed bit-identically (same seeds, same
-            # noise keys), so their charges are dropped here and charged again exactly once by
-            # the replay. Elsewhere replay is not bit-identical: the charges are KEPT and the
-            # replay charges again (over-counting is safe, under-counting is not). Client-level
+        if privacy is not None and privacy.level == "record":
+            # charges of rounds after the checkpoint are KEPT (their updates may have left); a
+            # replayed round is free only if it reproduces the recorded digest of the released
+            # update, else it is retrained with fresh noise and charged again. Client-level
             # noise is drawn from os.urandom inside the protocol: never replayed, always kept.
-            privacy.ledger.truncate_after(ckpt.round)
+            privacy.ledger.reopen_after(ckpt.round)
         rows = [r for r in read_jsonl(metrics_path) if int(r["round"]) <= ckpt.round]
         write_jsonl(metrics_path, rows)  # drop lines of rounds after the checkpoint
         log.info("resumed %s after round %d", run_dir, ckpt.round)

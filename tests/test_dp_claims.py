@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from securefed.client.update import get_flat
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule, UNet
 from securefed.diffusion.loss import diffusion_loss_from_draws, draw_timesteps_and_noise
+from securefed.privacy import PrivacyLedger
 from securefed.privacy.secure_noise import SecureGaussian
 from securefed.seeds import Purpose, derive_seed
 from securefed.strategies.base import LocalObjective
@@ -259,3 +261,74 @@ def test_run_batches_cannot_be_rebuilt_from_config_and_seed(
     assert seen[0] != seen[1]
     for got_a, got_b in zip(seen[0], seen[1], strict=True):
         assert got_a != got_b  # every client's batches differ
+
+
+# ----------------------------------------------------------------------------- item 3: resume
+
+
+def _crash_after_round_2(tmp_path: Path, tamper: bool) -> tuple[Path, torch.Tensor]:
+    """Run 2 rounds, then pretend the run died after round 2 was charged and released but
+    before its checkpoint (latest.json back at round 1). ``tamper``: the recorded digests of
+    round 2 do not match what this machine replays (as after a CUDA -> CPU or thread-count
+    change). Returns the run dir and the round-2 global model of the first attempt."""
+    from securefed.federation.checkpoint import load_latest
+    from securefed.io import atomic_write_json, sha256_file
+    from securefed.run import run_experiment
+
+    # 3 rounds planned (the budget has room for one extra charge), the run stops after 2
+    cfg = tiny_config(dp__level="record", dp__target_epsilon=10.0, federation__rounds=3)
+    run = tmp_path / "r"
+    run_experiment(cfg, run, progress=False, write_report=False, stop_after_round=2)
+    first = load_latest(run / "checkpoints").global_params
+    ck = run / "checkpoints"
+    atomic_write_json(
+        ck / "latest.json",
+        {"round": 1, "file": "round_0001.pt", "sha256": sha256_file(ck / "round_0001.pt")},
+    )
+    if tamper:
+        raw = json.loads((run / "privacy_ledger.json").read_text())
+        for e in raw["entries"]:
+            if e["round"] == 2:
+                e["update_sha256"] = "0" * 64
+        (run / "privacy_ledger.json").write_text(json.dumps(raw))
+    return run, first
+
+
+def _resume(run: Path):
+    from securefed.config import load_config
+    from securefed.run import run_experiment
+
+    cfg = load_config(run / "config.yaml")
+    return run_experiment(
+        cfg, run, resume=True, progress=False, write_report=False, stop_after_round=2
+    )
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resume_exact_replay_is_charged_once(tmp_path: Path, cache_env: Path) -> None:
+    run, first = _crash_after_round_2(tmp_path, tamper=False)
+    before = PrivacyLedger.load(run / "privacy_ledger.json")
+    assert all(e.update_sha256 for e in before.entries)  # every release has its digest
+    resumed = _resume(run)
+    after = PrivacyLedger.load(run / "privacy_ledger.json")
+    for cid in before.clients:
+        assert len(after.charges_for(cid, "round", 2)) == 1  # the replay matched: no new charge
+        assert after.history(cid) == before.history(cid)
+    assert torch.equal(resumed.final_params, first)  # the same update was released again
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resume_differing_replay_keeps_the_charge_and_uses_fresh_noise(
+    tmp_path: Path, cache_env: Path
+) -> None:
+    """The old code dropped round 2's charges on resume and replayed it with the SAME noise key:
+    two different releases with identical noise, one charged."""
+    run, first = _crash_after_round_2(tmp_path, tamper=True)
+    before = PrivacyLedger.load(run / "privacy_ledger.json")
+    resumed = _resume(run)
+    after = PrivacyLedger.load(run / "privacy_ledger.json")
+    for cid in before.clients:
+        kept = after.charges_for(cid, "round", 2)
+        assert len(kept) == 2 and kept[0].update_sha256 == "0" * 64  # old charge kept + new one
+        assert after.epsilon(cid) > before.epsilon(cid)
+    assert not torch.equal(resumed.final_params, first)  # fresh noise, not the replayed key's

@@ -12,6 +12,7 @@ is charged by the caller to the client's ledger BEFORE the resulting update leav
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -34,6 +35,8 @@ __all__ = [
     "poisson_batches",
     "sample_rate_for",
     "sampling_source_of",
+    "train_private_charged",
+    "update_digest",
 ]
 
 
@@ -221,3 +224,71 @@ class DPLocalTrainer(LocalTrainer):
             noise_source=noise_source,
             group_size=self.dp.noise_multiplicity,
         )
+
+
+def update_digest(result: LocalResult) -> str:
+    """SHA-256 (hex) of what a DP-SGD run releases: the local model ``[D]`` and, when tracked,
+    the mean privatized gradient, each with its dtype and shape."""
+    h = hashlib.sha256(b"securefed/dp-update/v1")
+    for t in (result.params, result.mean_grad):
+        if t is None:
+            h.update(b"none")
+            continue
+        c = t.detach().to("cpu").contiguous()
+        h.update(f"{c.dtype}{tuple(c.shape)}".encode())
+        h.update(c.numpy().tobytes())
+    return h.hexdigest()
+
+
+def train_private_charged(
+    trainer: DPLocalTrainer,
+    ledger: Any,
+    data: ImageDataset,
+    start_params: torch.Tensor,
+    objective: LocalObjective,
+    seed: int,
+    *,
+    client_id: int,
+    round: int,
+    phase: str = "round",
+    noise_multiplier: float,
+    noise_source: Any,
+    progress: object | None = None,
+) -> LocalResult | None:
+    """DP-SGD local training whose charge is persisted BEFORE the result is returned.
+
+    ``noise_source`` is the client-round's replayable source (its key also draws the Poisson
+    batches). If the ledger already holds a charge for this ``(client, phase, round)`` (a round
+    replayed after a crash, whose first attempt may have been released):
+
+    - the replay reproduces one of the recorded ``update_sha256`` digests: it IS the released
+      update, so it is returned without a new charge;
+    - otherwise the replay is discarded unreleased (same noise, different gradients: releasing
+      both would let their difference cancel the noise), the old charge stays, and the client
+      retrains with a fresh ``os.urandom`` key (fresh noise and fresh batches), charged again.
+
+    Returns:
+        the result, or ``None`` when the fresh retrain would exceed the client's budget (the
+        client then releases nothing this round).
+    """
+
+    def train(source: Any) -> LocalResult:
+        return trainer.train_private(
+            data, start_params, objective, seed, noise_multiplier=noise_multiplier,
+            noise_source=source, progress=progress,
+        )
+
+    prior = ledger.charges_for(client_id, phase, round)
+    result = train(noise_source)
+    digest = update_digest(result)
+    if prior:
+        if any(e.update_sha256 == digest for e in prior):
+            return result  # bit-identical to the charged release
+        if ledger.would_exceed(client_id, result.steps):
+            return None
+        from securefed.privacy.secure_noise import SecureGaussian
+
+        result = train(SecureGaussian())  # fresh key: never replayed, never seen before
+        digest = update_digest(result)
+    ledger.charge(client_id, phase=phase, round=round, steps=result.steps, update_sha256=digest)
+    return result

@@ -223,20 +223,23 @@ def client_round_update(
     objective = strategy.local_objective(broadcast, client_state)
     seed = derive_seed(cfg.seed, Purpose.TRAIN, rnd, cid)
     if privacy is not None and privacy.level == "record":
-        from securefed.client.dp import DPLocalTrainer
+        from securefed.client.dp import DPLocalTrainer, train_private_charged
 
         if not isinstance(trainer, DPLocalTrainer):  # pragma: no cover - wiring error
             raise TypeError("DP run without a DP trainer")
-        result = trainer.train_private(
-            data,
-            start,
-            objective,
-            seed,
+        # charged and persisted BEFORE the update can leave the site; a re-run of a charged
+        # round is free only if it reproduces the released update's digest
+        dp_result = train_private_charged(
+            trainer, privacy.ledger, data, start, objective, seed, client_id=cid, round=rnd,
             noise_multiplier=privacy.noise_multipliers[cid],
             noise_source=privacy.noise_source(rnd, cid),
         )
-        # charged and persisted BEFORE the update can leave the site
-        privacy.ledger.charge(cid, phase="round", round=rnd, steps=result.steps)
+        if dp_result is None:
+            raise RuntimeError(
+                f"client {cid}: round {rnd} was already charged with a different update and a "
+                "fresh-noise retrain would exceed the privacy budget; this site stops here"
+            )
+        result = dp_result
     else:
         result = trainer.train(data, start, objective, seed=seed)
     update = strategy.client_update(

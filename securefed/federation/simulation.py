@@ -201,7 +201,7 @@ class Simulation:
         if self.privacy is not None:
             ledger = self.privacy.ledger
             for cid in plan.clients:
-                if cid not in dropouts and self._would_exceed(cid):
+                if cid not in dropouts and self._would_exceed(cid, rnd):
                     # its next round would exceed target_epsilon: it does not train at all
                     ledger.mark_exhausted(cid, rnd)
                     exhausted.append(cid)
@@ -220,29 +220,33 @@ class Simulation:
             disable=not self.progress,
             unit="step",
         )
-        for cid in trainers:
+        for cid in list(trainers):
             client = self.clients[cid]
             self.strategy.set_current_client(cid)
             start = self.strategy.start_params(plan.broadcast, client.state)
             objective = self.strategy.local_objective(plan.broadcast, client.state)
             seed = derive_seed(cfg.seed, Purpose.TRAIN, rnd, cid)
             if self.privacy is not None and self.privacy.level == "record":
-                from securefed.client.dp import DPLocalTrainer
+                from securefed.client.dp import DPLocalTrainer, train_private_charged
 
                 trainer = self.trainer
                 if not isinstance(trainer, DPLocalTrainer):  # pragma: no cover - wiring error
                     raise TypeError("DP run without a DP trainer")
-                result = trainer.train_private(
-                    client.data,
-                    start,
-                    objective,
-                    seed,
+                # charged and persisted BEFORE the update can leave the client (a resumed
+                # replay is charged again unless it reproduces the released update's digest)
+                dp_result = train_private_charged(
+                    trainer, self.privacy.ledger, client.data, start, objective, seed,
+                    client_id=cid, round=rnd,
                     noise_multiplier=self.privacy.noise_multipliers[cid],
-                    noise_source=self.privacy.noise_source(rnd, cid),
-                    progress=bar,
+                    noise_source=self.privacy.noise_source(rnd, cid), progress=bar,
                 )
-                # charged and persisted BEFORE the update can leave the client
-                self.privacy.ledger.charge(cid, phase="round", round=rnd, steps=result.steps)
+                if dp_result is None:  # a fresh-noise retrain would exceed its budget
+                    self.privacy.ledger.mark_exhausted(cid, rnd)
+                    exhausted.append(cid)
+                    dropouts[cid] = stages[0]
+                    trainers.remove(cid)
+                    continue
+                result = dp_result
             else:
                 result = self.trainer.train(
                     client.data, start, objective, seed=seed, progress=bar
@@ -430,11 +434,16 @@ class Simulation:
             raise TypeError("dp.level client needs a ClientLevelDP strategy")
         return self.strategy
 
-    def _would_exceed(self, cid: int) -> bool:
+    def _would_exceed(self, cid: int, rnd: int | None = None) -> bool:
         """Would the client's next round take its epsilon over the target?"""
         if self.privacy is None:
             return False
         ledger = self.privacy.ledger
+        if self.privacy.level == "record" and rnd is not None:
+            if ledger.charges_for(cid, "round", rnd):
+                # a resumed replay of a charged round: an exact replay costs nothing; a differing
+                # one is checked before its fresh-noise retrain (train_private_charged)
+                return False
         if self.privacy.level == "client":
             return bool(
                 ledger.would_exceed(
@@ -457,11 +466,7 @@ class Simulation:
                 )
                 for c in self.clients
             )
-        ledger = self.privacy.ledger
-        return any(
-            not ledger.would_exceed(c.cid, local_steps_for(self.cfg.client, len(c.data)))
-            for c in self.clients
-        )
+        return any(not self._would_exceed(c.cid, self.round + 1) for c in self.clients)
 
     def save(self, ckpt_dir: Path, meta: Mapping[str, Any]) -> None:
         save_checkpoint(ckpt_dir, self.checkpoint(meta), self.cfg.checkpoint.keep_last)

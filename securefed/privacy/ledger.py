@@ -4,8 +4,9 @@ The ledger is the run's record of how much privacy every client has spent
 (``runs/<name>/privacy_ledger.json``). For each client it holds the calibrated plan
 (target epsilon, delta, noise multiplier, Poisson sample rate, planned steps, accountant) and
 one entry per charged phase (``phase``, ``round``, ``steps``, ``noise_multiplier``,
-``sample_rate``, ``epsilon_after``). A client's accountant history is exactly its entries'
-``(noise_multiplier, sample_rate, steps)``; epsilon is recomputed from it with
+``sample_rate``, ``epsilon_after`` and ``update_sha256``, the SHA-256 of the released update).
+A client's accountant history is exactly its entries' ``(noise_multiplier, sample_rate, steps)``;
+epsilon is recomputed from it with
 :func:`securefed.privacy.accountant.epsilon_of` (PRV, Gopi et al. 2021; RDP fallback, Mironov
 2017), so it equals what an Opacus accountant stepped through the same steps reports.
 
@@ -18,9 +19,13 @@ Protocol (a client's DP-SGD training in one round):
    before ``charge`` returns. A crash can therefore lose an un-released update but never a
    released update's charge.
 
-Resume (``truncate_after``): see :meth:`PrivacyLedger.truncate_after` for why dropping the
-entries of rounds after the checkpoint is exact when replay regenerates identical noise, and
-when it is not.
+Resume (:meth:`PrivacyLedger.reopen_after`): the charges of rounds after the checkpoint are
+KEPT (their updates may have left). A replayed round is free only when it reproduces the recorded
+digest of the released update bit for bit (then the same value is released twice, which reveals
+nothing more); otherwise the replay is discarded unreleased and the client retrains with fresh
+noise and fresh sampling, charged again (``securefed.client.dp.train_private_charged``). Replay
+is not bit-identical across thread counts or devices, so "exact" is judged by the digest, never by
+the resuming machine.
 """
 
 from __future__ import annotations
@@ -103,6 +108,7 @@ class LedgerEntry:
     noise_multiplier: float
     sample_rate: float
     epsilon_after: float
+    update_sha256: str | None = None
 
 
 @dataclass
@@ -222,6 +228,7 @@ class PrivacyLedger:
                     noise_multiplier=_as_float(e, "noise_multiplier", where, positive=True),
                     sample_rate=_as_float(e, "sample_rate", where, positive=True),
                     epsilon_after=_as_float(e, "epsilon_after", where, inf_ok=True),
+                    update_sha256=_as_digest(e.get("update_sha256"), f"{where}.update_sha256"),
                 )
             )
             if not self._entries[-1].sample_rate <= 1.0:
@@ -399,10 +406,13 @@ class PrivacyLedger:
         steps: int,
         noise_multiplier: float | None = None,
         sample_rate: float | None = None,
+        update_sha256: str | None = None,
     ) -> float:
         """Charge ``steps`` DP-SGD steps; save; return the epsilon spent.
 
         The steps are at the planned noise multiplier and sample rate unless overridden.
+        ``update_sha256`` is the digest of the update this charge releases (64 hex digits); a
+        resumed replay that reproduces it is not charged again.
 
         Call it BEFORE the client's update leaves the client: the entry is on disk (atomic
         write) when this returns; if saving fails the in-memory ledger is rolled back and the
@@ -415,6 +425,7 @@ class PrivacyLedger:
             raise ValueError(f"phase: must be a non-empty string, got {phase!r}")
         rnd = _as_int(round, "round", 0, exc=ValueError)
         steps = _check_steps(steps, allow_zero=True)
+        digest = _as_digest(update_sha256, "update_sha256", exc=ValueError)
         if steps == 0:
             return self.epsilon(client_id)
         p = acc.plan
@@ -428,6 +439,7 @@ class PrivacyLedger:
             noise_multiplier=sigma,
             sample_rate=q,
             epsilon_after=eps,
+            update_sha256=digest,
         )
         before = (acc.status, acc.exhausted_round)
         self._entries.append(entry)
@@ -462,6 +474,47 @@ class PrivacyLedger:
             acc.status, acc.exhausted_round = "active", None
             raise
 
+    def charges_for(self, client_id: int, phase: str, round: int) -> list[LedgerEntry]:
+        """The entries already charged for ``client_id``'s ``phase`` of ``round`` (a replay)."""
+        return [
+            e
+            for e in self._entries
+            if e.client_id == client_id and e.phase == phase and e.round == round
+        ]
+
+    def reopen_after(self, round: int) -> list[LedgerEntry]:
+        """Resume from the checkpoint of ``round``: KEEP every charge; clear later exhaustion marks.
+
+        Charges are made before an update leaves its client, so after a crash the ledger may hold
+        charges of rounds after the last checkpoint whose updates were released. They stay: a
+        replayed round is free only if it reproduces the entry's ``update_sha256``, otherwise it
+        is retrained with fresh noise and charged again (over-counting is safe, under-counting is
+        not). Exhaustion marks after ``round`` are decisions, not spending: they are cleared and
+        re-decided by the replay. Saves.
+
+        Returns:
+            the kept entries of rounds ``> round`` (awaiting replay).
+        """
+        k = _as_int(round, "round", 0, exc=ValueError)
+        marks = {cid: (a.status, a.exhausted_round) for cid, a in self._accounts.items()}
+        changed = False
+        for a in self._accounts.values():
+            if a.exhausted_round is not None and a.exhausted_round > k:
+                a.status, a.exhausted_round = "active", None
+                changed = True
+        # a client whose KEPT charges already spent its budget stays exhausted
+        for cid, a in self._accounts.items():
+            if a.status == "active" and _exceeds(self.epsilon(cid), a.plan.target_epsilon):
+                a.status, a.exhausted_round = marks[cid]
+        if changed:
+            try:
+                self.save()
+            except BaseException:
+                for cid, (st, ex) in marks.items():
+                    self._accounts[cid].status, self._accounts[cid].exhausted_round = st, ex
+                raise
+        return [e for e in self._entries if e.round > k]
+
     def truncate_after(self, round: int) -> list[LedgerEntry]:
         """Drop the entries (and exhaustion marks) of rounds ``> round``; save; return them.
 
@@ -475,8 +528,9 @@ class PrivacyLedger:
         is then identical to the one that may have been released, and releasing the same value
         twice reveals nothing more than releasing it once.
 
-        Do NOT call this when replay is not bit-identical (fresh ``os.urandom`` noise keys, a
-        changed config or data, non-deterministic GPU kernels without
+        Resume does not use it (see :meth:`reopen_after`): replay is not bit-identical across
+        thread counts or devices. Do NOT call this when replay is not bit-identical (fresh
+        ``os.urandom`` noise keys, a changed config or data, non-deterministic GPU kernels without
         ``torch.use_deterministic_algorithms(True)``): two different noisy updates of the same
         data may then have left the client, and the conservative policy is to keep the old
         entries (double counting is safe, forgetting is not).
@@ -610,3 +664,13 @@ def _as_str(d: Mapping[str, Any], key: str, where: str) -> str:
     if not (isinstance(v, str) and v):
         raise LedgerError(f"{where}.{key}: must be a non-empty string, got {v!r}")
     return v
+
+
+def _as_digest(value: Any, where: str, exc: type[ValueError] = LedgerError) -> str | None:
+    """``None`` or a lower-case SHA-256 hex digest (64 characters)."""
+    if value is None:
+        return None
+    hexdigits = "0123456789abcdef"
+    if not (isinstance(value, str) and len(value) == 64 and all(c in hexdigits for c in value)):
+        raise exc(f"{where}: must be a SHA-256 hex digest (64 lower-case hex digits), got {value}")
+    return value
