@@ -262,7 +262,10 @@ class DPConfig(_Frozen):
     level: Literal["none", "record", "client"] = "none"
     target_epsilon: float | None = Field(default=None, gt=0.0)
     delta: float | None = Field(
-        default=None, gt=0.0, lt=1.0, description="None: 1 / (10 n) for the client's n examples"
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="None: min(1e-5, 1 / (10 n)) for the client's n examples",
     )
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     noise_multiplier: float | None = Field(default=None, gt=0.0)

@@ -163,7 +163,7 @@ def build_privacy(
         if dp.delta is not None and dp.delta >= 1.0 / n:
             raise ValueError(
                 f"dp.delta: {dp.delta} is not below 1/n = {1.0 / n:.3g} for client {c.cid} "
-                f"({n} examples); choose a smaller delta or leave it unset (1/(10 n))"
+                f"({n} examples); choose a smaller delta or leave it unset (min(1e-5, 1/(10 n)))"
             )
         if c.cid in ledger.clients:
             sigmas[c.cid] = float(ledger.get_plan(c.cid).noise_multiplier)

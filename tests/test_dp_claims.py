@@ -332,3 +332,41 @@ def test_resume_differing_replay_keeps_the_charge_and_uses_fresh_noise(
         assert len(kept) == 2 and kept[0].update_sha256 == "0" * 64  # old charge kept + new one
         assert after.epsilon(cid) > before.epsilon(cid)
     assert not torch.equal(resumed.final_params, first)  # fresh noise, not the replayed key's
+
+
+# ----------------------------------------------------------------------------- item 5: small
+
+
+def test_widened_masking_grid_still_clips_inputs_to_clip_range() -> None:
+    """Client-level DP widens the masking grid by 12 sigma; an input beyond clip_range used to
+    pass unclipped onto the widened grid (using up the headroom that keeps the noisy sum from
+    wrapping). Now every input is clipped to clip_range first, as without noise."""
+    from securefed.config import SecureAggregationConfig
+    from securefed.secagg import DistributedNoise
+    from securefed.secagg.masking import MaskingAggregation
+
+    cfg = SecureAggregationConfig(protocol="masking", threshold=0.5, bits=40, clip_range=1.0)
+    proto = MaskingAggregation.from_config(cfg, 4)
+    d = 2000
+    x = {c: np.zeros(d) for c in range(4)}
+    x[0][:] = 5.0  # malicious / buggy client: 5x the clip range (the widened grid allows ~13)
+    std = 0.5
+    res = proto.aggregate(1, x, {}, noise=DistributedNoise(std, 4))
+    assert float(np.mean(res.total)) == pytest.approx(1.0, abs=5 * std / d**0.5)
+
+
+def test_default_delta_is_at_most_1e5_and_the_report_states_adjacency(
+    tmp_path: Path, cache_env: Path
+) -> None:
+    from securefed.privacy import default_delta
+    from securefed.run import run_experiment
+
+    assert default_delta(100) == 1e-5 and default_delta(50) == 1e-5
+    assert default_delta(10**7) == pytest.approx(1e-8)
+    cfg = tiny_config(dp__level="record", dp__target_epsilon=10.0, federation__rounds=1)
+    run_experiment(cfg, tmp_path / "r", progress=False)
+    ledger = PrivacyLedger.load(tmp_path / "r" / "privacy_ledger.json")
+    assert all(ledger.get_plan(c).delta <= 1e-5 for c in ledger.clients)
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "min(1e-5, 1/(10 n))" in report
+    assert "ONE RECORD" in report and "dataset sizes are NOT protected" in report

@@ -155,7 +155,8 @@ def test_calibration_refuses_impossible_inputs(kwargs: dict[str, float], match: 
 
 
 def test_default_delta() -> None:
-    assert default_delta(100) == pytest.approx(1e-3)
+    assert default_delta(100) == pytest.approx(1e-5)  # capped (1/(10 n) = 1e-3 leaks ~10%)
+    assert default_delta(10**6) == pytest.approx(1e-7)
     assert default_delta(7) < 1 / 7
     with pytest.raises(ValueError, match="num_examples"):
         default_delta(0)

@@ -189,6 +189,8 @@ def write_run_report(run_dir: str | Path) -> Path:
                 else "**insecure (Mersenne Twister) noise: for tests only**."
             ),
             "",
+            _dp_guarantee_statement(dp),
+            "",
             "![epsilon per round](privacy.png)",
             "",
         ]
@@ -316,3 +318,28 @@ def _fedddpm_section(
         if worst:
             lines += [f"Worst client FID (final): {worst[-1]:.3g}.", ""]
     return lines
+
+
+def _dp_guarantee_statement(dp: dict[str, Any]) -> str:
+    """What the reported epsilon means: delta, the adjacency, and what is NOT protected."""
+    delta = dp.get("delta")
+    d = (
+        f"delta = {delta:g} (configured)"
+        if delta is not None
+        else "delta = min(1e-5, 1/(10 n)) for a client with n examples (per client in the table)"
+    )
+    if dp.get("level") == "client":
+        unit = (
+            "adding or removing ONE CLIENT's whole dataset (client-level DP-FedAvg); the number "
+            "of participating clients is public"
+        )
+    else:
+        unit = (
+            "adding or removing ONE RECORD of that client's dataset (record-level DP-SGD, "
+            "per client)"
+        )
+    return (
+        f"Epsilon is stated at {d} under {unit}. Client dataset sizes are NOT protected: they "
+        "are released in the clear (FedAvg weights, `num_examples`, FedDDPM auxiliary "
+        "allocation) and treated as public."
+    )

@@ -368,7 +368,10 @@ class MaskingClient:
                 "length", f"input has {self._input.shape[0]} values, expected {plan.vector_length}"
             )
         try:
-            words = quantize(self._input, plan.quant, os.urandom(32))
+            # clip to clip_range FIRST: with client-level DP the grid is widened by the noise's
+            # headroom, which an input beyond clip_range would use up (and then wrap silently)
+            c = self.params.clip_range
+            words = quantize(np.clip(self._input, -c, c), plan.quant, os.urandom(32))
         except ValueError as exc:
             raise self._error("finite", str(exc)) from exc
         self._input = None  # the plaintext is not kept past this point
