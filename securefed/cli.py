@@ -241,7 +241,13 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
     if args.ckks:
         from securefed.secagg.ckks import init_ckks_keys
 
-        secret, public = init_ckks_keys(out, overwrite=args.overwrite)
+        ckks_out = Path(args.ckks_out) if args.ckks_out is not None else out
+        if args.clients is not None and ckks_out.resolve() == out.resolve():
+            raise FileExistsError(
+                f"keys init: --ckks with --clients would write the clients' CKKS secret beside "
+                f"the server's server.key in {out}; add --ckks-out DIR (a separate folder)"
+            )
+        secret, public = init_ckks_keys(ckks_out, overwrite=args.overwrite)
         print(f"CKKS secret context (clients only, 0600): {secret}")
         print(f"CKKS public context (server): {public}")
     if args.clients is not None:
@@ -403,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     ki.add_argument("--clients", type=int, help="number of clients (Ed25519 signing keys)")
     ki.add_argument("--ckks", action="store_true", help="CKKS secret (clients) + public (server)")
     ki.add_argument("--out", required=True, help="output folder")
+    ki.add_argument(
+        "--ckks-out",
+        help="folder for the CKKS contexts (0700; required with --clients: never beside "
+        "server.key; default --out)",
+    )
     ki.add_argument("--overwrite", action="store_true", help="replace existing key files")
     ki.set_defaults(func=_cmd_keys_init)
     from securefed.deploy.tls import add_keys_tls_parser  # `keys tls`: Flower deployment
@@ -433,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         FileExistsError,
         FileNotFoundError,
+        PermissionError,
         ThreatModelError,
         AttackError,
     ) as exc:

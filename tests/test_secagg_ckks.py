@@ -24,6 +24,7 @@ from securefed.secagg.ckks import (
     CKKSClient,
     CKKSContextError,
     CKKSKeyFileError,
+    CKKSKeyPermissionError,
     CKKSMessageError,
     CKKSParams,
     CKKSServer,
@@ -443,21 +444,28 @@ def test_keys_dir_mismatched_or_leaky_files(tmp_path: Path) -> None:
     (tmp_path / "b" / PUBLIC_CONTEXT_FILE).write_bytes(
         (tmp_path / "b" / SECRET_CONTEXT_FILE).read_bytes()
     )
-    with (
-        pytest.warns(UserWarning, match="accessible by group/others"),
-        pytest.raises(CKKSContextError, match="SECRET key"),
-    ):
+    with pytest.raises(CKKSKeyPermissionError, match="accessible by group/others"):
+        CKKSAggregation.from_keys_dir(tmp_path / "b", 2)
+    (tmp_path / "b" / PUBLIC_CONTEXT_FILE).chmod(0o600)
+    with pytest.raises(CKKSContextError, match="SECRET key"):
         CKKSAggregation.from_keys_dir(tmp_path / "b", 2)
     (tmp_path / "c.ctx").write_bytes(b"garbage")
     with pytest.raises(CKKSContextError, match="not a valid TenSEAL context"):
         load_ckks_context(tmp_path / "c.ctx")
 
 
-def test_world_readable_secret_warns(tmp_path: Path) -> None:
-    secret, _ = init_ckks_keys(tmp_path)
+def test_world_readable_secret_is_refused(tmp_path: Path) -> None:
+    secret, _ = init_ckks_keys(tmp_path / "k")
+    assert stat.S_IMODE(os.stat(tmp_path / "k").st_mode) == 0o700
     secret.chmod(0o644)
-    with pytest.warns(UserWarning, match="chmod 600"):
+    with pytest.raises(CKKSKeyPermissionError, match="chmod 600"):
         load_ckks_context(secret)
+    # never beside the server's identity key
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "server.key").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="never"):
+        init_ckks_keys(tmp_path / "s")
+    assert not (tmp_path / "s" / SECRET_CONTEXT_FILE).exists()
 
 
 # ----------------------------------------------------------------------------- parameters

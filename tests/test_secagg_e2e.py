@@ -56,11 +56,16 @@ def test_masking_with_dropouts_in_the_loop(tmp_path: Path, cache_env: Path, neig
 def test_keys_init_cli_and_keys_dir_run(tmp_path: Path, cache_env: Path) -> None:
     from securefed.cli import main
 
-    keys = tmp_path / "keys"
-    assert main(["keys", "init", "--clients", "3", "--ckks", "--out", str(keys)]) == 0
-    for name in ["client_0.key", "client_2.key", "server.key", "ckks_secret.ctx"]:
+    keys, ckks = tmp_path / "keys", tmp_path / "ckks"
+    argv = ["keys", "init", "--clients", "3", "--ckks", "--out", str(keys)]
+    assert main(argv) == 2  # the CKKS secret is never written beside server.key
+    assert not (keys / "ckks_secret.ctx").exists()
+    assert main([*argv, "--ckks-out", str(ckks)]) == 0
+    for name in ["client_0.key", "client_2.key", "server.key"]:
         assert (keys / name).stat().st_mode & 0o777 == 0o600, name
-    assert (keys / "roster.json").exists() and (keys / "ckks_public.ctx").exists()
+    assert (ckks / "ckks_secret.ctx").stat().st_mode & 0o777 == 0o600
+    assert ckks.stat().st_mode & 0o777 == 0o700
+    assert (keys / "roster.json").exists() and (ckks / "ckks_public.ctx").exists()
     cfg = tiny_config(
         federation__rounds=1,
         secure_aggregation__protocol="masking",

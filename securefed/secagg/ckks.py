@@ -41,7 +41,6 @@ import stat
 import struct
 import tempfile
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +70,7 @@ __all__ = [
     "CKKSClient",
     "CKKSContextError",
     "CKKSKeyFileError",
+    "CKKSKeyPermissionError",
     "CKKSMessageError",
     "CKKSParams",
     "CKKSServer",
@@ -134,6 +134,10 @@ class CKKSContextError(ValueError):
 
 class CKKSKeyFileError(FileNotFoundError):
     """A CKKS key file is missing (the message names the config field and the command)."""
+
+
+class CKKSKeyPermissionError(PermissionError):
+    """A CKKS secret-key file is accessible to group/others (refused, not just warned)."""
 
 
 # --------------------------------------------------------------------------- parameters
@@ -380,9 +384,9 @@ def context_params(ctx: ts.Context) -> CKKSParams:
 def load_ckks_context(path: Path | str) -> ts.Context:
     """Load a context file written by :func:`init_ckks_keys` (secret or public).
 
-    Warns if a secret-key file is readable by group/others.
-
     Raises:
+        CKKSKeyPermissionError: the file holds a SECRET key and is accessible to group/others
+            (whoever reads it decrypts every client's update).
         CKKSKeyFileError: the file does not exist.
         CKKSContextError: the file is not a valid CKKS context.
     """
@@ -396,10 +400,11 @@ def load_ckks_context(path: Path | str) -> ts.Context:
     except (ValueError, RuntimeError) as exc:
         raise CKKSContextError(f"{path}: not a valid TenSEAL context ({exc})") from exc
     context_params(ctx)
-    if ctx.is_private() and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        warnings.warn(
-            f"{path} holds a CKKS secret key but is accessible by group/others; chmod 600 it",
-            stacklevel=2,
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if ctx.is_private() and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CKKSKeyPermissionError(
+            f"{path} holds a CKKS secret key but is accessible by group/others (mode {mode:o}); "
+            f"run `chmod 600 {path}`: whoever reads it can decrypt every client's update"
         )
     return ctx
 
@@ -430,20 +435,30 @@ def init_ckks_keys(
     """Provision a CKKS key pair: the implementation of ``securefed keys init --ckks --out DIR``.
 
     Writes ``ckks_secret.ctx`` (for every client; mode 0600) and ``ckks_public.ctx`` (for the
-    server; public key and parameters only, mode 0644), each atomically.
+    server; public key and parameters only, mode 0644), each atomically, into ``out_dir`` made
+    mode 0700. Refuses a folder that holds the server's identity key (``server.key``): the
+    folder handed to the server must never contain the clients' CKKS secret.
 
     Returns:
         ``(secret_path, public_path)``.
 
     Raises:
         FileExistsError: a key file exists and ``overwrite`` is False (replacing keys breaks a
-            running federation).
+            running federation), or ``out_dir`` holds ``server.key``.
         CKKSContextError: invalid parameters.
     """
+    from securefed.secagg.keys import SERVER_KEY_FILE
+
     out_dir = Path(out_dir)
+    if (out_dir / SERVER_KEY_FILE).exists():
+        raise FileExistsError(
+            f"{out_dir} holds the server's {SERVER_KEY_FILE}: the clients' CKKS secret must never "
+            "be written beside it; give the CKKS keys their own folder (keys init --ckks-out DIR)"
+        )
     params = CKKSParams(poly_modulus_degree, tuple(coeff_mod_bit_sizes), scale_bits)
     ctx = make_ckks_context(params)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(out_dir, 0o700)  # the secret's folder: nobody else may list or replace it
     secret_path = out_dir / SECRET_CONTEXT_FILE
     public_path = out_dir / PUBLIC_CONTEXT_FILE
     if not overwrite:

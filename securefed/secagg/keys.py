@@ -141,6 +141,11 @@ def init_identity_keys(out_dir: Path, num_clients: int, *, overwrite: bool = Fal
     if num_clients < 1:
         raise ValueError(f"keys init: --clients must be >= 1, got {num_clients}")
     out = Path(out_dir)
+    if (out / "ckks_secret.ctx").exists():
+        raise FileExistsError(
+            f"keys init: {out} holds the clients' CKKS secret (ckks_secret.ctx); the server key "
+            "must never be written beside it: give the identity keys another --out"
+        )
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     targets = [client_key_path(out, i) for i in range(num_clients)]
     targets += [out / SERVER_KEY_FILE, out / ROSTER_FILE]
