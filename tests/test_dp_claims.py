@@ -370,3 +370,27 @@ def test_default_delta_is_at_most_1e5_and_the_report_states_adjacency(
     report = (tmp_path / "r" / "report.md").read_text()
     assert "min(1e-5, 1/(10 n))" in report
     assert "ONE RECORD" in report and "dataset sizes are NOT protected" in report
+
+
+# ----------------------------------------------------------------------------- item 6: noise
+
+
+def test_one_pass_noise_equals_per_parameter_noise_and_keeps_four_draws() -> None:
+    shapes = [(3, 5), (7,), (1, 1, 3, 3), (40_000,), (0, 2)]
+    a = SecureGaussian(bytes(range(32))).normal_many(shapes, 2.0, dtype=torch.float64)
+    src = SecureGaussian(bytes(range(32)))
+    b = [src.normal(s, 2.0, dtype=torch.float64) for s in shapes]
+    for x, y, s in zip(a, b, shapes, strict=True):
+        assert x.shape == tuple(s) and torch.equal(x, y)
+    # element i = std/2 * (four Box-Muller normals from uniforms 4i .. 4i+3), checked by hand
+    import math
+
+    u = SecureGaussian(bytes(range(32))).uniform(8)
+    z = []
+    for i in range(2):
+        u1, u2, u3, u4 = u[4 * i : 4 * i + 4].tolist()
+        r1, r2 = math.sqrt(-2 * math.log1p(-u1)), math.sqrt(-2 * math.log1p(-u3))
+        t1, t2 = 2 * math.pi * u2, 2 * math.pi * u4
+        z.append(2.0 / 2 * (r1 * math.cos(t1) + r1 * math.sin(t1) + r2 * math.cos(t2)
+                             + r2 * math.sin(t2)))
+    assert a[0].reshape(-1)[:2].tolist() == pytest.approx(z, rel=1e-12)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from securefed.privacy.per_sample_norms import NormStrategy, PerSampleGradNorms
 
-__all__ = ["DPStepStats", "GaussianNoiseSource", "dp_sgd_step"]
+__all__ = ["DPStepStats", "GaussianNoiseSource", "dp_sgd_step", "draw_noise"]
 
 #: Added to the norm in the clip factor ``min(1, C / (||g_i|| + eps))`` (Opacus' convention).
 CLIP_EPS = 1e-6
@@ -153,10 +153,30 @@ def dp_sgd_step(
                 mean_norm=float(norms.mean()),
             )
     std = noise_multiplier * max_grad_norm
-    for p in params:
+    noise = draw_noise(noise_source, params, std)
+    for p, z in zip(params, noise, strict=True):
         g = grads.get(p)
         g = torch.zeros_like(p) if g is None else g.to(p.dtype)
-        if std > 0:
-            g = g + noise_source.normal(tuple(p.shape), std, p.device).to(p.dtype)
+        if z is not None:
+            g = g + z.to(p.dtype)
         p.grad = g / batch_size_expected
     return stats
+
+
+def draw_noise(
+    noise_source: GaussianNoiseSource, params: list[nn.Parameter], std: float
+) -> list[Tensor | None]:
+    """``N(0, std^2 I)`` noise for every parameter, in order (``None`` each when ``std == 0``).
+
+    A source with ``normal_many`` (e.g. ``SecureGaussian``) draws the whole model in one pass
+    when the parameters share a device and dtype (identical values to per-parameter calls);
+    otherwise ``normal(shape, std, device)`` is called once per parameter.
+    """
+    if not std > 0:
+        return [None] * len(params)
+    many = getattr(noise_source, "normal_many", None)
+    if many is not None and params and len({(p.device, p.dtype) for p in params}) == 1:
+        out: list[Tensor] = many([tuple(p.shape) for p in params], std, params[0].device,
+                                 params[0].dtype)
+        return list(out)
+    return [noise_source.normal(tuple(p.shape), std, p.device) for p in params]

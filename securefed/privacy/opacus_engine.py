@@ -31,6 +31,7 @@ from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from securefed.privacy.dp_step import draw_noise
 from securefed.privacy.secure_noise import NoiseSource
 
 __all__ = [
@@ -246,9 +247,9 @@ def opacus_dp_step(
         mean_norm = float(norms.mean())
     std = noise_multiplier * max_grad_norm
     with torch.no_grad():
-        for p, s in zip(params, summed, strict=True):
-            noise = noise_source.normal(p.shape, std, device=p.device, dtype=p.dtype)
-            p.grad = (s + noise).div_(expected_batch_size)
+        noise = draw_noise(noise_source, params, std)
+        for p, s, z in zip(params, summed, noise, strict=True):
+            p.grad = (s if z is None else s + z.to(p.dtype)).div_(expected_batch_size)
     _reset_hook_state(gsm, params)
     return OpacusStepResult(
         batch_size=b, mean_loss=mean_loss, clipped_fraction=clipped, mean_norm=mean_norm

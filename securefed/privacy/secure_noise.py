@@ -1,12 +1,14 @@
-"""Gaussian noise sources for DP-SGD: a ChaCha20 CSPRNG (default) and a seeded torch fallback.
+"""Gaussian noise sources for DP-SGD: an AES-256-CTR CSPRNG (default) and a seeded torch fallback.
 
 DP-SGD's guarantee (Abadi et al. 2016) assumes the Gaussian noise is unpredictable to the
 adversary. ``torch.randn`` (Mersenne Twister / Philox) is not: its state can be recovered from
-outputs or guessed from a seed. :class:`SecureGaussian` therefore draws from a ChaCha20 keystream
-(Bernstein 2008; RFC 8439) keyed by 32 secret bytes:
+outputs or guessed from a seed. :class:`SecureGaussian` therefore draws from an AES-256 keystream
+in counter mode (NIST SP 800-38A; the CTR_DRBG construction of SP 800-90A without reseeding)
+keyed by 32 secret bytes, with AES-NI about 1.5x faster than ChaCha20 here:
 
-1. keystream -> little-endian ``uint64`` -> the top 53 bits -> uniform ``float64`` on
-   ``[0, 1)`` with step ``2^-53`` (every float64 of that grid equally likely);
+1. keystream -> little-endian 64-bit words -> the low 53 bits -> uniform ``float64`` on
+   ``[0, 1)`` with step ``2^-53`` (every float64 of that grid equally likely), converted in
+   torch, once, on the target device;
 2. Box-Muller in float64 (Box & Muller 1958): ``r = sqrt(-2 ln(1 - u1))``,
    ``(r cos 2 pi u2, r sin 2 pi u2)`` are two independent N(0, 1);
 3. floating-point attack mitigation (Holohan & Braghin 2021, "Secure Random Sampling in
@@ -20,6 +22,10 @@ outputs or guessed from a seed. :class:`SecureGaussian` therefore draws from a C
    cost to ``2^(53 (2n - 1))``. (Opacus also discards one draw to perturb torch's generator
    state; with a fresh keystream that is unnecessary.)
 
+Steps 2-3 run in float64 torch kernels on the parameter's device on contiguous rows (uniforms
+``4i .. 4i+3`` feed element ``i``), so the noise for a whole model is a few vectorised passes;
+``dp_sgd_step`` draws it in one call for all parameters.
+
 Every key keys one stream (nonce 0) that is consumed in order, so the same key gives the same
 noise, call by call. For replayable resume the key is derived per client-round from a secret run
 key with :func:`dp_round_key` (HKDF-SHA256, Krawczyk 2010, RFC 5869); the run key is 32 bytes from
@@ -29,7 +35,7 @@ leave the machine of the party that adds the noise (in a deployment, each client
 
 DP-SGD's Poisson sampling must be just as unpredictable: amplification by subsampling assumes the
 adversary does not know which steps used a record (Opacus' ``secure_mode`` draws its sampler from
-a CSPRNG for this reason). :meth:`SecureGaussian.sampling_source` is the SAME key's ChaCha20
+a CSPRNG for this reason). :meth:`SecureGaussian.sampling_source` is the SAME key's AES-CTR
 stream with nonce ``SAMPLING_STREAM`` (the noise is nonce ``NOISE_STREAM``): an independent
 keystream, so the coins are keyed per (run secret, round, client, phase, purpose) exactly as
 the noise is, and a replay with the same key redraws the same batches.
@@ -53,7 +59,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from securefed.io import atomic_write_bytes
@@ -82,11 +88,12 @@ NOISE_KEY_FILENAME = "dp_noise.key"
 _KDF_INFO = b"securefed/privacy/noise/v1"
 #: normals summed per output (Holohan & Braghin 2021 with n = 2, as in Opacus)
 _DRAWS = 4
-#: outputs generated per chunk (bounds the float64 work memory to ~32 MiB)
-_CHUNK = 1 << 20
-#: ChaCha20 in ``cryptography`` has a 32-bit block counter: at most 2^32 blocks of 64 bytes
-_MAX_STREAM_BYTES = (1 << 32) * 64
-#: ChaCha20 nonces (streams) of one client-round key: the Gaussian noise, the Poisson coins
+#: outputs generated per chunk (float64 work memory ~1 MiB: stays in cache, measured fastest)
+_CHUNK = 1 << 15
+#: per (key, stream): 2^36 AES blocks (1 TiB); the PRP/PRF switching bound stays below 2^-57
+_MAX_STREAM_BYTES = 1 << 40
+_MASK53 = (1 << 53) - 1
+#: counter-mode streams (the IV's high 64 bits) of one client-round key: noise, Poisson coins
 NOISE_STREAM, SAMPLING_STREAM = 0, 1
 
 
@@ -126,12 +133,13 @@ def _numel(shape: Sequence[int] | torch.Size) -> tuple[tuple[int, ...], int]:
 
 
 class SecureGaussian:
-    """Gaussian noise from a ChaCha20 keystream (see the module docstring for the construction).
+    """Gaussian noise from an AES-256-CTR keystream (see the module docstring).
 
     Args:
         key: 32 secret bytes; ``None`` draws a fresh key from ``os.urandom`` (not replayable).
-            Pass ``derive_key(run_key, ...)`` for noise that resume can regenerate.
-        stream: selects one of ``2^96`` independent streams of the same key (the nonce).
+            Pass ``dp_round_key(run_key, ...)`` for noise that resume can regenerate.
+        stream: selects one of ``2^64`` independent streams of the same key (the high 64 bits
+            of the counter block; the low 64 bits count blocks).
     """
 
     def __init__(self, key: bytes | None = None, *, stream: int = 0) -> None:
@@ -142,12 +150,11 @@ class SecureGaussian:
                 f"key: must be {KEY_BYTES} bytes, got {type(key).__name__} "
                 f"of length {len(key) if isinstance(key, bytes) else '?'}"
             )
-        if not 0 <= stream < 1 << 96:
-            raise ValueError(f"stream: must lie in [0, 2^96), got {stream}")
-        # cryptography's 16-byte ChaCha20 nonce: 4-byte little-endian block counter || 12 bytes
-        nonce = bytes(4) + stream.to_bytes(12, "little")
+        if not 0 <= stream < 1 << 64:
+            raise ValueError(f"stream: must lie in [0, 2^64), got {stream}")
+        iv = stream.to_bytes(8, "big") + bytes(8)  # stream || 64-bit block counter from 0
         self._key, self._stream = key, stream
-        self._cipher = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        self._cipher = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
         self._used = 0
 
     def sampling_source(self) -> SecureGaussian:
@@ -165,22 +172,41 @@ class SecureGaussian:
 
     def _keystream(self, nbytes: int) -> bytes:
         if self._used + nbytes > _MAX_STREAM_BYTES:
-            raise RuntimeError("SecureGaussian: keystream exhausted (256 GiB); use a new key")
+            raise RuntimeError("SecureGaussian: keystream exhausted (1 TiB); use a new key")
         self._used += nbytes
         return self._cipher.update(bytes(nbytes))
 
+    def _words(self, n: int) -> torch.Tensor:
+        """``[n]`` int64 words, each holding 53 uniform random bits (the low 53 of 64)."""
+        raw = np.frombuffer(self._keystream(8 * n), dtype="<i8").copy()
+        return torch.from_numpy(raw).bitwise_and_(_MASK53)
+
     def uniform(self, n: int) -> torch.Tensor:
         """``[n]`` float64 uniform on ``[0, 1)``: 53 random bits each (``k * 2^-53``)."""
-        words = np.frombuffer(self._keystream(8 * n), dtype="<u8") >> np.uint64(11)
-        return torch.from_numpy(words.view(np.int64).astype(np.float64)).mul_(2.0**-53)
+        return self._words(n).to(torch.float64).mul_(2.0**-53)
 
     def standard_normal(self, n: int) -> torch.Tensor:
         """``[n]`` float64 N(0, 1) by Box-Muller (``n`` rounded up to even internally)."""
         pairs = (n + 1) // 2
-        u = self.uniform(2 * pairs).view(pairs, 2)
-        r = torch.log1p(-u[:, 0]).mul_(-2.0).sqrt_()  # log(1 - u1), 1 - u1 in (0, 1]: finite
-        theta = u[:, 1].mul(2.0 * math.pi)
-        return torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=1).view(-1)[:n]
+        u = self.uniform(2 * pairs).view(pairs, 2).t().contiguous()  # [2, pairs]
+        r = u[0].neg_().log1p_().mul_(-2.0).sqrt_()  # log(1 - u1), 1 - u1 in (0, 1]: finite
+        theta = u[1].mul_(2.0 * math.pi)
+        return torch.stack((r * torch.cos(theta), r * theta.sin_()), dim=1).view(-1)[:n]
+
+    def _sum4(self, m: int, device: torch.device | str | None) -> torch.Tensor:
+        """``[m]`` float64 ``z1 + z2 + z3 + z4`` (two Box-Muller pairs) from uniforms
+        ``4i .. 4i+3`` for element ``i``, computed on ``device``."""
+        words = self._words(4 * m).view(m, 4)
+        if device is not None and torch.device(device).type != "cpu":
+            words = words.to(device, non_blocking=True)
+        u = words.t().to(torch.float64).mul_(2.0**-53)  # [4, m] contiguous rows
+
+        def pair(a: int) -> torch.Tensor:  # r cos + r sin from uniforms (4i + a, 4i + a + 1)
+            r = u[a].neg_().log1p_().mul_(-2.0).sqrt_()  # 1 - u in (0, 1]: finite
+            theta = u[a + 1].mul_(2.0 * math.pi)
+            return torch.cos(theta).add_(theta.sin_()).mul_(r)
+
+        return pair(0).add_(pair(2))
 
     def normal(
         self,
@@ -189,23 +215,51 @@ class SecureGaussian:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """``std * N(0, I)`` of ``shape``, computed in float64 on the CPU, then cast and moved.
+        """``std * N(0, I)`` of ``shape``, computed in float64 on ``device``, then cast.
 
         Each element is ``std * (z_1 + z_2 + z_3 + z_4) / 2`` for independent standard normals
         (Holohan & Braghin 2021, §5.1); element ``i`` uses uniforms ``4i .. 4i+3`` of the stream,
-        so the result does not depend on chunking. ``std == 0`` returns zeros and consumes nothing.
+        so the result does not depend on chunking or on how a draw is split into calls.
+        ``std == 0`` returns zeros and consumes nothing.
         """
         std = _check_std(std)
         dims, n = _numel(shape)
         if std == 0.0 or n == 0:
             return torch.zeros(dims, device=device, dtype=dtype)
-        out = torch.empty(n, dtype=torch.float64)
-        for start in range(0, n, _CHUNK):
+        out = torch.empty(n, device=device, dtype=dtype)
+        self._fill(out, std)
+        return out.view(dims)
+
+    def normal_many(
+        self,
+        shapes: Sequence[Sequence[int] | torch.Size],
+        std: float,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> list[torch.Tensor]:
+        """``[normal(s, std, device, dtype) for s in shapes]`` in ONE pass over the stream.
+
+        Equal, element for element, to the per-shape calls (the stream is consumed in order and
+        element ``i`` depends only on its own uniforms); one call per model instead of one per
+        parameter saves the per-call overhead of the small tensors.
+        """
+        std = _check_std(std)
+        dims = [_numel(s) for s in shapes]
+        total = sum(n for _, n in dims)
+        flat = torch.empty(total, device=device, dtype=dtype)
+        if std == 0.0:
+            flat.zero_()
+        elif total:
+            self._fill(flat, std)
+        return [t.view(d) for t, (d, _) in zip(flat.split([n for _, n in dims]), dims, strict=True)]
+
+    def _fill(self, out: torch.Tensor, std: float) -> None:
+        """Fill the 1-d ``out`` with ``std * (z1 + z2 + z3 + z4) / 2``, chunk by chunk."""
+        n, device = out.shape[0], out.device
+        scale = std / math.sqrt(_DRAWS)
+        for start in range(0, n, _CHUNK):  # cache-sized chunks: ~2x faster than one pass
             m = min(_CHUNK, n - start)
-            z = self.standard_normal(_DRAWS * m).view(m, _DRAWS)
-            torch.sum(z, dim=1, out=out[start : start + m])
-        out.mul_(std / math.sqrt(_DRAWS))
-        return out.view(dims).to(device=device, dtype=dtype)
+            out[start : start + m].copy_(self._sum4(m, device).mul_(scale))
 
 
 _warned_insecure = False
