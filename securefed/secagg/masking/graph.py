@@ -8,7 +8,7 @@
   the ring in a uniformly random order.
 
 The random order is *public* randomness of the round, so every party derives the same graph
-without a message: ``seed = SHA-256(DOMAIN || run id / graph || round id || sorted client ids)`` keys the
+without a message: ``seed = SHA-256(DOMAIN || run id / graph || round id || sorted ids)`` keys the
 AES-256-CTR keystream of :mod:`.prg`, and the ring order is the clients sorted by a 64-bit key
 read from it (a uniform permutation; ties, probability < n^2 / 2^64, break by id). An odd k with
 an odd number of clients admits no k-regular graph: k is then raised to k + 1. ``k >= n - 1``

@@ -110,7 +110,7 @@ def _interpolate_at(points: Sequence[tuple[int, int]], x: int) -> int:
 def _solve(a: list[list[int]], b: list[int]) -> list[int] | None:
     """One solution of ``a z = b`` over GF(p) (free variables 0), or None if inconsistent."""
     rows, cols = len(a), len(a[0]) if a else 0
-    m = [row[:] + [rhs] for row, rhs in zip(a, b, strict=True)]
+    m = [[*row, rhs] for row, rhs in zip(a, b, strict=True)]
     pivots: list[int] = []
     r = 0
     for c in range(cols):

@@ -42,8 +42,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from securefed.secagg.masking.graph import NeighbourGraph, build_graph
 from securefed.secagg.base import AggregationAbortedError
+from securefed.secagg.masking.graph import NeighbourGraph, build_graph
 from securefed.secagg.masking.prg import session_prefix
 from securefed.secagg.masking.quantize import QuantizationParams, quantization_params
 
