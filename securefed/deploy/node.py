@@ -82,11 +82,13 @@ from securefed.deploy.wire import (
 from securefed.io import atomic_write_bytes, atomic_write_text
 from securefed.secagg.masking.stages import (
     ConsistencyRequest,
+    ProtocolError,
     RoundPlan,
     RoundStart,
     Stage,
     decode_message,
     plan_round,
+    verify_encoded,
 )
 
 if TYPE_CHECKING:  # torch, data and strategies load only in the stages that train
@@ -721,9 +723,18 @@ class Site:
                 "sums of one round over different cohorts would reveal a site's update)"
             )
         params = run_masking_params(cfg, run.run_id)
-        start = decode_message(get_bytes(content, "secagg", who), self.cid, params.session)
-        if not isinstance(start, RoundStart) or start.round_id != rnd:
-            raise WireError(f"{who}: secagg: not the RoundStart of round {rnd}")
+        opening = get_bytes(content, "secagg", who)
+        start = decode_message(opening, self.cid, params.session)
+        if not (
+            isinstance(start, RoundStart) and start.round_id == rnd and start.recipient == self.cid
+        ):
+            raise WireError(f"{who}: secagg: not this site's RoundStart of round {rnd}")
+        # checked before training: a forged or replayed round start must not spend budget
+        if not verify_encoded(opening, self._identity()[1].server, params.session):
+            raise ProtocolError(
+                self.cid, "signature", f"RoundStart of round {rnd} from the server does not "
+                f"verify under run {run.run_id}"
+            )
         try:
             plan = plan_round(params, rnd, start.participants, start.vector_length)
         except ValueError as exc:
