@@ -728,7 +728,7 @@ def test_protocol_errors_in_process_abort_the_round() -> None:
 def test_messages_keys_and_ciphertexts_of_another_run_fail() -> None:
     """A previous run's round-1 AdvertiseKeys (correctly signed by its client) fails the
     signature check in a new run's round 1; so does the previous run's RoundStart; share
-    ciphertexts, derived keys, commitments and the neighbour graph differ between runs."""
+    ciphertexts, derived keys and commitments differ between runs."""
     from cryptography.exceptions import InvalidTag
 
     from securefed.secagg.masking.client import b_commitment, decrypt_shares, encrypt_shares
@@ -758,8 +758,6 @@ def test_messages_keys_and_ciphertexts_of_another_run_fail() -> None:
         key, b"mask", 1, session=new.session
     )
     assert b_commitment(1, 0, key, old.session) != b_commitment(1, 0, key, new.session)
-    rings = {bytes(build_graph(1, range(12), 4, s).ring.tobytes()) for s in (b"a", b"b", b"c")}
-    assert len(rings) > 1
 
 
 # ------------------------------------------------------------------------- quantisation

@@ -8,7 +8,7 @@
   the ring in a uniformly random order.
 
 The random order is *public* randomness of the round, so every party derives the same graph
-without a message: ``seed = SHA-256(DOMAIN || run id / graph || round id || sorted ids)`` keys the
+without a message: ``seed = SHA-256(DOMAIN / graph || round id || sorted client ids)`` keys the
 AES-256-CTR keystream of :mod:`.prg`, and the ring order is the clients sorted by a 64-bit key
 read from it (a uniform permutation; ties, probability < n^2 / 2^64, break by id). An odd k with
 an odd number of clients admits no k-regular graph: k is then raised to k + 1. ``k >= n - 1``
@@ -24,15 +24,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from securefed.secagg.masking.prg import keystream, session_prefix
+from securefed.secagg.masking.prg import DOMAIN, keystream
 
 __all__ = ["NeighbourGraph", "build_graph", "effective_degree", "round_seed"]
 
 
-def round_seed(round_id: int, ids: Sequence[int], session: bytes = b"") -> bytes:
-    """Public 32-byte seed of the round's graph: SHA-256 over the run (``session``), the round id
-    and the sorted ids."""
-    h = hashlib.sha256(session_prefix(session) + b"/graph")
+def round_seed(round_id: int, ids: Sequence[int]) -> bytes:
+    """Public 32-byte seed of the round's graph: SHA-256 over the round id and the sorted ids."""
+    h = hashlib.sha256(DOMAIN + b"/graph")
     h.update(struct.pack(">QQ", round_id, len(ids)))
     for cid in sorted(ids):
         h.update(struct.pack(">Q", cid))
@@ -122,23 +121,20 @@ class NeighbourGraph:
         return len(set(labels[alive].tolist())) == 1
 
 
-def build_graph(
-    round_id: int, ids: Iterable[int], k: int | None, session: bytes = b""
-) -> NeighbourGraph:
+def build_graph(round_id: int, ids: Iterable[int], k: int | None) -> NeighbourGraph:
     """The round's masking graph: complete (``k`` None or ``>= n - 1``) or random Harary.
 
     Args:
         round_id: public round number (part of the seed).
         ids: the round's client ids.
         k: requested degree, or None for the complete graph.
-        session: the run id (part of the seed).
     """
     nodes = tuple(sorted(set(int(i) for i in ids)))
     n = len(nodes)
     degree = effective_degree(k, n) if n > 1 else 0
     if degree >= n - 1:
         return NeighbourGraph(nodes, max(n - 1, 0), np.zeros(0, dtype=np.int64), {})
-    seed = round_seed(round_id, nodes, session)
+    seed = round_seed(round_id, nodes)
     sort_keys = np.frombuffer(keystream(seed, 8 * n), dtype="<u8")
     order = np.lexsort((np.asarray(nodes, dtype=np.int64), sort_keys))
     ring = np.asarray(nodes, dtype=np.int64)[order]

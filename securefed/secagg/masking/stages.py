@@ -25,9 +25,9 @@ AEAD tag or the parser.
 
 Run binding: the run id (:attr:`MaskingParams.session`, agreed at setup, fresh per run) is not
 sent in the messages; it is part of what every signature covers, of every HKDF ``info`` and of
-every AEAD associated data, and seeds the neighbour graph. A message, a key or a ciphertext of
-one run is therefore useless in another: a previous run's round-1 ``AdvertiseKeys`` fails the
-signature check in a new run's round 1.
+every AEAD associated data. A message, a key or a ciphertext of one run is therefore useless in
+another: a previous run's round-1 ``AdvertiseKeys`` fails the signature check in a new run's
+round 1.
 """
 
 from __future__ import annotations
@@ -536,7 +536,9 @@ class MaskingParams:
             noisy sum cannot wrap mod ``2^bits`` (except with probability below ``10^-32`` per
             coordinate).
         session: the run id (agreed at setup, fresh per run): bound into every signature, HKDF
-            info, AEAD associated data and graph seed, so nothing of one run verifies in another.
+            info and AEAD associated data, so nothing of one run verifies in another. (The
+            neighbour graph stays a function of the round and the participants: public, and
+            reproducible across runs of one seed.)
     """
 
     threshold: float
@@ -600,7 +602,7 @@ def plan_round(
     ids = tuple(sorted(set(participants)))
     if len(ids) != len(participants):
         raise ValueError("participants must be distinct")
-    graph = build_graph(round_id, ids, params.neighbours, params.session)
+    graph = build_graph(round_id, ids, params.neighbours)
     t = resolve_threshold(params.threshold, graph.neighbourhood_size)
     clip = params.clip_range + NOISE_HEADROOM * params.noise_std
     quant = quantization_params(params.bits, clip, len(ids))
