@@ -429,3 +429,13 @@ def test_a_bad_shamir_share_abandons_the_round_not_the_run(tmp_path: Path) -> No
     assert "client 0's self-mask seed cannot be reconstructed" in first["abandoned"]
     assert second["participants"] == [0, 1, 2]
     assert res.rounds_completed == 2
+
+
+def test_an_experiment_changed_behind_the_sites_back_is_refused(tmp_path: Path) -> None:
+    (site,) = _sites(tmp_path, 1).values()
+    site.setup(_setup_content(_cfg(), "ab" * 16))
+    path = tmp_path / "site0" / "experiment.yaml"
+    path.write_text(path.read_text().replace("batch_size: 16", "batch_size: 400"))
+    with pytest.raises(PolicyError, match="the experiment changed since this site accepted run"):
+        dispatch(site, f"train.{Stage.SHARE_KEYS}",
+                 {"run_id": "ab" * 16, "round": 1, "secagg": b""})

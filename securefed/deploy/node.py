@@ -41,6 +41,7 @@ in ``state-dir``) and the files in ``state-dir``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -558,7 +559,15 @@ class Site:
                 f"({record.current!r}); a message of another run (or of a run this site never "
                 "accepted) is refused"
             )
-        return record.run(run_id)
+        run = record.run(run_id)
+        path = self.options.state_dir / EXPERIMENT_FILE
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+        if digest != run.experiment_sha256:
+            raise PolicyError(
+                f"{path}: the experiment changed since this site accepted run {run_id} "
+                "(its SHA-256 differs from site_runs.json); refusing the run"
+            )
+        return run
 
     def _bind_run_noise(self, privacy: Any, cfg: ExperimentConfig, run: RunRecord) -> Any:
         """``privacy`` with noise sources keyed by this run's fresh noise key."""
@@ -648,8 +657,9 @@ class Site:
             if record.dp_plan is not None:
                 _check_dp_pin(record.dp_plan, pin, f"run {run_id}")
         o.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write_text(o.state_dir / EXPERIMENT_FILE, dump_config(cfg))
         privacy = self._privacy(cfg, data)
+        text = dump_config(cfg)
+        atomic_write_text(o.state_dir / EXPERIMENT_FILE, text)
         clear_round_state(o.state_dir)  # a previous run's round state is void
         if pin is not None and record.dp_plan is None:
             record.dp_plan = pin
@@ -658,6 +668,7 @@ class Site:
             accepted=time.time(),
             noise_nonce=os.urandom(32).hex(),
             seed=int(cfg.seed),
+            experiment_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
         )
         record.current = run_id
         save_site_record(o.state_dir, record)

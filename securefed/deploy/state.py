@@ -183,6 +183,8 @@ class RunRecord:
         noise_nonce: 32 random bytes (hex) drawn by the site at setup: with the site's secret DP
             noise key they derive this run's noise key, so no two runs share DP noise.
         seed: the experiment's ``seed`` (refused again under seeded noise, a rehearsal mode).
+        experiment_sha256: SHA-256 of the ``experiment.yaml`` the site accepted for this run;
+            a message of the run is refused if the file changed since.
         last_trained_round: the last round this site trained in (0: none); persisted before the
             update leaves the site; a round at or below it is refused.
     """
@@ -191,6 +193,7 @@ class RunRecord:
     accepted: float
     noise_nonce: str
     seed: int
+    experiment_sha256: str = ""
     last_trained_round: int = 0
 
 
@@ -227,6 +230,7 @@ def load_site_record(state_dir: Path) -> SiteRecord:
                 accepted=float(v["accepted"]),
                 noise_nonce=str(v["noise_nonce"]),
                 seed=int(v["seed"]),
+                experiment_sha256=str(v["experiment_sha256"]),
                 last_trained_round=int(v["last_trained_round"]),
             )
             for k, v in doc["runs"].items()
@@ -255,6 +259,7 @@ def save_site_record(state_dir: Path, record: SiteRecord) -> None:
                 "accepted": r.accepted,
                 "noise_nonce": r.noise_nonce,
                 "seed": r.seed,
+                "experiment_sha256": r.experiment_sha256,
                 "last_trained_round": r.last_trained_round,
             }
             for k, r in sorted(record.runs.items())
