@@ -439,3 +439,32 @@ def test_an_experiment_changed_behind_the_sites_back_is_refused(tmp_path: Path) 
     with pytest.raises(PolicyError, match="the experiment changed since this site accepted run"):
         dispatch(site, f"train.{Stage.SHARE_KEYS}",
                  {"run_id": "ab" * 16, "round": 1, "secagg": b""})
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"min-threshold": 1.5}, r"min-threshold=1\.5: must be in \(0, 1\)"),
+        ({"min-threshold": "two thirds"}, "min-threshold='two thirds': not a number"),
+        ({"min-cohort": 1}, "min-cohort=1: must be >= 2"),
+        ({"allow-seeded-noise": "maybe"}, "allow-seeded-noise='maybe': expected true or false"),
+    ],
+)
+def test_policy_knobs_are_validated(extra: dict[str, Any], match: str) -> None:
+    from securefed.deploy.node import NodeConfigError
+
+    with pytest.raises(NodeConfigError, match=match):
+        NodeOptions.from_node_config({"state-dir": "/s", "keys-dir": "/k", "partition-id": 0,
+                                      **extra})
+
+
+def test_policy_defaults_and_fractions() -> None:
+    base = {"state-dir": "/s", "keys-dir": "/k", "partition-id": 0}
+    o = NodeOptions.from_node_config(base)
+    assert (o.min_threshold, o.min_cohort, o.allow_seeded_noise) == (Fraction(2, 3), 3, False)
+    o = NodeOptions.from_node_config({**base, "min-threshold": "3/4", "min-cohort": 5,
+                                      "allow-seeded-noise": True})
+    assert (o.min_threshold, o.min_cohort, o.allow_seeded_noise) == (Fraction(3, 4), 5, True)
+    assert NodeOptions.from_node_config({**base, "min-threshold": 0.75}).min_threshold == (
+        Fraction(3, 4)
+    )
