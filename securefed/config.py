@@ -214,10 +214,12 @@ class SecureAggregationConfig(_Frozen):
 
     protocol: Literal["plain", "masking", "ckks"] = "plain"
     threshold: float = Field(
-        default=0.5,
+        default=0.67,
         gt=0.0,
         description="Shamir threshold t: an int >= 2 is a count, a value in (0, 1] a fraction "
-        "of the round's clients (rounded up, at least 2)",
+        "of the round's clients (rounded up, at least 2); the default 0.67 gives t > 2n/3, what "
+        "Bonawitz et al. 2017 need against an active server (and what a deployed site requires "
+        "by default, --node-config min-threshold)",
     )
     neighbours: Literal["all"] | int = Field(
         default="all", description="'all' (SecAgg complete graph) or k for a k-regular graph"

@@ -12,6 +12,7 @@ import os
 import stat
 import time
 from collections.abc import Mapping
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +63,21 @@ RAW: dict[str, Any] = {
     "secure_aggregation": {"protocol": "masking", "threshold": 0.5, "neighbours": "all",
                            "bits": 32, "clip_range": 1.0},
     # secure_noise false: the noise is seeded from (seed, round, client) on both paths, so the
-    # deployed model can be compared with the simulation's
+    # deployed model can be compared with the simulation's (a rehearsal: the sites opt in with
+    # --node-config allow-seeded-noise=true; threshold 0.5 with min-threshold 1/2, min-cohort 2
+    # lets 3 sites survive a dropout)
     "dp": {"level": "record", "target_epsilon": 8.0, "max_grad_norm": 1.0,
            "accountant": "rdp", "secure_noise": False},
     "evaluation": {"every": 100, "fid": False, "grid_samples": 4, "sampling_steps": 5,
                    "holdout_loss_examples": 32},
     "checkpoint": {"every": 1, "keep_last": 5},
+}
+
+
+#: rehearsal policy of the in-process sites: seeded noise (to compare with the simulation) and
+#: floors low enough for a 3-site round to survive one dropout
+REHEARSAL: dict[str, Any] = {
+    "allow_seeded_noise": True, "min_threshold": Fraction(1, 2), "min_cohort": 2,
 }
 
 
@@ -195,12 +205,13 @@ def test_site_refuses_an_experiment_without_dp(tmp_path: Path) -> None:
     init_identity_keys(tmp_path / "keys", 3)
     site = Site(NodeOptions(tmp_path / "s", tmp_path / "keys", 0, partition_id=0))
     no_dp = _cfg(dp={"level": "none", "target_epsilon": None})
+    run = {"version": PROTOCOL_VERSION, "run_id": "ab" * 16}
     with pytest.raises(DeployConfigError, match=r"dp\.level: 'none'.*require-dp"):
-        site.setup({"version": PROTOCOL_VERSION, "experiment": dump_config(no_dp)})
+        site.setup({**run, "experiment": dump_config(no_dp)})
     strict = Site(NodeOptions(tmp_path / "s", tmp_path / "keys", 0, partition_id=0,
                               max_epsilon=4.0))
     with pytest.raises(DeployConfigError, match=r"exceeds this site's max-epsilon 4\.0"):
-        strict.setup({"version": PROTOCOL_VERSION, "experiment": dump_config(_cfg())})
+        strict.setup({**run, "experiment": dump_config(_cfg())})
     with pytest.raises(WireError, match="coordinator speaks 'v0'"):
         site.setup({"version": "v0", "experiment": ""})
     assert not (tmp_path / "s" / "privacy_ledger.json").exists()
@@ -339,7 +350,8 @@ def test_coordinator_recovers_a_dropped_site_in_process(tmp_path: Path) -> None:
     cfg = _cfg(federation={"rounds": 1})
     init_identity_keys(tmp_path / "keys", 3)
     sites = {
-        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i))
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
+                                  **REHEARSAL))  # type: ignore[arg-type]
         for i in range(3)
     }
     events: list[dict[str, Any]] = []
@@ -369,11 +381,14 @@ def test_coordinator_recovers_a_dropped_site_in_process(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ Flower integration tests
 
 
-def _federation(tmp_path: Path) -> Any:
+def _federation(tmp_path: Path, **policy: Any) -> Any:
+    """3 loopback sites; ``policy``: extra --node-config entries of every site."""
     pytest.importorskip("flwr")
     from securefed.deploy.loopback import LoopbackFederation
 
-    return LoopbackFederation(tmp_path / "fed", 3)
+    node_config = {i: {"partition-id": i, "allow-seeded-noise": True, **policy}
+                   for i in range(3)}
+    return LoopbackFederation(tmp_path / "fed", 3, node_config=node_config)
 
 
 def _wait_status(run_dir: Path, pred: Any, timeout: float, fed: Any) -> dict[str, Any]:
@@ -402,7 +417,8 @@ def test_deployed_run_matches_the_simulation(tmp_path: Path) -> None:
     within the masking grid, and each site's ledger equals the simulation's for that client."""
     from securefed.run import run_experiment
 
-    cfg = _cfg()
+    # the sites' default floors (min-threshold 2/3, min-cohort 3): t = 3 of 3
+    cfg = _cfg(secure_aggregation={"threshold": 0.67})
     exp = _write_cfg(tmp_path / "experiment.yaml", cfg)
     fed = _federation(tmp_path)
     run_dir = tmp_path / "deployed"
@@ -486,7 +502,7 @@ def test_killed_supernode_round_completes_with_the_survivors_sum(tmp_path: Path)
     global model is the survivors' FedAvg."""
     cfg = _cfg(federation={"rounds": 1})
     exp = _write_cfg(tmp_path / "experiment.yaml", cfg)
-    fed = _federation(tmp_path)
+    fed = _federation(tmp_path, **{"min-threshold": "1/2", "min-cohort": 2})
     run_dir = tmp_path / "deployed"
     try:
         fed.start()

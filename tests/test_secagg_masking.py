@@ -43,6 +43,7 @@ from securefed.secagg.masking.stages import (
     MaskedInput,
     ShareBroadcast,
     UnmaskRequest,
+    UnmaskShares,
 )
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -610,6 +611,154 @@ def test_shamir_rejects_bad_inputs() -> None:
         shamir.split(5, 2, [1, 1])
     with pytest.raises(ValueError):
         shamir.decode_share(b"\xff" * shamir.SHARE_BYTES)
+
+
+@FAST
+@given(
+    t=st.integers(1, 7),
+    extra=st.integers(0, 7),
+    wrong=st.integers(0, 7),
+    seed=st.integers(0, 2**32),
+    subsets=st.sampled_from([0, 20_000]),
+)
+def test_shamir_verified_reconstruction_survives_wrong_shares(
+    t: int, extra: int, wrong: int, seed: int, subsets: int
+) -> None:
+    """Wrong shares (a malicious holder) are outvoted: decoding with errors corrects up to
+    (m - t) / 2 of m; t-subsets checked against the commitment need only t correct ones. The
+    wrong shares' points are returned (the holders to blame); beyond that the call fails."""
+    rng = np.random.default_rng(seed)
+    secret = int.from_bytes(rng.bytes(32), "big")
+    m = t + extra
+    xs = [int(x) + 1 for x in rng.choice(1000, size=m, replace=False)]
+    shares = shamir.split(secret, t, xs)
+    bad = {int(x) for x in rng.choice(xs, size=min(wrong, m), replace=False)}
+    for x in bad:
+        shares[x] = (shares[x] + 1 + int(rng.integers(1 << 62))) % shamir.PRIME
+    correctable = len(bad) <= (m - t) // 2 if subsets == 0 else m - len(bad) >= t
+    try:
+        value, blamed = shamir.reconstruct_verified(
+            shares, t, lambda v: v == secret, max_subsets=subsets
+        )
+    except ValueError as exc:  # never a wrong secret: an error, and only when not correctable
+        assert not correctable
+        assert "too many wrong shares" in str(exc)
+        return
+    assert value == secret
+    assert set(blamed) <= bad
+    if shamir.reconstruct(shares, t) != secret:  # the lowest t points were not enough
+        assert set(blamed) == bad
+
+
+def _lying_unmask(data: bytes, liar: int, key: object, params: MaskingParams, kind: str) -> bytes:
+    """``liar``'s UnmaskShares with its first share of ``kind`` ("b" or "s") off by one,
+    correctly signed by the liar (it is the liar's own message)."""
+    msg = decode_message(data, liar, params.session)
+    assert isinstance(msg, UnmaskShares)
+    shares = msg.b_shares if kind == "b" else msg.s_shares
+    (owner, share), *rest = shares
+    wrong = ((owner, shamir.encode_share((shamir.decode_share(share) + 1) % shamir.PRIME)),
+             *rest)
+    evil = dataclasses.replace(msg, **{f"{kind}_shares": wrong})
+    return evil.signed_bytes(key)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kind", "n", "threshold", "drop"), [("b", 4, 0.67, None),
+                                                               ("s", 5, 3.0, 4)])
+def test_one_wrong_share_is_corrected_and_blamed_on_its_holder(
+    kind: str, n: int, threshold: float, drop: int | None
+) -> None:
+    """One malicious holder returns a wrong share of another client's self-mask seed (b) or of
+    a dropped client's mask key (s). The round completes with the exact sum from the other
+    shares, and the holder, not the secret's owner, is named."""
+    params = MaskingParams(threshold, None, 32, 1.0, session=b"run-1")
+    server, clients, ids, xs = _roles(n, 6, params)
+    down = server.start()
+    for stage in Stage.ORDER:
+        for cid, data in down.items():
+            if drop is not None and cid == drop and Stage.index(stage) >= 2:
+                continue
+            reply = clients[cid].handle(data)
+            if stage == Stage.UNMASKING and cid == 1:
+                reply = _lying_unmask(reply, 1, ids.client_keys[1], params, kind)
+            server.receive(cid, reply)
+        down = server.close_stage()
+    out = server.output
+    assert out is not None
+    survivors = [c for c in range(n) if c != drop]
+    assert out.survivors == tuple(survivors)
+    np.testing.assert_allclose(out.total, sum(xs[c] for c in survivors), atol=1e-6)
+    assert out.bad_share_holders == (1,)
+
+
+def test_uncorrectable_wrong_share_aborts_the_round_in_process() -> None:
+    """With t = m (no spare share) a wrong share cannot be corrected: the in-process driver
+    raises AggregationAbortedError (the simulation abandons the round), naming the secret and
+    the holders, never crashing the run with a ProtocolError blaming the owner."""
+    proto = _proto(3, threshold=1.0)
+    liar_key = proto.identities.client_keys[2]
+
+    def intercept(direction: str, stage: str, cid: int, data: bytes) -> bytes:
+        if direction == "up" and stage == Stage.UNMASKING and cid == 2:
+            return _lying_unmask(data, 2, liar_key, proto.params, "b")
+        return data
+
+    proto.intercept = intercept
+    with pytest.raises(AggregationAbortedError, match=r"client 0's self-mask seed cannot be "
+                                                      r"reconstructed .* clients \[0, 1, 2\]"):
+        proto.aggregate(ROUND, _inputs(3, 5))
+
+
+def test_protocol_errors_in_process_abort_the_round() -> None:
+    """A message that fails a check ends the in-process round with an error that is both the
+    ProtocolError (naming the client and the check) and an AggregationAbortedError."""
+    proto = _proto(3, threshold=1.0)
+
+    def intercept(direction: str, stage: str, cid: int, data: bytes) -> bytes:
+        if direction == "up" and stage == Stage.MASKED_INPUT and cid == 1:
+            return data[:-1] + bytes([data[-1] ^ 1])
+        return data
+
+    proto.intercept = intercept
+    with pytest.raises(AggregationAbortedError) as info:
+        proto.aggregate(ROUND, _inputs(3, 5))
+    assert isinstance(info.value, ProtocolError)
+    assert (info.value.client, info.value.check) == (1, "signature")
+
+
+def test_messages_keys_and_ciphertexts_of_another_run_fail() -> None:
+    """A previous run's round-1 AdvertiseKeys (correctly signed by its client) fails the
+    signature check in a new run's round 1; so does the previous run's RoundStart; share
+    ciphertexts, derived keys and commitments differ between runs."""
+    from cryptography.exceptions import InvalidTag
+
+    from securefed.secagg.masking.client import b_commitment, decrypt_shares, encrypt_shares
+    from securefed.secagg.masking.prg import derive_key
+
+    ids = ephemeral_identities(3)
+    old = MaskingParams(1.0, None, 32, 1.0, session=b"\x01" * 16)
+    new = dataclasses.replace(old, session=b"\x02" * 16)
+    xs = _inputs(3, 4)
+    old_server = MaskingServer(1, range(3), 4, old, ids.roster, ids.server_key)
+    old_client = MaskingClient(0, 1, old, ids.client_keys[0], ids.roster, xs[0])
+    old_down = old_server.start()
+    old_adv = old_client.handle(old_down[0])
+    new_server = MaskingServer(1, range(3), 4, new, ids.roster, ids.server_key)
+    new_server.start()
+    with pytest.raises(ProtocolError, match=r"client 0: signature check failed"):
+        new_server.receive(0, old_adv)
+    new_client = MaskingClient(0, 1, new, ids.client_keys[0], ids.roster, xs[0])
+    with pytest.raises(ProtocolError, match=r"client 0: signature check failed"):
+        new_client.handle(old_down[0])
+    key = bytes(32)
+    ct = encrypt_shares(key, 1, 0, 1, bytes(66), bytes(66), session=old.session)
+    with pytest.raises(InvalidTag):
+        decrypt_shares(key, 1, 0, 1, ct, session=new.session)
+    assert decrypt_shares(key, 1, 0, 1, ct, session=old.session) == (bytes(66), bytes(66))
+    assert derive_key(key, b"mask", 1, session=old.session) != derive_key(
+        key, b"mask", 1, session=new.session
+    )
+    assert b_commitment(1, 0, key, old.session) != b_commitment(1, 0, key, new.session)
 
 
 # ------------------------------------------------------------------------- quantisation

@@ -278,17 +278,22 @@ def train_private_charged(
             noise_source=source, progress=progress,
         )
 
+    # the charge is at the noise multiplier and sample rate this training actually used, never
+    # the plan's (a coordinator that changes batch_size must not lower the recorded epsilon)
+    q = sample_rate_for(trainer.cfg, len(data))
     prior = ledger.charges_for(client_id, phase, round)
     result = train(noise_source)
     digest = update_digest(result)
     if prior:
         if any(e.update_sha256 == digest for e in prior):
             return result  # bit-identical to the charged release
-        if ledger.would_exceed(client_id, result.steps):
+        if ledger.would_exceed(client_id, result.steps, noise_multiplier=noise_multiplier,
+                               sample_rate=q):
             return None
         from securefed.privacy.secure_noise import SecureGaussian
 
         result = train(SecureGaussian())  # fresh key: never replayed, never seen before
         digest = update_digest(result)
-    ledger.charge(client_id, phase=phase, round=round, steps=result.steps, update_sha256=digest)
+    ledger.charge(client_id, phase=phase, round=round, steps=result.steps,
+                  noise_multiplier=noise_multiplier, sample_rate=q, update_sha256=digest)
     return result

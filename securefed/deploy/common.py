@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import secrets
 from pathlib import Path
 
 from securefed.config import ExperimentConfig
 from securefed.secagg.keys import ROSTER_FILE
 from securefed.secagg.masking.stages import MaskingParams
 
-__all__ = ["DeployConfigError", "check_deployable", "masking_params", "roster_digest"]
+__all__ = [
+    "DeployConfigError",
+    "check_deployable",
+    "masking_params",
+    "new_run_id",
+    "roster_digest",
+    "run_masking_params",
+]
 
 
 class DeployConfigError(ValueError):
@@ -63,6 +72,21 @@ def masking_params(cfg: ExperimentConfig) -> MaskingParams:
 
     sa = cfg.secure_aggregation.model_copy(update={"keys_dir": None})
     return MaskingAggregation.from_config(sa, cfg.federation.num_clients).params
+
+
+def new_run_id() -> str:
+    """A fresh run id: 16 bytes from the OS CSPRNG, as 32 lowercase hex digits."""
+    return secrets.token_hex(16)
+
+
+def run_masking_params(cfg: ExperimentConfig, run_id: str) -> MaskingParams:
+    """:func:`masking_params` bound to the run ``run_id`` (every signature, key derivation and
+    AEAD header of the run's masking protocol covers it)."""
+    try:
+        session = bytes.fromhex(run_id)
+    except ValueError:
+        raise ValueError(f"run_id: {run_id!r} is not hex") from None
+    return dataclasses.replace(masking_params(cfg), session=session)
 
 
 def roster_digest(keys_dir: Path) -> str:

@@ -8,11 +8,18 @@ the broadcast; each selected site trains locally (on its own machine, see
 (:class:`~securefed.secagg.masking.server.MaskingServer`) runs the five stages, one message per
 site and stage; only the SUM reaches ``Strategy.aggregate_cohorts``.
 
+Every run has a fresh run id (:func:`~securefed.deploy.common.new_run_id`), sent at setup and
+with every message; the masking protocol binds it into every signature, key derivation and AEAD
+header, and each site refuses messages of any other run (:mod:`securefed.deploy.node`).
+
 Dropouts are real: a site that does not answer a stage within the stage timeout (crashed,
 disconnected, or its reply failed a protocol check) is offline for the rest of the round, and
 the masking protocol's recovery removes its masks (its s-key shares) if its masked input never
 arrived. The round completes if the threshold is met at every stage; otherwise it is abandoned
-and the global model is unchanged (fail closed), as in the simulation.
+and the global model is unchanged (fail closed), as in the simulation. A protocol error when a
+stage closes (e.g. a secret that no ``t`` of the returned Shamir shares reconstruct) abandons the
+round too; it never ends the run. Wrong shares that the robust reconstruction could correct are
+blamed on the sites that returned them (``protocol_info.bad_share_holders``).
 
 The transport is abstract (:class:`Transport`): :mod:`securefed.deploy.server_app` implements
 it over Flower's ``Grid``; tests may implement it in-process.
@@ -32,7 +39,12 @@ import numpy as np
 import torch
 
 from securefed.config import ExperimentConfig, dump_config
-from securefed.deploy.common import DeployConfigError, check_deployable, masking_params
+from securefed.deploy.common import (
+    DeployConfigError,
+    check_deployable,
+    new_run_id,
+    run_masking_params,
+)
 from securefed.deploy.common import roster_digest as _roster_digest
 from securefed.deploy.wire import (
     MESSAGE_SETUP,
@@ -141,6 +153,7 @@ class Coordinator:
         self.transport = transport
         self.on_event = on_event
         self.sites: dict[int, SiteInfo] = {}
+        self.run_id = new_run_id()  # fresh per run; every site must accept it at setup
         self._last_trained: dict[int, int] = {}  # client -> last round it trained in
         self._survivors: dict[int, set[int]] = {}  # round -> clients whose update was used
 
@@ -174,7 +187,11 @@ class Coordinator:
         digest = _roster_digest(self.options.keys_dir)
         nodes = self._wait_for_sites()
         self._event(stage="setup", nodes=len(nodes))
-        content = {"version": PROTOCOL_VERSION, "experiment": dump_config(self.cfg)}
+        content = {
+            "version": PROTOCOL_VERSION,
+            "run_id": self.run_id,
+            "experiment": dump_config(self.cfg),
+        }
         # setup loads the site's data and calibrates its noise: as slow as training
         replies = self.transport.exchange(
             MESSAGE_SETUP, dict.fromkeys(nodes, content),
@@ -193,6 +210,8 @@ class Coordinator:
             try:
                 if get_str(r, "version", who) != PROTOCOL_VERSION:
                     raise WireError(f"{who}: protocol version {r.get('version')!r}")
+                if get_str(r, "run_id", who) != self.run_id:
+                    raise WireError(f"{who}: accepted run {r.get('run_id')!r}, not this run")
                 cid = get_int(r, "client_id", who, minimum=0)
                 if get_str(r, "roster_sha256", who) != digest:
                     raise WireError(
@@ -241,54 +260,11 @@ class Coordinator:
     # ------------------------------------------------------------------ the run
     def run(self) -> DeployResult:
         """Setup, then every configured round; fills the run directory."""
-        from securefed.client.update import get_flat, num_params
         from securefed.federation.checkpoint import save_checkpoint
-        from securefed.run import build_model
-        from securefed.strategies import build_strategy
 
-        run_dir = self.options.run_dir
-        own = {"status.json", "coordinator.log"}  # written by the ServerApp before the run
-        if run_dir.exists() and any(p.name not in own for p in run_dir.iterdir()):
-            raise FileExistsError(
-                f"run directory {run_dir} already exists and is not empty; give a new run-dir"
-            )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.setup()
-        cfg = self.cfg
-        model = build_model(cfg, self.image_shape, self.num_classes)
-        self.global_params = get_flat(model)
-        self.weight_scale = float(sum(s.num_examples for s in self.sites.values()))
-        self.strategy = build_strategy(
-            cfg.strategy, cfg.federation.num_clients, weight_scale=self.weight_scale
-        )
-        self.params = masking_params(cfg)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        atomic_write_json(
-            run_dir / "model.json",
-            {
-                "parameters": num_params(model),
-                "groups": {k: len(v) for k, v in model.parameter_groups().items()},
-                "image_shape": list(self.image_shape),
-            },
-        )
-        # what `securefed sample RUN_DIR` needs; the label counts themselves stay at the sites
-        atomic_write_json(
-            run_dir / "label_histogram.json",
-            {"num_classes": self.num_classes, "class_names": [], "counts": [],
-             "members": int(self.weight_scale), "holdout": 0},
-        )
-        atomic_write_json(
-            run_dir / "sites.json",
-            {
-                "sites": {
-                    str(c): {"node_id": s.node_id, "num_examples": s.num_examples}
-                    for c, s in sorted(self.sites.items())
-                },
-                "refused": {str(n): r for n, r in self._refused.items()},
-            },
-        )
+        meta = self.start()
+        cfg, run_dir = self.cfg, self.options.run_dir
         rows: list[dict[str, Any]] = []
-        meta = {"name": cfg.name, "parameters": num_params(model), "deployment": "flower"}
         for rnd in range(1, cfg.federation.rounds + 1):
             t0 = time.perf_counter()
             line = self.run_round(rnd)
@@ -315,6 +291,57 @@ class Coordinator:
                 break
         self._event(stage="finished", round=len(rows))
         return DeployResult(run_dir, len(rows), self.global_params.clone(), rows)
+
+    def start(self) -> dict[str, Any]:
+        """Create the run directory, run setup, build the model and strategy; returns the
+        checkpoint metadata. :meth:`run_round` may be called after it."""
+        from securefed.client.update import get_flat, num_params
+        from securefed.run import build_model
+        from securefed.strategies import build_strategy
+
+        run_dir = self.options.run_dir
+        own = {"status.json", "coordinator.log"}  # written by the ServerApp before the run
+        if run_dir.exists() and any(p.name not in own for p in run_dir.iterdir()):
+            raise FileExistsError(
+                f"run directory {run_dir} already exists and is not empty; give a new run-dir"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.setup()
+        cfg = self.cfg
+        model = build_model(cfg, self.image_shape, self.num_classes)
+        self.global_params = get_flat(model)
+        self.weight_scale = float(sum(s.num_examples for s in self.sites.values()))
+        self.strategy = build_strategy(
+            cfg.strategy, cfg.federation.num_clients, weight_scale=self.weight_scale
+        )
+        self.params = run_masking_params(cfg, self.run_id)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        atomic_write_json(
+            run_dir / "model.json",
+            {
+                "parameters": num_params(model),
+                "groups": {k: len(v) for k, v in model.parameter_groups().items()},
+                "image_shape": list(self.image_shape),
+            },
+        )
+        # what `securefed sample RUN_DIR` needs; the label counts themselves stay at the sites
+        atomic_write_json(
+            run_dir / "label_histogram.json",
+            {"num_classes": self.num_classes, "class_names": [], "counts": [],
+             "members": int(self.weight_scale), "holdout": 0},
+        )
+        atomic_write_json(
+            run_dir / "sites.json",
+            {
+                "sites": {
+                    str(c): {"node_id": s.node_id, "num_examples": s.num_examples}
+                    for c, s in sorted(self.sites.items())
+                },
+                "refused": {str(n): r for n, r in self._refused.items()},
+                "run_id": self.run_id,
+            },
+        )
+        return {"name": cfg.name, "parameters": num_params(model), "deployment": "flower"}
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         """One round over the network; returns its ``metrics.jsonl`` line."""
@@ -356,7 +383,6 @@ class Coordinator:
         reasons: dict[int, str] = {}
         exhausted: list[int] = []
         trained: list[int] = []
-        losses: list[float] = []
         epsilon: dict[str, float] = {}
         up = dict.fromkeys(plan.clients, 0)
         down = dict.fromkeys(plan.clients, 0)
@@ -379,7 +405,9 @@ class Coordinator:
                 dropped_at.setdefault(cid, stage)
             contents: dict[int, dict[str, Any]] = {}
             for cid in sorted(live):
-                c: dict[str, Any] = {"round": rnd, "stage": stage, "secagg": outgoing[cid]}
+                c: dict[str, Any] = {
+                    "round": rnd, "stage": stage, "run_id": self.run_id, "secagg": outgoing[cid]
+                }
                 if stage == Stage.ADVERTISE_KEYS:
                     last = self._last_trained.get(cid)
                     c.update(broadcast)
@@ -428,7 +456,6 @@ class Coordinator:
                                     )
                                 trained.append(cid)
                                 self._last_trained[cid] = rnd
-                                losses.append(float(r["mean_loss"]))
                         if reason is None:
                             data = get_bytes(r, "secagg", who)
                             up[cid] += len(data)
@@ -443,15 +470,15 @@ class Coordinator:
                     log.warning("round %d, stage %s: site %d dropped: %s", rnd, stage, cid, reason)
             try:
                 outgoing = server.close_stage()
-            except AggregationAbortedError as exc:
-                aborted = str(exc)
+            except (AggregationAbortedError, ProtocolError, ValueError) as exc:
+                # fail closed: the round is abandoned, the run goes on
+                aborted = f"{type(exc).__name__}: {exc}"
             seconds[stage] = round(time.perf_counter() - t0, 4)
             self._event(round=rnd, stage=stage, state="closed", clients=sorted(live))
             if aborted is not None:
                 break
 
         line["trained"] = trained
-        line["mean_local_loss"] = float(np.mean(losses)) if losses else None
         if cfg.dp.level == "record":
             line["epsilon"] = epsilon
             line["budget_exhausted"] = exhausted
@@ -472,6 +499,11 @@ class Coordinator:
         ).to(torch.float32)
         seconds["server_update"] = round(time.perf_counter() - t0, 4)
         self._survivors[rnd] = set(out.survivors)
+        if out.bad_share_holders:
+            log.warning(
+                "round %d: sites %s returned wrong Shamir shares (corrected from the others')",
+                rnd, list(out.bad_share_holders),
+            )
         splan = server.state.plan
         late = sorted(c for c in out.survivors if c in dropped_at)
         line.update(
@@ -488,6 +520,7 @@ class Coordinator:
                 "neighbours": "all" if splan.graph.complete else splan.graph.degree,
                 "pruned": list(out.pruned),
                 "late_dropouts": late,
+                "bad_share_holders": list(out.bad_share_holders),
                 "bits": self.params.bits,
                 "quantization_error_bound": quantization_error_bound(
                     splan.quant, len(out.survivors)

@@ -19,7 +19,19 @@ key                meaning
 ``device``         ``cpu`` (default), ``cuda`` or ``auto``.
 ``require-dp``     ``true`` (default): refuse an experiment without record-level DP.
 ``max-epsilon``    refuse an experiment whose ``dp.target_epsilon`` exceeds this value.
+``min-threshold``  ``2/3`` (default): refuse a round whose Shamir threshold ``t`` is not strictly
+                   above ``min-threshold x n`` (``n``: the share holders of a neighbourhood).
+``min-cohort``     ``3`` (default): refuse a round (or a survivor set) of fewer sites.
+``allow-seeded-``  ``false`` (default): refuse ``dp.secure_noise: false`` (noise derived from
+``noise``          the coordinator's seed, so the coordinator can regenerate it). Rehearsals.
 =================  ==========================================================================
+
+Site policy (:class:`PolicyError`, naming the field and the node-config key): every message
+carries the run id the site accepted at setup (fresh, never accepted twice; bound into every
+masking signature, key and ciphertext); a round at or below the site's last trained round of the
+run is refused (replay); the DP plan is pinned at the first DP setup and any later setup with a
+different DP-relevant field is refused; each run's DP noise key is derived from the site's
+secret key and a fresh per-run nonce (``site_runs.json``), so no two runs share noise.
 
 Each handler runs in a fresh process (Flower starts one ``flwr-clientapp`` per message) and
 re-derives everything from the node config, the experiment the coordinator sent at setup (kept
@@ -28,9 +40,16 @@ in ``state-dir``) and the files in ``state-dir``.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
+import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,10 +59,18 @@ from securefed.config import ConfigError, ExperimentConfig, dump_config, parse_c
 from securefed.deploy.common import (
     DeployConfigError,
     check_deployable,
-    masking_params,
     roster_digest,
+    run_masking_params,
 )
-from securefed.deploy.state import clear_round_state, load_round_state, save_round_state
+from securefed.deploy.state import (
+    RunRecord,
+    SiteRecord,
+    clear_round_state,
+    load_round_state,
+    load_site_record,
+    save_round_state,
+    save_site_record,
+)
 from securefed.deploy.wire import (
     MESSAGE_SETUP,
     PROTOCOL_VERSION,
@@ -54,7 +81,16 @@ from securefed.deploy.wire import (
     get_str,
 )
 from securefed.io import atomic_write_bytes, atomic_write_text
-from securefed.secagg.masking.stages import Stage
+from securefed.secagg.masking.stages import (
+    ConsistencyRequest,
+    ProtocolError,
+    RoundPlan,
+    RoundStart,
+    Stage,
+    decode_message,
+    plan_round,
+    verify_encoded,
+)
 
 if TYPE_CHECKING:  # torch, data and strategies load only in the stages that train
     import torch
@@ -65,9 +101,13 @@ if TYPE_CHECKING:  # torch, data and strategies load only in the stages that tra
 __all__ = [
     "NodeConfigError",
     "NodeOptions",
+    "PolicyError",
     "Site",
+    "check_round_policy",
+    "check_threshold_policy",
     "client_round_update",
     "dispatch",
+    "dp_plan_fields",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +119,15 @@ PENDING_STATE_FILE = "client_state.pending.pt"
 
 class NodeConfigError(ValueError):
     """A bad ``--node-config`` entry; names the key, the value and the fix."""
+
+
+class PolicyError(ValueError):
+    """The coordinator asked for something this site's policy refuses; ``str(e)`` names the
+    field, the value, and the node-config key or record that refuses it."""
+
+
+#: a run id: 16 random bytes as 32 lowercase hex digits
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def _opt(cfg: Mapping[str, Any], key: str) -> Any:
@@ -127,6 +176,9 @@ class NodeOptions:
     device: str = "cpu"
     require_dp: bool = True
     max_epsilon: float | None = None
+    min_threshold: Fraction = Fraction(2, 3)
+    min_cohort: int = 3
+    allow_seeded_noise: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeOptions:
@@ -137,7 +189,7 @@ class NodeOptions:
         """
         known = {
             "state-dir", "keys-dir", "client-id", "partition-id", "data-path", "device",
-            "require-dp", "max-epsilon",
+            "require-dp", "max-epsilon", "min-threshold", "min-cohort", "allow-seeded-noise",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -183,6 +235,27 @@ class NodeOptions:
                 ) from None
             if not max_eps > 0:
                 raise NodeConfigError(f"--node-config max-epsilon={max_eps}: must be > 0")
+        min_t = _opt(node_config, "min-threshold")
+        min_threshold = Fraction(2, 3)
+        if min_t is not None:
+            try:
+                min_threshold = Fraction(str(min_t).strip())
+            except (TypeError, ValueError, ZeroDivisionError):
+                raise NodeConfigError(
+                    f"--node-config min-threshold={min_t!r}: not a number; give a fraction such "
+                    "as min-threshold=\"2/3\" or 0.75"
+                ) from None
+            if not 0 < min_threshold < 1:
+                raise NodeConfigError(
+                    f"--node-config min-threshold={min_t!r}: must be in (0, 1); the site requires "
+                    "a Shamir threshold t > min-threshold x n"
+                )
+        min_cohort = _as_int(node_config, "min-cohort")
+        if min_cohort is not None and min_cohort < 2:
+            raise NodeConfigError(
+                f"--node-config min-cohort={min_cohort}: must be >= 2 (secure aggregation needs "
+                "at least 2 sites in a sum)"
+            )
         return cls(
             state_dir=Path(str(state_dir)).expanduser(),
             keys_dir=Path(str(keys_dir)).expanduser(),
@@ -192,6 +265,9 @@ class NodeOptions:
             device=device,
             require_dp=_as_bool(node_config, "require-dp", True),
             max_epsilon=max_eps,
+            min_threshold=min_threshold,
+            min_cohort=3 if min_cohort is None else min_cohort,
+            allow_seeded_noise=_as_bool(node_config, "allow-seeded-noise", False),
         )
 
 
@@ -227,8 +303,9 @@ def client_round_update(
 
         if not isinstance(trainer, DPLocalTrainer):  # pragma: no cover - wiring error
             raise TypeError("DP run without a DP trainer")
-        # charged and persisted BEFORE the update can leave the site; a re-run of a charged
-        # round is free only if it reproduces the released update's digest
+        # charged and persisted BEFORE the update can leave the site, at the sample rate and noise
+        # multiplier the training actually used (not the plan's); a re-run of a charged round is
+        # free only if it reproduces the released update's digest
         dp_result = train_private_charged(
             trainer, privacy.ledger, data, start, objective, seed, client_id=cid, round=rnd,
             noise_multiplier=privacy.noise_multipliers[cid],
@@ -262,6 +339,129 @@ def build_trainer(cfg: ExperimentConfig, model: torch.nn.Module, device: torch.d
             model, schedule, cfg.client, cfg.dp, device, cfg.model.class_conditional
         )
     return LocalTrainer(model, schedule, cfg.client, device, cfg.model.class_conditional)
+
+
+def dp_plan_fields(cfg: ExperimentConfig, num_examples: int) -> dict[str, Any]:
+    """Every field the site's DP guarantee depends on, as pinned at its first DP setup.
+
+    The experiment's DP section, what sets the sample rate and the number of steps (batch size,
+    local steps or epochs, rounds, FedDDPM pre-training), and what follows from the site's own
+    data (its example count, the sample rate ``q`` and the steps per round it implies).
+    """
+    from securefed.client.dp import sample_rate_for
+    from securefed.client.trainer import local_steps_for
+
+    dp, cl = cfg.dp, cfg.client
+    fields: dict[str, Any] = {
+        "dp.level": dp.level,
+        "dp.target_epsilon": dp.target_epsilon,
+        "dp.delta": dp.delta,
+        "dp.max_grad_norm": dp.max_grad_norm,
+        "dp.noise_multiplier": dp.noise_multiplier,
+        "dp.accountant": dp.accountant,
+        "dp.noise_multiplicity": dp.noise_multiplicity,
+        "dp.poisson_sampling": dp.poisson_sampling,
+        "dp.secure_noise": dp.secure_noise,
+        "client.batch_size": cl.batch_size,
+        "client.local_steps": cl.local_steps,
+        "client.local_epochs": cl.local_epochs,
+        "federation.rounds": cfg.federation.rounds,
+        "fedddpm.enabled": cfg.fedddpm.enabled,
+        "fedddpm.pretrain_epochs": cfg.fedddpm.pretrain_epochs,
+        "examples (this site's data)": int(num_examples),
+        "sample rate q (batch_size / examples)": sample_rate_for(cl, num_examples),
+        "steps per round": local_steps_for(cl, num_examples),
+    }
+    return dict(json.loads(json.dumps(fields)))  # exactly what the registry stores
+
+
+def _check_dp_pin(pinned: Mapping[str, Any], now: Mapping[str, Any], what: str) -> None:
+    for key in sorted(set(pinned) | set(now)):
+        if pinned.get(key) != now.get(key):
+            raise PolicyError(
+                f"{key}: {now.get(key)!r} differs from the DP plan this site pinned at its first "
+                f"setup ({pinned.get(key)!r}); refusing {what}. The site's privacy ledger is "
+                "planned and charged for that plan: a coordinator may not change how it trains. "
+                "To run another plan, the site operator starts a new state-dir"
+            )
+
+
+def check_threshold_policy(cfg: ExperimentConfig, options: NodeOptions) -> None:
+    """Refuse an experiment whose secure-aggregation threshold or cohort the site would refuse
+    in some round: every cohort size from ``min-cohort`` to ``federation.num_clients``.
+
+    Raises:
+        PolicyError: naming the experiment field and the node-config key.
+    """
+    from securefed.secagg.masking.graph import effective_degree
+    from securefed.secagg.masking.stages import resolve_threshold
+
+    sa, fed = cfg.secure_aggregation, cfg.federation
+    n = fed.num_clients
+    if n < options.min_cohort:
+        raise PolicyError(
+            f"federation.num_clients: {n} is below this site's min-cohort {options.min_cohort} "
+            "(--node-config min-cohort): a sum over so few sites lets the others (with the "
+            "coordinator) subtract their own updates"
+        )
+    planned = min(n, max(fed.min_fit_clients, round(fed.fraction_fit * n)))
+    if planned < options.min_cohort:
+        raise PolicyError(
+            f"federation.fraction_fit: {fed.fraction_fit} (min_fit_clients "
+            f"{fed.min_fit_clients}) selects {planned} sites a round, below this site's "
+            f"min-cohort {options.min_cohort} (--node-config min-cohort)"
+        )
+    k = None if sa.neighbours == "all" else int(sa.neighbours)
+    for m in range(max(2, options.min_cohort), n + 1):
+        size = effective_degree(k, m) + 1
+        try:
+            t = resolve_threshold(float(sa.threshold), size)
+        except ValueError:
+            continue  # such a round cannot run at all
+        if not t > options.min_threshold * size:
+            raise PolicyError(
+                f"secure_aggregation.threshold: {sa.threshold:g} gives t={t} of the {size} share "
+                f"holders of a round of {m} sites; this site requires t > {options.min_threshold}"
+                f" x {size} (--node-config min-threshold={options.min_threshold}): with a lower "
+                "threshold an active coordinator can show two groups different survivor sets and "
+                "unmask one site's update (Bonawitz et al. 2017)"
+            )
+
+
+def check_round_policy(plan: RoundPlan, options: NodeOptions) -> None:
+    """Refuse a round below the site's cohort or threshold floor (before it trains).
+
+    Raises:
+        PolicyError: naming the round, the value and the node-config key.
+    """
+    m = len(plan.participants)
+    if m < options.min_cohort:
+        raise PolicyError(
+            f"round {plan.round_id}: a cohort of {m} sites {list(plan.participants)} is below "
+            f"this site's min-cohort {options.min_cohort} (--node-config min-cohort)"
+        )
+    size, t = plan.graph.neighbourhood_size, plan.threshold
+    if not t > options.min_threshold * size:
+        raise PolicyError(
+            f"round {plan.round_id}: secure_aggregation.threshold gives t={t} of {size} share "
+            f"holders; this site requires t > {options.min_threshold} x {size} "
+            f"(--node-config min-threshold={options.min_threshold})"
+        )
+
+
+def run_noise_key(master_key: bytes, run: RunRecord) -> bytes:
+    """This run's DP noise key: HKDF-SHA256(site secret key, salt = the run's fresh nonce,
+    info = run id). Fresh per run, reproducible within it (a site that crashes mid-run keeps
+    drawing the noise of its own run), useless without the site's secret key."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=bytes.fromhex(run.noise_nonce),
+        info=b"securefed/deploy/site-run-noise/v1/" + bytes.fromhex(run.run_id),
+    ).derive(master_key)
 
 
 class Site:
@@ -345,14 +545,65 @@ class Site:
             cfg, self.options.state_dir, [SimClient(self.cid, data)], resume=ledger.exists()
         )
 
+    # ------------------------------------------------------------------ policy
+    def _record(self) -> SiteRecord:
+        return load_site_record(self.options.state_dir)
+
+    def _current_run(self, record: SiteRecord, content: Mapping[str, Any]) -> RunRecord:
+        """The run this message claims, if it is the run the site accepted at its last setup."""
+        run_id = get_str(content, "run_id", "coordinator")
+        if record.current is None or run_id != record.current:
+            raise PolicyError(
+                f"run_id: {run_id!r} is not the run this site accepted at setup "
+                f"({record.current!r}); a message of another run (or of a run this site never "
+                "accepted) is refused"
+            )
+        run = record.run(run_id)
+        path = self.options.state_dir / EXPERIMENT_FILE
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+        if digest != run.experiment_sha256:
+            raise PolicyError(
+                f"{path}: the experiment changed since this site accepted run {run_id} "
+                "(its SHA-256 differs from site_runs.json); refusing the run"
+            )
+        return run
+
+    def _bind_run_noise(self, privacy: Any, cfg: ExperimentConfig, run: RunRecord) -> Any:
+        """``privacy`` with noise sources keyed by this run's fresh noise key."""
+        if privacy is None or privacy.level != "record" or not cfg.dp.secure_noise:
+            return privacy
+        from securefed.privacy import SecureGaussian, derive_key, load_or_create_run_key
+
+        master = load_or_create_run_key(self.options.state_dir / "secrets" / "dp_noise.key")
+        key = run_noise_key(master, run)
+
+        def source(rnd: int, cid: int) -> Any:
+            return SecureGaussian(key=derive_key(key, rnd, cid))
+
+        def phase_source(rnd: int, cid: int, phase: int) -> Any:
+            return SecureGaussian(key=derive_key(key, rnd, cid, phase))
+
+        return dataclasses.replace(privacy, noise_source=source, phase_noise_source=phase_source)
+
     # ------------------------------------------------------------------ setup
     def setup(self, content: Mapping[str, Any]) -> dict[str, Any]:
-        """Accept (or refuse) the coordinator's experiment; plan this site's privacy ledger."""
+        """Accept (or refuse) the coordinator's experiment and run id; plan this site's privacy
+        ledger; pin its DP plan; record the run (with a fresh noise nonce)."""
         version = get_str(content, "version", "coordinator")
         if version != PROTOCOL_VERSION:
             raise WireError(
                 f"{self.who}: coordinator speaks {version!r}, this site {PROTOCOL_VERSION!r}; "
                 "install the same securefed version at every party"
+            )
+        run_id = get_str(content, "run_id", "coordinator")
+        if not _RUN_ID.fullmatch(run_id):
+            raise WireError(f"coordinator: run_id: {run_id!r} is not 32 lowercase hex digits")
+        record = self._record()
+        if run_id in record.runs:
+            raise PolicyError(
+                f"run_id: {run_id!r} was already accepted by this site (at "
+                f"{time.ctime(record.runs[run_id].accepted)}); every run needs a fresh run id, "
+                "a coordinator re-using one could replay that run's rounds"
             )
         text = get_str(content, "experiment", "coordinator")
         try:
@@ -361,17 +612,32 @@ class Site:
             raise ConfigError(f"coordinator experiment: not valid YAML: {exc}") from None
         cfg = parse_config(raw if isinstance(raw, dict) else {})
         check_deployable(cfg)
-        if self.options.require_dp and cfg.dp.level != "record":
+        o = self.options
+        if o.require_dp and cfg.dp.level != "record":
             raise DeployConfigError(
                 f"dp.level: {cfg.dp.level!r}: this site requires record-level DP "
                 "(--node-config require-dp=true); the coordinator must set dp.level: record"
             )
         eps = cfg.dp.target_epsilon
-        if self.options.max_epsilon is not None and cfg.dp.level == "record":
-            if eps is None or eps > self.options.max_epsilon:
+        if o.max_epsilon is not None and cfg.dp.level == "record":
+            if eps is None or eps > o.max_epsilon:
                 raise DeployConfigError(
                     f"dp.target_epsilon: {eps} exceeds this site's max-epsilon "
-                    f"{self.options.max_epsilon}; the coordinator must lower it"
+                    f"{o.max_epsilon}; the coordinator must lower it"
+                )
+        if cfg.dp.level == "record" and not cfg.dp.secure_noise:
+            if not o.allow_seeded_noise:
+                raise PolicyError(
+                    "dp.secure_noise: false derives the DP noise from the experiment's seed, "
+                    "which the coordinator knows (it could regenerate and remove the noise); "
+                    "this site refuses it (--node-config allow-seeded-noise=false, rehearsals "
+                    "only may set it to true)"
+                )
+            used = sorted(r.run_id for r in record.runs.values() if r.seed == cfg.seed)
+            if used:
+                raise PolicyError(
+                    f"seed: {cfg.seed} was already used by run {used[0]} of this site; under "
+                    "dp.secure_noise: false the same seed would draw the same DP noise again"
                 )
         if self.cid >= cfg.federation.num_clients:
             raise NodeConfigError(
@@ -379,21 +645,41 @@ class Site:
                 f"federation.num_clients={cfg.federation.num_clients} (ids 0..."
                 f"{cfg.federation.num_clients - 1})"
             )
+        check_threshold_policy(cfg, o)
         self._identity()
         data = self.load_data(cfg)
         if len(data) == 0:
             raise NodeConfigError(f"{self.who}: no training examples")
-        self.options.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write_text(self.options.state_dir / EXPERIMENT_FILE, dump_config(cfg))
+        pin = None
+        if cfg.dp.level == "record":
+            pin = dp_plan_fields(cfg, len(data))
+            if record.dp_plan is not None:
+                _check_dp_pin(record.dp_plan, pin, f"run {run_id}")
+        o.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         privacy = self._privacy(cfg, data)
+        text = dump_config(cfg)
+        atomic_write_text(o.state_dir / EXPERIMENT_FILE, text)
+        clear_round_state(o.state_dir)  # a previous run's round state is void
+        if pin is not None and record.dp_plan is None:
+            record.dp_plan = pin
+        record.runs[run_id] = RunRecord(
+            run_id=run_id,
+            accepted=time.time(),
+            noise_nonce=os.urandom(32).hex(),
+            seed=int(cfg.seed),
+            experiment_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        )
+        record.current = run_id
+        save_site_record(o.state_dir, record)
         c, h, w = data.image_shape
         reply: dict[str, Any] = {
             "version": PROTOCOL_VERSION,
+            "run_id": run_id,
             "client_id": self.cid,
             "num_examples": len(data),
             "image_shape": [int(c), int(h), int(w)],
             "num_classes": int(data.num_classes),
-            "roster_sha256": roster_digest(self.options.keys_dir),
+            "roster_sha256": roster_digest(o.keys_dir),
         }
         if privacy is not None:
             reply["epsilon"] = float(privacy.ledger.epsilon(self.cid))
@@ -423,10 +709,12 @@ class Site:
         return dict(state)
 
     def train_and_advertise(self, content: Mapping[str, Any]) -> dict[str, Any]:
-        """Stage ``advertise_keys``: train locally (DP), charge the ledger, mask nothing yet:
-        answer the round's :class:`RoundStart` with this site's advertised keys."""
+        """Stage ``advertise_keys``: check the round against the site's policy, train locally
+        (DP), charge the ledger, record the round as trained, mask nothing yet: answer the
+        round's :class:`RoundStart` with this site's advertised keys."""
         import torch
 
+        from securefed.client.dp import sample_rate_for
         from securefed.client.trainer import local_steps_for
         from securefed.client.update import num_params
         from securefed.run import build_model, resolve_device
@@ -435,7 +723,33 @@ class Site:
 
         who = "coordinator"
         cfg = self._experiment()
+        record = self._record()
+        run = self._current_run(record, content)
         rnd = get_int(content, "round", who, minimum=1)
+        if rnd <= run.last_trained_round:
+            raise PolicyError(
+                f"round: {rnd} is at or below this site's last trained round "
+                f"{run.last_trained_round} of run {run.run_id}; a round is trained once (two "
+                "sums of one round over different cohorts would reveal a site's update)"
+            )
+        params = run_masking_params(cfg, run.run_id)
+        opening = get_bytes(content, "secagg", who)
+        start = decode_message(opening, self.cid, params.session)
+        if not (
+            isinstance(start, RoundStart) and start.round_id == rnd and start.recipient == self.cid
+        ):
+            raise WireError(f"{who}: secagg: not this site's RoundStart of round {rnd}")
+        # checked before training: a forged or replayed round start must not spend budget
+        if not verify_encoded(opening, self._identity()[1].server, params.session):
+            raise ProtocolError(
+                self.cid, "signature", f"RoundStart of round {rnd} from the server does not "
+                f"verify under run {run.run_id}"
+            )
+        try:
+            plan = plan_round(params, rnd, start.participants, start.vector_length)
+        except ValueError as exc:
+            raise WireError(f"{who}: round {rnd} cannot run: {exc}") from None
+        check_round_policy(plan, self.options)
         self._commit_previous(content)
         scale = content.get("weight_scale")
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
@@ -452,6 +766,10 @@ class Site:
                 f"{self.who}: the round's image shape {shape} differs from this site's "
                 f"{list(data.image_shape)}; set data.image_size / data.channels in the experiment"
             )
+        if cfg.dp.level == "record":
+            if record.dp_plan is None:
+                raise PolicyError(f"{self.who}: no DP plan was pinned at setup; run setup again")
+            _check_dp_pin(record.dp_plan, dp_plan_fields(cfg, len(data)), f"round {rnd}")
         dev = resolve_device(self.options.device)
         model = build_model(cfg, (shape[0], shape[1], shape[2]), num_classes).to(dev)
         d = num_params(model)
@@ -463,24 +781,30 @@ class Site:
             for n in names
         }
         strategy = build_strategy(cfg.strategy, cfg.federation.num_clients, weight_scale=scale)
-        privacy = self._privacy(cfg, data)
+        privacy = self._bind_run_noise(self._privacy(cfg, data), cfg, run)
         if privacy is not None and privacy.ledger.would_exceed(
-            self.cid, local_steps_for(cfg.client, len(data))
+            self.cid,
+            local_steps_for(cfg.client, len(data)),
+            noise_multiplier=privacy.noise_multipliers[self.cid],
+            sample_rate=sample_rate_for(cfg.client, len(data)),
         ):
             # its next round would exceed target_epsilon: it does not train at all
             privacy.ledger.mark_exhausted(self.cid, rnd)
             clear_round_state(self.options.state_dir)
-            return {"status": "budget_exhausted", "round": rnd,
+            return {"status": "budget_exhausted", "round": rnd, "run_id": run.run_id,
                     "epsilon": float(privacy.ledger.epsilon(self.cid))}
         trainer = build_trainer(cfg, model, dev)
         client_state = self._client_state()
-        update, result = client_round_update(
+        update, _ = client_round_update(
             cfg, strategy, trainer, self.cid, data, broadcast, client_state, rnd, privacy
         )
+        # recorded (atomically) before anything derived from the update can leave the site
+        run.last_trained_round = rnd
+        save_site_record(self.options.state_dir, record)
         keys = sorted(update.vectors)
         vector = pack_update(update.vectors, keys, update.weight)
         key, roster = self._identity()
-        client = MaskingClient(self.cid, rnd, masking_params(cfg), key, roster, vector)
+        client = MaskingClient(self.cid, rnd, params, key, roster, vector)
         reply = client.handle(get_bytes(content, "secagg", who))
         save_round_state(self.options.state_dir, client.state, vector)
         if update.new_state:
@@ -491,12 +815,13 @@ class Site:
             atomic_write_bytes(
                 self.options.state_dir / PENDING_STATE_FILE, buf.getvalue(), mode=0o600
             )
+        # nothing computed from the site's data leaves it outside DP and secure aggregation:
+        # no loss, no step count (public: it follows from the config and #examples)
         out: dict[str, Any] = {
             "status": "trained",
             "round": rnd,
+            "run_id": run.run_id,
             "secagg": reply,
-            "mean_loss": float(result.mean_loss),
-            "steps": int(result.steps),
             "vector_keys": keys,
         }
         if privacy is not None:
@@ -510,20 +835,29 @@ class Site:
         if stage not in Stage.ORDER[1:]:
             raise WireError(f"coordinator: unknown masking stage {stage!r}")
         cfg = self._experiment()
+        run = self._current_run(self._record(), content)
         rnd = get_int(content, "round", "coordinator", minimum=1)
-        params = masking_params(cfg)
+        params = run_masking_params(cfg, run.run_id)
+        data = get_bytes(content, "secagg", "coordinator")
+        if stage == Stage.CONSISTENCY_CHECK:
+            req = decode_message(data, self.cid, params.session)
+            if isinstance(req, ConsistencyRequest) and len(req.survivors) < self.options.min_cohort:
+                raise PolicyError(
+                    f"round {rnd}: a survivor set of {len(req.survivors)} sites "
+                    f"{list(req.survivors)} is below this site's min-cohort "
+                    f"{self.options.min_cohort} (--node-config min-cohort); refusing to unmask"
+                )
         state, vector = load_round_state(self.options.state_dir, self.cid, rnd, params)
         key, roster = self._identity()
         client = MaskingClient(self.cid, rnd, params, key, roster, vector)
         client.state = state
-        reply = client.handle(get_bytes(content, "secagg", "coordinator"))
+        reply = client.handle(data)
         if stage == Stage.UNMASKING:
             clear_round_state(self.options.state_dir)
         else:
             masked = Stage.index(stage) >= Stage.index(Stage.MASKED_INPUT)
             save_round_state(self.options.state_dir, client.state, None if masked else vector)
-        return {"status": "ok", "round": rnd, "secagg": reply}
-
+        return {"status": "ok", "round": rnd, "run_id": run.run_id, "secagg": reply}
 
 
 def dispatch(site: Site, message_type: str, content: Mapping[str, Any]) -> dict[str, Any]:

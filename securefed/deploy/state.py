@@ -11,11 +11,17 @@ the round ends (unmasking answered) and replaced when a new round starts.
 The public round plan (graph, threshold, grid) is not stored: it is re-derived from the round's
 participants and vector length with :func:`~securefed.secagg.masking.stages.plan_round`, exactly
 as the client derived it at the first stage.
+
+The site's run registry (``<state-dir>/site_runs.json``, :class:`SiteRecord`) outlives rounds
+and runs: the run ids the site accepted (a run id is never accepted twice), the current run, per
+run the last trained round (a round at or below it is refused: replay) and the nonce of the run's
+DP noise key, and the DP plan pinned at the first DP setup.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,17 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from securefed.io import atomic_write_text
 from securefed.secagg.masking.stages import ClientState, MaskingParams, Stage, plan_round
 
-__all__ = ["StateError", "clear_round_state", "load_round_state", "save_round_state"]
+__all__ = [
+    "SITE_FILE",
+    "RunRecord",
+    "SiteRecord",
+    "StateError",
+    "clear_round_state",
+    "load_round_state",
+    "load_site_record",
+    "save_round_state",
+    "save_site_record",
+]
 
 _FORMAT = "securefed-site-secagg-v1"
 
@@ -148,3 +164,106 @@ def load_round_state(
             "drops out of this round (delete the file to rejoin from the next round)"
         ) from None
     return state, vector
+
+
+# ------------------------------------------------------------------ the site's run registry
+
+SITE_FILE = "site_runs.json"
+_SITE_FORMAT = "securefed-site-runs-v1"
+
+
+@dataclass
+class RunRecord:
+    """One run this site accepted at setup.
+
+    Attributes:
+        run_id: the run id (32 hex digits) the coordinator proposed and this site accepted; bound
+            into every secure-aggregation signature, key and ciphertext of the run.
+        accepted: Unix time of the setup.
+        noise_nonce: 32 random bytes (hex) drawn by the site at setup: with the site's secret DP
+            noise key they derive this run's noise key, so no two runs share DP noise.
+        seed: the experiment's ``seed`` (refused again under seeded noise, a rehearsal mode).
+        experiment_sha256: SHA-256 of the ``experiment.yaml`` the site accepted for this run;
+            a message of the run is refused if the file changed since.
+        last_trained_round: the last round this site trained in (0: none); persisted before the
+            update leaves the site; a round at or below it is refused.
+    """
+
+    run_id: str
+    accepted: float
+    noise_nonce: str
+    seed: int
+    experiment_sha256: str = ""
+    last_trained_round: int = 0
+
+
+@dataclass
+class SiteRecord:
+    """``<state-dir>/site_runs.json``: every run the site accepted, the current one, and the DP
+    plan it pinned at its first DP setup (the ledger's plan is for the life of the state dir)."""
+
+    current: str | None = None
+    runs: dict[str, RunRecord] = field(default_factory=dict)
+    dp_plan: dict[str, Any] | None = None
+
+    def run(self, run_id: str) -> RunRecord:
+        return self.runs[run_id]
+
+
+def load_site_record(state_dir: Path) -> SiteRecord:
+    """Read ``site_runs.json`` (an empty record if the site never accepted a run).
+
+    Raises:
+        StateError: the file is corrupt (the site then refuses every message: a lost record could
+            let a coordinator replay a run; restore it from backup, do not delete it).
+    """
+    p = Path(state_dir) / SITE_FILE
+    if not p.exists():
+        return SiteRecord()
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        if doc.get("format") != _SITE_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}")
+        runs = {
+            str(k): RunRecord(
+                run_id=str(k),
+                accepted=float(v["accepted"]),
+                noise_nonce=str(v["noise_nonce"]),
+                seed=int(v["seed"]),
+                experiment_sha256=str(v["experiment_sha256"]),
+                last_trained_round=int(v["last_trained_round"]),
+            )
+            for k, v in doc["runs"].items()
+        }
+        current = doc["current"]
+        if current is not None and current not in runs:
+            raise ValueError(f"current run {current!r} is not among the runs")
+        plan = doc["dp_plan"]
+        if plan is not None and not isinstance(plan, dict):
+            raise ValueError("dp_plan is not a mapping")
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise StateError(
+            f"{p}: corrupt run registry ({type(exc).__name__}: {exc}); the site refuses to run "
+            "until it is restored (it protects against replayed runs and DP plan changes)"
+        ) from None
+    return SiteRecord(current=current, runs=runs, dp_plan=plan)
+
+
+def save_site_record(state_dir: Path, record: SiteRecord) -> None:
+    """Persist ``record`` atomically (temp file, fsync, rename), mode 0600."""
+    doc = {
+        "format": _SITE_FORMAT,
+        "current": record.current,
+        "runs": {
+            k: {
+                "accepted": r.accepted,
+                "noise_nonce": r.noise_nonce,
+                "seed": r.seed,
+                "experiment_sha256": r.experiment_sha256,
+                "last_trained_round": r.last_trained_round,
+            }
+            for k, r in sorted(record.runs.items())
+        },
+        "dp_plan": record.dp_plan,
+    }
+    atomic_write_text(Path(state_dir) / SITE_FILE, json.dumps(doc, indent=1), mode=0o600)

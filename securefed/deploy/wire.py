@@ -11,14 +11,19 @@ Message types (Flower ``message_type``), in the order a run uses them:
 =====================  ================================================  ======================
 type                   coordinator -> site                               site -> coordinator
 =====================  ================================================  ======================
-``query.setup``        experiment YAML, protocol version                 client id, #examples,
-                                                                         image shape, roster
-                                                                         digest
-``train.<stage>``      round, stage, the masking server's message for    the site's protocol
-(one per masking       this site; at ``advertise_keys`` also the         reply (and, after
-stage)                 broadcast (global model), weight scale and the    training, its mean
-                       previous round's commit flag                      loss and step count)
+``query.setup``        experiment YAML, protocol version, run id         run id, client id,
+                                                                         #examples, image
+                                                                         shape, class count,
+                                                                         roster digest, epsilon
+``train.<stage>``      run id, round, stage, the masking server's        run id, round, status,
+(one per masking       message for this site; at ``advertise_keys`` also the site's protocol
+stage)                 the broadcast (global model), weight scale and    reply (and, after
+                       the previous round's commit flag                  training, its vector
+                                                                         names and epsilon)
 =====================  ================================================  ======================
+
+Nothing a site computes from its data travels outside DP and the masking protocol: no loss, no
+step count (``docs/deploy.md``, "Exactly what the coordinator sees").
 """
 
 from __future__ import annotations

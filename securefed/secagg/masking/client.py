@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from dataclasses import replace
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -32,11 +33,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from securefed.secagg.keys import Roster
 from securefed.secagg.masking import shamir
 from securefed.secagg.masking.prg import (
-    DOMAIN,
     MaskAccumulator,
     agreed_key,
     mask_sign,
     self_mask_key,
+    session_prefix,
 )
 from securefed.secagg.masking.quantize import encode_words, quantize, reduce_words
 from securefed.secagg.masking.stages import (
@@ -84,8 +85,8 @@ _EXPECTED: dict[str | None, type[Message]] = {
 }
 
 
-def _share_aad(round_id: int, sender: int, recipient: int) -> bytes:
-    return DOMAIN + b"/share" + struct.pack(">QQQ", round_id, sender, recipient)
+def _share_aad(round_id: int, sender: int, recipient: int, session: bytes) -> bytes:
+    return session_prefix(session) + b"/share" + struct.pack(">QQQ", round_id, sender, recipient)
 
 
 def _share_nonce(sender: int) -> bytes:
@@ -94,20 +95,33 @@ def _share_nonce(sender: int) -> bytes:
 
 
 def encrypt_shares(
-    key: bytes, round_id: int, sender: int, recipient: int, b_share: bytes, s_share: bytes
+    key: bytes,
+    round_id: int,
+    sender: int,
+    recipient: int,
+    b_share: bytes,
+    s_share: bytes,
+    *,
+    session: bytes = b"",
 ) -> bytes:
-    """AES-256-GCM of ``sender || recipient || b_share || s_share``; AD binds round, ids."""
+    """AES-256-GCM of ``sender || recipient || b_share || s_share``; AD binds run, round, ids."""
     plaintext = struct.pack(">QQ", sender, recipient) + b_share + s_share
-    aad = _share_aad(round_id, sender, recipient)
+    aad = _share_aad(round_id, sender, recipient, session)
     return AESGCM(key).encrypt(_share_nonce(sender), plaintext, aad)
 
 
 def decrypt_shares(
-    key: bytes, round_id: int, sender: int, recipient: int, ciphertext: bytes
+    key: bytes,
+    round_id: int,
+    sender: int,
+    recipient: int,
+    ciphertext: bytes,
+    *,
+    session: bytes = b"",
 ) -> tuple[bytes, bytes]:
     """Inverse of :func:`encrypt_shares`; raises ``InvalidTag`` or ``ValueError``."""
     plaintext = AESGCM(key).decrypt(
-        _share_nonce(sender), ciphertext, _share_aad(round_id, sender, recipient)
+        _share_nonce(sender), ciphertext, _share_aad(round_id, sender, recipient, session)
     )
     if len(plaintext) != SHARE_PLAINTEXT_BYTES:
         raise ValueError(f"share plaintext has {len(plaintext)} bytes")
@@ -120,10 +134,10 @@ def decrypt_shares(
     return b, s
 
 
-def b_commitment(round_id: int, client_id: int, b_seed: bytes) -> bytes:
+def b_commitment(round_id: int, client_id: int, b_seed: bytes, session: bytes = b"") -> bytes:
     """SHA-256 commitment to the self-mask seed (b is 256 uniform bits: hiding)."""
     return hashlib.sha256(
-        DOMAIN + b"/b-commit" + struct.pack(">QQ", round_id, client_id) + b_seed
+        session_prefix(session) + b"/b-commit" + struct.pack(">QQ", round_id, client_id) + b_seed
     ).digest()
 
 
@@ -182,6 +196,10 @@ class MaskingClient:
 
     # ------------------------------------------------------------------------------ plumbing
 
+    @property
+    def _session(self) -> bytes:
+        return self.params.session
+
     def _error(self, check: str, detail: str) -> ProtocolError:
         return ProtocolError(self.state.client_id, check, detail)
 
@@ -198,10 +216,10 @@ class MaskingClient:
             ProtocolError: a check failed (format, signature, recipient, round id, stage, ...).
         """
         me = self.state.client_id
-        msg = decode_message(data, me)
+        msg = decode_message(data, me, self._session)
         if not isinstance(msg, SERVER_MESSAGES):
             raise self._error("format", f"{type(msg).__name__} is not a server message")
-        if not verify_encoded(data, self._roster.server):
+        if not verify_encoded(data, self._roster.server, self._session):
             raise self._error("signature", f"{type(msg).__name__} from the server does not verify")
         if getattr(msg, "recipient", None) != me:
             raise self._error("recipient", f"{type(msg).__name__} is addressed to another client")
@@ -229,7 +247,7 @@ class MaskingClient:
                 raise self._error("stage", f"unexpected {type(msg).__name__}")
             reply = self._unmask(msg)
         self.state.stage = msg.STAGE
-        return reply.signed_bytes(self._key)
+        return replace(reply, session=self._session).signed_bytes(self._key)
 
     # -------------------------------------------------------------------------------- stages
 
@@ -277,7 +295,7 @@ class MaskingClient:
                 raise ProtocolError(
                     v, "sender", f"keys forwarded to client {me} by a non-neighbour"
                 )
-            adv = decode_message(raw, v)
+            adv = decode_message(raw, v, self._session)
             if not isinstance(adv, AdvertiseKeys) or adv.sender != v:
                 raise ProtocolError(
                     v, "sender", "forwarded keys are not this client's AdvertiseKeys"
@@ -285,7 +303,7 @@ class MaskingClient:
             if adv.round_id != msg.round_id:
                 raise ProtocolError(v, "round id", f"keys for round {adv.round_id}")
             pub = self._roster.client(v)
-            if pub is None or not verify_encoded(raw, pub):
+            if pub is None or not verify_encoded(raw, pub, self._session):
                 raise ProtocolError(
                     v, "signature", f"advertised keys do not verify (at client {me})"
                 )
@@ -315,7 +333,8 @@ class MaskingClient:
         for v in sorted(peers):
             try:
                 key = agreed_key(
-                    self.state.c_secret, peers[v][0], b"share-enc", msg.round_id, me, v
+                    self.state.c_secret, peers[v][0], b"share-enc", msg.round_id, me, v,
+                    session=self._session,
                 )
             except ValueError as exc:
                 raise ProtocolError(v, "keys", f"unusable c public key ({exc})") from exc
@@ -327,6 +346,7 @@ class MaskingClient:
                 v,
                 shamir.encode_share(b_shares[v + 1]),
                 shamir.encode_share(s_shares[v + 1]),
+                session=self._session,
             )
             ciphertexts.append((v, ct))
         self.state.peer_keys = peers
@@ -336,7 +356,10 @@ class MaskingClient:
             shamir.encode_share(s_shares[me + 1]),
         )
         return ShareKeys(
-            msg.round_id, me, b_commitment(msg.round_id, me, b_seed), tuple(ciphertexts)
+            msg.round_id,
+            me,
+            b_commitment(msg.round_id, me, b_seed, self._session),
+            tuple(ciphertexts),
         )
 
     def _masked_input(self, msg: ShareBroadcast) -> MaskedInput:
@@ -350,7 +373,9 @@ class MaskingClient:
                 raise ProtocolError(v, "sender", f"shares forwarded to client {me} from a non-peer")
             key = state.share_keys[v]
             try:
-                state.held_shares[v] = decrypt_shares(key, plan.round_id, v, me, ct)
+                state.held_shares[v] = decrypt_shares(
+                    key, plan.round_id, v, me, ct, session=self._session
+                )
             except (InvalidTag, ValueError) as exc:
                 raise ProtocolError(
                     v, "share authentication", f"ciphertext for client {me} fails AEAD ({exc!r})"
@@ -382,11 +407,12 @@ class MaskingClient:
             noise = discrete_gaussian(share, words.shape[0])
             words = (words.astype(np.int64) + noise).astype(words.dtype)  # wraps mod 2^64/2^32
         acc = MaskAccumulator(words)
-        acc.add(self_mask_key(state.b_seed, plan.round_id, me))
+        acc.add(self_mask_key(state.b_seed, plan.round_id, me, session=self._session))
         for v in sorted(senders):
             try:
                 key = agreed_key(
-                    state.s_secret, state.peer_keys[v][1], b"mask", plan.round_id, me, v
+                    state.s_secret, state.peer_keys[v][1], b"mask", plan.round_id, me, v,
+                    session=self._session,
                 )
             except ValueError as exc:
                 raise ProtocolError(v, "keys", f"unusable s public key ({exc})") from exc
@@ -438,7 +464,10 @@ class MaskingClient:
             if signer not in u3 or signer in valid or pub is None:
                 raise ProtocolError(signer, "consistency", f"unexpected signer (at client {me})")
             try:
-                pub.verify(sig, consistency_payload(plan.round_id, signer, msg.survivors))
+                pub.verify(
+                    sig,
+                    consistency_payload(plan.round_id, signer, msg.survivors, self._session),
+                )
             except InvalidSignature as exc:
                 raise ProtocolError(
                     signer, "signature", f"consistency signature does not verify (at client {me})"

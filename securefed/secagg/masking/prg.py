@@ -38,6 +38,7 @@ __all__ = [
     "keystream",
     "mask_sign",
     "self_mask_key",
+    "session_prefix",
     "uniform01",
 ]
 
@@ -51,16 +52,32 @@ def _encryptor(key: bytes) -> Any:
     return Cipher(algorithms.AES(key), modes.CTR(_IV)).encryptor()
 
 
-def derive_key(secret: bytes, purpose: bytes, *context: int) -> bytes:
-    """HKDF-SHA256(secret, info = DOMAIN / purpose || context as big-endian u64) -> 32 bytes."""
-    info = DOMAIN + b"/" + purpose + b"".join(struct.pack(">Q", c) for c in context)
+def session_prefix(session: bytes) -> bytes:
+    """``DOMAIN || len(session) as u64 || session``: what binds a signature, a key derivation or
+    an AEAD header to one run (``session`` is the run id every party agreed at setup)."""
+    return DOMAIN + struct.pack(">Q", len(session)) + bytes(session)
+
+
+def derive_key(secret: bytes, purpose: bytes, *context: int, session: bytes = b"") -> bytes:
+    """HKDF-SHA256(secret, info = DOMAIN || len || session / purpose || context as big-endian
+    u64) -> 32 bytes. ``session`` (the run id) makes every key of one run useless in another."""
+    info = (
+        session_prefix(session) + b"/" + purpose + b"".join(struct.pack(">Q", c) for c in context)
+    )
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret)
 
 
 def agreed_key(
-    private: X25519PrivateKey, peer_public: bytes, purpose: bytes, round_id: int, u: int, v: int
+    private: X25519PrivateKey,
+    peer_public: bytes,
+    purpose: bytes,
+    round_id: int,
+    u: int,
+    v: int,
+    *,
+    session: bytes = b"",
 ) -> bytes:
-    """X25519(private, peer) -> HKDF key bound to ``purpose``, the round and the pair {u, v}.
+    """X25519(private, peer) -> HKDF key bound to ``purpose``, the run, the round and {u, v}.
 
     Symmetric in (u, v): both ends of a pair derive the same key (Diffie-Hellman, as in
     Bonawitz et al. 2017, §4: ``s_{u,v} = KA.agree(s_u^SK, s_v^PK)``).
@@ -70,12 +87,12 @@ def agreed_key(
     """
     shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
     lo, hi = (u, v) if u < v else (v, u)
-    return derive_key(shared, purpose, round_id, lo, hi)
+    return derive_key(shared, purpose, round_id, lo, hi, session=session)
 
 
-def self_mask_key(b_seed: bytes, round_id: int, client_id: int) -> bytes:
+def self_mask_key(b_seed: bytes, round_id: int, client_id: int, *, session: bytes = b"") -> bytes:
     """The PRG key of client ``client_id``'s self-mask ``PRG(b_u)``."""
-    return derive_key(b_seed, b"self-mask", round_id, client_id)
+    return derive_key(b_seed, b"self-mask", round_id, client_id, session=session)
 
 
 def mask_sign(u: int, v: int) -> int:

@@ -26,20 +26,27 @@ Threat model (what the masks protect, and under which assumptions):
   assumed honest), shares travel under AES-GCM bound to (round, sender, recipient), and the
   consistency check makes every revealing client see ``t`` signatures on one survivor set. Two
   disjoint groups of ``t`` clients could still be shown different survivor sets if ``2t <= n``,
-  so against such a server use a threshold above 1/2 (Bonawitz et al. use t > 2n/3 when clients
-  may collude with the server); the config default 0.5 targets the honest-but-curious case.
+  so against such a server the threshold must exceed 1/2, and 2/3 when up to n/3 clients may
+  collude with it (Bonawitz et al. 2017); the config default 0.67 gives ``t > 2n/3``. Every
+  message, key and ciphertext is bound to the run id (:attr:`MaskingParams.session`; fresh per
+  :meth:`MaskingAggregation.from_config`), so nothing of one run is accepted in another.
 - SecAgg+ (k-regular): thresholds are relative to the k + 1 clients of a neighbourhood and the
   guarantees of Bell et al. 2020 hold with high probability over the random graph. The graph's
   randomness is public and derived from the round id and the participant ids, so a server that
   chooses who participates can influence it; a trusted beacon would remove that.
-- In-process, a :class:`ProtocolError` ends the round. The server changes no state before a
-  message passes its checks, so a deployment may instead treat the offending client as dropped.
+- In-process, a :class:`ProtocolError` ends the round: it is re-raised as
+  :class:`~.stages.ProtocolAbort`, which is also an ``AggregationAbortedError``, so the round
+  loop abandons the round rather than the run. The server changes no state before a message
+  passes its checks, so a deployment may instead treat the offending client as dropped. A wrong
+  Shamir share at unmasking does not end the round when enough correct shares remain
+  (``info["bad_share_holders"]`` names who sent it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 
@@ -59,6 +66,7 @@ from securefed.secagg.masking.quantize import quantization_error_bound, quantiza
 from securefed.secagg.masking.server import MaskingServer, ServerView
 from securefed.secagg.masking.stages import (
     MaskingParams,
+    ProtocolAbort,
     ProtocolError,
     Stage,
     plan_round,
@@ -121,7 +129,10 @@ class MaskingAggregation(AggregationProtocol):
         degree = effective_degree(k, num_clients)
         resolve_threshold(float(cfg.threshold), degree + 1)
         quantization_params(cfg.bits, cfg.clip_range, num_clients)
-        params = MaskingParams(float(cfg.threshold), k, cfg.bits, float(cfg.clip_range))
+        # a fresh run id: no message, key or ciphertext of another run verifies in this one
+        params = MaskingParams(
+            float(cfg.threshold), k, cfg.bits, float(cfg.clip_range), session=os.urandom(16)
+        )
         if cfg.keys_dir is None:
             identities = ephemeral_identities(num_clients)
         else:
@@ -201,24 +212,29 @@ class MaskingAggregation(AggregationProtocol):
         t0 = time.process_time()
         down = server.start()
         server_seconds += time.process_time() - t0
-        for stage in Stage.ORDER:
-            for cid, data in down.items():
-                if drops.get(cid) == stage or cid in offline:
-                    offline.add(cid)
-                    continue
-                data = self._deliver("down", stage, cid, data)
-                bytes_down[cid] += len(data)
+        try:
+            for stage in Stage.ORDER:
+                for cid, data in down.items():
+                    if drops.get(cid) == stage or cid in offline:
+                        offline.add(cid)
+                        continue
+                    data = self._deliver("down", stage, cid, data)
+                    bytes_down[cid] += len(data)
+                    t0 = time.process_time()
+                    reply = clients[cid].handle(data)
+                    client_seconds[cid] += time.process_time() - t0
+                    reply = self._deliver("up", stage, cid, reply)
+                    bytes_up[cid] += len(reply)
+                    t0 = time.process_time()
+                    server.receive(cid, reply)
+                    server_seconds += time.process_time() - t0
                 t0 = time.process_time()
-                reply = clients[cid].handle(data)
-                client_seconds[cid] += time.process_time() - t0
-                reply = self._deliver("up", stage, cid, reply)
-                bytes_up[cid] += len(reply)
-                t0 = time.process_time()
-                server.receive(cid, reply)
+                down = server.close_stage()
                 server_seconds += time.process_time() - t0
-            t0 = time.process_time()
-            down = server.close_stage()
-            server_seconds += time.process_time() - t0
+        except ProtocolAbort:
+            raise
+        except ProtocolError as exc:  # the round ends; the run goes on (AggregationAbortedError)
+            raise ProtocolAbort.wrap(exc) from exc
         out = server.output
         if out is None:  # pragma: no cover - close_stage sets it or raises
             raise AggregationAbortedError("secure aggregation ended without a result")
@@ -234,6 +250,7 @@ class MaskingAggregation(AggregationProtocol):
             "late_dropouts": late,
             "bits": self.params.bits,
             "quantization_error_bound": quantization_error_bound(plan.quant, len(out.survivors)),
+            "bad_share_holders": list(out.bad_share_holders),
         }
         if params.noise_std > 0:
             info["noise_std_total"] = params.noise_std * math.sqrt(

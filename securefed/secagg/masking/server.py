@@ -14,13 +14,20 @@ problem is already visible):
 - a client whose closed neighbourhood has fewer than ``t`` live members is pruned (it could not
   share with threshold t); after pruning, fewer than ``t`` clients aborts;
 - the survivors' masking graph is disconnected (partial sums would be revealed);
-- fewer than ``t`` neighbours of a survivor or of a dropped client left to answer at unmasking.
+- fewer than ``t`` neighbours of a survivor or of a dropped client left to answer at unmasking;
+- a secret that no ``t`` of its returned shares reconstruct so that it matches its commitment.
+
+Wrong shares: reconstruction is robust (:func:`~.shamir.reconstruct_verified`): with enough
+correct shares it succeeds, and :attr:`ServerOutput.bad_share_holders` names the holders whose
+returned shares were wrong. The blame falls on the holder, never on the secret's owner. (An
+owner that dealt inconsistent shares could make an honest holder look wrong; verifiable secret
+sharing would rule that out and is not implemented.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
@@ -102,12 +109,15 @@ class ServerOutput:
         survivors: U3, the clients whose masked inputs are in the sum.
         recovered: dropped clients whose pairwise masks were removed via their s-key shares.
         pruned: clients dropped by the server because their neighbourhood was below threshold.
+        bad_share_holders: clients that returned a wrong share at unmasking (the round still
+            completed from the others' shares).
     """
 
     total: np.ndarray
     survivors: tuple[int, ...]
     recovered: tuple[int, ...]
     pruned: tuple[int, ...]
+    bad_share_holders: tuple[int, ...] = ()
 
 
 class MaskingServer:
@@ -146,6 +156,8 @@ class MaskingServer:
         self.output: ServerOutput | None = None
         self._roster = roster
         self._key = signing_key
+        self._session = params.session
+        self._bad_holders: set[int] = set()
         self._sum = MaskAccumulator(np.zeros(vector_length, dtype=word_dtype(params.bits)))
         self._b_shares: dict[int, dict[int, int]] = {}  # owner -> {point: share}
         self._s_shares: dict[int, dict[int, int]] = {}
@@ -184,7 +196,10 @@ class MaskingServer:
         return sorted(alive)
 
     def _out(self, messages: dict[int, Message]) -> dict[int, bytes]:
-        return {cid: m.signed_bytes(self._key) for cid, m in sorted(messages.items())}
+        return {
+            cid: replace(m, session=self._session).signed_bytes(self._key)
+            for cid, m in sorted(messages.items())
+        }
 
     # ------------------------------------------------------------------------------- driver
 
@@ -216,7 +231,7 @@ class MaskingServer:
             raise ProtocolError(client_id, "sender", "not in the roster (unknown client)")
         if client_id not in plan.participants:
             raise ProtocolError(client_id, "sender", f"not a participant of round {plan.round_id}")
-        msg = decode_message(data, client_id)
+        msg = decode_message(data, client_id, self._session)
         expected = _CLIENT_MESSAGE_OF.get(state.stage)
         sender = getattr(msg, "sender", None)
         if sender != client_id:
@@ -229,7 +244,7 @@ class MaskingServer:
             raise ProtocolError(
                 client_id, "stage", f"unexpected {type(msg).__name__} in stage {state.stage}"
             )
-        if not verify_encoded(data, pub):
+        if not verify_encoded(data, pub, self._session):
             raise ProtocolError(client_id, "signature", f"{type(msg).__name__} does not verify")
         if isinstance(msg, AdvertiseKeys):
             self._on_advertise(client_id, msg, data)
@@ -438,26 +453,36 @@ class MaskingServer:
             )
         # remove the pairwise masks that dropped clients' neighbours added
         for v in self._needed_dropped:
-            raw = self._reconstruct(v, self._s_shares[v])
+            s_public = state.advertised[v].s_public
+
+            def key_matches(value: int, s_public: bytes = s_public) -> bool:
+                try:
+                    raw = shamir.secret_to_bytes(value)
+                except ValueError:
+                    return False
+                return _x25519_public(X25519PrivateKey.from_private_bytes(raw)) == s_public
+
+            raw = self._reconstruct(v, "mask key", self._s_shares[v], key_matches)
             s_secret = X25519PrivateKey.from_private_bytes(raw)
-            pub = s_secret.public_key().public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw
-            )
-            if pub != state.advertised[v].s_public:
-                raise ProtocolError(v, "share", "reconstructed mask key does not match its key")
             for w in sorted(plan.graph.neighbours(v) & set(u3)):
                 key = agreed_key(
-                    s_secret, state.advertised[w].s_public, b"mask", plan.round_id, w, v
+                    s_secret, state.advertised[w].s_public, b"mask", plan.round_id, w, v,
+                    session=self._session,
                 )
                 self._sum.add(key, -mask_sign(w, v))
         # remove every survivor's self-mask
         for u in u3:
-            b_seed = self._reconstruct(u, self._b_shares[u])
-            if b_commitment(plan.round_id, u, b_seed) != state.shared[u].b_commit:
-                raise ProtocolError(
-                    u, "share", "reconstructed self-mask seed does not match its commitment"
-                )
-            self._sum.add(self_mask_key(b_seed, plan.round_id, u), -1)
+            commit = state.shared[u].b_commit
+
+            def seed_matches(value: int, u: int = u, commit: bytes = commit) -> bool:
+                try:
+                    seed = shamir.secret_to_bytes(value)
+                except ValueError:
+                    return False
+                return b_commitment(plan.round_id, u, seed, self._session) == commit
+
+            b_seed = self._reconstruct(u, "self-mask seed", self._b_shares[u], seed_matches)
+            self._sum.add(self_mask_key(b_seed, plan.round_id, u, session=self._session), -1)
         words = reduce_words(self._sum.words, plan.quant.bits)
         total = dequantize_sum(words, plan.quant, len(u3))
         self.output = ServerOutput(
@@ -465,10 +490,31 @@ class MaskingServer:
             survivors=tuple(u3),
             recovered=self._needed_dropped,
             pruned=tuple(sorted(state.pruned)),
+            bad_share_holders=tuple(sorted(self._bad_holders)),
         )
 
-    def _reconstruct(self, owner: int, shares: dict[int, int]) -> bytes:
+    def _reconstruct(
+        self, owner: int, what: str, shares: dict[int, int], check: Callable[[int], bool]
+    ) -> bytes:
+        """``owner``'s secret from its holders' shares, robust to wrong shares; wrong shares are
+        blamed on their holders (:attr:`ServerOutput.bad_share_holders`).
+
+        Raises:
+            AggregationAbortedError: no ``t`` shares reconstruct a secret that passes ``check``.
+        """
         try:
-            return shamir.secret_to_bytes(shamir.reconstruct(shares, self.threshold))
+            value, bad = shamir.reconstruct_verified(shares, self.threshold, check)
         except ValueError as exc:
-            raise ProtocolError(owner, "share", str(exc)) from exc
+            holders = sorted(x - 1 for x in shares)
+            raise self._abort(
+                f"client {owner}'s {what} cannot be reconstructed from the shares returned by "
+                f"clients {holders}: {exc}"
+            ) from exc
+        self._bad_holders.update(x - 1 for x in bad)
+        return shamir.secret_to_bytes(value)
+
+
+def _x25519_public(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )

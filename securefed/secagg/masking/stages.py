@@ -19,8 +19,15 @@ a server cannot tell different clients different stories about who dropped.
 
 Every message is a frozen dataclass with one canonical byte encoding (no pickle): a tag byte, the
 fields as big-endian u64 / length-prefixed bytes, then a 64-byte Ed25519 signature over
-``DOMAIN || tag || fields``. Clients sign what they send; the server signs what it sends (its key
-is in the roster), so a flipped bit anywhere fails a signature, an AEAD tag or the parser.
+``DOMAIN || len(run id) || run id || tag || fields``. Clients sign what they send; the server
+signs what it sends (its key is in the roster), so a flipped bit anywhere fails a signature, an
+AEAD tag or the parser.
+
+Run binding: the run id (:attr:`MaskingParams.session`, agreed at setup, fresh per run) is not
+sent in the messages; it is part of what every signature covers, of every HKDF ``info`` and of
+every AEAD associated data. A message, a key or a ciphertext of one run is therefore useless in
+another: a previous run's round-1 ``AdvertiseKeys`` fails the signature check in a new run's
+round 1.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from securefed.secagg.base import AggregationAbortedError
 from securefed.secagg.masking.graph import NeighbourGraph, build_graph
-from securefed.secagg.masking.prg import DOMAIN
+from securefed.secagg.masking.prg import session_prefix
 from securefed.secagg.masking.quantize import QuantizationParams, quantization_params
 
 __all__ = [
@@ -50,6 +58,7 @@ __all__ = [
     "MaskedInput",
     "MaskingParams",
     "Message",
+    "ProtocolAbort",
     "ProtocolError",
     "RoundPlan",
     "RoundStart",
@@ -107,6 +116,21 @@ class ProtocolError(ValueError):
         super().__init__(f"{who}: {check} check failed: {detail}")
         self.client = client
         self.check = check
+
+
+class ProtocolAbort(ProtocolError, AggregationAbortedError):
+    """A :class:`ProtocolError` that ended a round run by an in-process driver.
+
+    It is an :class:`~securefed.secagg.base.AggregationAbortedError` too, so a round loop that
+    abandons aborted rounds (the simulation, the deployment's coordinator) abandons this round
+    instead of crashing the run; ``client`` and ``check`` still name the party and the check.
+    """
+
+    @classmethod
+    def wrap(cls, exc: ProtocolError) -> ProtocolAbort:
+        out = cls(exc.client, exc.check, "")
+        out.args = exc.args
+        return out
 
 
 # --------------------------------------------------------------------------- canonical encoding
@@ -190,6 +214,8 @@ class Message:
 
     round_id: int
     signature: bytes = field(default=b"", kw_only=True)
+    #: the run id the message belongs to: signed, never encoded (every party knows it)
+    session: bytes = field(default=b"", kw_only=True, repr=False)
 
     def _body(self, w: _Writer) -> None:
         raise NotImplementedError
@@ -198,24 +224,28 @@ class Message:
     def _parse(cls: type[M], r: _Reader, round_id: int) -> M:
         raise NotImplementedError
 
-    def signed_payload(self) -> bytes:
-        """The bytes the signature covers: ``DOMAIN || tag || round id || body``."""
+    def _encoded(self) -> bytes:
         w = _Writer()
         w.u64(self.round_id)
         self._body(w)
-        return DOMAIN + bytes([self.TAG]) + w.getvalue()
+        return bytes([self.TAG]) + w.getvalue()
+
+    def signed_payload(self) -> bytes:
+        """The bytes the signature covers: ``DOMAIN || len || run id || tag || round id ||
+        body``."""
+        return session_prefix(self.session) + self._encoded()
 
     def to_bytes(self) -> bytes:
-        """Canonical encoding: ``tag || round id || body || signature``."""
+        """Canonical encoding: ``tag || round id || body || signature`` (no run id)."""
         sig = self.signature
         if len(sig) != SIGNATURE_BYTES:
             raise ValueError(f"{type(self).__name__} is not signed")
-        return self.signed_payload()[len(DOMAIN) :] + sig
+        return self._encoded() + sig
 
     def signed_bytes(self, key: Ed25519PrivateKey) -> bytes:
         """Sign with ``key`` and encode in one pass: ``to_bytes()`` of :meth:`sign`'s result."""
-        payload = self.signed_payload()
-        return payload[len(DOMAIN) :] + key.sign(payload)
+        encoded = self._encoded()
+        return encoded + key.sign(session_prefix(self.session) + encoded)
 
     def sign(self: M, key: Ed25519PrivateKey) -> M:
         """A copy of this message carrying ``key``'s signature over :meth:`signed_payload`."""
@@ -442,8 +472,11 @@ CLIENT_MESSAGES: tuple[type[Message], ...] = (
 _BY_TAG: dict[int, type[Message]] = {m.TAG: m for m in SERVER_MESSAGES + CLIENT_MESSAGES}
 
 
-def decode_message(data: bytes, who: int | None) -> Message:
+def decode_message(data: bytes, who: int | None, session: bytes = b"") -> Message:
     """Parse one canonical message; ``who`` is the client any format error is attributed to.
+
+    ``session`` is the run id the receiver expects; it becomes the message's :attr:`session`
+    (so :meth:`Message.verify` checks the signature against this run).
 
     Raises:
         ProtocolError: unknown tag, truncation, trailing bytes ("format").
@@ -457,27 +490,31 @@ def decode_message(data: bytes, who: int | None) -> Message:
     round_id = r.u64()
     msg = cls._parse(r, round_id)
     r.end()
-    return msg
+    return replace(msg, session=bytes(session)) if session else msg
 
 
-def verify_encoded(data: bytes, key: Ed25519PublicKey) -> bool:
-    """Check the signature of an encoded message without re-encoding it.
+def verify_encoded(data: bytes, key: Ed25519PublicKey, session: bytes = b"") -> bool:
+    """Check the signature of an encoded message of run ``session`` without re-encoding it.
 
     The encoding is canonical (:func:`decode_message` rejects anything else), so the signed
-    payload is ``DOMAIN || data[:-64]``.
+    payload is ``DOMAIN || len || session || data[:-64]``.
     """
     if len(data) < SIGNATURE_BYTES:
         return False
     try:
-        key.verify(data[-SIGNATURE_BYTES:], DOMAIN + data[:-SIGNATURE_BYTES])
+        key.verify(data[-SIGNATURE_BYTES:], session_prefix(session) + data[:-SIGNATURE_BYTES])
     except InvalidSignature:
         return False
     return True
 
 
-def consistency_payload(round_id: int, signer: int, survivors: Sequence[int]) -> bytes:
+def consistency_payload(
+    round_id: int, signer: int, survivors: Sequence[int], session: bytes = b""
+) -> bytes:
     """What a :class:`ConsistencySignature` signs (so peers can check a forwarded signature)."""
-    return ConsistencySignature(round_id, signer, tuple(survivors)).signed_payload()
+    return ConsistencySignature(
+        round_id, signer, tuple(survivors), session=bytes(session)
+    ).signed_payload()
 
 
 # ------------------------------------------------------------------------ parameters, plan
@@ -498,6 +535,10 @@ class MaskingParams:
             2021); the grid is widened by :data:`NOISE_HEADROOM` ``* noise_std`` so that the
             noisy sum cannot wrap mod ``2^bits`` (except with probability below ``10^-32`` per
             coordinate).
+        session: the run id (agreed at setup, fresh per run): bound into every signature, HKDF
+            info and AEAD associated data, so nothing of one run verifies in another. (The
+            neighbour graph stays a function of the round and the participants: public, and
+            reproducible across runs of one seed.)
     """
 
     threshold: float
@@ -505,6 +546,7 @@ class MaskingParams:
     bits: int
     clip_range: float
     noise_std: float = 0.0
+    session: bytes = b""
 
 
 #: the quantisation grid is widened by this many noise standard deviations on each side

@@ -1,0 +1,470 @@
+"""Site policy of the deployment, attacked the way a malicious coordinator would (issue 13).
+
+Every test drives the real :class:`~securefed.deploy.coordinator.Coordinator` and the real site
+handlers (:func:`~securefed.deploy.node.dispatch`, what the Flower ClientApp calls) over an
+in-process transport that can replay, rewrite or drop messages; no Flower process is started.
+Each refusal names the field and the node-config key; each test fails on the code before the
+policy (sites trusted whatever the coordinator sent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from securefed.config import ExperimentConfig, dump_config, parse_config
+from securefed.deploy.coordinator import Coordinator, CoordinatorOptions, Reply
+from securefed.deploy.node import NodeOptions, PolicyError, Site, dispatch
+from securefed.deploy.wire import PROTOCOL_VERSION
+from securefed.secagg.keys import init_identity_keys, load_identities
+from securefed.secagg.masking import shamir
+from securefed.secagg.masking.stages import RoundStart, Stage, UnmaskShares, decode_message
+
+RAW: dict[str, Any] = {
+    "name": "policy-test",
+    "seed": 5,
+    "device": "cpu",
+    "data": {"name": "digits", "max_examples": 300, "holdout_fraction": 0.25},
+    "partition": {"kind": "iid"},
+    "model": {"base_channels": 8, "channel_mults": [1], "norm_groups": 4,
+              "attention_levels": []},
+    "diffusion": {"timesteps": 50},
+    "federation": {"num_clients": 3, "rounds": 1, "fraction_fit": 1.0},
+    "client": {"local_steps": 2, "batch_size": 16, "lr": 0.002},
+    "strategy": {"name": "fedavg"},
+    "secure_aggregation": {"protocol": "masking", "threshold": 0.67, "neighbours": "all",
+                           "bits": 32, "clip_range": 1.0},
+    # an explicit multiplier and a roomy budget: several runs of one site stay within it
+    "dp": {"level": "record", "target_epsilon": 1000.0, "noise_multiplier": 1.0,
+           "max_grad_norm": 1.0, "accountant": "rdp"},
+    "evaluation": {"every": 100, "fid": False, "grid_samples": 4, "sampling_steps": 5,
+                   "holdout_loss_examples": 32},
+    "checkpoint": {"every": 1, "keep_last": 5},
+}
+
+Hook = Callable[[str, int, Mapping[str, Any]], Mapping[str, Any] | None]
+
+
+def _cfg(**section_overrides: dict[str, Any]) -> ExperimentConfig:
+    raw = json.loads(json.dumps(RAW))
+    for section, values in section_overrides.items():
+        raw[section].update(values)
+    return parse_config(raw)
+
+
+def _sites(tmp: Path, n: int, **policy: Any) -> dict[int, Site]:
+    """``n`` sites (transport node id 100 + i) sharing one provisioned key folder."""
+    keys = tmp / "keys"
+    if not (keys / "roster.json").exists():
+        init_identity_keys(keys, n)
+    return {
+        100 + i: Site(NodeOptions(tmp / f"site{i}", keys, i, partition_id=i, **policy))
+        for i in range(n)
+    }
+
+
+class _Net:
+    """The coordinator's transport, in-process, as a malicious network/coordinator sees it.
+
+    ``on_send(message_type, node, content)`` may rewrite a message (None: not delivered);
+    ``on_reply(message_type, node, reply)`` may rewrite a site's reply; ``drop`` = {client:
+    stage}: from that stage on the site does not answer. A handler that raises answers with the
+    error text, as the Flower ClientApp does. Everything sent and answered is recorded.
+    """
+
+    def __init__(
+        self,
+        sites: dict[int, Site],
+        *,
+        drop: Mapping[int, str] | None = None,
+        on_send: Hook | None = None,
+        on_reply: Callable[[str, int, dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        self.sites, self.drop = sites, dict(drop or {})
+        self.on_send, self.on_reply = on_send, on_reply
+        self.sent: list[tuple[str, int, Mapping[str, Any]]] = []
+        self.replies: list[tuple[str, int, Reply]] = []
+
+    def node_ids(self) -> list[int]:
+        return sorted(self.sites)
+
+    def exchange(self, message_type: str, contents: Mapping[int, Mapping[str, Any]], *,
+                 timeout: float, group: str) -> dict[int, Reply]:
+        out: dict[int, Reply] = {}
+        stage = message_type.partition(".")[2]
+        for node, content in contents.items():
+            site = self.sites[node]
+            at = self.drop.get(site.cid)
+            if at is not None and stage in Stage.ORDER and Stage.index(stage) >= Stage.index(at):
+                continue
+            if self.on_send is not None:
+                rewritten = self.on_send(message_type, node, content)
+                if rewritten is None:
+                    continue
+                content = rewritten
+            self.sent.append((message_type, node, content))
+            out[node] = deliver(site, message_type, content)
+            if self.on_reply is not None and isinstance(out[node], dict):
+                out[node] = self.on_reply(message_type, node, dict(out[node]))
+            self.replies.append((message_type, node, out[node]))
+        return out
+
+
+def deliver(site: Site, message_type: str, content: Mapping[str, Any]) -> Reply:
+    """What the ClientApp does with one message: the handler's reply, or its error text."""
+    try:
+        return dispatch(site, message_type, content)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _coordinator(cfg: ExperimentConfig, tmp: Path, net: _Net, name: str = "run") -> Coordinator:
+    opts = CoordinatorOptions(run_dir=tmp / name, keys_dir=tmp / "keys",
+                              min_sites=len(net.sites))
+    return Coordinator(cfg, opts, net)
+
+
+def _setup_content(cfg: ExperimentConfig, run_id: str) -> dict[str, Any]:
+    return {"version": PROTOCOL_VERSION, "run_id": run_id, "experiment": dump_config(cfg)}
+
+
+def _ledger(site: Site) -> list[dict[str, Any]]:
+    return list(json.loads((site.options.state_dir / "privacy_ledger.json").read_text())
+                ["entries"])
+
+
+def _advertise(net: _Net, node: int) -> Mapping[str, Any]:
+    """The first advertise_keys message sent to ``node``."""
+    return next(c for t, n, c in net.sent if t == "train.advertise_keys" and n == node)
+
+
+# ----------------------------------------------------------------------------- 1. replay
+
+
+def test_a_round_is_trained_once_per_run(tmp_path: Path) -> None:
+    """Attack: run round 1 with sites {0,1,2}, then round 1 again with {0,1} and the same
+    global model; the difference of the two sums would be site 2's update. Every site refuses
+    the second round 1 (recorded before its update left), so the round is abandoned."""
+    sites = _sites(tmp_path, 3, min_threshold=Fraction(1, 2), min_cohort=2)
+    net = _Net(sites)
+    coord = _coordinator(_cfg(secure_aggregation={"threshold": 0.5}), tmp_path, net)
+    coord.start()
+    first = coord.run_round(1)
+    assert first["participants"] == [0, 1, 2]
+    record = json.loads((tmp_path / "site0" / "site_runs.json").read_text())
+    assert record["runs"][coord.run_id]["last_trained_round"] == 1
+    ledger_before = _ledger(sites[100])
+    # the same round again, without site 2
+    coord.sites.pop(2)
+    again = coord.run_round(1)
+    assert again["participants"] == [] and "abandoned" in again
+    for cid in (0, 1):
+        reason = again["dropout_reasons"][str(cid)]
+        assert "PolicyError: round: 1 is at or below this site's last trained round 1" in reason
+    assert _ledger(sites[100]) == ledger_before  # it did not train again
+    # a replay of the recorded round-1 message itself, straight to the site
+    with pytest.raises(PolicyError, match=r"round: 1 is at or below .* last trained round 1"):
+        dispatch(sites[100], "train.advertise_keys", _advertise(net, 100))
+
+
+# -------------------------------------------------------------------------- 2. run binding
+
+
+def test_a_run_id_is_accepted_once_and_messages_of_other_runs_are_refused(
+    tmp_path: Path,
+) -> None:
+    sites = _sites(tmp_path, 3)
+    net = _Net(sites)
+    cfg = _cfg()
+    old = _coordinator(cfg, tmp_path, net, "old")
+    old.start()
+    assert old.run_round(1)["participants"] == [0, 1, 2]
+    site = sites[100]
+    # a second setup re-using the run id (a coordinator replaying the run) is refused
+    with pytest.raises(PolicyError, match=rf"run_id: '{old.run_id}' was already accepted"):
+        site.setup(_setup_content(cfg, old.run_id))
+    # a new run: its setup is accepted; the old run's round-1 message is now refused
+    new = _coordinator(cfg, tmp_path, _Net(sites), "new")
+    new.setup()
+    assert new.run_id != old.run_id
+    stale = _advertise(net, 100)
+    with pytest.raises(PolicyError, match=rf"run_id: '{old.run_id}' is not the run this site "
+                                          rf"accepted at setup \('{new.run_id}'\)"):
+        dispatch(site, "train.advertise_keys", stale)
+    # as is a run id this site never accepted, at every stage
+    forged = {**stale, "run_id": "0" * 32}
+    with pytest.raises(PolicyError, match=r"run_id: '0{32}' is not the run"):
+        dispatch(site, "train.advertise_keys", forged)
+    with pytest.raises(PolicyError, match=r"run_id: '0{32}' is not the run"):
+        dispatch(site, f"train.{Stage.SHARE_KEYS}", {**forged, "stage": Stage.SHARE_KEYS})
+    # the old run id travels inside the masking protocol too: old signed messages fail there
+    renamed = {**stale, "run_id": new.run_id}
+    with pytest.raises(Exception, match=r"client 0: signature check failed"):
+        dispatch(site, "train.advertise_keys", renamed)
+    assert len(_ledger(site)) == 1  # nothing of the above trained
+
+
+# ----------------------------------------------------------------- 3. threshold and cohort
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"secure_aggregation": {"threshold": 0.5}},
+         r"secure_aggregation\.threshold: 0\.5 gives t=2 of the 3 share holders .* "
+         r"min-threshold=2/3"),
+        ({"secure_aggregation": {"threshold": 2}},
+         r"secure_aggregation\.threshold: 2 gives t=2 of the 3 .*min-threshold"),
+        # 0.6 is safe for a round of 4 (t=3) but not for a round of 3 (t=2)
+        ({"secure_aggregation": {"threshold": 0.6}, "federation": {"num_clients": 4}},
+         r"t=2 of the 3 share holders of a round of 3 sites"),
+        ({"federation": {"fraction_fit": 0.67, "min_fit_clients": 2}},
+         r"federation\.fraction_fit: 0\.67 .* selects 2 sites a round, below this site's "
+         r"min-cohort 3"),
+    ],
+)
+def test_site_refuses_a_low_threshold_or_cohort_at_setup(
+    tmp_path: Path, overrides: dict[str, Any], match: str
+) -> None:
+    (site,) = _sites(tmp_path, 1).values()
+    with pytest.raises(PolicyError, match=match):
+        site.setup(_setup_content(_cfg(**overrides), "ab" * 16))
+    assert not (tmp_path / "site0" / "privacy_ledger.json").exists()
+    # the site's own node config sets the floor
+    lax = Site(dataclasses.replace(site.options, min_threshold=Fraction(1, 2), min_cohort=2))
+    if "threshold" in str(overrides) and "0.6" not in str(overrides):
+        assert lax.setup(_setup_content(_cfg(**overrides), "cd" * 16))["run_id"] == "cd" * 16
+
+
+def test_site_refuses_a_round_cohort_below_min_cohort(tmp_path: Path) -> None:
+    """Attack: after an honest setup the coordinator starts a round with only sites 0 and 1
+    (a sum of two: each learns the other's update, and so does a coordinator colluding with
+    one). Both refuse before training."""
+    from securefed.secagg.masking.server import MaskingServer
+
+    sites = _sites(tmp_path, 3)
+    ids = load_identities(tmp_path / "keys", 3)
+
+    def two_only(message_type: str, node: int, content: Mapping[str, Any]) -> Any:
+        if message_type != "train.advertise_keys":
+            return content
+        if node == 102:
+            return None
+        honest = decode_message(content["secagg"], node - 100, coord.params.session)
+        assert isinstance(honest, RoundStart) and honest.participants == (0, 1, 2)
+        server = MaskingServer(1, [0, 1], honest.vector_length, coord.params, ids.roster,
+                               ids.server_key)
+        return {**content, "secagg": server.start()[node - 100]}
+
+    net = _Net(sites, on_send=two_only)
+    coord = _coordinator(_cfg(), tmp_path, net)
+    coord.start()
+    line = coord.run_round(1)
+    assert line["participants"] == [] and "abandoned" in line
+    for cid in (0, 1):
+        assert ("PolicyError: round 1: a cohort of 2 sites [0, 1] is below this site's "
+                "min-cohort 3 (--node-config min-cohort)") in line["dropout_reasons"][str(cid)]
+        assert _ledger(sites[100 + cid]) == []  # refused before training
+
+
+def test_site_refuses_to_unmask_a_survivor_set_below_min_cohort(tmp_path: Path) -> None:
+    """Threshold 1/2 (the site allows it) with min-cohort 3: when site 2 vanishes after sharing
+    its keys, the coordinator asks 0 and 1 to sign a survivor set of two; they refuse, so no
+    share is revealed and the round is abandoned."""
+    sites = _sites(tmp_path, 3, min_threshold=Fraction(1, 2))
+    net = _Net(sites, drop={2: Stage.MASKED_INPUT})
+    coord = _coordinator(_cfg(secure_aggregation={"threshold": 0.5}), tmp_path, net)
+    coord.start()
+    line = coord.run_round(1)
+    assert line["participants"] == [] and "abandoned" in line
+    for cid in (0, 1):
+        assert ("survivor set of 2 sites [0, 1] is below this site's min-cohort 3"
+                in line["dropout_reasons"][str(cid)])
+    assert not [m for m, _, _ in net.sent if m == f"train.{Stage.UNMASKING}"]
+
+
+# ------------------------------------------------------------------------ 4. DP plan pinned
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "value"),
+    [
+        ({"client": {"batch_size": 400}}, "client.batch_size", 400),
+        ({"dp": {"noise_multiplier": 0.5}}, "dp.noise_multiplier", 0.5),
+        ({"client": {"local_steps": 20}}, "client.local_steps", 20),
+        ({"dp": {"max_grad_norm": 5.0}}, "dp.max_grad_norm", 5.0),
+        ({"federation": {"rounds": 50}}, "federation.rounds", 50),
+    ],
+)
+def test_site_refuses_a_changed_dp_field(
+    tmp_path: Path, overrides: dict[str, Any], field: str, value: Any
+) -> None:
+    """Attack: re-send the experiment with batch_size 400 instead of 16 (q = 1 instead of
+    0.16) while the ledger keeps charging the planned q. The re-setup is refused."""
+    (site,) = _sites(tmp_path, 1).values()
+    site.setup(_setup_content(_cfg(), "ab" * 16))
+    pinned = json.loads((tmp_path / "site0" / "site_runs.json").read_text())["dp_plan"]
+    assert pinned["client.batch_size"] == 16
+    with pytest.raises(PolicyError, match=rf"{field}: {value!r} differs from the DP plan this "
+                                          r"site pinned at its first setup"):
+        site.setup(_setup_content(_cfg(**overrides), "cd" * 16))
+    record = json.loads((tmp_path / "site0" / "site_runs.json").read_text())
+    assert record["current"] == "ab" * 16 and list(record["runs"]) == ["ab" * 16]
+    assert "batch_size: 16" in (tmp_path / "site0" / "experiment.yaml").read_text()
+
+
+# ------------------------------------------------------------- 5. fresh noise key per run
+
+
+def _trained_vector(site: Site) -> np.ndarray:
+    doc = json.loads((site.options.state_dir / "secagg" / "round.json").read_text())
+    return np.frombuffer(bytes.fromhex(doc["vector"]), dtype="<f8")
+
+
+def test_two_runs_of_a_site_draw_different_noise(tmp_path: Path) -> None:
+    """Same site, same experiment (same seed), same global model, round 1 of two runs: the
+    released updates differ because each run's DP noise key is fresh. With one key per state
+    dir, every DP-SGD noise tensor was bit-identical across the two runs, so the difference of
+    the two releases cancelled the noise while the ledger charged both."""
+    sites = _sites(tmp_path, 2, min_cohort=2)
+    cfg = _cfg(federation={"num_clients": 2})
+    vectors = []
+    for name in ("run-a", "run-b"):
+        # every site vanishes after training: the round is abandoned, its state kept
+        net = _Net(sites, drop={0: Stage.SHARE_KEYS, 1: Stage.SHARE_KEYS})
+        coord = _coordinator(cfg, tmp_path, net, name)
+        coord.start()
+        assert coord.run_round(1)["trained"] == [0, 1]
+        vectors.append(_trained_vector(sites[100]))
+    a, b = vectors
+    assert a.shape == b.shape and np.all(np.isfinite(a))
+    assert not np.array_equal(a, b)
+    assert float(np.abs(a - b).max()) > 1e-4
+    record = json.loads((tmp_path / "site0" / "site_runs.json").read_text())
+    nonces = [r["noise_nonce"] for r in record["runs"].values()]
+    assert len(nonces) == 2 and len(set(nonces)) == 2
+    # both releases are charged, at the q and sigma actually used
+    entries = _ledger(sites[100])
+    assert [(e["round"], e["steps"]) for e in entries] == [(1, 2), (1, 2)]
+    n = json.loads((tmp_path / "run-a" / "sites.json").read_text())["sites"]["0"]["num_examples"]
+    assert all(e["sample_rate"] == 16 / n and e["noise_multiplier"] == 1.0 for e in entries)
+
+
+def test_seeded_noise_is_refused_unless_the_site_opts_in(tmp_path: Path) -> None:
+    (site,) = _sites(tmp_path, 1).values()
+    seeded = _cfg(dp={"secure_noise": False})
+    with pytest.raises(PolicyError, match=r"dp\.secure_noise: false .*allow-seeded-noise"):
+        site.setup(_setup_content(seeded, "ab" * 16))
+    rehearsal = Site(dataclasses.replace(site.options, allow_seeded_noise=True))
+    rehearsal.setup(_setup_content(seeded, "ab" * 16))
+    # even then, the same seed (hence the same noise) is never used by two runs
+    with pytest.raises(PolicyError, match=r"seed: 5 was already used by run abab"):
+        rehearsal.setup(_setup_content(seeded, "cd" * 16))
+
+
+# ------------------------------------------------------------------ 6. nothing raw leaves
+
+
+def test_a_site_sends_nothing_computed_from_its_data_in_the_clear(tmp_path: Path) -> None:
+    """Every reply field of a round, by name: public facts, the masking protocol's signed
+    messages, and the epsilon the public plan implies. No loss, no step count."""
+    sites = _sites(tmp_path, 3)
+    net = _Net(sites)
+    coord = _coordinator(_cfg(), tmp_path, net)
+    coord.start()
+    line = coord.run_round(1)
+    assert line["participants"] == [0, 1, 2]
+    assert "mean_local_loss" not in line
+    allowed = {
+        "query.setup": {"version", "run_id", "client_id", "num_examples", "image_shape",
+                        "num_classes", "roster_sha256", "epsilon"},
+        "train.advertise_keys": {"status", "round", "run_id", "secagg", "vector_keys",
+                                 "epsilon"},
+    }
+    seen = set()
+    for message_type, _, reply in net.replies:
+        assert isinstance(reply, dict), reply
+        keys = allowed.get(message_type, {"status", "round", "run_id", "secagg"})
+        assert set(reply) == keys, (message_type, sorted(reply))
+        seen.add(message_type)
+    assert len(seen) == 6
+
+
+# ----------------------------------------------------------------------- 7. a bad share
+
+
+def test_a_bad_shamir_share_abandons_the_round_not_the_run(tmp_path: Path) -> None:
+    """Site 2 returns a wrong share of site 0's self-mask seed (correctly signed: it is site 2's
+    own message). With t = 3 of 3 no 3 correct shares remain: the round is abandoned with the
+    reason, the run goes on, and the next round completes."""
+    sites = _sites(tmp_path, 3)
+    ids = load_identities(tmp_path / "keys", 3)
+    cheated: list[int] = []
+
+    def lie(message_type: str, node: int, reply: dict[str, Any]) -> dict[str, Any]:
+        if message_type != f"train.{Stage.UNMASKING}" or node != 102 or cheated:
+            return reply
+        session = coord.params.session
+        msg = decode_message(reply["secagg"], 2, session)
+        assert isinstance(msg, UnmaskShares)
+        (owner, share), *rest = msg.b_shares
+        wrong = shamir.encode_share((shamir.decode_share(share) + 1) % shamir.PRIME)
+        evil = dataclasses.replace(msg, b_shares=((owner, wrong), *rest))
+        cheated.append(owner)
+        return {**reply, "secagg": evil.signed_bytes(ids.client_keys[2])}
+
+    net = _Net(sites, on_reply=lie)
+    coord = _coordinator(_cfg(federation={"rounds": 2}), tmp_path, net)
+    res = coord.run()
+    assert cheated == [0]
+    first, second = res.metrics
+    assert first["participants"] == []
+    assert "client 0's self-mask seed cannot be reconstructed" in first["abandoned"]
+    assert second["participants"] == [0, 1, 2]
+    assert res.rounds_completed == 2
+
+
+def test_an_experiment_changed_behind_the_sites_back_is_refused(tmp_path: Path) -> None:
+    (site,) = _sites(tmp_path, 1).values()
+    site.setup(_setup_content(_cfg(), "ab" * 16))
+    path = tmp_path / "site0" / "experiment.yaml"
+    path.write_text(path.read_text().replace("batch_size: 16", "batch_size: 400"))
+    with pytest.raises(PolicyError, match="the experiment changed since this site accepted run"):
+        dispatch(site, f"train.{Stage.SHARE_KEYS}",
+                 {"run_id": "ab" * 16, "round": 1, "secagg": b""})
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"min-threshold": 1.5}, r"min-threshold=1\.5: must be in \(0, 1\)"),
+        ({"min-threshold": "two thirds"}, "min-threshold='two thirds': not a number"),
+        ({"min-cohort": 1}, "min-cohort=1: must be >= 2"),
+        ({"allow-seeded-noise": "maybe"}, "allow-seeded-noise='maybe': expected true or false"),
+    ],
+)
+def test_policy_knobs_are_validated(extra: dict[str, Any], match: str) -> None:
+    from securefed.deploy.node import NodeConfigError
+
+    with pytest.raises(NodeConfigError, match=match):
+        NodeOptions.from_node_config({"state-dir": "/s", "keys-dir": "/k", "partition-id": 0,
+                                      **extra})
+
+
+def test_policy_defaults_and_fractions() -> None:
+    base = {"state-dir": "/s", "keys-dir": "/k", "partition-id": 0}
+    o = NodeOptions.from_node_config(base)
+    assert (o.min_threshold, o.min_cohort, o.allow_seeded_noise) == (Fraction(2, 3), 3, False)
+    o = NodeOptions.from_node_config({**base, "min-threshold": "3/4", "min-cohort": 5,
+                                      "allow-seeded-noise": True})
+    assert (o.min_threshold, o.min_cohort, o.allow_seeded_noise) == (Fraction(3, 4), 5, True)
+    assert NodeOptions.from_node_config({**base, "min-threshold": 0.75}).min_threshold == (
+        Fraction(3, 4)
+    )
