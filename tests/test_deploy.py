@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from securefed.client.runtime import local_round
 from securefed.config import ExperimentConfig, parse_config
 from securefed.deploy.common import DeployConfigError, check_deployable, masking_params
 from securefed.deploy.coordinator import (
@@ -37,7 +38,6 @@ from securefed.deploy.node import (
     NodeOptions,
     Site,
     build_trainer,
-    client_round_update,
     dispatch,
 )
 from securefed.deploy.state import StateError, load_round_state, save_round_state
@@ -297,10 +297,12 @@ def _expected_round_one(
         if init is None:
             init = get_flat(model)
         privacy = build_privacy(cfg, work / f"re{cid}", [SimClient(cid, data)], resume=False)
-        update, _ = client_round_update(
+        out = local_round(
             cfg, strategy, build_trainer(cfg, model, torch.device("cpu")), cid, data,
             strategy.broadcast(init), {}, 1, privacy,
         )
+        assert out is not None
+        update = out[0]
         for k, v in update.vectors.items():
             sums[k] = sums.get(k, torch.zeros(v.numel(), dtype=torch.float64)) + v.double()
         total_weight += update.weight

@@ -96,7 +96,6 @@ if TYPE_CHECKING:  # torch, data and strategies load only in the stages that tra
     import torch
 
     from securefed.data import ImageDataset
-    from securefed.strategies import ClientUpdate, Strategy
 
 __all__ = [
     "NodeConfigError",
@@ -105,7 +104,6 @@ __all__ = [
     "Site",
     "check_round_policy",
     "check_threshold_policy",
-    "client_round_update",
     "dispatch",
     "dp_plan_fields",
 ]
@@ -269,61 +267,6 @@ class NodeOptions:
             min_cohort=3 if min_cohort is None else min_cohort,
             allow_seeded_noise=_as_bool(node_config, "allow-seeded-noise", False),
         )
-
-
-def client_round_update(
-    cfg: ExperimentConfig,
-    strategy: Strategy,
-    trainer: Any,
-    cid: int,
-    data: ImageDataset,
-    broadcast: Mapping[str, torch.Tensor],
-    client_state: Mapping[str, torch.Tensor],
-    rnd: int,
-    privacy: Any | None,
-) -> tuple[ClientUpdate, Any]:
-    """One client's local step of round ``rnd``, exactly as the simulation runs it.
-
-    Seeds, the DP-SGD call, the ledger charge (persisted BEFORE the update is returned, so before
-    it can leave the site) and the strategy's client hook are those of
-    :meth:`securefed.federation.simulation.Simulation.run_round`.
-
-    Returns:
-        ``(ClientUpdate, LocalResult)``.
-    """
-    # the simulation's seed purpose for local training: same stream, same model
-    from securefed.seeds import Purpose, derive_seed
-
-    strategy.set_current_client(cid)
-    start = strategy.start_params(broadcast, client_state)
-    objective = strategy.local_objective(broadcast, client_state)
-    seed = derive_seed(cfg.seed, Purpose.TRAIN, rnd, cid)
-    if privacy is not None and privacy.level == "record":
-        from securefed.client.dp import DPLocalTrainer, train_private_charged
-
-        if not isinstance(trainer, DPLocalTrainer):  # pragma: no cover - wiring error
-            raise TypeError("DP run without a DP trainer")
-        # charged and persisted BEFORE the update can leave the site, at the sample rate and noise
-        # multiplier the training actually used (not the plan's); a re-run of a charged round is
-        # free only if it reproduces the released update's digest
-        dp_result = train_private_charged(
-            trainer, privacy.ledger, data, start, objective, seed, client_id=cid, round=rnd,
-            noise_multiplier=privacy.noise_multipliers[cid],
-            noise_source=privacy.noise_source(rnd, cid),
-        )
-        if dp_result is None:
-            raise RuntimeError(
-                f"client {cid}: round {rnd} was already charged with a different update and a "
-                "fresh-noise retrain would exceed the privacy budget; this site stops here"
-            )
-        result = dp_result
-    else:
-        result = trainer.train(data, start, objective, seed=seed)
-    update = strategy.client_update(
-        broadcast, result.params, result.num_examples, result.steps, cfg.client.lr, client_state,
-        result.mean_grad,
-    )
-    return update, result
 
 
 def build_trainer(cfg: ExperimentConfig, model: torch.nn.Module, device: torch.device) -> Any:
@@ -715,6 +658,7 @@ class Site:
         import torch
 
         from securefed.client.dp import sample_rate_for
+        from securefed.client.runtime import local_round
         from securefed.client.trainer import local_steps_for
         from securefed.client.update import num_params
         from securefed.run import build_model, resolve_device
@@ -795,9 +739,16 @@ class Site:
                     "epsilon": float(privacy.ledger.epsilon(self.cid))}
         trainer = build_trainer(cfg, model, dev)
         client_state = self._client_state()
-        update, _ = client_round_update(
+        local = local_round(
             cfg, strategy, trainer, self.cid, data, broadcast, client_state, rnd, privacy
         )
+        if local is None:  # a replayed round whose fresh-noise retrain exceeds the budget
+            assert privacy is not None
+            privacy.ledger.mark_exhausted(self.cid, rnd)
+            clear_round_state(self.options.state_dir)
+            return {"status": "budget_exhausted", "round": rnd, "run_id": run.run_id,
+                    "epsilon": float(privacy.ledger.epsilon(self.cid))}
+        update = local[0]
         # recorded (atomically) before anything derived from the update can leave the site
         run.last_trained_round = rnd
         save_site_record(self.options.state_dir, record)

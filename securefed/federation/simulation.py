@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from securefed.client import LocalTrainer, local_steps_for, set_flat
+from securefed.client.runtime import local_round
 from securefed.client.update import get_flat
 from securefed.config import ExperimentConfig
 from securefed.data import ImageDataset
@@ -222,54 +223,18 @@ class Simulation:
         )
         for cid in list(trainers):
             client = self.clients[cid]
-            self.strategy.set_current_client(cid)
-            start = self.strategy.start_params(plan.broadcast, client.state)
-            objective = self.strategy.local_objective(plan.broadcast, client.state)
-            seed = derive_seed(cfg.seed, Purpose.TRAIN, rnd, cid)
-            if self.privacy is not None and self.privacy.level == "record":
-                from securefed.client.dp import DPLocalTrainer, train_private_charged
-
-                trainer = self.trainer
-                if not isinstance(trainer, DPLocalTrainer):  # pragma: no cover - wiring error
-                    raise TypeError("DP run without a DP trainer")
-                # charged and persisted BEFORE the update can leave the client (a resumed
-                # replay is charged again unless it reproduces the released update's digest)
-                dp_result = train_private_charged(
-                    trainer, self.privacy.ledger, client.data, start, objective, seed,
-                    client_id=cid, round=rnd,
-                    noise_multiplier=self.privacy.noise_multipliers[cid],
-                    noise_source=self.privacy.noise_source(rnd, cid), progress=bar,
-                )
-                if dp_result is None:  # a fresh-noise retrain would exceed its budget
-                    self.privacy.ledger.mark_exhausted(cid, rnd)
-                    exhausted.append(cid)
-                    dropouts[cid] = stages[0]
-                    trainers.remove(cid)
-                    continue
-                result = dp_result
-            else:
-                result = self.trainer.train(
-                    client.data, start, objective, seed=seed, progress=bar
-                )
-            updates[cid] = self.strategy.client_update(
-                plan.broadcast,
-                result.params,
-                result.num_examples,
-                result.steps,
-                cfg.client.lr,
-                client.state,
-                result.mean_grad,
+            out = local_round(
+                cfg, self.strategy, self.trainer, cid, client.data, plan.broadcast,
+                client.state, rnd, self.privacy, progress=bar,
             )
-            if self.privacy is not None and self.privacy.level == "client":
-                # client-level DP: one participation, charged (and persisted) before upload
-                self.privacy.ledger.charge(
-                    cid,
-                    phase="round",
-                    round=rnd,
-                    steps=1,
-                    noise_multiplier=self._client_dp().current_charge(),
-                    sample_rate=1.0,
-                )
+            if out is None:  # a replayed round whose fresh-noise retrain exceeds its budget
+                if self.privacy is not None:
+                    self.privacy.ledger.mark_exhausted(cid, rnd)
+                exhausted.append(cid)
+                dropouts[cid] = stages[0]
+                trainers.remove(cid)
+                continue
+            updates[cid], result = out
             losses.append(result.mean_loss)
         bar.close()
         seconds["train"] = time.perf_counter() - t0
