@@ -394,3 +394,21 @@ def test_one_pass_noise_equals_per_parameter_noise_and_keeps_four_draws() -> Non
         z.append(2.0 / 2 * (r1 * math.cos(t1) + r1 * math.sin(t1) + r2 * math.cos(t2)
                              + r2 * math.sin(t2)))
     assert a[0].reshape(-1)[:2].tolist() == pytest.approx(z, rel=1e-12)
+
+
+def test_ledger_keeps_digests_and_reopen_keeps_charges(tmp_path: Path) -> None:
+    led = PrivacyLedger(tmp_path / "l.json")
+    led.plan(0, noise_multiplier=1.0, sample_rate=0.1, planned_steps=30, target_epsilon=None,
+             delta=1e-5, accountant="rdp")
+    d = "ab" * 32
+    led.charge(0, phase="round", round=1, steps=10, update_sha256=d)
+    led.charge(0, phase="round", round=2, steps=10, update_sha256=d)
+    led.mark_exhausted(0, 3)
+    with pytest.raises(ValueError, match="update_sha256"):
+        led.charge(0, phase="round", round=3, steps=1, update_sha256="xyz")
+    again = PrivacyLedger.load(tmp_path / "l.json")
+    assert [e.update_sha256 for e in again.charges_for(0, "round", 2)] == [d]
+    kept = again.reopen_after(1)
+    assert [e.round for e in kept] == [2] and again.steps(0) == 20  # nothing dropped
+    assert again.status(0) == "active"  # the later exhaustion decision is re-made by the replay
+    assert PrivacyLedger.load(tmp_path / "l.json").status(0) == "active"

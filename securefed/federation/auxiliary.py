@@ -270,7 +270,7 @@ def _phase0(
                     f"exceed dp.target_epsilon {cfg.dp.target_epsilon}; lower pretrain_epochs or "
                     "let the noise multiplier be calibrated (unset dp.noise_multiplier)"
                 )
-            from securefed.client.dp import DPLocalTrainer
+            from securefed.client.dp import DPLocalTrainer, update_digest
 
             if not isinstance(trainer, DPLocalTrainer):  # pragma: no cover - wiring error
                 raise TypeError("phase 0 under DP needs a DP trainer")
@@ -280,7 +280,9 @@ def _phase0(
                 noise_source=privacy.noise_source(0, c.cid),
             )
             # charged and persisted BEFORE the model (or anything sampled from it) leaves
-            ledger.charge(c.cid, phase="pretrain", round=0, steps=res.steps)
+            ledger.charge(
+                c.cid, phase="pretrain", round=0, steps=res.steps, update_sha256=update_digest(res)
+            )
         else:
             res = trainer.train(c.data, init_params, LocalObjective(), seed=seed)
         rec.update(pretrain_steps=res.steps, pretrain_loss=round(res.mean_loss, 6))
