@@ -69,6 +69,8 @@ class AuditRun:
     client_models: dict[int, torch.Tensor]
     canaries: CanarySet | None
     ledger: Ledger
+    #: white-box canary scores by source name: ``(scores [m], included [m] bool)``
+    canary_scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def conditional(self) -> bool:
