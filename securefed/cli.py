@@ -167,9 +167,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             f"{m.dcr_share:.3f}"
         )
     for c in report.criteria:
-        if not c.passed:
+        if not c.passed or c.outcome != "PASS":
             print(
-                f"  FAIL [{c.threat_model}] {c.id}: {c.metric} = {c.actual} {c.op} "
+                f"  {c.outcome} [{c.threat_model}] {c.id}: {c.metric} = {c.actual} {c.op} "
                 f"{c.threshold} required ({c.detail})"
             )
     for tm, checks in report.defences.items():

@@ -411,6 +411,14 @@ def run_experiment(
     privacy: PrivacyContext | None = None
     if cfg.dp.level == "record":
         privacy = build_privacy(cfg, run_dir, clients, resume, exact_replay=dev.type == "cpu")
+        if cfg.canaries.enabled:
+            from securefed.privacy.canaries import GradientCanaries
+
+            # audit-only secrets under canaries/ (0600); never part of a released artefact
+            privacy.canary_dir = run_dir / "canaries"
+            privacy.canaries = GradientCanaries.create_or_load(
+                privacy.canary_dir, model, cfg.canaries.m, len(clients), cfg.dp.max_grad_norm
+            )
     elif cfg.dp.level == "client":
         strategy, privacy = build_client_level_privacy(cfg, run_dir, clients, strategy, resume)
     sim = Simulation(

@@ -457,10 +457,10 @@ def _epsilon_section(
             "certify that DP holds; run with a `canaries:` section"
         )
     elif epsilon["ceiling"] <= acct:
-        unfit = (
-            f"no power: even perfect canary separation would give eps_LB <= "
-            f"{epsilon['ceiling']:.3f}, not above the accountant's {acct:.3f} at delta {delta:g} "
-            "(use more canaries)"
+        notes.append(
+            f"limited power: even perfect canary separation gives eps_LB <= "
+            f"{epsilon['ceiling']:.3f}, below the accountant's {acct:.3f} at delta {delta:g}: "
+            "a violation smaller than that gap cannot be seen (more canaries raise the ceiling)"
         )
     epsilon["unfit"] = unfit
     if best["eps_lb"] > acct:

@@ -171,6 +171,20 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
                     composed = released.clone()
                     composed[local_idx] = vec.to(composed.dtype)
                     client_models[int(cid)] = composed
+    canary_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    from securefed.privacy.canaries import load_gradient_scores
+
+    got = load_gradient_scores(run_dir / "canaries", int(ckpt.round))
+    if got is not None:
+        gc, scores, rounds = got
+        if rounds:
+            canary_scores[
+                f"{len(gc)} white-box gradient canaries ({int(gc.included.sum())} inserted): "
+                f"privatized gradient sums of their clients' DP-SGD steps, rounds "
+                f"{min(rounds)}-{max(rounds)}"
+            ] = (scores, gc.included.copy())
+        else:
+            log.warning("%s/canaries: gradient canaries but no round scores", run_dir)
     return AuditRun(
         run_dir=run_dir,
         cfg=cfg,
@@ -185,6 +199,7 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
         client_models=client_models,
         canaries=load_canaries(run_dir),
         ledger=_ledger(run_dir, cfg),
+        canary_scores=canary_scores,
     )
 
 

@@ -76,8 +76,13 @@ class DPLocalTrainer(LocalTrainer):
         noise_multiplier: float,
         noise_source: Any,
         progress: object | None = None,
+        canaries: Any | None = None,
     ) -> LocalResult:
-        """DP-SGD local training; same contract as :meth:`LocalTrainer.train`."""
+        """DP-SGD local training; same contract as :meth:`LocalTrainer.train`.
+
+        ``canaries``: an audit hook (:class:`~securefed.privacy.canaries.ClientCanaries`)
+        whose ``extra_sum()`` is added to each step's clipped sum before the noise and whose
+        ``observe(q n)`` reads the privatized gradient after it."""
         t0 = time.perf_counter()
         n = len(data)
         if n == 0:
@@ -122,7 +127,10 @@ class DPLocalTrainer(LocalTrainer):
                 return diffusion_loss_from_draws(net, self.schedule, x0, t, noise, y, per_row=True)
 
             opt.zero_grad(set_to_none=True)
-            stats = self._dp_step(row_losses, expected, noise_multiplier, noise_source)
+            extra = canaries.extra_sum() if canaries is not None else None
+            stats = self._dp_step(row_losses, expected, noise_multiplier, noise_source, extra)
+            if canaries is not None:
+                canaries.observe(expected)
             with torch.no_grad():
                 if tracker is not None:
                     tracker.add()  # the privatized gradient: post-processing of the DP release
@@ -148,7 +156,14 @@ class DPLocalTrainer(LocalTrainer):
             mean_grad=tracker.mean() if tracker is not None else None,
         )
 
-    def _dp_step(self, row_losses: Any, expected: float, sigma: float, noise_source: Any) -> Any:
+    def _dp_step(
+        self,
+        row_losses: Any,
+        expected: float,
+        sigma: float,
+        noise_source: Any,
+        extra_sum: Any | None = None,
+    ) -> Any:
         if self._gsm is not None:
             from securefed.privacy.opacus_engine import opacus_dp_step
 
@@ -160,6 +175,7 @@ class DPLocalTrainer(LocalTrainer):
                 noise_multiplier=sigma,
                 noise_source=noise_source,
                 group_size=self.dp.noise_multiplicity,
+                extra_sum=extra_sum,
             )
         from securefed.privacy.dp_step import dp_sgd_step
 
@@ -171,4 +187,5 @@ class DPLocalTrainer(LocalTrainer):
             noise_multiplier=sigma,
             noise_source=noise_source,
             group_size=self.dp.noise_multiplicity,
+            extra_sum=extra_sum,
         )

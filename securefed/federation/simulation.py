@@ -73,6 +73,9 @@ class PrivacyContext:
     noise_source: Callable[[int, int], Any]
     level: str = "record"
     phase_noise_source: Callable[[int, int, int], Any] | None = None
+    #: audit: the run's gradient canaries and their folder (``canaries.enabled``)
+    canaries: Any | None = None
+    canary_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,8 @@ class Simulation:
         updates: dict[int, Any] = {}
         losses: list[float] = []
         total_steps = sum(local_steps_for(cfg.client, len(self.clients[c].data)) for c in trainers)
+        canaries = None if self.privacy is None else self.privacy.canaries
+        canary_scores = np.zeros(0 if canaries is None else len(canaries))
         bar = tqdm(
             total=total_steps,
             desc=f"round {rnd} local steps",
@@ -238,6 +243,14 @@ class Simulation:
                 trainer = self.trainer
                 if not isinstance(trainer, DPLocalTrainer):  # pragma: no cover - wiring error
                     raise TypeError("DP run without a DP trainer")
+                hook = None
+                if self.privacy.canaries is not None:
+                    from securefed.client.dp import sample_rate_for
+
+                    hook = self.privacy.canaries.for_client(
+                        rnd, cid, trainer.model, sample_rate_for(cfg.client, len(client.data)),
+                        cfg.dp.max_grad_norm,
+                    )
                 result = trainer.train_private(
                     client.data,
                     start,
@@ -246,7 +259,10 @@ class Simulation:
                     noise_multiplier=self.privacy.noise_multipliers[cid],
                     noise_source=self.privacy.noise_source(rnd, cid),
                     progress=bar,
+                    canaries=hook,
                 )
+                if hook is not None:
+                    canary_scores[hook.selected] += hook.scores
                 # charged and persisted BEFORE the update can leave the client
                 self.privacy.ledger.charge(cid, phase="round", round=rnd, steps=result.steps)
             else:
@@ -274,6 +290,8 @@ class Simulation:
                 )
             losses.append(result.mean_loss)
         bar.close()
+        if canaries is not None and self.privacy is not None and self.privacy.canary_dir:
+            canaries.commit(self.privacy.canary_dir, rnd, canary_scores)  # audit-only, 0600
         seconds["train"] = time.perf_counter() - t0
 
         # ---- secure aggregation: only the SUM reaches the strategy (one protocol session per

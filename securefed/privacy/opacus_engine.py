@@ -22,7 +22,7 @@ only: layers that mix examples (BatchNorm) break per-example sensitivity and are
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -151,6 +151,7 @@ def opacus_dp_step(
     noise_multiplier: float,
     noise_source: NoiseSource,
     group_size: int = 1,
+    extra_sum: Mapping[int, torch.Tensor] | None = None,
 ) -> OpacusStepResult:
     """One DP-SGD gradient: sets ``p.grad`` of every trainable parameter; the caller steps.
 
@@ -246,7 +247,9 @@ def opacus_dp_step(
         mean_norm = float(norms.mean())
     std = noise_multiplier * max_grad_norm
     with torch.no_grad():
-        for p, s in zip(params, summed, strict=True):
+        for i, (p, s) in enumerate(zip(params, summed, strict=True)):
+            if extra_sum is not None and i in extra_sum:  # audit canaries, before the noise
+                s = s + extra_sum[i].to(device=s.device, dtype=s.dtype)
             noise = noise_source.normal(p.shape, std, device=p.device, dtype=p.dtype)
             p.grad = (s + noise).div_(expected_batch_size)
     _reset_hook_state(gsm, params)
