@@ -175,5 +175,5 @@ def test_securefed_run_inserts_gradient_canaries(tmp_path: Path) -> None:
 def test_canaries_need_record_level_dp() -> None:
     from securefed.config import ConfigError, parse_config
 
-    with pytest.raises(ConfigError, match="canaries.enabled"):
+    with pytest.raises(ConfigError, match=r"canaries\.enabled"):
         parse_config({"canaries": {"enabled": True}, "dp": {"level": "none"}})
