@@ -12,6 +12,7 @@ Run directory::
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -35,7 +36,13 @@ from securefed.data import (
 from securefed.diffusion import NoiseSchedule, UNet, sample
 from securefed.federation.checkpoint import CheckpointError, load_latest
 from securefed.federation.simulation import PrivacyContext, SimClient, Simulation, derive_seed
-from securefed.io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+from securefed.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    write_jsonl,
+)
 from securefed.report.grid import save_grid
 from securefed.secagg import build_protocol
 from securefed.strategies import Strategy, build_strategy
@@ -569,11 +576,19 @@ def _wrap_fedddpm(
     else:
         t0 = time.perf_counter()
         init = sim.global_params.clone()
+        uploads: dict[int, torch.Tensor] = {}
         aux, meta = build_auxiliary_set(
             cfg, sim.model, sim.schedule, sim.clients, init, data.members.num_classes,
             data.histogram, sim.device, privacy if privacy is not None and privacy.level ==
             "record" else None, trainer=sim.trainer, derive=derive_seed, progress=progress,
+            uploads=uploads,
         )
+        for cid, vec in uploads.items():
+            # what the server received individually (upload: model): kept for the audit's
+            # `received` target (threat models of the server)
+            buf = io.BytesIO()
+            torch.save({"params": vec, "client": cid, "phase": "fedddpm upload"}, buf)
+            atomic_write_bytes(run_dir / "received" / f"client_{cid}.pt", buf.getvalue())
         set_flat(sim.model, init)  # phase 0 left a client's local model in the instance
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         save_auxiliary(run_dir, aux, meta)

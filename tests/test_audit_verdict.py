@@ -310,3 +310,27 @@ def test_memorisation_is_judged_against_the_holdout_baseline(dp_run: Path) -> No
     # and an excess is caught
     assert copy_p_value(60, 100, 20, 100) < 0.001
     assert copy_p_value(20, 100, 20, 100) > 0.5
+
+
+def test_fedddpm_model_uploads_are_kept_under_received(tmp_path: Path) -> None:
+    """`upload: model`: the server receives each client's local model; the run keeps them under
+    received/ so the server threat models attack them (no missing-target FAIL)."""
+    from securefed.run import run_experiment
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(
+        fedddpm__enabled=True, fedddpm__upload="model", fedddpm__allow_non_dp_uploads=True,
+        fedddpm__aux_total=24, fedddpm__pretrain_epochs=0.3, fedddpm__aux_sampling_steps=2,
+        fedddpm__calibration_steps=1, fedddpm__server_batch_size=8, federation__rounds=1,
+    )
+    res = run_experiment(cfg, tmp_path / "r", progress=False)
+    got = sorted(p.name for p in (res.run_dir / "received").glob("*.pt"))
+    assert got == [f"client_{i}.pt" for i in range(cfg.federation.num_clients)]
+    crit = [{"id": "a", "metric": "attacks.loss.auc_symmetric", "op": "<=", "value": 0.99,
+             "min_n": 2}]
+    tm = load_threat_model(_tm(tmp_path, crit, targets=["global", "received"]))
+    rep = run_audit(res.run_dir, [tm], AuditSettings(**{**FAST, "max_examples": 16}))
+    assert not [c for c in rep.criteria if c.id == "target-received"]
+    assert {f"received:client_{i}" for i in range(cfg.federation.num_clients)} <= {
+        a.target for a in rep.attacks
+    }
