@@ -334,3 +334,15 @@ def test_fedddpm_model_uploads_are_kept_under_received(tmp_path: Path) -> None:
     assert {f"received:client_{i}" for i in range(cfg.federation.num_clients)} <= {
         a.target for a in rep.attacks
     }
+
+
+def test_cli_audit_delta(dp_run: Path) -> None:
+    import json
+
+    from securefed.cli import main
+
+    main(["audit", str(dp_run), "--threat-model", "external_released_model", "--attacks",
+          "loss", "--max-examples", "32", "--bootstrap", "10", "--audit-delta", "1e-7",
+          "--no-progress"])
+    eps = json.loads((dp_run / "audit" / "report.json").read_text())["epsilon"]
+    assert eps["delta"] == 1e-7 and eps["one_run"]["delta"] == 1e-7
