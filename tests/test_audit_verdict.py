@@ -346,3 +346,13 @@ def test_cli_audit_delta(dp_run: Path) -> None:
           "--no-progress"])
     eps = json.loads((dp_run / "audit" / "report.json").read_text())["epsilon"]
     assert eps["delta"] == 1e-7 and eps["one_run"]["delta"] == 1e-7
+
+
+def test_threat_model_level_inconclusive_default_and_bad_values(tmp_path: Path) -> None:
+    crit = {"id": "a", "metric": "attacks.loss.auc", "op": "<=", "value": 0.6}
+    tm = load_threat_model(_tm(tmp_path, [crit], audit={"on_inconclusive": "pass"}))
+    assert tm.criteria[0].on_inconclusive == "pass"
+    with pytest.raises(ThreatModelError, match="on_inconclusive"):
+        load_threat_model(_tm(tmp_path, [{**crit, "on_inconclusive": "maybe"}]))
+    with pytest.raises(ThreatModelError, match="min_n"):
+        load_threat_model(_tm(tmp_path, [{**crit, "min_n": 0}]))
