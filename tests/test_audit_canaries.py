@@ -117,6 +117,8 @@ def test_lying_run_fails_dp_holds_and_honest_run_passes_it(
     assert "gradient canaries" in eps["source"]
     assert eps["eps_lb"] >= 3.0 and eps["eps_lb"] > eps["accountant"]
     assert next(c for c in lying.criteria if c.id == "dp-holds").outcome == "FAIL"
+    # diagnostic: the released model alone, -s_i (theta_T - theta_0)[j_i], also exposes it
+    assert eps["released_model_canaries"]["eps_lb"] > eps["accountant"]
     honest = run_audit(lying_and_honest["honest"], [tm], st)
     assert honest.epsilon["eps_lb"] <= honest.epsilon["accountant"]
     assert next(c for c in honest.criteria if c.id == "dp-holds").outcome == "PASS"

@@ -463,6 +463,11 @@ def _epsilon_section(
             "a violation smaller than that gap cannot be seen (more canaries raise the ceiling)"
         )
     epsilon["unfit"] = unfit
+    if run.released_canary_scores is not None:
+        # diagnostic: what the released model ALONE reveals about the gradient canaries
+        # (-s_i (theta_T - theta_0)[j_i]; Adam and the later rounds are post-processing)
+        rs, ri = run.released_canary_scores
+        epsilon["released_model_canaries"] = one_run_audit(rs, ri, delta, beta=st.beta).as_dict()
     if best["eps_lb"] > acct:
         notes.append(
             f"DP VIOLATION: empirical eps_LB {best['eps_lb']:.3f} exceeds the accountant's "

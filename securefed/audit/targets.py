@@ -71,6 +71,9 @@ class AuditRun:
     ledger: Ledger
     #: white-box canary scores by source name: ``(scores [m], included [m] bool)``
     canary_scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    #: diagnostic: the gradient canaries scored on the released model alone,
+    #: ``-s_i (theta_T - theta_0)[j_i]`` (``(scores, included)`` or None)
+    released_canary_scores: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def conditional(self) -> bool:
@@ -185,6 +188,16 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
             ] = (scores, gc.included.copy())
         else:
             log.warning("%s/canaries: gradient canaries but no round scores", run_dir)
+    released_scores = None
+    if got is not None:
+        init = build_model(cfg, data.members.image_shape, data.members.num_classes)
+        params = [p for p in init.parameters() if p.requires_grad]
+        if sum(p.numel() for p in params) == released.numel():
+            starts = np.cumsum([0] + [p.numel() for p in params])[:-1]
+            flat = starts[got[0].param_index] + got[0].offset
+            theta0 = torch.cat([p.detach().reshape(-1) for p in params])
+            delta = (released - theta0).double().numpy()[flat]
+            released_scores = (-got[0].signs * delta, got[0].included.copy())
     return AuditRun(
         run_dir=run_dir,
         cfg=cfg,
@@ -200,6 +213,7 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
         canaries=load_canaries(run_dir),
         ledger=_ledger(run_dir, cfg),
         canary_scores=canary_scores,
+        released_canary_scores=released_scores,
     )
 
 
