@@ -129,6 +129,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         "bootstrap",
         "lira_shadows",
         "shadow_steps",
+        "audit_delta",
         "device",
     ):
         v = getattr(args, key)
@@ -152,8 +153,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         write_run_report(args.run_dir)
     eps = report.epsilon
     print(
-        f"accountant epsilon {eps.get('accountant')}, empirical eps_LB "
-        f"{eps.get('eps_lb', '-')} ({eps.get('source', 'no source')})"
+        f"accountant epsilon {eps.get('accountant')} at audit delta {eps.get('delta')} "
+        f"(ledger: {eps.get('accountant_ledger')} at {eps.get('ledger_delta')}), empirical "
+        f"eps_LB {eps.get('eps_lb', '-')} ({eps.get('source', 'no source')})"
     )
     for a in report.attacks:
         print(
@@ -167,9 +169,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             f"{m.dcr_share:.3f}"
         )
     for c in report.criteria:
-        if not c.passed:
+        if not c.passed or c.outcome != "PASS":
             print(
-                f"  FAIL [{c.threat_model}] {c.id}: {c.metric} = {c.actual} {c.op} "
+                f"  {c.outcome} [{c.threat_model}] {c.id}: {c.metric} = {c.actual} {c.op} "
                 f"{c.threshold} required ({c.detail})"
             )
     for tm, checks in report.defences.items():
@@ -360,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lira-shadows", type=int, help="LiRA shadow models")
     a.add_argument("--shadow-steps", type=int, help="training steps per shadow model")
     a.add_argument("--seed", type=int)
+    a.add_argument(
+        "--audit-delta",
+        type=float,
+        help="delta of the empirical bound and of the accountant's recomputed epsilon "
+        "(default 1e-6)",
+    )
     a.add_argument("--device", choices=["cpu", "cuda"])
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=_cmd_audit)

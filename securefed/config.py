@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "CanaryConfig",
     "CheckpointConfig",
     "ClientConfig",
     "ConfigError",
@@ -367,6 +368,18 @@ class FedDiffuseConfig(_Frozen):
     variant: Literal["full", "usplit", "udec", "ulatdec"] = "full"
 
 
+class CanaryConfig(_Frozen):
+    """Audit canaries inserted by ``securefed run`` (``RUN_DIR/canaries/``, 0600, never
+    released with the model; ``securefed audit`` bounds epsilon from them).
+
+    ``dp.level: record``: ``m`` white-box Dirac gradient canaries, each included by a fair coin
+    and Poisson-sampled like a record of its client (:mod:`securefed.privacy.canaries`).
+    """
+
+    enabled: bool = False
+    m: int = Field(default=1000, ge=2, description="gradient canaries (>= 1000 for power)")
+
+
 class EvaluationConfig(_Frozen):
     """What is measured after rounds and how often."""
 
@@ -408,6 +421,7 @@ class ExperimentConfig(_Frozen):
     dp: DPConfig = DPConfig()
     fedddpm: FedDDPMConfig = FedDDPMConfig()
     feddiffuse: FedDiffuseConfig = FedDiffuseConfig()
+    canaries: CanaryConfig = CanaryConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
@@ -428,6 +442,11 @@ class ExperimentConfig(_Frozen):
                 f"dp.level: client-level DP clips and noises the model delta only; strategy.name "
                 f"{self.strategy.name!r} sends more (e.g. SCAFFOLD control variates) that would "
                 "leave un-noised; use strategy.name fedavg or fedprox"
+            )
+        if self.canaries.enabled and self.dp.level != "record":
+            raise ValueError(
+                f"canaries.enabled: gradient canaries audit record-level DP-SGD; dp.level is "
+                f"{self.dp.level!r} (set dp.level: record, or canaries.enabled: false)"
             )
         fd, fu = self.fedddpm, self.feddiffuse
         if fd.enabled and fu.enabled:

@@ -12,6 +12,7 @@ Run directory::
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -35,7 +36,13 @@ from securefed.data import (
 from securefed.diffusion import NoiseSchedule, UNet, sample
 from securefed.federation.checkpoint import CheckpointError, load_latest
 from securefed.federation.simulation import PrivacyContext, SimClient, Simulation
-from securefed.io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+from securefed.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    write_jsonl,
+)
 from securefed.report.grid import save_grid
 from securefed.secagg import build_protocol
 from securefed.seeds import Purpose, derive_seed
@@ -401,6 +408,14 @@ def run_experiment(
     privacy: PrivacyContext | None = None
     if cfg.dp.level == "record":
         privacy = build_privacy(cfg, run_dir, clients, resume)
+        if cfg.canaries.enabled:
+            from securefed.privacy.canaries import GradientCanaries
+
+            # audit-only secrets under canaries/ (0600); never part of a released artefact
+            privacy.canary_dir = run_dir / "canaries"
+            privacy.canaries = GradientCanaries.create_or_load(
+                privacy.canary_dir, model, cfg.canaries.m, len(clients), cfg.dp.max_grad_norm
+            )
     elif cfg.dp.level == "client":
         strategy, privacy = build_client_level_privacy(cfg, run_dir, clients, strategy, resume)
     sim = Simulation(
@@ -552,11 +567,19 @@ def _wrap_fedddpm(
     else:
         t0 = time.perf_counter()
         init = sim.global_params.clone()
+        uploads: dict[int, torch.Tensor] = {}
         aux, meta = build_auxiliary_set(
             cfg, sim.model, sim.schedule, sim.clients, init, data.members.num_classes,
             data.histogram, sim.device, privacy if privacy is not None and privacy.level ==
             "record" else None, trainer=sim.trainer, derive=derive_seed, progress=progress,
+            uploads=uploads,
         )
+        for cid, vec in uploads.items():
+            # what the server received individually (upload: model): kept for the audit's
+            # `received` target (threat models of the server)
+            buf = io.BytesIO()
+            torch.save({"params": vec, "client": cid, "phase": "fedddpm upload"}, buf)
+            atomic_write_bytes(run_dir / "received" / f"client_{cid}.pt", buf.getvalue())
         set_flat(sim.model, init)  # phase 0 left a client's local model in the instance
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         save_auxiliary(run_dir, aux, meta)

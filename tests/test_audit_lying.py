@@ -76,8 +76,8 @@ def test_lying_run_fails_the_audit(lying_run: Path, capsys: pytest.CaptureFixtur
     rep = json.loads((lying_run / "audit" / "report.json").read_text())
     assert rep["passed"] is False
     eps = rep["epsilon"]
-    assert eps["accountant"] == pytest.approx(1.0, abs=0.02)
-    assert eps["eps_lb"] > 1.0, eps
+    assert eps["accountant_ledger"] == pytest.approx(1.0, abs=0.02)
+    assert eps["eps_lb"] > eps["accountant"] > 1.0, eps  # both at the audit delta
     dp_holds = next(c for c in rep["criteria"] if c["id"] == "dp-holds")
     assert dp_holds["passed"] is False and dp_holds["actual"] > dp_holds["threshold"]
     assert any("DP VIOLATION" in n for n in rep["notes"])
@@ -132,7 +132,7 @@ def test_received_models_copied_synthetic_data_and_missing_defences(lying_run: P
     assert rep.memorization is not None and rep.memorization.source == "auxiliary/auxiliary.npz"
     assert rep.memorization.flagged == len(members)
     failed = {c.id for c in rep.criteria if not c.passed}
-    assert {"no-copies", "dp-holds"} <= failed
+    assert {"no-excess-copies", "dp-holds"} <= failed
     assert "pia-auc" in failed  # --attacks left PIA out: a criterion not measured fails
     missing = {d.id for d in rep.defences["honest_but_curious_server"] if not d.passed}
     assert missing == {"secure-aggregation"}

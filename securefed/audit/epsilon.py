@@ -30,9 +30,11 @@ __all__ = [
     "clopper_pearson_epsilon",
     "clopper_pearson_upper",
     "federated_canary_audit",
+    "gaussian_fit_epsilon",
     "gaussian_pair_delta",
     "gaussian_pair_epsilon",
     "one_run_audit",
+    "one_run_ceiling",
     "one_run_epsilon",
     "one_run_p_value",
     "random_canary_directions",
@@ -167,6 +169,23 @@ def one_run_audit(
     if best is None:  # pragma: no cover - grid is non-empty (checked above)
         raise RuntimeError("one_run_audit: no guess count was evaluated")
     return best
+
+
+def one_run_ceiling(
+    m: int,
+    delta: float,
+    *,
+    beta: float = 0.05,
+    guess_fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0),
+) -> float:
+    """The largest bound :func:`one_run_audit` can return with ``m`` canaries: every guess
+    right, at the best grid point (its power: an audit whose ceiling is at or below the
+    accountant's epsilon cannot catch any violation)."""
+    grid = sorted({max(1, int(f * m / 2)) for f in guess_fractions if f > 0})
+    grid = [k for k in grid if 2 * k <= m]
+    if not grid:
+        return 0.0
+    return max(one_run_epsilon(m, 2 * k, 2 * k, delta, beta / len(grid)) for k in grid)
 
 
 # --------------------------------------------------------------------------- Clopper-Pearson
@@ -370,3 +389,75 @@ def federated_canary_audit(
     pooled = math.sqrt(((a.size - 1) * sa**2 + (b.size - 1) * sb**2) / (a.size + b.size - 2))
     eps = gaussian_pair_epsilon(mb, max(pooled, 1e-12), ma, max(pooled, 1e-12), delta)
     return FederatedCanaryAudit(eps, ma, sa, mb, sb, int(a.size), int(b.size), delta)
+
+
+def gaussian_fit_epsilon(
+    scores: np.ndarray,
+    included: np.ndarray,
+    delta: float,
+    *,
+    rng: np.random.Generator,
+    bootstrap: int = 200,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Andrew et al. (2024)-style ESTIMATE: Gaussians fitted to the included and the excluded
+    canaries' scores, epsilon of the equal-variance Gaussian mechanism between them at
+    ``delta``, with a percentile bootstrap interval (canaries resampled within each group).
+
+    A diagnostic, never a verdict: it assumes Gaussian scores and is not a high-confidence
+    lower bound (:func:`one_run_audit` is).
+
+    Returns:
+        ``{"eps_est", "ci_low", "ci_high", "mu", "bootstrap", "delta"}``.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    inc = np.asarray(included, dtype=bool).reshape(-1)
+    a, b = s[inc], s[~inc]
+    if a.size < 2 or b.size < 2:
+        raise ValueError("gaussian_fit_epsilon: need >= 2 included and >= 2 excluded scores")
+
+    def est(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        pooled = math.sqrt(
+            ((x.size - 1) * x.var(ddof=1) + (y.size - 1) * y.var(ddof=1)) / (x.size + y.size - 2)
+        )
+        mu = abs(float(x.mean() - y.mean())) / max(pooled, 1e-300)
+        return _gdp_epsilon(mu, delta), mu
+
+    eps, mu = est(a, b)
+    boots = [
+        est(a[rng.integers(0, a.size, a.size)], b[rng.integers(0, b.size, b.size)])[0]
+        for _ in range(bootstrap)
+    ]
+    lo, hi = (1 - confidence) / 2, 1 - (1 - confidence) / 2
+    return {
+        "eps_est": eps,
+        "ci_low": float(np.quantile(boots, lo)) if boots else eps,
+        "ci_high": float(np.quantile(boots, hi)) if boots else eps,
+        "mu": mu,
+        "bootstrap": int(bootstrap),
+        "delta": float(delta),
+    }
+
+
+def _gdp_delta(mu: float, eps: float) -> float:
+    """delta(eps) of mu-GDP (Dong, Roth & Su 2022, Corollary 2.13)."""
+    if mu <= 0:
+        return 0.0
+    return float(
+        stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+    )
+
+
+def _gdp_epsilon(mu: float, delta: float) -> float:
+    """Smallest eps >= 0 with mu-GDP's delta(eps) <= delta (bisection)."""
+    if _gdp_delta(mu, 0.0) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while _gdp_delta(mu, hi) > delta:
+        lo, hi = hi, 2 * hi
+        if hi > _EPS_MAX:
+            return _EPS_MAX
+    while hi - lo > 1e-6:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _gdp_delta(mu, mid) > delta else (lo, mid)
+    return hi

@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +38,8 @@ class TrainedModel:
     steps: int
     noise_multiplier: float | None
     sample_rate: float
+    gradient_canaries: Any | None = None
+    gradient_scores: Any | None = None
 
 
 def train_model(
@@ -49,6 +52,8 @@ def train_model(
     canaries: CanarySet | None = None,
     device: torch.device | None = None,
     progress: bool = False,
+    gradient_canaries: int = 0,
+    noise_source: Any | None = None,
 ) -> TrainedModel:
     """Train the run's UNet (``cfg.model``, initialised from ``cfg.seed``) on ``members``
     (+ the included canaries) for ``steps`` steps.
@@ -57,6 +62,11 @@ def train_model(
         noise_multiplier: None trains without DP (``LocalTrainer``); a float runs DP-SGD
             (``DPLocalTrainer``, Poisson rate ``batch_size / n``, clip ``cfg.dp.max_grad_norm``)
             at that multiplier; 0 is allowed (clipping without noise: a LYING run).
+        gradient_canaries: ``m > 0`` inserts ``m`` white-box Dirac gradient canaries into the
+            DP-SGD steps (:mod:`securefed.privacy.canaries`, fresh secret key); their scores
+            come back in :attr:`TrainedModel.gradient_scores`.
+        noise_source: overrides the DP noise source (default: ChaCha20 when
+            ``cfg.dp.secure_noise``, else seeded torch noise).
     """
     from tqdm.auto import tqdm
 
@@ -76,6 +86,15 @@ def train_model(
     start = get_flat(model)
     bar = tqdm(total=steps, desc="training", disable=not progress, unit="step")
     cond = cfg.model.class_conditional
+    gc = hook = None
+    if gradient_canaries:
+        if noise_multiplier is None:
+            raise ValueError("train_model: gradient canaries live in the DP-SGD step; pass a "
+                             "noise_multiplier (0 for a run without noise)")
+        from securefed.privacy.canaries import GradientCanaries
+
+        gc = GradientCanaries.draw(model, gradient_canaries, 1)
+        hook = gc.for_client(1, 0, model, sample_rate_for(ccfg, len(data)), cfg.dp.max_grad_norm)
     try:
         if noise_multiplier is None:
             res = LocalTrainer(model, schedule, ccfg, dev, cond).train(
@@ -93,10 +112,13 @@ def train_model(
                     noise_multiplier=float(noise_multiplier),
                     # the project's ChaCha20 noise when the config asks for it (fresh key);
                     # seeded torch noise otherwise (reproducible tests)
-                    noise_source=SecureGaussian()
+                    noise_source=noise_source
+                    if noise_source is not None
+                    else SecureGaussian()
                     if cfg.dp.secure_noise
                     else TorchGaussian(seed=derive_seed(seed, Purpose.AUDIT_NOISE)),
                     progress=bar,
+                    canaries=hook,
                 )
     finally:
         bar.close()
@@ -106,6 +128,8 @@ def train_model(
         steps=steps,
         noise_multiplier=noise_multiplier,
         sample_rate=sample_rate_for(ccfg, len(data)),
+        gradient_canaries=gc,
+        gradient_scores=None if hook is None else hook.scores.copy(),
     )
 
 
@@ -170,6 +194,9 @@ def write_run_dir(
     )
     if canaries is not None:
         save_canaries(run_dir, canaries)
+    if trained.gradient_canaries is not None:
+        trained.gradient_canaries.save(run_dir / "canaries", cfg.dp.max_grad_norm)
+        trained.gradient_canaries.commit(run_dir / "canaries", 1, trained.gradient_scores)
     if cfg.dp.level == "record":
         sigma = ledger_noise_multiplier
         if sigma is None:

@@ -27,6 +27,7 @@ __all__ = [
     "MemorizationReport",
     "audit_memorization",
     "closest_pairs_grid",
+    "copy_p_value",
     "dcr_share",
     "k_nearest",
     "memorization_ratios",
@@ -131,6 +132,10 @@ class MemorizationReport:
         flagged_fraction: ``flagged / num_samples``.
         baseline_flagged_fraction: the same rate for HOLDOUT images queried against the
             training set (what natural near-duplicates in the data give).
+        copy_p_value: one-sided p-value that synthetic images are flagged MORE often than
+            holdout images (Fisher's exact test on flagged / total of both sets: the binomial
+            comparison with the baseline estimated from its own sample); small = copying.
+        baseline_flagged / baseline_num: flagged holdout images and holdout images queried.
         min_ratio / median_ratio: of the memorisation ratio.
         dcr_share: share closer to training than to holdout (0.5 ideal).
         dcr_share_ci: 95% bootstrap interval of the share.
@@ -152,6 +157,9 @@ class MemorizationReport:
     alpha: float
     closest: list[tuple[int, int, float, float]] = field(default_factory=list)
     grid: str | None = None
+    copy_p_value: float = 1.0
+    baseline_flagged: int = 0
+    baseline_num: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,6 +176,7 @@ class MemorizationReport:
             "min_ratio",
             "median_ratio",
             "dcr_share",
+            "copy_p_value",
         )
         if name not in allowed:
             raise KeyError(
@@ -232,6 +241,7 @@ def audit_memorization(
         closest_pairs_grid(synthetic, train, pairs, grid_path)
         grid = Path(grid_path).name
     flagged = int((ratio <= 1.0).sum())
+    base_flagged = int((base_ratio <= 1.0).sum())
     return MemorizationReport(
         source=source,
         num_samples=int(synthetic.shape[0]),
@@ -246,4 +256,27 @@ def audit_memorization(
         alpha=float(alpha),
         closest=pairs,
         grid=grid,
+        copy_p_value=copy_p_value(
+            flagged, int(synthetic.shape[0]), base_flagged, int(base_ratio.size)
+        ),
+        baseline_flagged=base_flagged,
+        baseline_num=int(base_ratio.size),
     )
+
+
+def copy_p_value(flagged: int, num: int, baseline_flagged: int, baseline_num: int) -> float:
+    """One-sided p-value of "synthetic images are flagged more often than holdout images":
+    Fisher's exact test on the 2x2 table (flagged, not flagged) x (synthetic, holdout)
+    (Fisher 1922). Real holdout images are flagged too (blur and natural near-duplicates set
+    the baseline), so only an EXCESS over the baseline is evidence of copying."""
+    from scipy import stats
+
+    if not (0 <= flagged <= num and 0 <= baseline_flagged <= baseline_num) or num < 1:
+        raise ValueError(
+            f"copy_p_value: need 0 <= flagged <= num >= 1 and 0 <= baseline_flagged <= "
+            f"baseline_num; got {flagged}/{num}, {baseline_flagged}/{baseline_num}"
+        )
+    if baseline_num == 0:
+        return 1.0 if flagged == 0 else 0.0
+    table = [[flagged, num - flagged], [baseline_flagged, baseline_num - baseline_flagged]]
+    return float(stats.fisher_exact(table, alternative="greater")[1])

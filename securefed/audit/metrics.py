@@ -19,6 +19,8 @@ import numpy as np
 from securefed.io import atomic_write_bytes
 
 __all__ = [
+    "ATTACK_METRICS",
+    "LOW_FPR_TARGETS",
     "AttackResult",
     "Interval",
     "attack_result",
@@ -109,7 +111,8 @@ class AttackResult:
         attack: attack name (``loss``, ``secmi``, ``pia``, ``pian``, ``lira_offline``, ...).
         target: what was attacked (``global``, ``client_3``, ...).
         auc: ROC AUC.
-        tpr_at_1pct_fpr / tpr_at_01pct_fpr: TPR at FPR <= 1% / 0.1% (last ROC point).
+        tpr_at_1pct_fpr / tpr_at_01pct_fpr / tpr_at_5pct_fpr: TPR at FPR <= 1% / 0.1% / 5%
+            (last ROC point).
         balanced_accuracy: best (TPR + TNR) / 2.
         num_members / num_nonmembers: evaluation set sizes.
         ci: metric name -> 95% bootstrap interval (members and non-members resampled apart).
@@ -131,6 +134,26 @@ class AttackResult:
     tpr: list[float] = field(default_factory=list, repr=False)
     params: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    tpr_at_5pct_fpr: float = 0.0
+
+    def interval(self, name: str) -> Interval | None:
+        """The confidence interval of metric ``name`` (``auc_symmetric`` derived from the AUC's:
+        ``max(auc, 1 - auc)`` over the interval), or None without a bootstrap."""
+        if name == "auc_symmetric":
+            ci = self.ci.get("auc")
+            if ci is None:
+                return None
+            high = max(ci.high, 1.0 - ci.low)
+            low = 0.5 if ci.low <= 0.5 <= ci.high else max(ci.low, 1.0 - ci.high)
+            return Interval(float(low), float(high))
+        if name in LOW_FPR_TARGETS:
+            # Clopper-Pearson on the members above the threshold the non-members fixed (the
+            # percentile bootstrap is unreliable at extreme quantiles)
+            return _clopper_pearson(round(self.tpr_at(name) * self.num_members), self.num_members)
+        return self.ci.get(name)
+
+    def tpr_at(self, name: str) -> float:
+        return float(getattr(self, name))
 
     def metric(self, name: str) -> float:
         """A metric by its criteria name: ``auc``, ``auc_symmetric`` (``max(auc, 1 - auc)``),
@@ -139,9 +162,13 @@ class AttackResult:
         for suffix, attr in (("_ci_high", "high"), ("_ci_low", "low")):
             if name.endswith(suffix):
                 base = name[: -len(suffix)]
-                if base not in self.ci:
-                    raise KeyError(f"no bootstrap interval for {base!r} in attack {self.attack}")
-                return float(getattr(self.ci[base], attr))
+                ci = self.interval(base)
+                if ci is None:
+                    raise KeyError(
+                        f"no bootstrap interval for {base!r} in attack {self.attack} (run the "
+                        "audit with --bootstrap > 0)"
+                    )
+                return float(getattr(ci, attr))
         if name == "auc_symmetric":
             # an attacker with reference data learns the score's direction: AUC 0.3 leaks as
             # much as AUC 0.7
@@ -161,7 +188,19 @@ class AttackResult:
         return d
 
 
-_METRICS = ("auc", "tpr_at_1pct_fpr", "tpr_at_01pct_fpr", "balanced_accuracy")
+_METRICS = (
+    "auc",
+    "tpr_at_1pct_fpr",
+    "tpr_at_01pct_fpr",
+    "tpr_at_5pct_fpr",
+    "balanced_accuracy",
+)
+
+#: every metric name a criterion may read from an attack (``_ci_high`` / ``_ci_low`` too)
+ATTACK_METRICS = (*_METRICS, "auc_symmetric")
+
+#: the target FPR of each low-FPR metric (a criterion on it needs >= 10 / FPR non-members)
+LOW_FPR_TARGETS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_01pct_fpr": 0.001, "tpr_at_5pct_fpr": 0.05}
 
 
 def _metrics(m: np.ndarray, n: np.ndarray) -> dict[str, float]:
@@ -170,6 +209,7 @@ def _metrics(m: np.ndarray, n: np.ndarray) -> dict[str, float]:
         "auc": float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0)),
         "tpr_at_1pct_fpr": tpr_at_fpr(fpr, tpr, 0.01),
         "tpr_at_01pct_fpr": tpr_at_fpr(fpr, tpr, 0.001),
+        "tpr_at_5pct_fpr": tpr_at_fpr(fpr, tpr, 0.05),
         "balanced_accuracy": balanced_accuracy(fpr, tpr),
     }
 
@@ -226,6 +266,17 @@ def attack_result(
         seconds=float(seconds),
         **point,
     )
+
+
+def _clopper_pearson(k: int, n: int, confidence: float = 0.95) -> Interval:
+    """Two-sided Clopper-Pearson interval of a binomial rate ``k / n`` (Clopper & Pearson
+    1934)."""
+    from scipy import stats
+
+    a = (1 - confidence) / 2
+    low = 0.0 if k == 0 else float(stats.beta.ppf(a, k, n - k + 1))
+    high = 1.0 if k >= n else float(stats.beta.ppf(1 - a, k + 1, n - k))
+    return Interval(low, high)
 
 
 def plot_roc(results: list[AttackResult], path: str | Path, title: str = "") -> Path:

@@ -45,17 +45,27 @@ def _privacy_table(eps: dict[str, Any]) -> list[str]:
         return ["_No empirical epsilon: no attack scores or canaries were available._", ""]
     acct = eps.get("accountant")
     one = eps.get("one_run", {})
-    return [
-        "| accountant epsilon | empirical eps_LB | one-run eps_LB | Clopper-Pearson eps_LB "
-        "| delta | source |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| {_f(acct)} ({eps.get('accountant_level')}) | **{_f(eps.get('eps_lb'))}** | "
-        f"{_f(eps.get('eps_lb_one_run'))} ({one.get('v')}/{one.get('r')} correct, "
-        f"m={one.get('m')}) | {_f(eps.get('eps_lb_cp'))} | {_f(eps.get('delta'), 6)} | "
-        f"{eps.get('source', '-')}, {eps.get('attack')} attack, confidence "
-        f"{1 - float(eps.get('beta', 0.05)):.0%} |",
+    gf = eps.get("gaussian_fit") or {}
+    gf_s = (
+        f"{_f(gf.get('eps_est'), 2)} [{_f(gf.get('ci_low'), 2)}, {_f(gf.get('ci_high'), 2)}]"
+        if gf
+        else "-"
+    )
+    lines = [
+        "| accountant epsilon at audit delta | empirical eps_LB (one-run) | ceiling | audit delta "
+        "| ledger epsilon (its delta) | diagnostics: Clopper-Pearson, Gaussian fit [95%] "
+        "| source |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {_f(acct)} ({eps.get('accountant_level')}) | **{_f(eps.get('eps_lb'))}** "
+        f"({one.get('v')}/{one.get('r')} correct, m={one.get('m')}) | {_f(eps.get('ceiling'))} "
+        f"| {eps.get('delta')} | {_f(eps.get('accountant_ledger'))} "
+        f"({_f(eps.get('ledger_delta'), 6)}) | {_f(eps.get('eps_lb_cp'))}, {gf_s} | "
+        f"{eps.get('source', '-')}, confidence {1 - float(eps.get('beta', 0.05)):.0%} |",
         "",
     ]
+    if eps.get("unfit"):
+        lines += [f"_{eps['unfit']}._", ""]
+    return lines
 
 
 def _attack_table(attacks: list[dict[str, Any]]) -> list[str]:
@@ -125,7 +135,7 @@ def render_markdown(d: dict[str, Any], link_prefix: str = "", heading: str = "#"
         ]
     lines += [f"{h}# Criteria", ""]
     lines += [
-        "| threat model | criterion | metric | value | required | pass |",
+        "| threat model | criterion | metric | value [95% bounds] (N) | required | outcome |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for tm, checks in d["defences"].items():
@@ -138,9 +148,17 @@ def render_markdown(d: dict[str, Any], link_prefix: str = "", heading: str = "#"
         req = f"{c['op']} {_f(c['threshold'])}"
         if isinstance(c["threshold_expr"], str):
             req += f" ({c['threshold_expr']})"
+        val = _f(c["actual"])
+        if c.get("low") is not None and c.get("high") is not None and c["low"] != c["high"]:
+            val += f" [{_f(c['low'])}, {_f(c['high'])}]"
+        if c.get("n") is not None:
+            val += f" (N={c['n']}, min {c.get('min_n', 0)})"
+        outcome = c.get("outcome", "PASS" if c["passed"] else "FAIL")
+        mark = outcome if outcome == "PASS" else f"**{outcome}**"
+        if outcome == "INCONCLUSIVE" and c["passed"]:
+            mark += " (counts as pass)"
         lines.append(
-            f"| {c['threat_model']} | `{c['id']}` | `{c['metric']}` | {_f(c['actual'])} | {req} | "
-            f"{'PASS' if c['passed'] else '**FAIL**'} |"
+            f"| {c['threat_model']} | `{c['id']}` | `{c['metric']}` | {val} | {req} | {mark} |"
         )
     lines.append("")
     if d.get("notes"):
@@ -174,7 +192,7 @@ def audit_section(run_dir: str | Path) -> list[str]:
         d = json.loads(path.read_text())
     except ValueError:
         return ["## Privacy audit", "", f"_{path} is not valid JSON; rerun `securefed audit`._", ""]
-    for key in ("accountant", "eps_lb"):
+    for key in ("accountant", "eps_lb", "accountant_ledger"):
         v = d.get("epsilon", {}).get(key)
         if isinstance(v, str):
             d["epsilon"][key] = float(v)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,24 @@ from tqdm.auto import tqdm
 
 from securefed.audit.attacks import ATTACKS, AttackContext, build_attack
 from securefed.audit.epsilon import (
-    ClopperPearsonAudit,
-    OneRunAudit,
     clopper_pearson_audit,
+    gaussian_fit_epsilon,
     one_run_audit,
+    one_run_ceiling,
 )
 from securefed.audit.memorization import MemorizationReport, audit_memorization
 from securefed.audit.metrics import AttackResult, attack_result
 from securefed.audit.targets import AuditRun, find_synthetic, load_audit_run, make_shadow_trainer
 from securefed.audit.threats import DefenceCheck, ThreatModel, check_config
+from securefed.audit.verdict import (
+    FAIL,
+    INCONCLUSIVE,
+    PASS,
+    Measurement,
+    Outcome,
+    judge,
+    min_n_for,
+)
 from securefed.data import ImageDataset
 
 __all__ = [
@@ -62,8 +71,12 @@ class AuditSettings:
         attack_params: attack name -> keyword settings (e.g. ``{"pia": {"t": 20}}``).
         num_samples / sampling_steps: generated samples for memorisation without an aux set.
         lira_shadows / shadow_steps: LiRA shadow models and their training steps.
-        epsilon_attack: the attack whose scores feed the empirical epsilon.
-        beta: 1 - confidence of the epsilon lower bounds.
+        epsilon_attack: the attack whose scores feed the empirical epsilon from input canaries.
+        beta: 1 - confidence of the empirical epsilon (split evenly between its bounds).
+        audit_delta: the delta at which the one-run bound is computed AND the accountant's
+            epsilon is recomputed from the ledger (like with like). It must be small: the
+            bound's delta term caps it (with the ledger's 1 / (10 n) it stays near 2 even for
+            perfect separation).
         device: where models run.
         progress: show progress bars.
     """
@@ -79,6 +92,7 @@ class AuditSettings:
     shadow_steps: int | None = None
     epsilon_attack: str = "loss"
     beta: float = 0.05
+    audit_delta: float = 1e-6
     device: str = "cpu"
     progress: bool = True
 
@@ -96,6 +110,11 @@ class CriterionResult:
     actual: float | None
     passed: bool
     detail: str = ""
+    outcome: Outcome = FAIL
+    low: float | None = None
+    high: float | None = None
+    n: int | None = None
+    min_n: int = 0
 
 
 @dataclass
@@ -200,45 +219,262 @@ def _generate(run: AuditRun, n: int, steps: int, seed: int, progress: bool) -> t
     ).cpu()
 
 
+def _attack_measurement(rows: list[AttackResult], m: str) -> Measurement:
+    """The worst (largest) value of metric ``m`` over ``rows``, its bounds and N."""
+    from securefed.audit.metrics import LOW_FPR_TARGETS
+
+    is_bound = m.endswith(("_ci_high", "_ci_low"))
+    base = m.removesuffix("_ci_high").removesuffix("_ci_low")
+    vals, lows, highs, ns = [], [], [], []
+    unfit = ""
+    for a in rows:
+        v = a.metric(m)
+        vals.append((v, a))
+        ci = None if is_bound else a.interval(base)
+        if ci is None and not is_bound:
+            unfit = (
+                "no bootstrap interval (run the audit with --bootstrap > 0): a point estimate "
+                "cannot PASS"
+            )
+        lows.append(v if ci is None else ci.low)
+        highs.append(v if ci is None else ci.high)
+        ns.append(
+            a.num_nonmembers
+            if base in LOW_FPR_TARGETS
+            else min(a.num_members, a.num_nonmembers)
+        )
+    v, worst = max(vals, key=lambda t: t[0])
+    return Measurement(
+        value=v,
+        low=max(lows),
+        high=max(highs),
+        n=min(ns),
+        min_n=min_n_for(f"attacks.x.{m}"),
+        detail=f"worst: {worst.attack} on {worst.target}",
+        unfit=unfit,
+    )
+
+
 def _resolve(
     metric: str,
     attacks: list[AttackResult],
     epsilon: dict[str, Any],
     mem: MemorizationReport | None,
-) -> tuple[float | None, str]:
+) -> Measurement:
     parts = metric.split(".")
     root = parts[0]
     if root == "attacks":
         name, m = parts[1], parts[2]
         rows = [a for a in attacks if name == "max" or a.attack == name]
         if not rows:
-            return None, f"attack {name!r} was not run"
-        vals = [(a.metric(m), a) for a in rows]
-        v, worst = max(vals, key=lambda t: t[0])
-        return v, f"worst: {worst.attack} on {worst.target}"
+            return Measurement(None, detail=f"attack {name!r} was not run")
+        try:
+            return _attack_measurement(rows, m)
+        except KeyError as exc:
+            return Measurement(None, detail=str(exc).strip("'\""))
     if root == "epsilon":
         key = ".".join(parts[1:])
         ev = epsilon.get(key)
-        return (None, f"epsilon.{key} not available") if ev is None else (float(ev), "")
+        if ev is None:
+            return Measurement(None, detail=f"epsilon.{key} not available")
+        unfit = str(epsilon.get("unfit") or "") if key.startswith("eps_lb") else ""
+        n = epsilon.get("m") if key.startswith("eps_lb") else None
+        return Measurement(float(ev), n=n, detail=str(epsilon.get("source", "")), unfit=unfit)
     if root == "memorization":
         if mem is None:
-            return None, "memorisation was not measured"
+            return Measurement(None, detail="memorisation was not measured")
+        name = ".".join(parts[1:])
         try:
-            return mem.metric(".".join(parts[1:])), f"on {mem.source}"
+            v = mem.metric(name)
         except KeyError as exc:
-            return None, str(exc)
-    return None, f"unknown metric root {root!r}"
+            return Measurement(None, detail=str(exc).strip("'\""))
+        low = high = v
+        if name == "dcr_share":
+            low, high = (float(x) for x in mem.dcr_share_ci)
+        return Measurement(
+            v, low, high, n=mem.num_samples, min_n=min_n_for(metric), detail=f"on {mem.source}"
+        )
+    return Measurement(None, detail=f"unknown metric root {root!r}")
 
 
-def _compare(a: float, op: str, b: float) -> bool:
-    return {
-        "==": a == b,
-        "!=": a != b,
-        "<": a < b,
-        "<=": a <= b,
-        ">": a > b,
-        ">=": a >= b,
-    }.get(op, False)
+def _missing_targets(tm: ThreatModel, run: AuditRun, st: AuditSettings) -> list[CriterionResult]:
+    """A FAIL row for every target ``tm`` names that the run should hold but does not (an
+    attack that silently falls back to another target would pass a model never attacked)."""
+    out = []
+    cfg = run.cfg
+    for t in tm.targets:
+        expected, have, what = False, True, ""
+        if t == "received":
+            fd = getattr(cfg, "fedddpm", None)
+            expected = bool(fd is not None and fd.enabled and fd.upload == "model")
+            have = bool(run.received)
+            what = "FedDDPM model uploads (RUN_DIR/received/client_<i>.pt)"
+        elif t == "clients":
+            fdf = getattr(cfg, "feddiffuse", None)
+            expected = bool(
+                fdf is not None and fdf.enabled and fdf.variant in ("udec", "ulatdec")
+            )
+            have = bool(run.client_models)
+            what = "per-client composed models (FedDiffuse local groups in the checkpoint)"
+        if expected and not have:
+            out.append(
+                CriterionResult(
+                    tm.name,
+                    f"target-{t}",
+                    f"target.{t}",
+                    "present",
+                    None,
+                    None,
+                    None,
+                    False,
+                    f"the threat model names target {t!r} and this run's config produces {what}, "
+                    "but none are stored: the target cannot be attacked (rerun with a securefed "
+                    "that keeps them, or audit against a threat model without this target)",
+                    outcome=FAIL,
+                )
+            )
+    return out
+
+
+def _accountant_at(run: AuditRun, delta: float) -> float:
+    """The accountant's epsilon at ``delta``, recomputed from the ledger's history (worst
+    client); inf without DP."""
+    path = Path(run.run_dir) / "privacy_ledger.json"
+    if run.cfg.dp.level == "none" or not path.exists():
+        return float("inf")
+    from securefed.privacy import PrivacyLedger, epsilon_of
+
+    led = PrivacyLedger.load(path)
+    eps = [
+        float(epsilon_of(led.history(c), delta, led.get_plan(c).accountant)) for c in led.clients
+    ]
+    return max(eps) if eps else float("inf")
+
+
+def _epsilon_section(
+    run: AuditRun,
+    st: AuditSettings,
+    ctx: AttackContext,
+    eps_scores: tuple[np.ndarray, np.ndarray] | None,
+    rng: np.random.Generator,
+    notes: list[str],
+) -> dict[str, Any]:
+    """Empirical epsilon at the audit delta, the accountant's epsilon at the same delta, and
+    diagnostics (see :class:`AuditSettings`)."""
+    delta = st.audit_delta
+    acct = _accountant_at(run, delta)
+    epsilon: dict[str, Any] = {
+        "accountant": acct,
+        "accountant_level": run.ledger.level,
+        "delta": delta,
+        "accountant_ledger": run.ledger.epsilon if np.isfinite(run.ledger.epsilon) else None,
+        "ledger_delta": run.ledger.delta,
+    }
+    # every source with a theorem behind it gets a one-run bound; the confidence 1 - beta is
+    # split evenly between them (Bonferroni), so the max of the bounds holds at 1 - beta
+    sources: list[tuple[str, np.ndarray, np.ndarray, bool]] = []
+    for name, (scores, inc) in run.canary_scores.items():
+        sources.append((name, np.asarray(scores, np.float64), np.asarray(inc, bool), False))
+    if run.canaries is not None:
+        attack = build_attack(st.epsilon_attack, ctx, st.attack_params.get(st.epsilon_attack))
+        model = run.model(run.released)
+        scores = attack.score(model, run.canaries.images, run.canaries.labels)
+        inc = run.canaries.included
+        sources.append(
+            (
+                f"{len(inc)} {run.canaries.kind} input canaries ({int(inc.sum())} inserted), "
+                f"{st.epsilon_attack} scores on the released model",
+                scores,
+                inc,
+                False,
+            )
+        )
+        epsilon["canary_scores"] = {
+            "included": scores[inc].tolist(),
+            "excluded": scores[~inc].tolist(),
+        }
+    if not sources and eps_scores is not None:
+        s_m, s_n = eps_scores
+        sources.append(
+            (
+                f"natural examples: {s_m.size} members vs {s_n.size} holdout, {st.epsilon_attack} "
+                "scores (membership is a seeded random split, not independent fair coins: "
+                "approximate)",
+                np.concatenate([s_m, s_n]),
+                np.r_[np.ones(s_m.size, bool), np.zeros(s_n.size, bool)],
+                True,
+            )
+        )
+        notes.append(
+            "the run has no canaries: eps_LB uses members vs holdout as natural canaries "
+            "(approximate, no theorem: dp-holds is INCONCLUSIVE; run with a `canaries:` section)"
+        )
+    if not sources:
+        return epsilon
+    beta_each = st.beta / len(sources)
+    bounds = []
+    for name, scores, inc, natural in sources:
+        one = one_run_audit(scores, inc, delta, beta=beta_each, natural=natural)
+        ceiling = one_run_ceiling(len(inc), delta, beta=beta_each)
+        row: dict[str, Any] = {
+            "source": name,
+            "eps_lb": one.eps_lb,
+            "ceiling": ceiling,
+            "beta": beta_each,
+            "one_run": one.as_dict(),
+            "natural": natural,
+        }
+        if inc.any() and not inc.all() and inc.size >= 4:
+            # diagnostics, never the verdict: Clopper-Pearson has no theorem for dependent
+            # canaries in one model; the Gaussian fit assumes Gaussian scores
+            row["clopper_pearson"] = clopper_pearson_audit(
+                scores, inc, delta, rng=rng, alpha=st.beta
+            ).as_dict()
+            row["gaussian_fit"] = gaussian_fit_epsilon(
+                scores, inc, delta, rng=rng, bootstrap=st.bootstrap
+            )
+        bounds.append(row)
+    best = max(bounds, key=lambda b: b["eps_lb"])
+    epsilon.update(
+        eps_lb=best["eps_lb"],
+        eps_lb_one_run=best["eps_lb"],
+        eps_lb_cp=(best.get("clopper_pearson") or {}).get("eps_lb"),
+        eps_est=(best.get("gaussian_fit") or {}).get("eps_est"),
+        one_run=best["one_run"],
+        clopper_pearson=best.get("clopper_pearson"),
+        gaussian_fit=best.get("gaussian_fit"),
+        source=best["source"],
+        ceiling=max(b["ceiling"] for b in bounds),
+        m=max(b["one_run"]["m"] for b in bounds),
+        bounds=bounds,
+        attack=st.epsilon_attack,
+        beta=st.beta,
+    )
+    unfit = ""
+    if all(b["natural"] for b in bounds):
+        unfit = (
+            "eps_LB comes from members vs holdout (no canaries): not a theorem, so it cannot "
+            "certify that DP holds; run with a `canaries:` section"
+        )
+    elif epsilon["ceiling"] <= acct:
+        notes.append(
+            f"limited power: even perfect canary separation gives eps_LB <= "
+            f"{epsilon['ceiling']:.3f}, below the accountant's {acct:.3f} at delta {delta:g}: "
+            "a violation smaller than that gap cannot be seen (more canaries raise the ceiling)"
+        )
+    epsilon["unfit"] = unfit
+    if run.released_canary_scores is not None:
+        # diagnostic: what the released model ALONE reveals about the gradient canaries
+        # (-s_i (theta_T - theta_0)[j_i]; Adam and the later rounds are post-processing)
+        rs, ri = run.released_canary_scores
+        epsilon["released_model_canaries"] = one_run_audit(rs, ri, delta, beta=st.beta).as_dict()
+    if best["eps_lb"] > acct:
+        notes.append(
+            f"DP VIOLATION: empirical eps_LB {best['eps_lb']:.3f} exceeds the accountant's "
+            f"epsilon {acct:.3f} at delta {delta:g}: the DP implementation or its accounting is "
+            "wrong"
+        )
+    return epsilon
 
 
 # ----------------------------------------------------------------------------- the audit
@@ -253,6 +489,10 @@ def run_audit(
     the rest by :func:`securefed.audit.report.write_audit`.
     """
     st = settings or AuditSettings()
+    if not 0.0 < st.audit_delta < 1.0:
+        raise ValueError(
+            f"audit_delta: must be in (0, 1), got {st.audit_delta} (e.g. 1e-6)"
+        )
     t_start = time.perf_counter()
     if not threat_models:
         raise ValueError("run_audit: give at least one threat model (--threat-model)")
@@ -343,58 +583,7 @@ def run_audit(
         bar.close()
 
     # ---- empirical epsilon
-    epsilon: dict[str, Any] = {
-        "accountant": run.ledger.epsilon if np.isfinite(run.ledger.epsilon) else None,
-        "accountant_level": run.ledger.level,
-        "delta": run.ledger.delta,
-    }
-    one: OneRunAudit | None = None
-    cp: ClopperPearsonAudit | None = None
-    delta = run.ledger.delta
-    if run.canaries is not None:
-        attack = build_attack(st.epsilon_attack, ctx, st.attack_params.get(st.epsilon_attack))
-        model = run.model(run.released)
-        scores = attack.score(model, run.canaries.images, run.canaries.labels)
-        inc = run.canaries.included
-        one = one_run_audit(scores, inc, delta, beta=st.beta)
-        cp = clopper_pearson_audit(scores, inc, delta, rng=rng, alpha=st.beta)
-        epsilon["source"] = f"{len(inc)} {run.canaries.kind} canaries ({int(inc.sum())} inserted)"
-        epsilon["canary_scores"] = {
-            "included": scores[inc].tolist(),
-            "excluded": scores[~inc].tolist(),
-        }
-    elif eps_scores is not None:
-        s_m, s_n = eps_scores
-        scores = np.concatenate([s_m, s_n])
-        inc = np.r_[np.ones(s_m.size, bool), np.zeros(s_n.size, bool)]
-        one = one_run_audit(scores, inc, delta, beta=st.beta, natural=True)
-        cp = clopper_pearson_audit(scores, inc, delta, rng=rng, alpha=st.beta)
-        epsilon["source"] = (
-            f"natural examples: {s_m.size} members vs {s_n.size} holdout, {st.epsilon_attack} "
-            "scores (membership is a seeded random split, not independent fair coins: approximate)"
-        )
-        notes.append(
-            "the run has no canaries: eps_LB uses members vs holdout as natural canaries "
-            "(approximate; insert canaries for a rigorous one-run audit)"
-        )
-    if one is not None and cp is not None:
-        epsilon.update(
-            eps_lb=max(one.eps_lb, cp.eps_lb),
-            eps_lb_one_run=one.eps_lb,
-            eps_lb_cp=cp.eps_lb,
-            one_run=one.as_dict(),
-            clopper_pearson=cp.as_dict(),
-            attack=st.epsilon_attack,
-            beta=st.beta,
-        )
-        if epsilon["accountant"] is None:
-            epsilon["accountant"] = float("inf")
-        acct = float(epsilon["accountant"])
-        if epsilon["eps_lb"] > acct:
-            notes.append(
-                f"DP VIOLATION: empirical eps_LB {epsilon['eps_lb']:.3f} exceeds the accountant's "
-                f"epsilon {acct:.3f}: the DP implementation or its accounting is wrong"
-            )
+    epsilon = _epsilon_section(run, st, ctx, eps_scores, rng, notes)
 
     # ---- memorisation
     mem: MemorizationReport | None = None
@@ -418,18 +607,36 @@ def run_audit(
     # ---- criteria
     results: list[CriterionResult] = []
     for tm in threat_models:
+        results += _missing_targets(tm, run, st)
         for c in tm.criteria:
-            actual, detail = _resolve(c.metric, attacks, epsilon, mem)
+            meas = _resolve(c.metric, attacks, epsilon, mem)
+            if c.min_n is not None:
+                meas = replace(meas, min_n=c.min_n)
+            detail = meas.detail
             if isinstance(c.value, str):
-                thr, _ = _resolve(c.value, attacks, epsilon, mem)
+                thr = _resolve(c.value, attacks, epsilon, mem).value
                 detail = f"{detail}; {c.value} = {thr}" if detail else f"{c.value} = {thr}"
             else:
                 thr = float(c.value)
-            ok = actual is not None and thr is not None and _compare(actual, c.op, thr)
-            if actual is None:
-                detail = f"NOT EVALUATED ({detail}): a criterion that was not measured fails"
+            outcome, why = judge(meas, c.op, thr)
+            passed = outcome == PASS or (outcome == INCONCLUSIVE and c.on_inconclusive == "pass")
             results.append(
-                CriterionResult(tm.name, c.id, c.metric, c.op, thr, c.value, actual, ok, detail)
+                CriterionResult(
+                    tm.name,
+                    c.id,
+                    c.metric,
+                    c.op,
+                    thr,
+                    c.value,
+                    meas.value,
+                    passed,
+                    f"{why}; {detail}" if detail else why,
+                    outcome=outcome,
+                    low=meas.low,
+                    high=meas.high,
+                    n=meas.n,
+                    min_n=meas.min_n,
+                )
             )
     passed = all(r.passed for r in results) and all(d.passed for v in defences.values() for d in v)
     settings_dict = asdict(st)

@@ -70,6 +70,11 @@ class AuditRun:
     client_models: dict[int, torch.Tensor]
     canaries: CanarySet | None
     ledger: Ledger
+    #: white-box canary scores by source name: ``(scores [m], included [m] bool)``
+    canary_scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    #: diagnostic: the gradient canaries scored on the released model alone,
+    #: ``-s_i (theta_T - theta_0)[j_i]`` (``(scores, included)`` or None)
+    released_canary_scores: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def conditional(self) -> bool:
@@ -170,6 +175,30 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
                     composed = released.clone()
                     composed[local_idx] = vec.to(composed.dtype)
                     client_models[int(cid)] = composed
+    canary_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    from securefed.privacy.canaries import load_gradient_scores
+
+    got = load_gradient_scores(run_dir / "canaries", int(ckpt.round))
+    if got is not None:
+        gc, scores, rounds = got
+        if rounds:
+            canary_scores[
+                f"{len(gc)} white-box gradient canaries ({int(gc.included.sum())} inserted): "
+                f"privatized gradient sums of their clients' DP-SGD steps, rounds "
+                f"{min(rounds)}-{max(rounds)}"
+            ] = (scores, gc.included.copy())
+        else:
+            log.warning("%s/canaries: gradient canaries but no round scores", run_dir)
+    released_scores = None
+    if got is not None:
+        init = build_model(cfg, data.members.image_shape, data.members.num_classes)
+        params = [p for p in init.parameters() if p.requires_grad]
+        if sum(p.numel() for p in params) == released.numel():
+            starts = np.cumsum([0] + [p.numel() for p in params])[:-1]
+            flat = starts[got[0].param_index] + got[0].offset
+            theta0 = torch.cat([p.detach().reshape(-1) for p in params])
+            delta = (released - theta0).double().numpy()[flat]
+            released_scores = (-got[0].signs * delta, got[0].included.copy())
     return AuditRun(
         run_dir=run_dir,
         cfg=cfg,
@@ -184,6 +213,8 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
         client_models=client_models,
         canaries=load_canaries(run_dir),
         ledger=_ledger(run_dir, cfg),
+        canary_scores=canary_scores,
+        released_canary_scores=released_scores,
     )
 
 

@@ -52,6 +52,8 @@ OPS = ("==", "!=", "<=", ">=", "<", ">", "not in", "in")
 _CLAUSE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s+(==|!=|<=|>=|<|>|not\s+in|in)\s+(.+?)\s*$")
 DERIVED = ("clients_per_round", "secagg_threshold_count", "secagg_threshold_fraction")
 TARGETS = ("global", "received", "clients", "synthetic")
+#: what an INCONCLUSIVE criterion counts as (``audit.on_inconclusive`` or per criterion)
+INCONCLUSIVE_RULES = ("fail", "pass")
 
 
 class ThreatModelError(ValueError):
@@ -76,6 +78,8 @@ class Criterion:
     op: str
     value: Any
     why: str = ""
+    min_n: int | None = None
+    on_inconclusive: str = "fail"
 
 
 @dataclass(frozen=True)
@@ -347,6 +351,21 @@ def load_threat_model(name_or_path: str | Path) -> ThreatModel:
             for p, _, _ in conj:
                 _validate_path(p, where)
         reqs.append(Requirement(_req_str(r, "id", where), check, str(r.get("why", ""))))
+    audit = raw.get("audit") or {}
+    if not isinstance(audit, dict):
+        raise ThreatModelError(f"{path}: audit must be a mapping of audit settings")
+    default_inc = audit.get("on_inconclusive", "fail")
+    if default_inc not in INCONCLUSIVE_RULES:
+        raise ThreatModelError(
+            f"{path}: audit.on_inconclusive: {default_inc!r} is not one of "
+            f"{list(INCONCLUSIVE_RULES)}"
+        )
+    if not raw.get("criteria"):
+        raise ThreatModelError(
+            f"{path}: criteria: a threat model needs at least one audit criterion (an audit with "
+            "nothing to judge would pass anything); add e.g. {id: dp-holds, metric: "
+            "epsilon.eps_lb, op: '<=', value: epsilon.accountant}"
+        )
     crits = []
     for i, c in enumerate(raw.get("criteria") or []):
         where = f"{path}: criteria[{i}]"
@@ -361,8 +380,32 @@ def load_threat_model(name_or_path: str | Path) -> ThreatModel:
         _validate_metric(metric, where)
         if isinstance(c["value"], str):
             _validate_metric(c["value"], where)
+        extra_c = set(c) - {"id", "metric", "op", "value", "why", "min_n", "on_inconclusive"}
+        if extra_c:
+            raise ThreatModelError(
+                f"{where}: unknown keys {sorted(extra_c)}; allowed: id, metric, op, value, why, "
+                "min_n, on_inconclusive"
+            )
+        min_n = c.get("min_n")
+        if min_n is not None and (
+            isinstance(min_n, bool) or not isinstance(min_n, int) or min_n < 1
+        ):
+            raise ThreatModelError(f"{where}.min_n: must be a positive integer, got {min_n!r}")
+        on_inc = c.get("on_inconclusive", default_inc)
+        if on_inc not in INCONCLUSIVE_RULES:
+            raise ThreatModelError(
+                f"{where}.on_inconclusive: {on_inc!r} is not one of {list(INCONCLUSIVE_RULES)}"
+            )
         crits.append(
-            Criterion(_req_str(c, "id", where), metric, op, c["value"], str(c.get("why", "")))
+            Criterion(
+                _req_str(c, "id", where),
+                metric,
+                op,
+                c["value"],
+                str(c.get("why", "")),
+                min_n,
+                str(on_inc),
+            )
         )
     ids = [r.id for r in reqs] + [c.id for c in crits]
     dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -370,9 +413,6 @@ def load_threat_model(name_or_path: str | Path) -> ThreatModel:
         raise ThreatModelError(
             f"{path}: duplicate ids {dup}; every requirement and criterion needs its own id"
         )
-    audit = raw.get("audit") or {}
-    if not isinstance(audit, dict):
-        raise ThreatModelError(f"{path}: audit must be a mapping of audit settings")
     return ThreatModel(
         name=name,
         title=str(raw.get("title", name)),
@@ -399,11 +439,18 @@ def _validate_metric(metric: str, where: str) -> None:
         )
     if parts[0] == "attacks":
         from securefed.audit.attacks import ATTACKS
+        from securefed.audit.metrics import ATTACK_METRICS
 
         if len(parts) != 3 or (parts[1] not in ATTACKS and parts[1] != "max"):
             raise ThreatModelError(
                 f"{where}: {metric!r} must be attacks.<attack>.<metric> with <attack> one of "
                 f"{[*sorted(ATTACKS), 'max']}"
+            )
+        base = parts[2].removesuffix("_ci_high").removesuffix("_ci_low")
+        if base not in ATTACK_METRICS:
+            raise ThreatModelError(
+                f"{where}: {metric!r}: unknown attack metric {parts[2]!r}; choose one of "
+                f"{list(ATTACK_METRICS)} (optionally with _ci_high / _ci_low)"
             )
 
 

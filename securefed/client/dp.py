@@ -130,8 +130,13 @@ class DPLocalTrainer(LocalTrainer):
         noise_multiplier: float,
         noise_source: Any,
         progress: object | None = None,
+        canaries: Any | None = None,
     ) -> LocalResult:
-        """DP-SGD local training; same contract as :meth:`LocalTrainer.train`."""
+        """DP-SGD local training; same contract as :meth:`LocalTrainer.train`.
+
+        ``canaries``: an audit hook (:class:`~securefed.privacy.canaries.ClientCanaries`)
+        whose ``extra_sum()`` is added to each step's clipped sum before the noise and whose
+        ``observe(q n)`` reads the privatized gradient after it."""
         t0 = time.perf_counter()
         n = len(data)
         if n == 0:
@@ -174,7 +179,10 @@ class DPLocalTrainer(LocalTrainer):
                 return dp_row_losses(net, self.schedule, x0, y, k, generator=dev_gen)
 
             opt.zero_grad(set_to_none=True)
-            stats = self._dp_step(row_losses, expected, noise_multiplier, noise_source)
+            extra = canaries.extra_sum() if canaries is not None else None
+            stats = self._dp_step(row_losses, expected, noise_multiplier, noise_source, extra)
+            if canaries is not None:
+                canaries.observe(expected)
             with torch.no_grad():
                 if tracker is not None:
                     tracker.add()  # the privatized gradient: post-processing of the DP release
@@ -200,7 +208,14 @@ class DPLocalTrainer(LocalTrainer):
             mean_grad=tracker.mean() if tracker is not None else None,
         )
 
-    def _dp_step(self, row_losses: Any, expected: float, sigma: float, noise_source: Any) -> Any:
+    def _dp_step(
+        self,
+        row_losses: Any,
+        expected: float,
+        sigma: float,
+        noise_source: Any,
+        extra_sum: Any | None = None,
+    ) -> Any:
         if self._gsm is not None:
             from securefed.privacy.opacus_engine import opacus_dp_step
 
@@ -212,6 +227,7 @@ class DPLocalTrainer(LocalTrainer):
                 noise_multiplier=sigma,
                 noise_source=noise_source,
                 group_size=self.dp.noise_multiplicity,
+                extra_sum=extra_sum,
             )
         from securefed.privacy.dp_step import dp_sgd_step
 
@@ -223,6 +239,7 @@ class DPLocalTrainer(LocalTrainer):
             noise_multiplier=sigma,
             noise_source=noise_source,
             group_size=self.dp.noise_multiplicity,
+            extra_sum=extra_sum,
         )
 
 
@@ -254,6 +271,7 @@ def train_private_charged(
     noise_multiplier: float,
     noise_source: Any,
     progress: object | None = None,
+    canaries: Any | None = None,
 ) -> LocalResult | None:
     """DP-SGD local training whose charge is persisted BEFORE the result is returned.
 
@@ -275,7 +293,7 @@ def train_private_charged(
     def train(source: Any) -> LocalResult:
         return trainer.train_private(
             data, start_params, objective, seed, noise_multiplier=noise_multiplier,
-            noise_source=source, progress=progress,
+            noise_source=source, progress=progress, canaries=canaries,
         )
 
     # the charge is at the noise multiplier and sample rate this training actually used, never
@@ -292,6 +310,8 @@ def train_private_charged(
             return None
         from securefed.privacy.secure_noise import SecureGaussian
 
+        if canaries is not None:  # the discarded attempt's canary scores are not the release's
+            canaries.restart()
         result = train(SecureGaussian())  # fresh key: never replayed, never seen before
         digest = update_digest(result)
     ledger.charge(client_id, phase=phase, round=round, steps=result.steps,

@@ -37,6 +37,7 @@ def local_round(
     privacy: Any | None,
     *,
     progress: object | None = None,
+    canaries: Any | None = None,
 ) -> tuple[ClientUpdate, LocalResult] | None:
     """Client ``cid``'s local training and update of round ``rnd``.
 
@@ -54,6 +55,8 @@ def local_round(
         client_state: the client's private persistent state (read; the new state is in the
             returned update and is committed by the caller only if the update was used).
         privacy: the client's :class:`~securefed.federation.simulation.PrivacyContext` or None.
+        canaries: the audit's :class:`~securefed.privacy.canaries.ClientCanaries` hook for this
+            client-round (record-level DP only), or None.
 
     Returns:
         ``(update, local_result)``, or None when the client must release nothing this round (a
@@ -72,7 +75,7 @@ def local_round(
         result = train_private_charged(
             trainer, privacy.ledger, data, start, objective, seed, client_id=cid, round=rnd,
             noise_multiplier=privacy.noise_multipliers[cid],
-            noise_source=privacy.noise_source(rnd, cid), progress=progress,
+            noise_source=privacy.noise_source(rnd, cid), progress=progress, canaries=canaries,
         )
         if result is None:
             return None

@@ -202,6 +202,7 @@ def build_auxiliary_set(
     trainer: LocalTrainer,
     derive: Any,
     progress: bool = False,
+    uploads: dict[int, torch.Tensor] | None = None,
 ) -> tuple[AuxiliarySet, dict[str, Any]]:
     """Phase 0 (see module docstring). Returns the auxiliary set and its metadata.
 
@@ -213,6 +214,9 @@ def build_auxiliary_set(
         trainer: the run's (DP) local trainer; its step schedule is switched to
             ``pretrain_epochs`` for the phase (so the DP engine wraps the model only once).
         derive: ``derive_seed``.
+        uploads: filled with client id -> uploaded local model ``[D]`` when ``upload: model``
+            (what the server receives individually; the run keeps it under ``received/`` for
+            audits).
     """
     fd = cfg.fedddpm
     sizes = [len(c.data) for c in clients]
@@ -225,7 +229,7 @@ def build_auxiliary_set(
     try:
         return _phase0(
             cfg, model, schedule, clients, init_params, num_classes, histograms, device,
-            privacy, trainer, alloc, derive,
+            privacy, trainer, alloc, derive, uploads,
         )
     finally:
         trainer.cfg = saved_cfg
@@ -244,6 +248,7 @@ def _phase0(
     trainer: LocalTrainer,
     alloc: np.ndarray,
     derive: Any,
+    uploads: dict[int, torch.Tensor] | None = None,
 ) -> tuple[AuxiliarySet, dict[str, Any]]:
     fd = cfg.fedddpm
     conditional = cfg.model.class_conditional
@@ -286,6 +291,8 @@ def _phase0(
         else:
             res = trainer.train(c.data, init_params, LocalObjective(), seed=seed)
         rec.update(pretrain_steps=res.steps, pretrain_loss=round(res.mean_loss, 6))
+        if fd.upload == "model" and uploads is not None:
+            uploads[c.cid] = res.params.detach().to("cpu", torch.float32).clone()
         y = None
         if conditional:
             noise = None

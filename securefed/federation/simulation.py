@@ -68,6 +68,9 @@ class PrivacyContext:
     noise_source: Callable[[int, int], Any]
     level: str = "record"
     phase_noise_source: Callable[[int, int, int], Any] | None = None
+    #: audit: the run's gradient canaries and their folder (``canaries.enabled``)
+    canaries: Any | None = None
+    canary_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,8 @@ class Simulation:
         updates: dict[int, Any] = {}
         losses: list[float] = []
         total_steps = sum(local_steps_for(cfg.client, len(self.clients[c].data)) for c in trainers)
+        canaries = None if self.privacy is None else self.privacy.canaries
+        canary_scores = np.zeros(0 if canaries is None else len(canaries))
         bar = tqdm(
             total=total_steps,
             desc=f"round {rnd} local steps",
@@ -223,9 +228,17 @@ class Simulation:
         )
         for cid in list(trainers):
             client = self.clients[cid]
+            hook = None
+            if self.privacy is not None and self.privacy.canaries is not None:
+                from securefed.client.dp import sample_rate_for
+
+                hook = self.privacy.canaries.for_client(
+                    rnd, cid, self.trainer.model, sample_rate_for(cfg.client, len(client.data)),
+                    cfg.dp.max_grad_norm,
+                )
             out = local_round(
                 cfg, self.strategy, self.trainer, cid, client.data, plan.broadcast,
-                client.state, rnd, self.privacy, progress=bar,
+                client.state, rnd, self.privacy, progress=bar, canaries=hook,
             )
             if out is None:  # a replayed round whose fresh-noise retrain exceeds its budget
                 if self.privacy is not None:
@@ -235,8 +248,12 @@ class Simulation:
                 trainers.remove(cid)
                 continue
             updates[cid], result = out
+            if hook is not None:
+                canary_scores[hook.selected] += hook.scores
             losses.append(result.mean_loss)
         bar.close()
+        if canaries is not None and self.privacy is not None and self.privacy.canary_dir:
+            canaries.commit(self.privacy.canary_dir, rnd, canary_scores)  # audit-only, 0600
         seconds["train"] = time.perf_counter() - t0
 
         # ---- secure aggregation: only the SUM reaches the strategy (one protocol session per

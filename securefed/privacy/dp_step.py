@@ -23,7 +23,7 @@ activations and output gradients with the per-example clip weights (book-keeping
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -98,6 +98,7 @@ def dp_sgd_step(
     group_size: int = 1,
     row_reduction: Literal["mean", "sum"] = "mean",
     strategy: NormStrategy = "auto",
+    extra_sum: Mapping[int, Tensor] | None = None,
 ) -> DPStepStats:
     """Compute one DP-SGD gradient and leave it in ``p.grad`` of every trainable parameter.
 
@@ -120,6 +121,10 @@ def dp_sgd_step(
         group_size: ``K`` rows per example (noise multiplicity).
         row_reduction: how per-row losses combine into an example's loss (``mean``: DPDM).
         strategy: per-layer norm method (see :class:`PerSampleGradNorms`).
+        extra_sum: audit canaries: trainable-parameter index (``model.parameters()`` order,
+            ``requires_grad`` only) -> ``[param.shape]`` contributions added to the clipped sum
+            BEFORE the noise, each already clipped (gradient canaries,
+            :mod:`securefed.privacy.canaries`).
 
     Returns:
         :class:`DPStepStats` of the realised batch.
@@ -154,9 +159,11 @@ def dp_sgd_step(
             )
     std = noise_multiplier * max_grad_norm
     noise = draw_noise(noise_source, params, std)
-    for p, z in zip(params, noise, strict=True):
+    for i, (p, z) in enumerate(zip(params, noise, strict=True)):
         g = grads.get(p)
         g = torch.zeros_like(p) if g is None else g.to(p.dtype)
+        if extra_sum is not None and i in extra_sum:  # audit canaries, before the noise
+            g = g + extra_sum[i].to(device=p.device, dtype=p.dtype)
         if z is not None:
             g = g + z.to(p.dtype)
         p.grad = g / batch_size_expected

@@ -22,7 +22,7 @@ only: layers that mix examples (BatchNorm) break per-example sensitivity and are
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +152,7 @@ def opacus_dp_step(
     noise_multiplier: float,
     noise_source: NoiseSource,
     group_size: int = 1,
+    extra_sum: Mapping[int, torch.Tensor] | None = None,
 ) -> OpacusStepResult:
     """One DP-SGD gradient: sets ``p.grad`` of every trainable parameter; the caller steps.
 
@@ -248,7 +249,9 @@ def opacus_dp_step(
     std = noise_multiplier * max_grad_norm
     with torch.no_grad():
         noise = draw_noise(noise_source, params, std)
-        for p, s, z in zip(params, summed, noise, strict=True):
+        for i, (p, s, z) in enumerate(zip(params, summed, noise, strict=True)):
+            if extra_sum is not None and i in extra_sum:  # audit canaries, before the noise
+                s = s + extra_sum[i].to(device=s.device, dtype=s.dtype)
             p.grad = (s if z is None else s + z.to(p.dtype)).div_(expected_batch_size)
     _reset_hook_state(gsm, params)
     return OpacusStepResult(
