@@ -470,6 +470,9 @@ def run_experiment(
                 "image_shape": list(image_shape),
             },
         )
+        # real holdout digits beside the samples on the report's first screen (the holdout is
+        # the evaluator's reference: it never reaches a client)
+        save_grid(data.holdout.images[: cfg.evaluation.grid_samples], samples_dir / "holdout.png")
         rows = []
         if cfg.evaluation.fid_at_start or cfg.pretrain.enabled:
             # with public pre-training, round 0 IS the public-only model: always measured
