@@ -151,3 +151,12 @@ def test_pretraining_is_uncharged_and_starts_the_run(cache_env: Path, tmp_path: 
     # 30 public steps already denoise the private digits better than the random init
     assert rows[0]["holdout_loss"] < 0.8 * plain_rows[0]["holdout_loss"]
     assert pre.finished
+    from securefed.report import write_run_report
+
+    report = write_run_report(tmp_path / "pre").read_text()
+    first = report.split("| setting | value |")[0]  # the first screen, above the settings table
+    assert "![samples](samples/round_0001.png) | ![holdout](samples/holdout.png)" in first
+    assert "(the public-only model)" not in first  # no FID measured in this tiny run ...
+    assert "**Public pre-training:** 400 images of `mnist5k`" in first  # ... but the relation
+    assert "different collections" in first and "uncharged" in first
+    assert (tmp_path / "pre" / "samples" / "holdout.png").exists()
