@@ -85,7 +85,7 @@ SCALES: dict[str, dict[str, int]] = {
     "full": {"rounds": 8, "local_steps": 8, "fid_samples": 300, "fid_every": 4},
     "small": {"rounds": 6, "local_steps": 8, "fid_samples": 200, "fid_every": 3},
     "tiny": {"rounds": 2, "local_steps": 2, "fid_samples": 50, "fid_every": 1},
-    # few rounds of many local steps (about 1.4 local epochs per client at batch 32): client
+    # few rounds of many local steps (40 x 32 examples: ~9 epochs of a ~144-image client): client
     # drift, so label skew costs FedAvg (README, heterogeneous regime)
     "hetero": {"rounds": 4, "local_steps": 40, "fid_samples": 300, "fid_every": 4},
 }
