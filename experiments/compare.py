@@ -67,6 +67,9 @@ METHODS: dict[str, dict[str, Any]] = {
                                             "server_optimizer_state": "fresh"}},
     "fedddpm_plus_pre30": {"fedddpm": {"enabled": True, "variant": "fedddpm_plus",
                                        "pretrain_epochs": 30}},
+    # FedAvg at FedDDPM's client compute in the hetero regime: 4 x 74 local steps = the 4 x 40
+    # federated steps plus fedddpm_pre30's 1,352 phase-0 steps spread over rounds (2,960 / 10)
+    "fedavg_eq74": {"client": {"local_steps": 74}},
     "fedddpm_dp": {**_DDPM, "dp": True},
     "fedddpm_plus_dp": {**_PLUS, "dp": True},
     "feddiffuse_full": {"feddiffuse": {"enabled": True, "variant": "full"}},
