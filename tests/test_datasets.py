@@ -16,6 +16,7 @@ from PIL import Image
 
 from securefed.config import DataConfig
 from securefed.data import DatasetError, ImageDataset, load_dataset, split_member_holdout
+from securefed.data.datasets import uci_digits_layout
 
 # --------------------------------------------------------------------------------------------
 # Writers of the real formats
@@ -102,6 +103,33 @@ def test_digits_default():
 
     ref = torch.from_numpy(load_digits().images.astype(np.float32)) / 16 * 2 - 1
     torch.testing.assert_close(ds.images[:, 0], ref)
+
+
+def test_mnist5k_native_and_uci_layout():
+    ds = load_dataset(DataConfig(name="mnist5k"))
+    assert ds.images.shape == (5000, 1, 28, 28) and ds.images.dtype == torch.float32
+    assert ds.labels.bincount().tolist() == [500] * 10
+    assert float(ds.images.min()) == -1.0 and float(ds.images.max()) == 1.0
+    uci = load_dataset(DataConfig(name="mnist5k", mnist5k_layout="uci_digits", max_examples=300))
+    assert uci.images.shape == (300, 1, 8, 8) and uci.labels.bincount().tolist() == [30] * 10
+    # block counts 0..16 mapped like digits: x / 8 - 1, so every value sits on that grid
+    counts = (uci.images + 1) * 8
+    assert torch.allclose(counts, counts.round(), atol=1e-5)
+    assert float(counts.max()) == 16.0  # some 4x4 block is fully on
+    resized = load_dataset(DataConfig(name="mnist5k", image_size=16, max_examples=20))
+    assert resized.images.shape == (20, 1, 16, 16)
+
+
+def test_uci_digits_layout_crops_scales_and_counts_blocks():
+    img = np.zeros((28, 28))
+    img[5:15, 4:24] = 255.0  # a 10 x 20 bar: longer side 20 -> 32, height 10 -> 16, centred
+    out = uci_digits_layout(img[None])
+    expected = np.zeros((8, 8))
+    expected[2:6, :] = 16.0  # rows 8..23 of the 32x32 frame are on: block rows 2..5, all full
+    assert out.shape == (1, 8, 8) and np.array_equal(out[0], expected)
+    faint = img * 0.2  # 51 < threshold 64: nothing is on
+    assert uci_digits_layout(faint[None]).sum() == 0
+    assert uci_digits_layout(np.zeros((1, 784))).sum() == 0  # a blank image stays blank
 
 
 def test_digits_resize_channels_and_max_examples():

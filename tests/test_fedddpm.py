@@ -274,3 +274,85 @@ def test_resume_is_exact_and_reloads_the_aux_set(tmp_path: Path) -> None:
     (run / "auxiliary" / "auxiliary.npz").write_bytes(b"tampered")
     with pytest.raises(ValueError, match="checksum"):
         run_experiment(tiny_config(**kw), run, resume=True, progress=False, write_report=False)
+
+
+# ---------------------------------------------------------------- persistent server optimizer
+def _real_calibrator(state: str, seed: int = 0) -> Any:
+    from securefed.diffusion import NoiseSchedule
+    from securefed.federation.simulation import derive_seed
+    from securefed.run import build_model
+    from securefed.strategies.fedddpm import ServerCalibrator, split_holdout
+
+    cfg = tiny_config()
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(40, 1, 8, 8, generator=g) * 2 - 1
+    tr, ho = split_holdout(40, 0.2, 1)
+    fd = FedDDPMConfig(
+        enabled=True, server_batch_size=8, server_lr=1e-3, server_optimizer_state=state
+    )
+    return ServerCalibrator(
+        build_model(cfg, (1, 8, 8), 10), NoiseSchedule.from_config(cfg.diffusion), images,
+        torch.zeros(40, dtype=torch.long), tr, ho, fd, torch.device("cpu"), seed, False,
+        derive=derive_seed, purpose_calibrate=13, purpose_eval=14,
+    )
+
+
+def test_persistent_server_optimizer_state_resumes_exactly() -> None:
+    from securefed.client.update import get_flat
+
+    a = _real_calibrator("persistent")
+    p0 = get_flat(a.model).clone()
+    p1 = a.calibrate(p0, 3, rnd=1).params
+    p2 = a.calibrate(p1, 3, rnd=2).params
+    assert float(a.optimizer_state()["0.step"]) == 6  # one optimizer across both rounds
+
+    b = _real_calibrator("persistent")  # "killed" after round 1 ...
+    b1 = b.calibrate(p0, 3, rnd=1).params
+    saved = {k: v.clone() for k, v in b.optimizer_state().items()}
+    assert float(saved["0.step"]) == 3 and torch.equal(b1, p1)
+    c = _real_calibrator("persistent")  # ... and resumed in a new process
+    c.load_optimizer_state(saved)
+    assert torch.equal(c.calibrate(b1, 3, rnd=2).params, p2)
+
+    fresh = _real_calibrator("fresh")  # the ablation: a new Adam every round
+    f1 = fresh.calibrate(p0, 3, rnd=1).params
+    assert torch.equal(f1, p1) and fresh.optimizer_state() == {}
+    assert not torch.equal(fresh.calibrate(f1, 3, rnd=2).params, p2)
+    with pytest.raises(ValueError, match="parameters the model does not have"):
+        c.load_optimizer_state({"9999.step": torch.tensor(1.0)})
+
+
+def test_calibration_budget_as_a_fraction_of_client_compute() -> None:
+    cal = _ScriptedCalibrator([])
+    fd = FedDDPMConfig(enabled=True, calibration_fraction=0.25, server_batch_size=16)
+    w = FedDDPM(FedAvg(StrategyConfig(), 3), fd, cal, client_examples_per_round=640)  # type: ignore[arg-type]
+    assert w.steps_per_round == 10  # 0.25 x 640 examples / 16 per server step
+    x = torch.zeros(3)
+    for rnd in (1, 2):
+        x = w.aggregate(rnd, x, {"delta": torch.zeros(3, dtype=torch.float64)}, 1.0, 2)
+    assert cal.calls == [(1, 10), (2, 10)]
+    m = w.round_metrics()
+    assert m["server_examples_total"] == 320 and m["server_vs_client_examples"] == 0.25
+    with pytest.raises(ValueError, match="calibration_fraction"):
+        FedDDPM(FedAvg(StrategyConfig(), 3), fd, cal)  # type: ignore[arg-type]
+
+
+def test_resume_with_persistent_server_optimizer_is_exact(tmp_path: Path) -> None:
+    from securefed.federation.checkpoint import load_latest
+
+    kw = _fd(federation__rounds=3, fedddpm__calibration_fraction=0.5)
+    full = run_experiment(tiny_config(**kw), tmp_path / "full", progress=False,
+                          write_report=False)
+    run = tmp_path / "part"
+    run_experiment(tiny_config(**kw), run, progress=False, write_report=False,
+                   stop_after_round=1)
+    ckpt = load_latest(run / "checkpoints")
+    assert any(k.startswith("fedddpm.opt.") for k in ckpt.strategy)  # Adam moments saved
+    resumed = run_experiment(tiny_config(**kw), run, resume=True, progress=False,
+                             write_report=False)
+    assert torch.equal(full.final_params, resumed.final_params)
+    last = full.metrics[-1]["server"]
+    # 3 clients x 3 steps x batch 16 = 144 client examples per round; round(0.5 x 144 / 16) = 4
+    # server steps of 16: 64 / 144 of the client compute (the integer step rounds the fraction)
+    assert last["server_vs_client_examples"] == pytest.approx(64 / 144, abs=1e-4)
+    assert last["server_steps_total"] == 12

@@ -126,6 +126,7 @@ def write_run_report(run_dir: str | Path) -> Path:
     model_info = {}
     if (run_dir / "model.json").exists():
         model_info = json.loads((run_dir / "model.json").read_text())
+    lines += _first_screen(run_dir, cfg, rows)
     lines += [
         "| setting | value |",
         "| --- | --- |",
@@ -257,6 +258,67 @@ def write_run_report(run_dir: str | Path) -> Path:
     lines += audit_section(run_dir)
     out = run_dir / "report.md"
     atomic_write_text(out, "\n".join(lines))
+    return out
+
+
+def _first_screen(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """Final samples next to real holdout images, one sentence on what was learned and at what
+    privacy cost, and (with public pre-training) the public/private relation and the
+    public-only model's FID next to the federated result."""
+    out: list[str] = []
+    samples = sorted((run_dir / "samples").glob("round_*.png"))
+    holdout = run_dir / "samples" / "holdout.png"
+    if samples and holdout.exists():
+        out += [
+            f"| final samples ({samples[-1].stem}) | real holdout images (never trained on) |",
+            "| --- | --- |",
+            f"| ![samples]({samples[-1].relative_to(run_dir)}) | "
+            f"![holdout]({holdout.relative_to(run_dir)}) |",
+            "",
+        ]
+    train = [r for r in rows if r["round"] > 0]
+    start = next((r for r in rows if r["round"] == 0), None)
+    final = train[-1] if train else {}
+    public = None
+    if (run_dir / "public_pretrain.json").exists():
+        public = json.loads((run_dir / "public_pretrain.json").read_text())
+    eps = final.get("epsilon") or {}
+    dp = cfg.get("dp", {})
+    if dp.get("level") == "record" and eps:
+        cost = (f"at a record-level privacy cost of epsilon <= {max(eps.values()):.2f} per client "
+                f"(target {dp.get('target_epsilon')})")
+    elif dp.get("level") == "client":
+        cost = f"under client-level DP (target epsilon {dp.get('target_epsilon')})"
+    else:
+        cost = "**without differential privacy**"
+    if "fid" in final:
+        what = "the public-only model" if public else "the untrained model"
+        before = f"domain FID {start['fid']:.2f} ({what}) -> " if start and "fid" in start else ""
+        prec = f", precision {final['precision']:.2f}" if final.get("precision") is not None else ""
+        out += [
+            f"**What was learned:** {before}{final['fid']:.2f}{prec} against the real holdout "
+            f"after {final['round']} federated rounds on {cfg['federation']['num_clients']} "
+            f"clients, {cost}.",
+            "",
+        ]
+    if public:
+        verdict = ""
+        if start and "fid" in start and "fid" in final:
+            verdict = (
+                " Federated DP fine-tuning improved on the public-only model "
+                f"({start['fid']:.2f} -> {final['fid']:.2f})."
+                if final["fid"] < start["fid"]
+                else " **Federated fine-tuning did NOT improve on the public-only model** "
+                f"({start['fid']:.2f} -> {final['fid']:.2f})."
+            )
+        layout = f", layout {public['layout']}" if public.get("layout") else ""
+        out += [
+            f"**Public pre-training:** {public['examples']} images of `{public['dataset']}`"
+            f"{layout}, {public['steps']} central steps"
+            + (" (from the cache)" if public.get("cached") else f" ({public['seconds']} s)")
+            + f"; uncharged. {public['relation'][0].upper()}{public['relation'][1:]}.{verdict}",
+            "",
+        ]
     return out
 
 

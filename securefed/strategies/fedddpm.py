@@ -94,8 +94,12 @@ class CalibrationResult:
 class ServerCalibrator:
     """Server-side DDPM-loss optimisation on the auxiliary set (its own optimizer and lr).
 
-    The optimizer is created afresh for each calibration (like a client's local optimizer each
-    round), so the calibrator's only state is the auxiliary data: resume is exact.
+    With ``server_optimizer_state: persistent`` (default) ONE optimizer serves every calibration,
+    so Adam's moment estimates carry across rounds; its state is part of the strategy's
+    checkpoint (:meth:`optimizer_state` / :meth:`load_optimizer_state`), so resume is exact.
+    With ``fresh`` a new optimizer is built per calibration (the earlier behaviour, kept for the
+    ablation): Adam's bias-corrected first steps then move every coordinate by about ``lr``
+    whatever its gradient.
 
     Args:
         model: the denoiser instance (parameters are overwritten from the given vector).
@@ -138,12 +142,50 @@ class ServerCalibrator:
         self.conditional = conditional
         self._derive = derive
         self._p_cal, self._p_eval = purpose_calibrate, purpose_eval
+        self._opt: torch.optim.Optimizer | None = None
 
-    def _optimizer(self) -> torch.optim.Optimizer:
+    def _new_optimizer(self) -> torch.optim.Optimizer:
         params = list(self.model.parameters())
         if self.cfg.server_optimizer == "adam":
             return torch.optim.Adam(params, lr=self.cfg.server_lr, foreach=True)
         return torch.optim.SGD(params, lr=self.cfg.server_lr, foreach=True)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        if self.cfg.server_optimizer_state == "fresh":
+            return self._new_optimizer()
+        if self._opt is None:
+            self._opt = self._new_optimizer()
+        return self._opt
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The persistent optimizer's per-parameter state as flat named tensors
+        (``"<param index>.<name>"``); empty before the first calibration or when ``fresh``."""
+        if self._opt is None:
+            return {}
+        out: dict[str, torch.Tensor] = {}
+        for i, st in self._opt.state_dict()["state"].items():
+            for k, v in st.items():
+                out[f"{i}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).cpu()
+        return out
+
+    def load_optimizer_state(self, flat: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`optimizer_state` (exact: same tensors, same step counts)."""
+        if not flat:
+            self._opt = None
+            return
+        opt = self._new_optimizer()
+        sd = opt.state_dict()
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in flat.items():
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = v.clone()
+        if set(state) - set(sd["param_groups"][0]["params"]):
+            raise ValueError(
+                "checkpoint: the server optimizer state names parameters the model does not have"
+            )
+        sd["state"] = state
+        opt.load_state_dict(sd)
+        self._opt = opt
 
     def calibrate(
         self, params: torch.Tensor, steps: int, rnd: int, *, use_all: bool = False
@@ -221,14 +263,50 @@ class FedDDPM(StrategyWrapper):
 
     name = "fedddpm"
 
-    def __init__(self, base: Strategy, cfg: FedDDPMConfig, calibrator: ServerCalibrator) -> None:
+    def __init__(
+        self,
+        base: Strategy,
+        cfg: FedDDPMConfig,
+        calibrator: ServerCalibrator,
+        client_examples_per_round: int | None = None,
+    ) -> None:
         super().__init__(base)
         self.fd = cfg
         self.calibrator = calibrator
         self.server_steps_total = 0
         self.server_seconds_total = 0.0
+        self.rounds_aggregated = 0
         self._last: dict[str, object] = {}
         self._ema_fresh = False
+        self.client_examples_per_round = client_examples_per_round
+        if cfg.calibration_fraction is not None and not client_examples_per_round:
+            raise ValueError(
+                "fedddpm.calibration_fraction: needs the planned client examples per round "
+                "(client_examples_per_round); set calibration_steps instead"
+            )
+
+    @property
+    def steps_per_round(self) -> int:
+        """Server steps after each aggregation: ``calibration_steps``, or with
+        ``calibration_fraction`` f: ``max(1, round(f x client examples per round / server
+        batch))`` (so the server processes about f times the examples the clients do)."""
+        f = self.fd.calibration_fraction
+        if f is None:
+            return self.fd.calibration_steps
+        assert self.client_examples_per_round is not None  # checked in __init__
+        return max(1, round(f * self.client_examples_per_round / self.fd.server_batch_size))
+
+    def compute_metrics(self) -> dict[str, object]:
+        """Server compute so far: examples and their ratio to the clients' planned examples."""
+        out: dict[str, object] = {
+            "server_examples_total": self.server_steps_total * self.fd.server_batch_size
+        }
+        if self.client_examples_per_round and self.rounds_aggregated:
+            out["server_vs_client_examples"] = round(
+                self.server_steps_total * self.fd.server_batch_size
+                / (self.client_examples_per_round * self.rounds_aggregated), 4
+            )
+        return out
 
     # ------------------------------------------------------------------ delegation
     # configure_round, broadcast, local_objective, client_update, eval_params: StrategyWrapper
@@ -255,7 +333,8 @@ class FedDDPM(StrategyWrapper):
 
     def after_aggregation(self, rnd: int, new: torch.Tensor) -> torch.Tensor:
         """FedDDPM: calibrate every round."""
-        steps = self.fd.calibration_steps
+        self.rounds_aggregated += 1
+        steps = self.steps_per_round
         if steps == 0:
             self._last = {"server_steps": 0, "server_seconds": 0.0}
             return new
@@ -288,13 +367,19 @@ class FedDDPM(StrategyWrapper):
             **self._last,
             "server_steps_total": self.server_steps_total,
             "server_seconds_total": round(self.server_seconds_total, 4),
+            **self.compute_metrics(),
         }
 
     # ------------------------------------------------------------------ persistence
+    _OPT = "fedddpm.opt."
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = dict(self.base.state_dict())
         out["fedddpm.server_steps_total"] = torch.tensor(self.server_steps_total)
         out["fedddpm.server_seconds_total"] = torch.tensor(self.server_seconds_total)
+        out["fedddpm.rounds_aggregated"] = torch.tensor(self.rounds_aggregated)
+        for k, v in self.calibrator.optimizer_state().items():
+            out[self._OPT + k] = v
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -302,3 +387,8 @@ class FedDDPM(StrategyWrapper):
         if "fedddpm.server_steps_total" in state:
             self.server_steps_total = int(state["fedddpm.server_steps_total"])
             self.server_seconds_total = float(state["fedddpm.server_seconds_total"])
+        if "fedddpm.rounds_aggregated" in state:
+            self.rounds_aggregated = int(state["fedddpm.rounds_aggregated"])
+        self.calibrator.load_optimizer_state(
+            {k[len(self._OPT):]: v for k, v in state.items() if k.startswith(self._OPT)}
+        )

@@ -124,8 +124,9 @@ class FedDDPMPlus(FedDDPM):
         cfg: FedDDPMConfig,
         calibrator: ServerCalibrator,
         detector: SlowLearningDetector | None = None,
+        client_examples_per_round: int | None = None,
     ) -> None:
-        super().__init__(base, cfg, calibrator)
+        super().__init__(base, cfg, calibrator, client_examples_per_round)
         self.detector = detector or SlowLearningDetector(
             cfg.detector_window, cfg.detector_threshold, cfg.max_corrections
         )
@@ -133,6 +134,7 @@ class FedDDPMPlus(FedDDPM):
 
     def after_aggregation(self, rnd: int, new: torch.Tensor) -> torch.Tensor:
         self.rounds_seen += 1
+        self.rounds_aggregated += 1
         loss = self.calibrator.holdout_loss(new.to(torch.float32))
         dec = self.detector.observe(loss)
         info: dict[str, object] = {
@@ -153,7 +155,7 @@ class FedDDPMPlus(FedDDPM):
         info.update(
             server_steps=steps,
             server_seconds=round(secs, 4),
-            server_steps_saved_vs_fedddpm=self.rounds_seen * self.fd.calibration_steps
+            server_steps_saved_vs_fedddpm=self.rounds_seen * self.steps_per_round
             - self.server_steps_total,
         )
         self._last = info
