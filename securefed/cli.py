@@ -411,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--accountant", choices=["prv", "rdp"], default="prv")
     b.set_defaults(func=_cmd_budget)
 
+    from securefed.deploy.simulation_runtime import add_flower_sim_parser
+
+    add_flower_sim_parser(sub)
+
     k = sub.add_parser("keys", help="provision protocol keys")
     ksub = k.add_subparsers(dest="keys_command", required=True)
     ki = ksub.add_parser("init", help="client signing keys + roster, and/or CKKS contexts")
@@ -441,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     from securefed.audit.threats import ThreatModelError
     from securefed.config import ConfigError
     from securefed.data import DatasetError, PartitionError
+    from securefed.deploy.simulation_runtime import SimulationRuntimeError
     from securefed.federation.checkpoint import CheckpointError
 
     try:
@@ -455,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         PermissionError,
         ThreatModelError,
         AttackError,
+        SimulationRuntimeError,
     ) as exc:
         print(f"securefed {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -28,10 +28,12 @@ app = ClientApp()
 
 def _handle(msg: Message, context: Context) -> Message:
     from securefed.deploy.node import NodeOptions, Site, dispatch
+    from securefed.deploy.simulation_runtime import site_node_config
 
     reply: dict[str, Any]
     try:
-        site = Site(NodeOptions.from_node_config(dict(context.node_config)))
+        node_config = site_node_config(context.node_config, context.run_config)
+        site = Site(NodeOptions.from_node_config(node_config))
         rec = msg.content.config_records.get(RECORD)
         if rec is None:
             raise ValueError(f"coordinator: message has no {RECORD!r} record")

@@ -1,0 +1,112 @@
+"""The deployment's ServerApp/ClientApp under Flower's Simulation Runtime (Ray backend).
+
+The same experiment runs twice: through ``flwr run`` on 3 virtual SuperNodes hosted by Ray
+(real SuperLink in simulation mode, real coordinator, real masking protocol, real site handlers
+with their own ledgers) and in-process (``securefed run``). The global models agree within the
+masking grid and every site's ledger equals the simulation's entries for that client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from securefed.deploy.simulation_runtime import SIMULATION_ENV, site_node_config
+from tests.test_deploy import _cfg, _ckpt_params, _metrics, _tolerance, _write_cfg
+
+
+def test_a_real_supernode_never_takes_its_folders_from_the_run_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Outside the Simulation Runtime a coordinator cannot point a site's ledger elsewhere."""
+    virtual = {"partition-id": 1, "num-partitions": 3}
+    rc = {"sim-state-root": "/coordinator/chosen", "sim-keys-dir": "/coordinator/keys"}
+    monkeypatch.delenv(SIMULATION_ENV, raising=False)
+    with pytest.raises(ValueError, match="state-dir: required"):
+        site_node_config(virtual, rc)
+    # a site with its own node config is never rewritten, simulation or not
+    own = {"state-dir": "/site/state", "keys-dir": "/site/keys", "partition-id": 1}
+    assert site_node_config(own, rc) == own
+    monkeypatch.setenv(SIMULATION_ENV, "1")
+    assert site_node_config(own, rc) == own
+    assert site_node_config(virtual, rc) == {
+        "state-dir": str(Path("/coordinator/chosen") / "site_1"),
+        "keys-dir": "/coordinator/keys", "partition-id": 1,
+    }
+    with pytest.raises(ValueError, match="sim-state-root"):
+        site_node_config(virtual, {"sim-keys-dir": "/k"})
+
+
+@pytest.mark.deploy
+@pytest.mark.timeout(900)
+def test_flower_simulation_runtime_matches_the_in_process_simulation(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from securefed.client.update import get_flat
+    from securefed.deploy.simulation_runtime import FlowerSimulation
+    from securefed.run import build_model, run_experiment
+
+    cfg = _cfg()
+    exp = _write_cfg(tmp_path / "experiment.yaml", cfg)
+    run_dir = tmp_path / "flower-sim"
+    fed = FlowerSimulation(tmp_path / "fed", 3, ray_cpus=min(2, os.cpu_count() or 1))
+    t0 = time.monotonic()
+    try:
+        fed.start()
+        fed.run(exp, run_dir, {"stage-timeout": 240.0, "train-timeout": 480.0}, timeout=600)
+    except BaseException:
+        print(fed.log_tail())
+        raise
+    finally:
+        fed.stop()
+    flower_seconds = time.monotonic() - t0
+    t1 = time.monotonic()
+    sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    sim_seconds = time.monotonic() - t1
+
+    rows = _metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["participants"] == [0, 1, 2] and r["dropped"] == [], r
+    init = get_flat(build_model(cfg, (1, 8, 8), 10))
+    sim1, dep1 = _ckpt_params(tmp_path / "sim", 1), _ckpt_params(run_dir, 1)
+    tol1 = 2 * _tolerance(rows[0], init, sim1)
+    assert float((dep1 - sim1).abs().max()) <= tol1
+    assert float((dep1 - init).abs().max()) > 100 * tol1  # the model did move
+    final = _ckpt_params(run_dir, 2)
+    tol2 = tol1 + 2 * _tolerance(rows[1], sim1, sim.final_params)
+    assert float((final - sim.final_params).abs().max()) <= 10 * tol2
+    assert torch.isfinite(final).all()
+    # each virtual site kept its own ledger, equal to the simulation's entries for it
+    sim_ledger = json.loads((tmp_path / "sim" / "privacy_ledger.json").read_text())
+    for i in range(3):
+        led = json.loads((fed.site_state_dir(i) / "privacy_ledger.json").read_text())
+        assert list(led["clients"]) == [str(i)]
+        assert led["clients"][str(i)] == sim_ledger["clients"][str(i)]
+        mine = [e for e in sim_ledger["entries"] if e["client_id"] == i]
+        assert len(led["entries"]) == len(mine) == 2
+        for a, b in zip(led["entries"], mine, strict=True):
+            assert {k: v for k, v in a.items() if k != "epsilon_after"} == {
+                k: v for k, v in b.items() if k != "epsilon_after"
+            }
+            assert a["epsilon_after"] == pytest.approx(b["epsilon_after"], rel=1e-9)
+    print("flower simulation timing:", json.dumps({
+        "flower_sim_total_s": round(flower_seconds, 1),
+        "flower_sim_round_s": [r["seconds"]["round_total"] for r in rows],
+        "in_process_total_s": round(sim_seconds, 1),
+    }))
+
+
+def test_flower_sim_cli_refuses_a_used_run_directory(tmp_path: Path) -> None:
+    from securefed.cli import main
+
+    exp = _write_cfg(tmp_path / "experiment.yaml", _cfg())
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    assert main(["flower-sim", str(exp), "--out", str(out)]) == 2
+    assert (out / "metrics.jsonl").read_text() == "{}\n"  # nothing written over
