@@ -45,6 +45,7 @@ from securefed.io import atomic_write_text
 
 __all__ = [
     "SIMULATION_ENV",
+    "SITE_CONFIG_ENV",
     "FlowerSimulation",
     "SimulationRuntimeError",
     "site_node_config",
@@ -53,6 +54,9 @@ __all__ = [
 #: set to ``1`` in a site process's own environment to let a virtual SuperNode take its folders
 #: from the run config (see the module docstring)
 SIMULATION_ENV = "SECUREFED_SIMULATION_RUNTIME"
+#: JSON object of extra ``--node-config`` entries (policy knobs such as ``min-cohort``) for every
+#: virtual site, from the site processes' own environment, never from the coordinator
+SITE_CONFIG_ENV = "SECUREFED_SIMULATION_SITE_CONFIG"
 _CONNECTION = "securefed-sim"
 
 
@@ -90,7 +94,18 @@ def site_node_config(
                 f"--run-config '{key}=\"/abs/path\"' (securefed flower-sim sets it)"
             )
     pid = int(nc["partition-id"])
+    try:
+        extra = json.loads(os.environ.get(SITE_CONFIG_ENV) or "{}")
+    except ValueError:
+        extra = None
+    if not isinstance(extra, dict):
+        raise ValueError(f"{SITE_CONFIG_ENV}: expected a JSON object of --node-config entries, "
+                         f"e.g. '{{\"min-cohort\": 2}}'")
+    bad = sorted({"state-dir", "keys-dir", "partition-id", "client-id"} & set(extra))
+    if bad:
+        raise ValueError(f"{SITE_CONFIG_ENV}: {bad} are set per virtual site; remove them")
     out = {k: v for k, v in nc.items() if k not in ("partition-id", "num-partitions")}
+    out.update(extra)
     out.update({
         "state-dir": str(Path(str(root)) / f"site_{pid}"),
         "keys-dir": str(keys),
@@ -131,6 +146,8 @@ class FlowerSimulation:
             beyond ``cores / cpus_per_site`` wait for a free actor.
         gpus_per_site: Ray GPU share per virtual site.
         ray_cpus: CPUs Ray may use in all (default: every core).
+        site_config: extra ``--node-config`` entries of every virtual site (its policy knobs,
+            e.g. ``{"min-cohort": 2}``), passed in the sites' own environment.
     """
 
     work: Path
@@ -138,6 +155,7 @@ class FlowerSimulation:
     cpus_per_site: int = 1
     gpus_per_site: float = 0.0
     ray_cpus: int | None = None
+    site_config: Mapping[str, Any] = field(default_factory=dict)
     startup_timeout: float = 60.0
     _procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = field(default_factory=list)
 
@@ -157,6 +175,7 @@ class FlowerSimulation:
         env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
         env["FLWR_HOME"] = str(self.flwr_home)
         env[SIMULATION_ENV] = "1"
+        env[SITE_CONFIG_ENV] = json.dumps(dict(self.site_config))
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("OMP_NUM_THREADS", "1")
         env["FLWR_TELEMETRY_ENABLED"] = "0"
@@ -319,6 +338,9 @@ def add_flower_sim_parser(subparsers: Any) -> None:
                    help="Ray GPU share per virtual site, e.g. 0.25 (default 0)")
     p.add_argument("--ray-cpus", type=int, default=None,
                    help="CPUs Ray may use in all (default: every core; omit with RAY_ADDRESS)")
+    p.add_argument("--site-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a --node-config entry of every virtual site, e.g. min-cohort=2 "
+                   "(repeatable; the site policy knobs of docs/deploy.md)")
     p.add_argument("--timeout", type=float, default=6 * 3600.0,
                    help="seconds before giving up (default 6 h)")
     p.set_defaults(func=cli_flower_sim)
@@ -333,11 +355,19 @@ def cli_flower_sim(args: Any) -> int:
         raise FileExistsError(f"--out {out}: exists and is not empty; choose a new run directory")
     work = Path(args.work) if args.work else out.parent / f"{out.name}.flower"
     n = cfg.federation.num_clients
+    site_config: dict[str, Any] = {}
+    for item in args.site_config:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SimulationRuntimeError(f"--site-config {item!r}: expected KEY=VALUE, e.g. "
+                                         "min-cohort=2")
+        site_config[key.strip()] = value.strip()
     print(f"[flower-sim] {n} virtual sites, Ray resources {args.cpus_per_site} CPU / "
           f"{args.gpus_per_site} GPU each; logs in {work / 'logs'}", flush=True)
     t0 = time.monotonic()
     with FlowerSimulation(work, n, cpus_per_site=args.cpus_per_site,
-                          gpus_per_site=args.gpus_per_site, ray_cpus=args.ray_cpus) as fed:
+                          gpus_per_site=args.gpus_per_site, ray_cpus=args.ray_cpus,
+                          site_config=site_config) as fed:
         status = fed.run(Path(args.config), out, timeout=args.timeout, progress=True)
     print(f"[flower-sim] finished round {status.get('round')} in "
           f"{time.monotonic() - t0:.1f} s: {out}")
