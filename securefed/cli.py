@@ -424,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["supernode"]:  # every other argument belongs to flower-supernode
         from securefed.deploy.polling import main as supernode_main
 
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return supernode_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ each stage costs up to 3 s of idling at every site, whatever the computation.
 This wrapper runs the stock ``flower-supernode`` entry point in this process after replacing,
 **only in that module**, ``time`` by a shim whose ``sleep(3)`` sleeps ``idle_poll`` seconds and
 whose ``sleep(0.5)`` sleeps ``reply_poll`` seconds (every other call is the real ``time``), and
-its ``pull_objects`` by one that retries after 10 ms, doubling to 0.2 s.
+its ``pull_objects`` by one that retries after 10 ms, doubling to 50 ms.
 Nothing else changes: the same arguments, TLS, SuperNode authentication, Runtime API and auth
 secret. The cost is more idle pulls to the SuperLink (one authenticated HTTPS request per
 ``idle_poll`` seconds per site instead of one per 3 s).
@@ -56,9 +56,9 @@ log = logging.getLogger(__name__)
 SUPPORTED_FLWR = "1.41."
 IDLE_SLEEP = 3
 REPLY_SLEEP = 0.5
-#: object pulls: first retry after 10 ms, doubling up to 0.2 s (flwr: 1 s doubling to 10 s)
+#: object pulls: first retry after 10 ms, doubling up to 50 ms (flwr: 1 s doubling to 10 s)
 PULL_BACKOFF = 0.01
-PULL_BACKOFF_CAP = 0.2
+PULL_BACKOFF_CAP = 0.05
 
 
 class PatchError(RuntimeError):

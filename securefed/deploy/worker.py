@@ -152,7 +152,6 @@ class SiteWorker:
 
     # ------------------------------------------------------------------ HTTP clients
     def _client(self, interceptors: list[Any]) -> Any:
-        from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
 
         return RuntimeHttpClient.from_server_address(
@@ -160,7 +159,7 @@ class SiteWorker:
             insecure=self.root_certificates is None,
             root_certificates=self.root_certificates,
             interceptors=interceptors,
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=_retry_invoker(),
         )
 
     def _acquirer(self) -> Any:
@@ -197,7 +196,6 @@ class SiteWorker:
         from flwr.app import Message
         from flwr.app.error import Error
         from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supercore.interceptors import (
             RuntimeTokenHttpInterceptor,
             RuntimeVersionHttpInterceptor,
@@ -207,12 +205,12 @@ class SiteWorker:
         from securefed.deploy.client_app import app
 
         t0 = time.perf_counter()
+        log.info("task %s acquired", task.task_id)
         client = self._client([
             RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
             RuntimeTokenHttpInterceptor(token),
         ])
-        heartbeat = HeartbeatSender(_heartbeat_fn(client, task.task_id))
-        heartbeat.start()
+        heartbeat = _Heartbeat(_heartbeat_fn(client, task.task_id))
         message = context = reply = None
         status, details = SubStatus.FAILED, "securefed site worker: task failed"
         marks = [t0]
@@ -307,12 +305,12 @@ class SiteWorker:
             self._acquire_client = None
 
 
-def pull_task_input(client: Any, backoff: float = 0.01, backoff_cap: float = 0.2) -> Any:
+def pull_task_input(client: Any, backoff: float = 0.01, backoff_cap: float = 0.02) -> Any:
     """``flwr.supernode.runtime.run_clientapp.pull_task_input`` with a short backoff.
 
     The SuperNode creates the task before it has pulled the message's objects from the
     SuperLink, so a warm worker usually asks for them too early; flwr's pull then backs off
-    1 s, 2 s, ... (``PULL_INITIAL_BACKOFF``). Here it retries after 10 ms, doubling to 0.2 s.
+    1 s, 2 s, ... (``PULL_INITIAL_BACKOFF``). Here it retries every 10-20 ms (a local request).
     """
     from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
@@ -352,6 +350,54 @@ def pull_task_input(client: Any, backoff: float = 0.01, backoff_cap: float = 0.2
     # the deflated message does not carry its own id (its object id)
     message.metadata.__dict__["_message_id"] = tree.object_id
     return message, context, run, fab
+
+
+def _retry_invoker(max_time: float = 30.0) -> Any:
+    """Retry what a restarting SuperNode causes (connection errors, 502/503/504) for up to
+    ``max_time`` s; raise every other HTTP error. (flwr's own invoker answers a 401 by sending
+    SIGINT to its process: right for a one-message ``flwr-clientapp``, not for this worker.)"""
+    import httpx
+    from flwr.supercore.retry import RetryInvoker, exponential
+
+    def giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError):
+            return exc.response.status_code not in (502, 503, 504)
+        return False
+
+    return RetryInvoker(
+        lambda: exponential(base_delay=0.05, max_delay=2),
+        (httpx.TransportError, httpx.HTTPStatusError),
+        max_tries=None,
+        max_time=max_time,
+        should_giveup=giveup,
+    )
+
+
+class _Heartbeat:
+    """Task heartbeats from a thread, the first after ``first`` seconds: a claimed task lives
+    30 s without one (``HEARTBEAT_DEFAULT_INTERVAL``), and a masking stage takes well under a
+    second, so short tasks send none (flwr's sender sends one at once: a request per message).
+    """
+
+    def __init__(self, beat: Callable[[], bool], first: float = 10.0, every: float = 15.0):
+        self._beat, self._first, self._every = beat, first, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="task-heartbeat")
+        self._thread.start()
+
+    def _run(self) -> None:
+        wait = self._first
+        while not self._stop.wait(wait):
+            ok = False
+            try:
+                ok = self._beat()
+            except Exception:
+                log.exception("task heartbeat failed")
+            wait = self._every if ok else 1.0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def _heartbeat_fn(client: Any, task_id: int) -> Callable[[], bool]:
@@ -429,6 +475,8 @@ def _site_worker(args: argparse.Namespace) -> int:
         root_certificates=args.root_certificates, poll_interval=args.poll_interval,
     )
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request
     t0 = time.perf_counter()
     worker.warm_up()
