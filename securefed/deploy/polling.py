@@ -227,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "SuperNode (3 s idle poll: each masking stage may wait up to 3 s)", exc)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per idle pull
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()
     return 0

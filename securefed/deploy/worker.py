@@ -133,7 +133,7 @@ class SiteWorker:
         auth_secret: bytes,
         *,
         root_certificates: str | None = None,
-        poll_interval: float = 0.02,
+        poll_interval: float = 0.05,
     ) -> None:
         if not auth_secret:
             raise WorkerConfigError(
@@ -444,8 +444,8 @@ def add_site_worker_parser(sub: Any) -> None:
     w.add_argument("--root-certificates",
                    help="CA (PEM) of the Runtime API's certificate, if the SuperNode serves it "
                    "with --ssl-certfile")
-    w.add_argument("--poll-interval", type=float, default=0.02,
-                   help="seconds between two AcquireTask calls while idle (default 0.02)")
+    w.add_argument("--poll-interval", type=float, default=0.05,
+                   help="seconds between two AcquireTask calls while idle (default 0.05)")
     w.set_defaults(func=_cmd_site_worker)
 
 
