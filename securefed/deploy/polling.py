@@ -12,12 +12,15 @@ per site, and the site that answers last makes every other site's next pull come
 each stage costs up to 3 s of idling at every site, whatever the computation.
 
 This wrapper runs the stock ``flower-supernode`` entry point in this process after replacing,
-**only in that module**, ``time`` by a shim whose ``sleep(3)`` sleeps ``idle_poll`` seconds and
-whose ``sleep(0.5)`` sleeps ``reply_poll`` seconds (every other call is the real ``time``), and
-its ``pull_objects`` by one that retries after 10 ms, doubling to 50 ms.
-Nothing else changes: the same arguments, TLS, SuperNode authentication, Runtime API and auth
-secret. The cost is more idle pulls to the SuperLink (one authenticated HTTPS request per
-``idle_poll`` seconds per site instead of one per 3 s).
+**only in that module**, ``time`` by a shim (every call but ``sleep`` is the real ``time``) and its
+``pull_objects`` by one that retries after 10 ms, doubling to 50 ms. The shim's ``sleep(3)``
+(a pull found nothing) is *adaptive*: ``idle_poll`` seconds after a message was served, then
+25% longer after each further empty pull, up to ``idle_max`` (default 3 s, Flower's own): the
+next masking stage usually arrives within a second, and an idle site goes back to Flower's
+rate within about 20 s. ``sleep(0.5)`` (waiting for the ClientApp's reply; it also marks a
+message being served) sleeps ``reply_poll`` seconds. Nothing else changes: the same arguments,
+TLS, SuperNode authentication, Runtime API and auth secret. The cost is more pulls to the
+SuperLink while a run is active.
 
 **Coordinator** (:func:`apply_grid_pull_patch`, applied by the ServerApp): the same 1 s
 backoff hits the coordinator, which often sees a site's reply before the SuperNode has pushed
@@ -66,16 +69,28 @@ class PatchError(RuntimeError):
 
 
 class PollingTime:
-    """``time`` for ``start_client_internal``: ``sleep(3)`` -> ``idle``, ``sleep(0.5)`` ->
-    ``reply``; everything else is the real ``time`` module."""
+    """``time`` for ``start_client_internal``: ``sleep(3)`` -> the adaptive idle poll,
+    ``sleep(0.5)`` -> ``reply``; everything else is the real ``time`` module.
 
-    def __init__(self, idle: float, reply: float) -> None:
+    Idle poll after ``k`` empty pulls since the last served message:
+    ``min(idle_max, idle * growth**k)``."""
+
+    def __init__(self, idle: float, reply: float, idle_max: float = IDLE_SLEEP,
+                 growth: float = 1.25) -> None:
         self.idle, self.reply = float(idle), float(reply)
+        self.idle_max, self.growth = float(idle_max), float(growth)
+        self.empty = 0
+
+    def next_idle(self) -> float:
+        wait = min(self.idle_max, self.idle * self.growth ** min(self.empty, 64))
+        self.empty += 1
+        return wait
 
     def sleep(self, seconds: float) -> None:
         if seconds == IDLE_SLEEP:
-            seconds = self.idle
+            seconds = self.next_idle()
         elif seconds == REPLY_SLEEP:
+            self.empty = 0  # a message is being served: the next stage is near
             seconds = self.reply
         time.sleep(seconds)
 
@@ -155,7 +170,7 @@ def poll_patch_applicable() -> str | None:
     return None
 
 
-def apply_poll_patch(idle: float, reply: float) -> PollingTime:
+def apply_poll_patch(idle: float, reply: float, idle_max: float = IDLE_SLEEP) -> PollingTime:
     """Shorten the SuperNode's idle and reply polls (flwr 1.41.x only).
 
     Raises:
@@ -163,12 +178,14 @@ def apply_poll_patch(idle: float, reply: float) -> PollingTime:
     """
     if not 0.01 <= idle <= IDLE_SLEEP:
         raise ValueError(f"--idle-poll {idle}: between 0.01 and {IDLE_SLEEP} seconds")
+    if not idle <= idle_max <= 60:
+        raise ValueError(f"--idle-poll-max {idle_max}: between --idle-poll ({idle}) and 60 s")
     if not 0.005 <= reply <= REPLY_SLEEP:
         raise ValueError(f"--reply-poll {reply}: between 0.005 and {REPLY_SLEEP} seconds")
     why = poll_patch_applicable()
     if why is not None:
         raise PatchError(why)
-    shim = PollingTime(idle, reply)
+    shim = PollingTime(idle, reply, idle_max)
     sci = _target()
     why = _short_pull(sci)
     if why is not None:
@@ -178,14 +195,15 @@ def apply_poll_patch(idle: float, reply: float) -> PollingTime:
 
 
 def _split(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
-    """Our three flags (``--idle-poll``, ``--reply-poll``, ``--poll-patch``) out of argv; the
+    """Our flags (``--idle-poll``, ``--idle-poll-max``, ``--reply-poll``, ``--poll-patch``) out
+    of argv; the
     rest goes to flower-supernode untouched."""
     ours: dict[str, str] = {}
     rest: list[str] = []
     it = iter(argv)
     for a in it:
         name, eq, value = a.partition("=")
-        if name in ("--idle-poll", "--reply-poll", "--poll-patch"):
+        if name in ("--idle-poll", "--idle-poll-max", "--reply-poll", "--poll-patch"):
             if not eq:
                 value = next(it, "")
             ours[name[2:]] = value
@@ -195,8 +213,8 @@ def _split(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``securefed supernode [--idle-poll S] [--reply-poll S] [--poll-patch auto|require|off]
-    FLOWER-SUPERNODE-ARGS...``."""
+    """``securefed supernode [--idle-poll S] [--idle-poll-max S] [--reply-poll S]
+    [--poll-patch auto|require|off] FLOWER-SUPERNODE-ARGS...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, rest = _split(argv)
     mode = ours.get("poll-patch", "auto")
@@ -205,16 +223,17 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        idle = float(ours.get("idle-poll", "0.1"))
+        idle = float(ours.get("idle-poll", "0.05"))
+        idle_max = float(ours.get("idle-poll-max", str(IDLE_SLEEP)))
         reply = float(ours.get("reply-poll", "0.02"))
     except ValueError as exc:
         print(f"securefed supernode: {exc}", file=sys.stderr)
         return 2
     if mode != "off":
         try:
-            apply_poll_patch(idle, reply)
-            log.warning("securefed supernode: idle poll %.3g s, reply poll %.3g s "
-                        "(flwr 1.41 poll patch)", idle, reply)
+            apply_poll_patch(idle, reply, idle_max)
+            log.warning("securefed supernode: idle poll %.3g s growing to %.3g s, reply poll "
+                        "%.3g s (flwr 1.41 poll patch)", idle, idle_max, reply)
         except ValueError as exc:
             print(f"securefed supernode: {exc}", file=sys.stderr)
             return 2

@@ -124,7 +124,8 @@ class SiteWorker:
         root_certificates: CA (PEM path) of the Runtime API's certificate when the SuperNode
             serves it with ``--ssl-certfile``; ``None``: plain HTTP (the API must then listen on
             127.0.0.1 only, on a host the site controls).
-        poll_interval: seconds between two ``AcquireTask`` calls when there is no task.
+        poll_interval: seconds between two ``AcquireTask`` calls right after a task; each
+            further empty call waits 25% longer, up to ``max_poll_interval``.
     """
 
     def __init__(
@@ -133,7 +134,8 @@ class SiteWorker:
         auth_secret: bytes,
         *,
         root_certificates: str | None = None,
-        poll_interval: float = 0.05,
+        poll_interval: float = 0.02,
+        max_poll_interval: float = 0.5,
     ) -> None:
         if not auth_secret:
             raise WorkerConfigError(
@@ -146,6 +148,7 @@ class SiteWorker:
         self.auth_secret = auth_secret
         self.root_certificates = root_certificates
         self.poll_interval = poll_interval
+        self.max_poll_interval = max(poll_interval, max_poll_interval)
         self.stats = WorkerStats()
         self._stop = threading.Event()
         self._acquire_client: Any = None
@@ -272,11 +275,13 @@ class SiteWorker:
         """Acquire and serve tasks until :meth:`stop` (or ``max_tasks`` served)."""
         import httpx
 
-        backoff = self.poll_interval
+        backoff, empty = self.poll_interval, 0
         while not self._stop.is_set():
             try:
                 got = self.acquire()
-                backoff = self.poll_interval
+                backoff = min(self.max_poll_interval,
+                              self.poll_interval * 1.25 ** min(empty, 64))
+                empty = 0 if got is not None else empty + 1
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code in (401, 403):
                     raise WorkerConfigError(
@@ -444,8 +449,11 @@ def add_site_worker_parser(sub: Any) -> None:
     w.add_argument("--root-certificates",
                    help="CA (PEM) of the Runtime API's certificate, if the SuperNode serves it "
                    "with --ssl-certfile")
-    w.add_argument("--poll-interval", type=float, default=0.05,
-                   help="seconds between two AcquireTask calls while idle (default 0.05)")
+    w.add_argument("--poll-interval", type=float, default=0.02,
+                   help="seconds between two AcquireTask calls right after a task; 25%% longer "
+                   "after each empty one (default 0.02)")
+    w.add_argument("--max-poll-interval", type=float, default=0.5,
+                   help="the longest wait between two AcquireTask calls (default 0.5)")
     w.set_defaults(func=_cmd_site_worker)
 
 
@@ -473,6 +481,7 @@ def _site_worker(args: argparse.Namespace) -> int:
     worker = SiteWorker(
         args.runtime_api_address, load_auth_secret(Path(args.auth_secret_file)),
         root_certificates=args.root_certificates, poll_interval=args.poll_interval,
+        max_poll_interval=args.max_poll_interval,
     )
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     logging.basicConfig(level=logging.INFO, force=True,
