@@ -386,7 +386,7 @@ def _check_site_processes(fed: Any, rounds: int) -> None:
 
     for i in range(fed.num_sites):
         log = (fed.work / "logs" / f"site_{i}.log").read_text()
-        assert "idle poll 0.05 s growing to 3 s" in log and "(flwr 1.41 poll patch)" in log
+        assert "idle poll 0.1 s growing to 3 s" in log and "(flwr 1.41 poll patch)" in log
         served = (fed.work / "logs" / f"site_{i}_worker.log").read_text()
         assert served.count("(query.setup) completed") == 1, served[-3000:]
         for stage in Stage.ORDER:

@@ -52,16 +52,24 @@ def test_poll_patch_applies_to_flwr_1_41_only_where_it_means_to(
     assert sci.pull_objects.keywords == {"initial_backoff": 0.01, "backoff_cap": 0.05}
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
-    sci.time.sleep(3)  # the idle poll: short after a message, growing while nothing comes
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    sci.time.sleep(0.5)  # the reply poll; a message is being served
+    sci.time.sleep(3)  # the idle poll: short within the grace period after a message
+    clock[0] += 9.0
     sci.time.sleep(3)
-    sci.time.sleep(0.5)  # the reply poll (a message is served: the idle poll starts over)
+    clock[0] += 2.0  # nothing for 11 s: each further empty pull waits 25% longer
+    sci.time.sleep(3)
     sci.time.sleep(3)
     sci.time.sleep(1.25)  # anything else is untouched
-    assert slept == pytest.approx([0.05, 0.0625, 0.01, 0.05, 1.25])
+    assert slept == pytest.approx([0.01, 0.05, 0.05, 0.05, 0.0625, 1.25])
     for _ in range(40):  # idle for long: back to Flower's own 3 s, never longer
         sci.time.sleep(3)
     assert slept[-1] == 3 and max(slept) == 3
-    assert sci.time.monotonic is time.monotonic  # the rest of time is the real module
+    sci.time.sleep(0.5)  # a message again: short polls again
+    sci.time.sleep(3)
+    assert slept[-1] == 0.05
+    assert sci.time.perf_counter is time.perf_counter  # the rest of time is the real module
     # applying twice is harmless
     assert polling.apply_poll_patch(0.05, 0.01).idle == 0.05
 

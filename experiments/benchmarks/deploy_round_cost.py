@@ -129,7 +129,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stock", action="store_true",
                     help="stock Flower: a flwr-clientapp process per message, 3 s idle poll")
-    ap.add_argument("--idle-poll", type=float, default=0.05,
+    ap.add_argument("--idle-poll", type=float, default=0.1,
                     help="securefed supernode --idle-poll (seconds)")
     ap.add_argument("--keep", type=Path, help="keep every file under this folder")
     args = ap.parse_args()

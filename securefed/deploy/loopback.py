@@ -92,7 +92,7 @@ class LoopbackFederation:
     node_config: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     startup_timeout: float = 90.0
     worker: bool = True
-    idle_poll: float | None = 0.05
+    idle_poll: float | None = 0.1
     procs: dict[str, _Proc] = field(default_factory=dict)
     node_ids: dict[int, int] = field(default_factory=dict)
 

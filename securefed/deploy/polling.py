@@ -12,15 +12,16 @@ per site, and the site that answers last makes every other site's next pull come
 each stage costs up to 3 s of idling at every site, whatever the computation.
 
 This wrapper runs the stock ``flower-supernode`` entry point in this process after replacing,
-**only in that module**, ``time`` by a shim (every call but ``sleep`` is the real ``time``) and its
-``pull_objects`` by one that retries after 10 ms, doubling to 50 ms. The shim's ``sleep(3)``
-(a pull found nothing) is *adaptive*: ``idle_poll`` seconds after a message was served, then
-25% longer after each further empty pull, up to ``idle_max`` (default 3 s, Flower's own): the
-next masking stage usually arrives within a second, and an idle site goes back to Flower's
-rate within about 20 s. ``sleep(0.5)`` (waiting for the ClientApp's reply; it also marks a
-message being served) sleeps ``reply_poll`` seconds. Nothing else changes: the same arguments,
-TLS, SuperNode authentication, Runtime API and auth secret. The cost is more pulls to the
-SuperLink while a run is active.
+**only in that module**, ``time`` by a shim (every call but ``sleep`` is the real ``time``) and
+its ``pull_objects`` by one that retries after 10 ms, doubling to 50 ms. The shim's
+``sleep(3)`` (a pull found nothing) is *adaptive*: ``idle_poll`` seconds for ``grace`` seconds
+(10) after a message was served (the next masking stage usually arrives within a second or
+two), then 25% longer after each further empty pull, up to ``idle_max`` (default 3 s, Flower's
+own): an idle site goes back to Flower's rate within about half a minute. ``sleep(0.5)``
+(waiting for the ClientApp's reply; it also marks a message being served) sleeps
+``reply_poll`` seconds. Nothing else changes: the same arguments, TLS, SuperNode
+authentication, Runtime API and auth secret. The cost is more pulls to the SuperLink while a
+run is active.
 
 **Coordinator** (:func:`apply_grid_pull_patch`, applied by the ServerApp): the same 1 s
 backoff hits the coordinator, which often sees a site's reply before the SuperNode has pushed
@@ -72,16 +73,19 @@ class PollingTime:
     """``time`` for ``start_client_internal``: ``sleep(3)`` -> the adaptive idle poll,
     ``sleep(0.5)`` -> ``reply``; everything else is the real ``time`` module.
 
-    Idle poll after ``k`` empty pulls since the last served message:
-    ``min(idle_max, idle * growth**k)``."""
+    Idle poll: ``idle`` within ``grace`` seconds of the last served message, then
+    ``min(idle_max, idle * growth**k)`` after ``k`` further empty pulls."""
 
     def __init__(self, idle: float, reply: float, idle_max: float = IDLE_SLEEP,
-                 growth: float = 1.25) -> None:
+                 growth: float = 1.25, grace: float = 10.0) -> None:
         self.idle, self.reply = float(idle), float(reply)
-        self.idle_max, self.growth = float(idle_max), float(growth)
+        self.idle_max, self.growth, self.grace = float(idle_max), float(growth), float(grace)
         self.empty = 0
+        self.last_message = time.monotonic()
 
     def next_idle(self) -> float:
+        if time.monotonic() - self.last_message < self.grace:
+            return self.idle
         wait = min(self.idle_max, self.idle * self.growth ** min(self.empty, 64))
         self.empty += 1
         return wait
@@ -91,6 +95,7 @@ class PollingTime:
             seconds = self.next_idle()
         elif seconds == REPLY_SLEEP:
             self.empty = 0  # a message is being served: the next stage is near
+            self.last_message = time.monotonic()
             seconds = self.reply
         time.sleep(seconds)
 
@@ -223,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        idle = float(ours.get("idle-poll", "0.05"))
+        idle = float(ours.get("idle-poll", "0.1"))
         idle_max = float(ours.get("idle-poll-max", str(IDLE_SLEEP)))
         reply = float(ours.get("reply-poll", "0.02"))
     except ValueError as exc:

@@ -124,8 +124,8 @@ class SiteWorker:
         root_certificates: CA (PEM path) of the Runtime API's certificate when the SuperNode
             serves it with ``--ssl-certfile``; ``None``: plain HTTP (the API must then listen on
             127.0.0.1 only, on a host the site controls).
-        poll_interval: seconds between two ``AcquireTask`` calls right after a task; each
-            further empty call waits 25% longer, up to ``max_poll_interval``.
+        poll_interval: seconds between two ``AcquireTask`` calls within 10 s of the last task;
+            after that each further empty call waits 25% longer, up to ``max_poll_interval``.
     """
 
     def __init__(
@@ -275,13 +275,16 @@ class SiteWorker:
         """Acquire and serve tasks until :meth:`stop` (or ``max_tasks`` served)."""
         import httpx
 
-        backoff, empty = self.poll_interval, 0
+        backoff, empty, last_task = self.poll_interval, 0, time.monotonic()
         while not self._stop.is_set():
             try:
                 got = self.acquire()
+                if got is not None:
+                    empty, last_task = 0, time.monotonic()
+                elif time.monotonic() - last_task > 10.0:
+                    empty += 1
                 backoff = min(self.max_poll_interval,
                               self.poll_interval * 1.25 ** min(empty, 64))
-                empty = 0 if got is not None else empty + 1
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code in (401, 403):
                     raise WorkerConfigError(
@@ -450,8 +453,8 @@ def add_site_worker_parser(sub: Any) -> None:
                    help="CA (PEM) of the Runtime API's certificate, if the SuperNode serves it "
                    "with --ssl-certfile")
     w.add_argument("--poll-interval", type=float, default=0.02,
-                   help="seconds between two AcquireTask calls right after a task; 25%% longer "
-                   "after each empty one (default 0.02)")
+                   help="seconds between two AcquireTask calls within 10 s of a task; then 25%% "
+                   "longer after each empty one (default 0.02)")
     w.add_argument("--max-poll-interval", type=float, default=0.5,
                    help="the longest wait between two AcquireTask calls (default 0.5)")
     w.set_defaults(func=_cmd_site_worker)
