@@ -134,7 +134,7 @@ class SiteWorker:
         auth_secret: bytes,
         *,
         root_certificates: str | None = None,
-        poll_interval: float = 0.02,
+        poll_interval: float = 0.05,
         max_poll_interval: float = 0.5,
     ) -> None:
         if not auth_secret:
@@ -452,9 +452,9 @@ def add_site_worker_parser(sub: Any) -> None:
     w.add_argument("--root-certificates",
                    help="CA (PEM) of the Runtime API's certificate, if the SuperNode serves it "
                    "with --ssl-certfile")
-    w.add_argument("--poll-interval", type=float, default=0.02,
+    w.add_argument("--poll-interval", type=float, default=0.05,
                    help="seconds between two AcquireTask calls within 10 s of a task; then 25%% "
-                   "longer after each empty one (default 0.02)")
+                   "longer after each empty one (default 0.05)")
     w.add_argument("--max-poll-interval", type=float, default=0.5,
                    help="the longest wait between two AcquireTask calls (default 0.5)")
     w.set_defaults(func=_cmd_site_worker)
