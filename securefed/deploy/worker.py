@@ -300,7 +300,10 @@ class SiteWorker:
             if got is None:
                 self._stop.wait(backoff)
                 continue
-            self.serve_task(*got)
+            try:
+                self.serve_task(*got)
+            except Exception:  # the worker stays up for the next message
+                log.exception("task %s could not be served", got[1].task_id)
             if max_tasks is not None and self.stats.tasks >= max_tasks:
                 return
 
