@@ -431,10 +431,25 @@ def build_parser() -> argparse.ArgumentParser:
     from securefed.deploy.tls import add_keys_tls_parser  # `keys tls`: Flower deployment
 
     add_keys_tls_parser(ksub)
+    from securefed.deploy.worker import add_site_worker_parser  # Flower deployment, per site
+
+    add_site_worker_parser(sub)
+    sub.add_parser(
+        "supernode",
+        help="flower-supernode with its 3 s idle poll shortened (flwr 1.41.x; see docs/deploy.md)",
+        add_help=False,
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["supernode"]:  # every other argument belongs to flower-supernode
+        from securefed.deploy.polling import main as supernode_main
+
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return supernode_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -1,8 +1,9 @@
 """Deployment on Flower: credentials, site config, protocol state across processes, and two
-loopback integration tests (SuperLink + 3 SuperNodes with TLS and node authentication).
+loopback integration tests (SuperLink + 3 sites with TLS and node authentication).
 
-The integration tests (marker ``deploy``) start real ``flower-superlink`` / ``flower-supernode``
-processes on 127.0.0.1 and kill them (and their children) in ``finally``.
+The integration tests (marker ``deploy``) start real ``flower-superlink`` processes and, per
+site, ``securefed supernode --isolation process`` + ``securefed site-worker`` on 127.0.0.1, and
+kill them (and their children) in ``finally``.
 """
 
 from __future__ import annotations
@@ -393,6 +394,26 @@ def _federation(tmp_path: Path, **policy: Any) -> Any:
     return LoopbackFederation(tmp_path / "fed", 3, node_config=node_config)
 
 
+def _check_site_processes(fed: Any, rounds: int) -> None:
+    """Each site ran the patched SuperNode in process isolation, and its one worker served
+    every message of the run (setup + five stages a round) with the auth secret on."""
+    import httpx
+
+    from securefed.deploy.worker import SiteWorker
+
+    for i in range(fed.num_sites):
+        log = (fed.work / "logs" / f"site_{i}.log").read_text()
+        assert "idle poll 0.1 s growing to 3 s" in log and "(flwr 1.41 poll patch)" in log
+        served = (fed.work / "logs" / f"site_{i}_worker.log").read_text()
+        assert served.count("(query.setup) completed") == 1, served[-3000:]
+        for stage in Stage.ORDER:
+            assert served.count(f"(train.{stage}) completed") == rounds, (i, stage)
+    # the Runtime API's auth secret is on: a wrong secret (or none) gets no task
+    with pytest.raises(httpx.HTTPStatusError) as err:
+        SiteWorker(fed.runtime_address(0), b"not the secret, 32 bytes long..").acquire()
+    assert err.value.response.status_code == 401
+
+
 def _wait_status(run_dir: Path, pred: Any, timeout: float, fed: Any) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     run = fed.procs["flwr-run"].popen
@@ -429,7 +450,7 @@ def test_deployed_run_matches_the_simulation(tmp_path: Path) -> None:
         fed.start()
         started = time.monotonic() - t0
         fed.start_intruder()  # an unregistered SuperNode key, claiming site 0's data
-        fed.flwr_run(exp, run_dir, {"stage-timeout": 240.0, "train-timeout": 480.0},
+        fed.flwr_run(exp, run_dir, {"stage-timeout": 120.0, "train-timeout": 240.0},
                      wait=False)
         # meanwhile, the simulation of the same config and seed, in this process
         t1 = time.monotonic()
@@ -437,6 +458,7 @@ def test_deployed_run_matches_the_simulation(tmp_path: Path) -> None:
         sim_seconds = time.monotonic() - t1
         fed.wait_finished(run_dir, timeout=900)
         deployed_seconds = time.monotonic() - t0
+        _check_site_processes(fed, rounds=2)
     except BaseException:
         print(fed.logs())
         raise
@@ -512,9 +534,9 @@ def test_killed_supernode_round_completes_with_the_survivors_sum(tmp_path: Path)
     run_dir = tmp_path / "deployed"
     try:
         fed.start()
-        # a live site answers a stage well within 90 s even on a loaded machine; the killed one
-        # costs the round exactly this timeout at masked_input
-        fed.flwr_run(exp, run_dir, {"stage-timeout": 90.0, "train-timeout": 480.0},
+        # a warm site answers a stage in about a second (30 s: room for a loaded machine);
+        # the killed one costs the round at most this timeout at masked_input
+        fed.flwr_run(exp, run_dir, {"stage-timeout": 30.0, "train-timeout": 240.0},
                      wait=False)
         _wait_status(
             run_dir,

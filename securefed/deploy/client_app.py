@@ -2,7 +2,9 @@
 
 Every message type of :mod:`securefed.deploy.wire` is registered: ``query.setup`` and one
 ``train.<stage>`` per masking stage. The site's settings come from the SuperNode's
-``--node-config`` only; what the coordinator sends is validated by the handlers. A handler that
+``--node-config`` only; what the coordinator sends is validated by the handlers. Run either by
+Flower (a ``flwr-clientapp`` process per message) or, warm, by ``securefed site-worker``
+(:mod:`securefed.deploy.worker`). A handler that
 fails replies ``{"error": ...}`` (the coordinator counts the site as dropped for the round) and
 logs the traceback on the site.
 """
@@ -26,14 +28,28 @@ RECORD = "securefed"
 app = ClientApp()
 
 
+#: node config -> Site: in a long-lived process (``securefed site-worker``) the site's parsed
+#: experiment, data and keys stay loaded across messages (see :class:`~securefed.deploy.node.Site`)
+_SITES: dict[tuple[tuple[str, str], ...], Any] = {}
+
+
+def _site(node_config: dict[str, Any]) -> Any:
+    from securefed.deploy.node import NodeOptions, Site
+
+    key = tuple(sorted((str(k), repr(v)) for k, v in node_config.items()))
+    site = _SITES.get(key)
+    if site is None:
+        site = _SITES[key] = Site(NodeOptions.from_node_config(node_config))
+    return site
+
+
 def _handle(msg: Message, context: Context) -> Message:
-    from securefed.deploy.node import NodeOptions, Site, dispatch
+    from securefed.deploy.node import dispatch
     from securefed.deploy.simulation_runtime import site_node_config
 
     reply: dict[str, Any]
     try:
-        node_config = site_node_config(context.node_config, context.run_config)
-        site = Site(NodeOptions.from_node_config(node_config))
+        site = _site(site_node_config(context.node_config, context.run_config))
         rec = msg.content.config_records.get(RECORD)
         if rec is None:
             raise ValueError(f"coordinator: message has no {RECORD!r} record")

@@ -8,11 +8,15 @@ do, with real processes and the real credentials, only on loopback:
    each party gets only its own private keys (copied into its own folder, 0600);
 2. ``flower-superlink`` with TLS and ``--enable-supernode-auth``;
 3. ``flwr supernode register`` of every SuperNode's public key;
-4. one ``flower-supernode`` per site (TLS, its auth key, its ``--node-config``);
+4. per site: ``securefed supernode`` (``flower-supernode`` with the flwr 1.41 poll patch,
+   ``--isolation process``, TLS, its auth key, its ``--node-config``, a Runtime API auth
+   secret) and ``securefed site-worker`` beside it (one warm process serving every message);
+   ``worker=False`` starts the stock ``flower-supernode`` instead (a ``flwr-clientapp`` process
+   per message, for comparison);
 5. ``flwr run securefed/deploy/app`` with the experiment, run dir and key folder as run config.
 
 Every process runs in its own session and is killed with its children (SuperExec, ClientApp
-processes) by :meth:`LoopbackFederation.stop` or :meth:`kill_site`.
+processes) by :meth:`LoopbackFederation.stop` or :meth:`kill_site` (SuperNode and worker).
 """
 
 from __future__ import annotations
@@ -75,12 +79,20 @@ class LoopbackFederation:
         num_sites: number of SuperNodes (site i is client i).
         node_config: ``i -> extra --node-config entries`` of site i (``partition-id`` or
             ``data-path`` ...); ``state-dir`` and ``keys-dir`` are filled in.
+        worker: each site is ``securefed supernode --isolation process`` + ``securefed
+            site-worker`` (default); ``False``: the stock ``flower-supernode`` in subprocess
+            isolation (one ``flwr-clientapp`` process per message).
+        idle_poll: the SuperNodes' first idle poll after a message, in seconds (``securefed
+            supernode --idle-poll``, flwr 1.41 only; grows to Flower's 3 s while idle);
+            ``None``: the stock SuperNode (always 3 s).
     """
 
     work: Path
     num_sites: int
     node_config: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     startup_timeout: float = 90.0
+    worker: bool = True
+    idle_poll: float | None = 0.1
     procs: dict[str, _Proc] = field(default_factory=dict)
     node_ids: dict[int, int] = field(default_factory=dict)
 
@@ -98,6 +110,12 @@ class LoopbackFederation:
     def site_dir(self, i: int) -> Path:
         return self.work / f"site_{i}"
 
+    def runtime_secret(self, i: int) -> Path:
+        return self.site_dir(i) / "runtime.secret"
+
+    def runtime_address(self, i: int) -> str:
+        return f"127.0.0.1:{self.site_ports[i]}"
+
     def _env(self, flwr_home: Path) -> dict[str, str]:
         env = dict(os.environ)
         env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
@@ -107,8 +125,9 @@ class LoopbackFederation:
         # no phone-home from any party: Flower's telemetry and its update check are off
         env["FLWR_TELEMETRY_ENABLED"] = "0"
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-        # SuperExec polls for new ClientApp/ServerApp tasks every second by default
-        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+        # the SuperLink's SuperExec polls for a ServerApp task every second by default, for
+        # the whole run; 0.5 s: a run starts sooner, without a request every 0.1 s all along
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")
         return env
 
     def _spawn(self, name: str, argv: Sequence[str], flwr_home: Path) -> _Proc:
@@ -164,6 +183,8 @@ class LoopbackFederation:
                                (self.tls_dir / "ca.crt").read_bytes(), mode=0o644)
             atomic_write_bytes(self.site_dir(i) / "tls" / "supernode.key",
                                (self.tls_dir / f"supernode_{i}.key").read_bytes(), mode=0o600)
+            # the Runtime API's SuperExec auth secret, shared by the SuperNode and its worker
+            atomic_write_bytes(self.runtime_secret(i), os.urandom(32), mode=0o600)
 
     # ------------------------------------------------------------------ processes
     def start_superlink(self) -> None:
@@ -218,21 +239,38 @@ class LoopbackFederation:
         values.update(self.node_config.get(i, {"partition-id": i}))
         return _pairs(values)
 
+    def supernode_command(self, i: int) -> list[str]:
+        """Site i's SuperNode command line (what a site runs, paths filled in)."""
+        d = self.site_dir(i)
+        if self.idle_poll is None:
+            argv = [str(self.bin / "flower-supernode")]
+        else:
+            argv = [sys.executable, "-m", "securefed.cli", "supernode",
+                    "--poll-patch", "require", "--idle-poll", repr(self.idle_poll)]
+        argv += [
+            "--superlink", f"127.0.0.1:{self.link_port}",
+            "--root-certificates", str(d / "tls" / "ca.crt"),
+            "--auth-supernode-private-key", str(d / "tls" / "supernode.key"),
+            "--host", "127.0.0.1",
+            "--port", str(self.site_ports[i]),
+            "--node-config", self.node_config_string(i),
+        ]
+        if self.worker:
+            argv += ["--isolation", "process",
+                     "--superexec-auth-secret-file", str(self.runtime_secret(i))]
+        return argv
+
+    def worker_command(self, i: int) -> list[str]:
+        """Site i's worker command line."""
+        return [sys.executable, "-m", "securefed.cli", "site-worker",
+                "--runtime-api-address", self.runtime_address(i),
+                "--auth-secret-file", str(self.runtime_secret(i))]
+
     def start_site(self, i: int) -> None:
         d = self.site_dir(i)
-        self._spawn(
-            f"site_{i}",
-            [
-                str(self.bin / "flower-supernode"),
-                "--superlink", f"127.0.0.1:{self.link_port}",
-                "--root-certificates", str(d / "tls" / "ca.crt"),
-                "--auth-supernode-private-key", str(d / "tls" / "supernode.key"),
-                "--host", "127.0.0.1",
-                "--port", str(self.site_ports[i]),
-                "--node-config", self.node_config_string(i),
-            ],
-            d / "flwr-home",
-        )
+        self._spawn(f"site_{i}", self.supernode_command(i), d / "flwr-home")
+        if self.worker:
+            self._spawn(f"site_{i}_worker", self.worker_command(i), d / "flwr-home")
 
     def start_intruder(self) -> str:
         """Start a SuperNode whose (fresh) key was never registered, claiming site 0's data:
@@ -331,10 +369,11 @@ class LoopbackFederation:
                            f"{self.work / 'logs'}")
 
     def kill_site(self, i: int, sig: int = signal.SIGKILL) -> None:
-        """Kill site i's SuperNode and its children (a crash, not a goodbye)."""
-        proc = self.procs.get(f"site_{i}")
-        if proc is not None:
-            self._kill(proc, sig)
+        """Kill site i's SuperNode, its worker and their children (a crash, not a goodbye)."""
+        for name in (f"site_{i}", f"site_{i}_worker"):
+            proc = self.procs.get(name)
+            if proc is not None:
+                self._kill(proc, sig)
 
     @staticmethod
     def _kill(proc: _Proc, sig: int) -> None:

@@ -33,9 +33,13 @@ run is refused (replay); the DP plan is pinned at the first DP setup and any lat
 different DP-relevant field is refused; each run's DP noise key is derived from the site's
 secret key and a fresh per-run nonce (``site_runs.json``), so no two runs share noise.
 
-Each handler runs in a fresh process (Flower starts one ``flwr-clientapp`` per message) and
-re-derives everything from the node config, the experiment the coordinator sent at setup (kept
-in ``state-dir``) and the files in ``state-dir``.
+
+Every handler re-derives what it needs from the node config, the experiment the coordinator
+sent at setup (kept in ``state-dir``) and the files in ``state-dir``, so a fresh process per
+message (Flower's ``flwr-clientapp``) works. The long-lived site worker
+(:mod:`securefed.deploy.worker`) keeps one :class:`Site` per node config: it memoises the
+parsed experiment, the site's data and its keys (each keyed by what it was derived from), never
+the ledger or the round state, which stay on disk and are written before a reply leaves.
 """
 
 from __future__ import annotations
@@ -413,6 +417,27 @@ class Site:
     def __init__(self, options: NodeOptions) -> None:
         self.options = options
         self.who = f"site {options.client_id}"
+        # warm-process caches (site worker): what -> (key it was derived from, value)
+        self._memo: dict[str, tuple[Any, Any]] = {}
+
+    def _memoised(self, what: str, key: Any, build: Any) -> Any:
+        hit = self._memo.get(what)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        self._memo[what] = (key, value)
+        return value
+
+    @staticmethod
+    def _stamp(*paths: Path) -> tuple[tuple[int, int] | None, ...]:
+        out: list[tuple[int, int] | None] = []
+        for p in paths:
+            try:
+                st = p.stat()
+                out.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -425,10 +450,19 @@ class Site:
             raise WireError(
                 f"{self.who}: no experiment in {path}: the coordinator must run setup first"
             )
-        return parse_config(yaml.safe_load(path.read_text(encoding="utf-8")))
+        return self._memoised(
+            "experiment", self._stamp(path),
+            lambda: parse_config(yaml.safe_load(path.read_text(encoding="utf-8"))),
+        )
 
     def load_data(self, cfg: ExperimentConfig) -> ImageDataset:
-        """This site's training examples (nothing else is loaded into the trainer)."""
+        """This site's training examples (nothing else is loaded into the trainer); memoised
+        on the experiment fields that select them."""
+        key = (cfg.data.model_dump_json(), cfg.partition.model_dump_json(),
+               cfg.federation.num_clients, cfg.seed)
+        return self._memoised("data", key, lambda: self._load_data(cfg))
+
+    def _load_data(self, cfg: ExperimentConfig) -> ImageDataset:
         from securefed.data import load_dataset
 
         o = self.options
@@ -452,6 +486,13 @@ class Site:
         return prepared.members.subset(prepared.parts[pid])
 
     def _identity(self) -> tuple[Any, Any]:
+        kd = self.options.keys_dir
+        return self._memoised(
+            "identity", self._stamp(kd / "roster.json", kd / f"client_{self.cid}.key"),
+            self._load_identity,
+        )
+
+    def _load_identity(self) -> tuple[Any, Any]:
         from cryptography.hazmat.primitives import serialization
 
         from securefed.secagg.keys import load_client_key, load_roster

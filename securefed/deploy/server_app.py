@@ -46,7 +46,7 @@ class FlowerTransport:
     between pulls, which would add up to 3 s to every masking stage).
     """
 
-    def __init__(self, grid: Grid, poll_interval: float = 0.2) -> None:
+    def __init__(self, grid: Grid, poll_interval: float = 0.05) -> None:
         self.grid = grid
         self.poll_interval = poll_interval
 
@@ -141,13 +141,19 @@ def main(grid: Grid, context: Context) -> None:
         )
     cfg = load_config(experiment)
     options = options_from_run_config(rc, cfg.federation.num_clients)
+    from securefed.deploy.polling import apply_grid_pull_patch
+
+    why = apply_grid_pull_patch()  # flwr 1.41: reply objects pulled with a 10 ms backoff
+    if why is not None:
+        log.warning("coordinator: flwr pull backoff not shortened (%s): replies whose objects "
+                    "arrive late wait 1 s or more", why)
     options.run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(options.run_dir / "coordinator.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("securefed")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    poll = _num(rc, "poll-interval", 0.2, 0.01)
+    poll = _num(rc, "poll-interval", 0.05, 0.01)
     try:
         result = Coordinator(cfg, options, FlowerTransport(grid, poll)).run()
         log.info("deployment run %s: %d rounds", result.run_dir, result.rounds_completed)

@@ -1,0 +1,206 @@
+"""Cost of a deployed round against the in-process simulation of the same config (benchmark).
+
+Three sites on loopback, exactly as ``docs/deploy.md`` deploys them: ``flower-superlink`` with
+TLS and ``--enable-supernode-auth``, registered SuperNode keys, per site ``securefed supernode
+--isolation process`` (Runtime API auth secret) + ``securefed site-worker``; masking secure
+aggregation and record-level DP-SGD (``secure_noise: true``). The same experiment then runs in
+the in-process simulation (``securefed.run.run_experiment``), in the same process, after the
+deployment (not at the same time: the two do not share the CPUs). Prints each round's wall
+(``seconds.round_total`` of both ``metrics.jsonl``), the medians and, as its last line,
+``ratio X.XX`` = median deployed round / median simulated round. It also prints the CPU time
+all deployment processes (SuperLink, ServerApp, SuperNodes, workers) used per round, read from
+``/proc`` (Linux): on an idle machine with C cores a round cannot take less than that / C.
+
+    python experiments/benchmarks/deploy_round_cost.py [--rounds 3] [--stock] [--keep DIR]
+
+``--stock``: Flower's defaults for comparison (``flower-supernode`` in subprocess isolation, a
+``flwr-clientapp`` process per message, 3 s idle poll).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from securefed.config import dump_config, parse_config
+from securefed.deploy.loopback import LoopbackFederation
+from securefed.run import run_experiment
+
+#: the configuration of the issue's measurement (tests/test_deploy.py): 3 sites with 100
+#: digits each, a UNet of 10,593 parameters, 2 local DP-SGD steps a round, 32-bit masking
+EXPERIMENT: dict[str, Any] = {
+    "name": "deploy-round-cost",
+    "seed": 3,
+    "device": "cpu",
+    "data": {"name": "digits", "max_examples": 400, "holdout_fraction": 0.25},
+    "partition": {"kind": "iid"},
+    "model": {"base_channels": 8, "channel_mults": [1], "norm_groups": 4,
+              "attention_levels": []},
+    "diffusion": {"timesteps": 50},
+    "federation": {"num_clients": 3, "rounds": 3, "fraction_fit": 1.0},
+    "client": {"local_steps": 2, "batch_size": 16, "lr": 0.002},
+    "strategy": {"name": "fedavg"},
+    "secure_aggregation": {"protocol": "masking", "threshold": 0.7, "neighbours": "all",
+                           "bits": 32, "clip_range": 1.0},
+    "dp": {"level": "record", "target_epsilon": 8.0, "max_grad_norm": 1.0,
+           "accountant": "rdp", "secure_noise": True},
+    "evaluation": {"every": 100, "fid": False, "grid_samples": 4, "sampling_steps": 5,
+                   "holdout_loss_examples": 32},
+    "checkpoint": {"every": 1, "keep_last": 5},
+}
+
+
+class CpuSampler:
+    """CPU seconds used by every process in the given sessions (each LoopbackFederation process
+    leads its own session), sampled every 0.2 s, and the total at each round's start."""
+
+    def __init__(self, sessions: set[int], status: Path) -> None:
+        self.sessions, self.status = sessions, status
+        self.per_pid: dict[int, float] = {}
+        self.session_of: dict[int, int] = {}
+        self.marks: dict[Any, float] = {}
+        self.session_marks: dict[Any, dict[int, float]] = {}
+        self._stop = threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def total(self) -> float:
+        return sum(self.per_pid.values())
+
+    def _sample(self) -> None:
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(f[3]) in self.sessions:  # field 6 of stat: session id
+                self.per_pid[int(d.name)] = (int(f[11]) + int(f[12])) / self._tick
+                self.session_of[int(d.name)] = int(f[3])
+        try:
+            doc = json.loads(self.status.read_text())
+        except (OSError, ValueError):
+            return
+        key = doc.get("round") if doc.get("stage") != "finished" else "finished"
+        if key is not None and key not in self.marks:
+            self.marks[key] = self.total()
+            self.session_marks[key] = self.by_session()
+
+    def by_session(self) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for pid, cpu in self.per_pid.items():
+            out[self.session_of[pid]] = out.get(self.session_of[pid], 0.0) + cpu
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self._sample()
+
+    def stop(self) -> list[float]:
+        """CPU seconds per round (from one round's start to the next's, or to the end)."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        starts = [self.marks[k] for k in sorted(k for k in self.marks if isinstance(k, int))]
+        ends = [*starts[1:], self.marks.get("finished", self.total())]
+        return [b - a for a, b in zip(starts, ends, strict=True)]
+
+
+def _rounds(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [float(r["seconds"]["round_total"]) for r in rows if "seconds" in r]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--stock", action="store_true",
+                    help="stock Flower: a flwr-clientapp process per message, 3 s idle poll")
+    ap.add_argument("--idle-poll", type=float, default=0.1,
+                    help="securefed supernode --idle-poll (seconds)")
+    ap.add_argument("--keep", type=Path, help="keep every file under this folder")
+    args = ap.parse_args()
+
+    raw = json.loads(json.dumps(EXPERIMENT))
+    raw["federation"]["rounds"] = args.rounds
+    cfg = parse_config(raw)
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="deploy-cost-"))
+    work.mkdir(parents=True, exist_ok=True)
+    exp = work / "experiment.yaml"
+    exp.write_text(dump_config(cfg))
+    print(f"config: 3 sites x {400 * 3 // 4 // 3} digits, {args.rounds} rounds, masking + "
+          "record-level DP (secure noise); TLS + SuperNode auth"
+          + (", stock Flower" if args.stock else ", site worker + poll patch"), flush=True)
+
+    fed = LoopbackFederation(work / "fed", 3, worker=not args.stock,
+                             idle_poll=None if args.stock else args.idle_poll)
+    run_dir = work / "deployed"
+    t0 = time.monotonic()
+    try:
+        fed.start()
+        started = time.monotonic() - t0
+        t1 = time.monotonic()
+        sampler = CpuSampler(set(), run_dir / "status.json")
+        popen = fed.flwr_run(exp, run_dir, {"stage-timeout": 120.0, "train-timeout": 300.0},
+                             wait=False)
+        sampler.sessions = {p.popen.pid for p in fed.procs.values()} | {popen.pid}
+        fed.wait_finished(run_dir, timeout=600.0 + 300.0 * args.rounds)
+        deployed_total = time.monotonic() - t1
+        cpu = sampler.stop()
+        names = {p.popen.pid: n for n, p in fed.procs.items()}
+        first, last = sampler.session_marks.get(1, {}), sampler.by_session()
+        if "finished" in sampler.session_marks:
+            last = sampler.session_marks["finished"]
+        n = max(1, len(cpu))
+        print("CPU seconds per round, by process (and its children): " + ", ".join(
+            f"{names.get(k, k)} {(v - first.get(k, 0.0)) / n:.2f}" for k, v in sorted(
+                last.items(), key=lambda kv: -kv[1] + first.get(kv[0], 0.0))
+        ))
+    except BaseException:
+        print(fed.logs(), file=sys.stderr)
+        raise
+    finally:
+        fed.stop()
+    t2, c2 = time.monotonic(), time.process_time()
+    run_experiment(cfg, work / "simulated", progress=False, write_report=False)
+    simulated_total, simulated_cpu = time.monotonic() - t2, time.process_time() - c2
+
+    dep, sim = _rounds(run_dir), _rounds(work / "simulated")
+    print(f"federation start (SuperLink, register, 3 sites): {started:.1f} s")
+    print(f"end to end: deployed {deployed_total:.1f} s (flwr run, incl. setup), "
+          f"simulated {simulated_total:.1f} s wall / {simulated_cpu:.1f} s CPU (run_experiment)")
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    print(f"CPU cores: {os.cpu_count()}, load average now {load:.1f}")
+    print("round  deployed_s  deployed_cpu_s  simulated_s")
+    for i in range(max(len(dep), len(sim))):
+        d = f"{dep[i]:.3f}" if i < len(dep) else "-"
+        c = f"{cpu[i]:.2f}" if i < len(cpu) else "-"
+        s = f"{sim[i]:.3f}" if i < len(sim) else "-"
+        print(f"{i + 1:5d}  {d:>10}  {c:>14}  {s:>11}")
+    md, ms = statistics.median(dep), statistics.median(sim)
+    mc = statistics.median(cpu) if cpu else float("nan")
+    print(f"median {md:10.3f}  {mc:14.2f}  {ms:11.3f}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"ratio {md / ms:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
