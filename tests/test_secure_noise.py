@@ -1,4 +1,4 @@
-"""ChaCha20 Gaussian noise: distribution, determinism per key, keys, and the insecure fallback."""
+"""Secure (AES-256-CTR) Gaussian noise: distribution, determinism, keys, insecure fallback."""
 
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ def train_model(
                     LocalObjective(),
                     seed,
                     noise_multiplier=float(noise_multiplier),
-                    # the project's ChaCha20 noise when the config asks for it (fresh key);
+                    # the project's secure (AES-CTR) noise when the config asks for it (fresh key);
                     # seeded torch noise otherwise (reproducible tests)
                     noise_source=noise_source
                     if noise_source is not None

@@ -39,7 +39,7 @@ CLIP_EPS = 1e-6
 
 
 class GaussianNoiseSource(Protocol):
-    """Anything that draws i.i.d. Gaussian noise (e.g. a ChaCha20-backed secure source)."""
+    """Anything that draws i.i.d. Gaussian noise (e.g. the AES-CTR-backed SecureGaussian)."""
 
     def normal(self, shape: tuple[int, ...], std: float, device: torch.device) -> Tensor:
         """``shape`` i.i.d. ``N(0, std^2)`` float32 samples on ``device``."""

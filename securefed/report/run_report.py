@@ -185,7 +185,7 @@ def write_run_report(run_dir: str | Path) -> Path:
             f"{dp.get('max_grad_norm')}, noise multiplicity {dp.get('noise_multiplicity')}, "
             f"{dp.get('accountant')} accountant, "
             + (
-                "secure (ChaCha20) noise."
+                "secure (AES-256-CTR CSPRNG) noise and Poisson sampling."
                 if dp.get("secure_noise")
                 else "**insecure (Mersenne Twister) noise: for tests only**."
             ),

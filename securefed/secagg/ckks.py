@@ -1108,7 +1108,7 @@ class CKKSAggregation(AggregationProtocol):
         """Client encrypt -> server verify + sum -> key holder decrypt, passing only bytes.
 
         With ``noise``, every client adds its share ``N(0, noise.std^2 / noise.expected)`` (secure
-        ChaCha20 source) to its vector before encrypting it, so neither the server nor the key
+        SecureGaussian source) to its vector before encrypting it, so neither the server nor the key
         holder ever sees an un-noised sum.
 
         A client dropping at ``upload`` contributes nothing; the result is the survivors' sum

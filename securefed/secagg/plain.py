@@ -52,7 +52,7 @@ class PlainAggregation(AggregationProtocol):
         noise: DistributedNoise | None = None,
     ) -> AggregationResult:
         """Sum in the clear; with ``noise``, the (trusted) server adds ``N(0, noise.std^2)``
-        from a fresh ChaCha20 key (central DP-FedAvg, McMahan et al. 2018)."""
+        from a fresh SecureGaussian key (central DP-FedAvg, McMahan et al. 2018)."""
         t0 = time.process_time()
         dropped = set(dropouts or {})
         survivors = sorted(c for c in inputs if c not in dropped)
