@@ -100,8 +100,9 @@ def lying_and_honest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     )
     out = {}
     for name, sigma in (("lying", 0.0), ("honest", claimed)):
+        # a fixed key keeps the test reproducible (runs draw theirs from os.urandom)
         trained = train_model(cfg, data.members, steps=steps, seed=0, noise_multiplier=sigma,
-                              gradient_canaries=200)
+                              gradient_canaries=200, canary_key=bytes(32))
         out[name] = write_run_dir(tmp_path_factory.mktemp(name), cfg, trained,
                                   ledger_noise_multiplier=claimed, ledger_target_epsilon=1.0)
     return out
