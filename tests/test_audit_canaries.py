@@ -100,8 +100,9 @@ def lying_and_honest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     )
     out = {}
     for name, sigma in (("lying", 0.0), ("honest", claimed)):
+        # a fixed key keeps the test reproducible (runs draw theirs from os.urandom)
         trained = train_model(cfg, data.members, steps=steps, seed=0, noise_multiplier=sigma,
-                              gradient_canaries=200)
+                              gradient_canaries=200, canary_key=bytes(32))
         out[name] = write_run_dir(tmp_path_factory.mktemp(name), cfg, trained,
                                   ledger_noise_multiplier=claimed, ledger_target_epsilon=1.0)
     return out
@@ -179,3 +180,23 @@ def test_canaries_need_record_level_dp() -> None:
 
     with pytest.raises(ConfigError, match=r"canaries\.enabled"):
         parse_config({"canaries": {"enabled": True}, "dp": {"level": "none"}})
+
+
+def test_opacus_engine_adds_extra_sum_before_the_noise() -> None:
+    from securefed.privacy import TorchGaussian
+    from securefed.privacy.opacus_engine import make_private_module, opacus_dp_step
+
+    model = _model()
+    gsm = make_private_module(model)
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    i = next(k for k, p in enumerate(params) if p.dim() >= 2)
+    extra = {i: torch.zeros_like(params[i])}
+    extra[i].view(-1)[3] = 0.7
+    empty = torch.zeros(0)
+    for e in (None, extra):
+        opacus_dp_step(gsm, lambda: empty, expected_batch_size=2.0, max_grad_norm=1.0,
+                       noise_multiplier=0.0, noise_source=TorchGaussian(seed=0), extra_sum=e)
+        g = params[i].grad
+        assert g is not None
+        assert float(g.view(-1)[3]) == pytest.approx(0.0 if e is None else 0.35)
+        assert int(torch.count_nonzero(g)) == (0 if e is None else 1)

@@ -54,6 +54,7 @@ def train_model(
     progress: bool = False,
     gradient_canaries: int = 0,
     noise_source: Any | None = None,
+    canary_key: bytes | None = None,
 ) -> TrainedModel:
     """Train the run's UNet (``cfg.model``, initialised from ``cfg.seed``) on ``members``
     (+ the included canaries) for ``steps`` steps.
@@ -65,6 +66,8 @@ def train_model(
         gradient_canaries: ``m > 0`` inserts ``m`` white-box Dirac gradient canaries into the
             DP-SGD steps (:mod:`securefed.privacy.canaries`, fresh secret key); their scores
             come back in :attr:`TrainedModel.gradient_scores`.
+        canary_key: 32 secret bytes for the gradient canaries (default: fresh ``os.urandom``;
+            tests pass a fixed one to be reproducible).
         noise_source: overrides the DP noise source (default: ChaCha20 when
             ``cfg.dp.secure_noise``, else seeded torch noise).
     """
@@ -93,7 +96,7 @@ def train_model(
                              "noise_multiplier (0 for a run without noise)")
         from securefed.privacy.canaries import GradientCanaries
 
-        gc = GradientCanaries.draw(model, gradient_canaries, 1)
+        gc = GradientCanaries.draw(model, gradient_canaries, 1, key=canary_key)
         hook = gc.for_client(1, 0, model, sample_rate_for(ccfg, len(data)), cfg.dp.max_grad_norm)
     try:
         if noise_multiplier is None:

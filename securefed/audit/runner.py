@@ -175,8 +175,8 @@ def _targets(run: AuditRun, kinds: set[str], notes: list[str]) -> list[tuple[str
     if "received" in kinds:
         if not run.received:
             notes.append(
-                "no individual models the server received are stored in this run (received/); "
-                "only the released global model was attacked"
+                "target 'received': no individual model reached the server in this run (no "
+                "FedDDPM model uploads; updates only as secure-aggregation sums)"
             )
         for name, vec in run.received.items():
             members = run.members
