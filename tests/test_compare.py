@@ -35,7 +35,9 @@ def test_every_cell_of_the_grid_is_a_valid_config_with_equal_client_steps(compar
                 assert cfg.client.local_steps == 10 * sc["local_steps"]
                 continue
             assert cfg.federation.num_clients == 10
-            assert cfg.client.local_steps == sc["local_steps"]
+            # fedavg_eq74: FedAvg at fedddpm_pre30's client compute (hetero regime), on purpose
+            want_steps = 74 if method == "fedavg_eq74" else sc["local_steps"]
+            assert cfg.client.local_steps == want_steps
             assert cfg.partition.kind == compare.PARTITIONS[part]["kind"]
             assert (cfg.dp.level == "record") == method.endswith("_dp")
             if cfg.dp.level == "record":
@@ -45,6 +47,23 @@ def test_every_cell_of_the_grid_is_a_valid_config_with_equal_client_steps(compar
             if method.startswith("fedddpm"):
                 want = "fedddpm_plus" if "plus" in method else "fedddpm"
                 assert cfg.fedddpm.variant == want
+
+
+def test_hetero_regime_cells(compare: Any) -> None:
+    iid = parse_config(compare.build_raw("fedavg", "iid", 0, "hetero"))
+    shards = parse_config(compare.build_raw("fedavg", "shards1", 0, "hetero"))
+    assert (iid.federation.rounds, iid.client.local_steps) == (4, 40)  # equal client steps
+    assert (shards.federation.rounds, shards.client.local_steps) == (4, 40)
+    assert shards.partition.kind == "shards" and shards.partition.classes_per_client == 1
+    good = parse_config(compare.build_raw("fedddpm_pre30_f10", "shards1", 0, "hetero"))
+    fresh = parse_config(compare.build_raw("fedddpm_pre30_f10_fresh", "shards1", 0, "hetero"))
+    assert good.fedddpm.pretrain_epochs == 30 and good.fedddpm.calibration_fraction == 0.1
+    assert good.fedddpm.server_optimizer_state == "persistent"
+    assert fresh.fedddpm.server_optimizer_state == "fresh"
+    assert fresh.fedddpm.model_copy(update={"server_optimizer_state": "persistent"}) == good.fedddpm
+    eq = parse_config(compare.build_raw("fedavg_eq74", "shards1", 0, "hetero"))
+    # 10 x 4 x 74 client steps ~ 10 x 4 x 40 federated + 1,352 phase-0 steps of fedddpm_pre30
+    assert abs(10 * 4 * eq.client.local_steps - (10 * 4 * 40 + 1352)) <= 10
 
 
 def test_sweep_methods_override_one_knob(compare: Any) -> None:

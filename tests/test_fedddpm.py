@@ -320,6 +320,10 @@ def test_persistent_server_optimizer_state_resumes_exactly() -> None:
     assert not torch.equal(fresh.calibrate(f1, 3, rnd=2).params, p2)
     with pytest.raises(ValueError, match="parameters the model does not have"):
         c.load_optimizer_state({"9999.step": torch.tensor(1.0)})
+    bad = dict(saved)
+    bad["0.exp_avg"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"0\.exp_avg has shape \(3,\)"):
+        c.load_optimizer_state(bad)
 
 
 def test_calibration_budget_as_a_fraction_of_client_compute() -> None:

@@ -183,6 +183,16 @@ class ServerCalibrator:
             raise ValueError(
                 "checkpoint: the server optimizer state names parameters the model does not have"
             )
+        params = list(self.model.parameters())
+        for pi, st in state.items():
+            for sname, v in st.items():
+                ok = v.numel() == 1 if sname == "step" else v.shape == params[pi].shape
+                if not ok or not bool(torch.isfinite(v).all()):
+                    raise ValueError(
+                        f"checkpoint: server optimizer state {pi}.{sname} has shape "
+                        f"{tuple(v.shape)} or non-finite values; expected "
+                        f"{'a scalar' if sname == 'step' else tuple(params[pi].shape)}"
+                    )
         sd["state"] = state
         opt.load_state_dict(sd)
         self._opt = opt
