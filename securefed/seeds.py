@@ -47,6 +47,8 @@ class Purpose(IntEnum):
     AUX_SPLIT = 15  #: FedDDPM auxiliary train/holdout split
     USPLIT = 16  #: FedDiffuse USPLIT pairing
     AUDIT_NOISE = 17  #: audit shadow/harness training noise (insecure by design, local only)
+    PUBLIC_PRETRAIN = 18  #: public pre-training (seeded by ``pretrain.seed``, not the run seed):
+    #: phase 0 model init, 1 batch indices, 2 the device's (timestep, noise) draws
 
 
 def derive_seed(

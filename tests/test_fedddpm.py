@@ -279,8 +279,8 @@ def test_resume_is_exact_and_reloads_the_aux_set(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- persistent server optimizer
 def _real_calibrator(state: str, seed: int = 0) -> Any:
     from securefed.diffusion import NoiseSchedule
-    from securefed.federation.simulation import derive_seed
     from securefed.run import build_model
+    from securefed.seeds import Purpose, derive_seed
     from securefed.strategies.fedddpm import ServerCalibrator, split_holdout
 
     cfg = tiny_config()
@@ -293,7 +293,7 @@ def _real_calibrator(state: str, seed: int = 0) -> Any:
     return ServerCalibrator(
         build_model(cfg, (1, 8, 8), 10), NoiseSchedule.from_config(cfg.diffusion), images,
         torch.zeros(40, dtype=torch.long), tr, ho, fd, torch.device("cpu"), seed, False,
-        derive=derive_seed, purpose_calibrate=13, purpose_eval=14,
+        derive=derive_seed, purpose_calibrate=Purpose.CALIBRATE, purpose_eval=Purpose.AUX_EVAL,
     )
 
 

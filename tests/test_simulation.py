@@ -32,6 +32,7 @@ def test_run_directory_contents(tmp_path: Path, cache_env: Path) -> None:
     ]:
         assert (run / name).exists(), name
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
+        "holdout.png",  # real holdout images beside the grids (the report's first screen)
         "round_0001.png",
         "round_0002.png",
         "round_0003.png",

@@ -38,6 +38,7 @@ from securefed.client.update import get_flat, set_flat
 from securefed.config import DataConfig, ExperimentConfig, PublicPretrainConfig
 from securefed.data import ImageDataset, load_dataset
 from securefed.diffusion import NoiseSchedule, UNet, diffusion_loss
+from securefed.seeds import Purpose, derive_seed
 
 __all__ = [
     "VERSION",
@@ -53,8 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: bump when the training procedure changes: old cache files are then simply not found
-VERSION = 1
-_TAG = 0x5055424C  # "PUBL": mixed into the pre-training seed so it never meets a run stream
+VERSION = 2  # 2: streams from seeds.Purpose.PUBLIC_PRETRAIN
 
 
 class PublicDataError(ValueError):
@@ -159,9 +159,10 @@ def train_public(
         ``[D]`` float32 weights (the EMA when ``pt.ema_decay > 0``) and the mean loss of the
         last ``min(50, steps)`` steps.
     """
-    seed = int(np.random.SeedSequence([pt.seed, _TAG]).generate_state(1, np.uint64)[0] >> 1)
-    cpu_gen = torch.Generator().manual_seed(seed)
-    dev_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    cpu_gen = torch.Generator().manual_seed(derive_seed(pt.seed, Purpose.PUBLIC_PRETRAIN, phase=1))
+    dev_gen = torch.Generator(device=device).manual_seed(
+        derive_seed(pt.seed, Purpose.PUBLIC_PRETRAIN, phase=2)
+    )
     sched = schedule.to(device)
     x_all = public.images.to(device)
     y_all = public.labels.to(device)
@@ -259,7 +260,7 @@ def public_pretrain(
             return PublicPretrainResult(params, {**meta, "cached": True, "cache_file": str(path)})
     t0 = time.perf_counter()
     # initialised from pretrain.seed, not the run seed: one public model serves every run seed
-    init_seed = int(np.random.SeedSequence([pt.seed, _TAG, 1]).generate_state(1, np.uint64)[0] >> 1)
+    init_seed = derive_seed(pt.seed, Purpose.PUBLIC_PRETRAIN, phase=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         fresh = UNet(cfg.model, shape[0], shape[1], model.num_classes)
