@@ -432,6 +432,46 @@ def _wait_status(run_dir: Path, pred: Any, timeout: float, fed: Any) -> dict[str
     raise AssertionError(f"status never reached the expected state\n{fed.logs()}")
 
 
+def assert_matches_simulation(
+    cfg: ExperimentConfig, run_dir: Path, sim_dir: Path, sim_final: torch.Tensor,
+    site_ledgers: list[Path],
+) -> None:
+    """A deployed (or Flower-simulated) 2-round run equals the in-process one: the global model
+    within the masking grid of both rounds, and each site's ledger equals the simulation's plan
+    and charges for that client (the released updates' digests aside)."""
+    from securefed.client.update import get_flat
+    from securefed.run import build_model
+
+    rows = _metrics(run_dir)
+    # round 1: same start, same seeded DP noise; only the two masking grids differ
+    sim1, dep1 = _ckpt_params(sim_dir, 1), _ckpt_params(run_dir, 1)
+    init = get_flat(build_model(cfg, (1, 8, 8), 10))
+    tol1 = 2 * _tolerance(rows[0], init, sim1)
+    assert float((dep1 - sim1).abs().max()) <= tol1
+    assert float((dep1 - init).abs().max()) > 100 * tol1  # the model did move
+    # round 2 trains from those (equal within tol1) models: the final models agree to the
+    # grid bound of both rounds, with room for the training step's sensitivity to its start
+    final = _ckpt_params(run_dir, 2)
+    tol2 = tol1 + 2 * _tolerance(rows[1], sim1, sim_final)
+    assert float((final - sim_final).abs().max()) <= 10 * tol2
+    # ledgers: each site's own file holds exactly the simulation's plan and charges for it
+    sim_ledger = json.loads((sim_dir / "privacy_ledger.json").read_text())
+    for i, path in enumerate(site_ledgers):
+        led = json.loads(path.read_text())
+        assert list(led["clients"]) == [str(i)]
+        assert led["clients"][str(i)] == sim_ledger["clients"][str(i)]
+        mine = [e for e in sim_ledger["entries"] if e["client_id"] == i]
+        assert len(led["entries"]) == len(mine) == 2
+        # the released updates differ (masking grid, another process): so do their digests
+        own = ("epsilon_after", "update_sha256")
+        for a, b in zip(led["entries"], mine, strict=True):
+            assert {k: v for k, v in a.items() if k not in own} == {
+                k: v for k, v in b.items() if k not in own
+            }
+            assert len(a["update_sha256"]) == len(b["update_sha256"]) == 64
+            assert a["epsilon_after"] == pytest.approx(b["epsilon_after"], rel=1e-9)
+
+
 @pytest.mark.deploy
 @pytest.mark.timeout(1200)
 def test_deployed_run_matches_the_simulation(tmp_path: Path) -> None:
@@ -478,36 +518,11 @@ def test_deployed_run_matches_the_simulation(tmp_path: Path) -> None:
     # TLS: the SuperLink served https only
     assert "Uvicorn running on https://127.0.0.1" in (fed.work / "logs" / "superlink.log"
                                                          ).read_text()
-    # round 1: same start, same seeded DP noise; only the two masking grids differ
-    sim1, dep1 = _ckpt_params(tmp_path / "sim", 1), _ckpt_params(run_dir, 1)
-    from securefed.client.update import get_flat
-    from securefed.run import build_model
-
-    init = get_flat(build_model(cfg, (1, 8, 8), 10))
-    tol1 = 2 * _tolerance(rows[0], init, sim1)
-    assert float((dep1 - sim1).abs().max()) <= tol1
-    assert float((dep1 - init).abs().max()) > 100 * tol1  # the model did move
-    # round 2 trains from those (equal within tol1) models: the final models agree to the
-    # grid bound of both rounds, with room for the training step's sensitivity to its start
-    final = _ckpt_params(run_dir, 2)
-    tol2 = tol1 + 2 * _tolerance(rows[1], sim1, sim.final_params)
-    assert float((final - sim.final_params).abs().max()) <= 10 * tol2
-    # ledgers: each site's own file holds exactly the simulation's plan and charges for it
-    sim_ledger = json.loads((tmp_path / "sim" / "privacy_ledger.json").read_text())
+    assert_matches_simulation(
+        cfg, run_dir, tmp_path / "sim", sim.final_params,
+        [fed.site_dir(i) / "state" / "privacy_ledger.json" for i in range(3)],
+    )
     for i in range(3):
-        led = json.loads((fed.site_dir(i) / "state" / "privacy_ledger.json").read_text())
-        assert list(led["clients"]) == [str(i)]
-        assert led["clients"][str(i)] == sim_ledger["clients"][str(i)]
-        mine = [e for e in sim_ledger["entries"] if e["client_id"] == i]
-        assert len(led["entries"]) == len(mine) == 2
-        # the released updates differ (masking grid, another process): so do their digests
-        own = ("epsilon_after", "update_sha256")
-        for a, b in zip(led["entries"], mine, strict=True):
-            assert {k: v for k, v in a.items() if k not in own} == {
-                k: v for k, v in b.items() if k not in own
-            }
-            assert len(a["update_sha256"]) == len(b["update_sha256"]) == 64
-            assert a["epsilon_after"] == pytest.approx(b["epsilon_after"], rel=1e-9)
         assert rows[-1]["epsilon"][str(i)] == pytest.approx(sim_rows[-1]["epsilon"][str(i)],
                                                             abs=1e-6)
     timing = {

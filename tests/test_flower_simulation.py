@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from securefed.deploy.simulation_runtime import SIMULATION_ENV, SITE_CONFIG_ENV, site_node_config
-from tests.test_deploy import _cfg, _ckpt_params, _metrics, _tolerance, _write_cfg
+from tests.test_deploy import _cfg, _ckpt_params, _metrics, _write_cfg, assert_matches_simulation
 
 
 def test_a_real_supernode_never_takes_its_folders_from_the_run_config(
@@ -52,9 +52,8 @@ def test_a_real_supernode_never_takes_its_folders_from_the_run_config(
 @pytest.mark.timeout(900)
 def test_flower_simulation_runtime_matches_the_in_process_simulation(tmp_path: Path) -> None:
     pytest.importorskip("ray")
-    from securefed.client.update import get_flat
     from securefed.deploy.simulation_runtime import FlowerSimulation
-    from securefed.run import build_model, run_experiment
+    from securefed.run import run_experiment
 
     # the sites' default floors (min-threshold 2/3, min-cohort 3): t = 3 of 3; seeded noise is
     # the sites' own opt-in (a rehearsal), so both paths draw the same noise
@@ -81,32 +80,13 @@ def test_flower_simulation_runtime_matches_the_in_process_simulation(tmp_path: P
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
         assert r["participants"] == [0, 1, 2] and r["dropped"] == [], r
-    init = get_flat(build_model(cfg, (1, 8, 8), 10))
-    sim1, dep1 = _ckpt_params(tmp_path / "sim", 1), _ckpt_params(run_dir, 1)
-    tol1 = 2 * _tolerance(rows[0], init, sim1)
-    assert float((dep1 - sim1).abs().max()) <= tol1
-    assert float((dep1 - init).abs().max()) > 100 * tol1  # the model did move
-    final = _ckpt_params(run_dir, 2)
-    tol2 = tol1 + 2 * _tolerance(rows[1], sim1, sim.final_params)
-    assert float((final - sim.final_params).abs().max()) <= 10 * tol2
-    assert torch.isfinite(final).all()
-    # each virtual site kept its own ledger, equal to the simulation's entries for it
-    sim_ledger = json.loads((tmp_path / "sim" / "privacy_ledger.json").read_text())
-    for i in range(3):
-        led = json.loads((fed.site_state_dir(i) / "privacy_ledger.json").read_text())
-        assert list(led["clients"]) == [str(i)]
-        assert led["clients"][str(i)] == sim_ledger["clients"][str(i)]
-        mine = [e for e in sim_ledger["entries"] if e["client_id"] == i]
-        assert len(led["entries"]) == len(mine) == 2
-        for a, b in zip(led["entries"], mine, strict=True):
-            # equal entries; the released updates' digests differ after round 1, whose
-            # global models agree only within the masking grid
-            skip = ("epsilon_after", "update_sha256")
-            assert {k: v for k, v in a.items() if k not in skip} == {
-                k: v for k, v in b.items() if k not in skip
-            }
-            assert len(a["update_sha256"]) == len(b["update_sha256"]) == 64
-            assert a["epsilon_after"] == pytest.approx(b["epsilon_after"], rel=1e-9)
+    assert torch.isfinite(_ckpt_params(run_dir, 2)).all()
+    # the model within the masking grid; each virtual site kept its own ledger, equal to the
+    # simulation's entries for it
+    assert_matches_simulation(
+        cfg, run_dir, tmp_path / "sim", sim.final_params,
+        [fed.site_state_dir(i) / "privacy_ledger.json" for i in range(3)],
+    )
     print("flower simulation timing:", json.dumps({
         "flower_sim_total_s": round(flower_seconds, 1),
         "flower_sim_round_s": [r["seconds"]["round_total"] for r in rows],
