@@ -71,6 +71,10 @@ METHODS: dict[str, dict[str, Any]] = {
     # federated steps plus fedddpm_pre30's 1,352 phase-0 steps spread over rounds (2,960 / 10)
     "fedavg_eq74": {"client": {"local_steps": 74}},
     "fedddpm_dp": {**_DDPM, "dp": True},
+    # the done-well FedDDPM under record-level DP at epsilon 10 (phase 0 charged to the budget)
+    "fedddpm_pre30_f10_dp": {"fedddpm": {"enabled": True, "variant": "fedddpm",
+                                         "pretrain_epochs": 30, "calibration_fraction": 0.1},
+                             "dp": True},
     "fedddpm_plus_dp": {**_PLUS, "dp": True},
     "feddiffuse_full": {"feddiffuse": {"enabled": True, "variant": "full"}},
     "feddiffuse_usplit": {"feddiffuse": {"enabled": True, "variant": "usplit"}},
