@@ -23,10 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from securefed.client.update import get_flat, set_flat
 from securefed.config import DataConfig, ExperimentConfig, PublicPretrainConfig
 from securefed.data import ImageDataset, load_dataset
 from securefed.diffusion import NoiseSchedule, UNet, diffusion_loss
+from securefed.io import atomic_write_bytes
 from securefed.seeds import Purpose, derive_seed
 
 __all__ = [
@@ -188,17 +188,10 @@ def train_public(
 
 
 def _save_atomic(path: Path, blob: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(blob, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through the project's one atomic writer (tmp + fsync + rename)."""
+    buf = BytesIO()
+    torch.save(blob, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _load_cached(path: Path, key: str, numel: int) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -17,15 +17,16 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 import warnings
+from io import BytesIO
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from securefed.io import atomic_write_bytes
 
 __all__ = [
     "ARCH_VERSION",
@@ -340,17 +341,10 @@ def _load_cached(
 
 
 def _save_atomic(path: Path, blob: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(blob, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through the project's one atomic writer (tmp + fsync + rename)."""
+    buf = BytesIO()
+    torch.save(blob, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_or_train_feature_net(
