@@ -767,28 +767,30 @@ class Site:
         }
         strategy = build_strategy(cfg.strategy, cfg.federation.num_clients, weight_scale=scale)
         privacy = self._bind_run_noise(self._privacy(cfg, data), cfg, run)
+
+        def exhausted(ledger: Any) -> dict[str, Any]:
+            """This site releases nothing this round: marked exhausted, round state cleared."""
+            ledger.mark_exhausted(self.cid, rnd)
+            clear_round_state(self.options.state_dir)
+            return {"status": "budget_exhausted", "round": rnd, "run_id": run.run_id,
+                    "epsilon": float(ledger.epsilon(self.cid))}
+
         if privacy is not None and privacy.ledger.would_exceed(
             self.cid,
             local_steps_for(cfg.client, len(data)),
             noise_multiplier=privacy.noise_multipliers[self.cid],
             sample_rate=sample_rate_for(cfg.client, len(data)),
         ):
-            # its next round would exceed target_epsilon: it does not train at all
-            privacy.ledger.mark_exhausted(self.cid, rnd)
-            clear_round_state(self.options.state_dir)
-            return {"status": "budget_exhausted", "round": rnd, "run_id": run.run_id,
-                    "epsilon": float(privacy.ledger.epsilon(self.cid))}
+            return exhausted(privacy.ledger)  # its next round would exceed target_epsilon
         trainer = build_trainer(cfg, model, dev)
         client_state = self._client_state()
         local = local_round(
             cfg, strategy, trainer, self.cid, data, broadcast, client_state, rnd, privacy
         )
         if local is None:  # a replayed round whose fresh-noise retrain exceeds the budget
-            assert privacy is not None
-            privacy.ledger.mark_exhausted(self.cid, rnd)
-            clear_round_state(self.options.state_dir)
-            return {"status": "budget_exhausted", "round": rnd, "run_id": run.run_id,
-                    "epsilon": float(privacy.ledger.epsilon(self.cid))}
+            if privacy is None:  # pragma: no cover - local_round returns None only under DP
+                raise RuntimeError(f"{self.who}: round {rnd} released nothing without DP")
+            return exhausted(privacy.ledger)
         update = local[0]
         # recorded (atomically) before anything derived from the update can leave the site
         run.last_trained_round = rnd

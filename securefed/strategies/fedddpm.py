@@ -303,7 +303,8 @@ class FedDDPM(StrategyWrapper):
         f = self.fd.calibration_fraction
         if f is None:
             return self.fd.calibration_steps
-        assert self.client_examples_per_round is not None  # checked in __init__
+        if self.client_examples_per_round is None:  # pragma: no cover - refused in __init__
+            raise RuntimeError("fedddpm.calibration_fraction needs client_examples_per_round")
         return max(1, round(f * self.client_examples_per_round / self.fd.server_batch_size))
 
     def compute_metrics(self) -> dict[str, object]:
