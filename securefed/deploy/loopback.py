@@ -29,14 +29,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from securefed.io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["APP_DIR", "LoopbackFederation", "free_port"]
+__all__ = ["APP_DIR", "LoopbackFederation", "RunEndedEarly", "config_pairs", "end_session",
+           "free_port", "kill_session", "wait_for_finished"]
 
 #: the Flower App folder (``flwr run APP_DIR ...``)
 APP_DIR = Path(__file__).resolve().parent / "app"
@@ -58,8 +59,82 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))  # a TOML basic string
 
 
-def _pairs(values: Mapping[str, Any]) -> str:
+def config_pairs(values: Mapping[str, Any]) -> str:
+    """``k=v ...`` with TOML values: the form of ``--node-config`` / ``--run-config``."""
     return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+
+
+def kill_session(popen: subprocess.Popen[bytes], sig: int) -> None:
+    """Send ``sig`` to the process's whole session (the leader may be gone while its children
+    live on); wait up to 10 s, then SIGKILL the session."""
+    try:
+        os.killpg(popen.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        popen.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        popen.wait(timeout=10)
+
+
+def end_session(popen: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the session, then SIGKILL whatever of it survives (SuperExec, ClientApp, Ray
+    children share the session)."""
+    kill_session(popen, signal.SIGTERM)
+    try:
+        os.killpg(popen.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class RunEndedEarly(RuntimeError):
+    """``flwr run`` exited before the coordinator wrote ``status.json`` ``finished``."""
+
+
+def _read_status(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet, or mid-replace
+        return {}
+    return dict(doc) if isinstance(doc, dict) else {}
+
+
+def wait_for_finished(
+    run_dir: Path,
+    popen: subprocess.Popen[bytes] | None,
+    timeout: float,
+    on_status: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Poll the coordinator's ``run_dir/status.json`` until it says ``finished``; returns it.
+
+    ``on_status`` sees every new status (progress output).
+
+    Raises:
+        RunEndedEarly: ``popen`` (``flwr run``) exited without the run finishing.
+        TimeoutError: not finished within ``timeout`` seconds.
+    """
+    status = Path(run_dir) / "status.json"
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        doc = _read_status(status)
+        if doc.get("stage") == "finished":
+            return doc
+        if on_status is not None and doc and doc != last:
+            last = doc
+            on_status(doc)
+        if popen is not None and popen.poll() is not None:
+            time.sleep(1.0)  # the last status write may still be landing
+            doc = _read_status(status)
+            if doc.get("stage") == "finished":
+                return doc
+            raise RunEndedEarly("flwr run ended before the coordinator finished")
+        time.sleep(0.2)
+    raise TimeoutError(f"the run did not finish within {timeout:g} s")
 
 
 @dataclass
@@ -237,7 +312,7 @@ class LoopbackFederation:
             "keys-dir": str(self.site_dir(i) / "keys"),
         }
         values.update(self.node_config.get(i, {"partition-id": i}))
-        return _pairs(values)
+        return config_pairs(values)
 
     def supernode_command(self, i: int) -> list[str]:
         """Site i's SuperNode command line (what a site runs, paths filled in)."""
@@ -296,7 +371,7 @@ class LoopbackFederation:
                 "--host", "127.0.0.1",
                 "--port", str(free_port()),
                 "--max-retries", "3",
-                "--node-config", _pairs(values),
+                "--node-config", config_pairs(values),
             ],
             d / "flwr-home",
         )
@@ -334,7 +409,7 @@ class LoopbackFederation:
         fh = log.open("ab")
         popen = subprocess.Popen(
             [str(self.bin / "flwr"), "run", str(APP_DIR), CONNECTION,
-             "--run-config", _pairs(values), "--stream"],
+             "--run-config", config_pairs(values), "--stream"],
             stdout=fh, stderr=subprocess.STDOUT, env=self._env(self.cli_home),
             start_new_session=True, cwd=self.work,
         )
@@ -345,28 +420,15 @@ class LoopbackFederation:
 
     def wait_finished(self, run_dir: Path, timeout: float) -> dict[str, Any]:
         """Wait for the coordinator's ``status.json`` to say ``finished``."""
-        status = Path(run_dir) / "status.json"
-        deadline = time.monotonic() + timeout
         run = self.procs.get("flwr-run")
-        while time.monotonic() < deadline:
-            if status.exists():
-                try:
-                    doc = json.loads(status.read_text())
-                except ValueError:
-                    doc = {}
-                if doc.get("stage") == "finished":
-                    return dict(doc)
-            if run is not None and run.popen.poll() is not None:
-                time.sleep(1.0)  # the last status write may still be landing
-                if not (status.exists() and json.loads(status.read_text()).get("stage")
-                        == "finished"):
-                    raise RuntimeError(
-                        "flwr run ended before the coordinator finished: "
-                        f"{run.log.read_text(errors='replace')[-3000:]}"
-                    )
-            time.sleep(0.2)
-        raise TimeoutError(f"the deployed run did not finish within {timeout:g} s; logs in "
-                           f"{self.work / 'logs'}")
+        try:
+            return wait_for_finished(run_dir, None if run is None else run.popen, timeout)
+        except RunEndedEarly:  # only a watched process (run is not None) ends early
+            log = "" if run is None else run.log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"flwr run ended before the coordinator finished: {log}") from None
+        except TimeoutError:
+            raise TimeoutError(f"the deployed run did not finish within {timeout:g} s; logs in "
+                               f"{self.work / 'logs'}") from None
 
     def kill_site(self, i: int, sig: int = signal.SIGKILL) -> None:
         """Kill site i's SuperNode, its worker and their children (a crash, not a goodbye)."""
@@ -377,30 +439,15 @@ class LoopbackFederation:
 
     @staticmethod
     def _kill(proc: _Proc, sig: int) -> None:
-        try:  # the whole session: the leader may be gone while its children live on
-            os.killpg(proc.popen.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.popen.wait(timeout=10)
+        kill_session(proc.popen, sig)
         proc.fh.close()
 
     def stop(self) -> None:
         """Stop every process this federation started (sessions killed with children)."""
         for name in list(self.procs)[::-1]:
             proc = self.procs.pop(name)
-            self._kill(proc, signal.SIGTERM)
-            # SuperExec / ClientApp children share the session: make sure none survives
-            try:
-                os.killpg(proc.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            end_session(proc.popen)
+            proc.fh.close()
 
     def __enter__(self) -> LoopbackFederation:
         return self.start()

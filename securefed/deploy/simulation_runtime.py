@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -41,6 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from securefed.deploy.loopback import (
+    APP_DIR,
+    RunEndedEarly,
+    config_pairs,
+    end_session,
+    free_port,
+    wait_for_finished,
+)
 from securefed.io import atomic_write_text
 
 __all__ = [
@@ -112,26 +119,6 @@ def site_node_config(
         "partition-id": pid,
     })
     return out
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    return json.dumps(str(v))
-
-
-def _pairs(values: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -207,7 +194,7 @@ class FlowerSimulation:
         }
         if self.ray_cpus is not None:
             values["init-args-num-cpus"] = int(self.ray_cpus)
-        return _pairs(values)
+        return config_pairs(values)
 
     def start(self) -> FlowerSimulation:
         """Keys for every virtual site, and a simulation-mode SuperLink on free local ports."""
@@ -217,11 +204,11 @@ class FlowerSimulation:
 
         self.work.mkdir(parents=True, exist_ok=True)
         init_identity_keys(self.keys_dir, self.num_sites, overwrite=True)
-        port = _free_port()
+        port = free_port()
         link = self._spawn("superlink", [
             str(self.bin / "flower-superlink"), "--insecure", "--simulation",
             "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
-            "--health-server-address", f"127.0.0.1:{_free_port()}",
+            "--health-server-address", f"127.0.0.1:{free_port()}",
             "--disable-runtime-dependency-installation",
         ])
         deadline = time.monotonic() + self.startup_timeout
@@ -253,8 +240,6 @@ class FlowerSimulation:
         Raises:
             SimulationRuntimeError: the run ended early or did not finish in ``timeout``.
         """
-        from securefed.deploy.loopback import APP_DIR
-
         run_dir = Path(run_dir).resolve()
         values: dict[str, Any] = {
             "experiment": str(Path(experiment).resolve()),
@@ -266,52 +251,26 @@ class FlowerSimulation:
         values.update(run_config or {})
         popen = self._spawn("flwr-run", [
             str(self.bin / "flwr"), "run", str(APP_DIR), _CONNECTION,
-            "--run-config", _pairs(values), "--federation-config", self.federation_config(),
+            "--run-config", config_pairs(values), "--federation-config", self.federation_config(),
             "--stream",
         ])
-        status = run_dir / "status.json"
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            doc: dict[str, Any] = {}
-            if status.exists():
-                try:
-                    doc = json.loads(status.read_text())
-                except ValueError:
-                    doc = {}
-            if doc.get("stage") == "finished":
-                return doc
-            if progress and doc and str(doc) != last:
-                last = str(doc)
-                print(f"[flower-sim] {doc}", flush=True)
-            if popen.poll() is not None:
-                time.sleep(1.0)  # the last status write may still be landing
-                if status.exists() and json.loads(status.read_text()).get("stage") == "finished":
-                    return dict(json.loads(status.read_text()))
-                raise SimulationRuntimeError(
-                    f"flwr run ended before the coordinator finished\n{self.log_tail()}"
-                )
-            time.sleep(0.2)
-        raise SimulationRuntimeError(f"the run did not finish within {timeout:g} s; logs in "
-                                     f"{self.logs}\n{self.log_tail()}")
+        def show(doc: dict[str, Any]) -> None:
+            print(f"[flower-sim] {doc}", flush=True)
+
+        try:
+            return wait_for_finished(run_dir, popen, timeout, show if progress else None)
+        except RunEndedEarly:
+            raise SimulationRuntimeError(
+                f"flwr run ended before the coordinator finished\n{self.log_tail()}"
+            ) from None
+        except TimeoutError:
+            raise SimulationRuntimeError(f"the run did not finish within {timeout:g} s; logs in "
+                                         f"{self.logs}\n{self.log_tail()}") from None
 
     def stop(self) -> None:
         """Stop the SuperLink, ``flwr run`` and every child (Ray included)."""
         for popen, fh in reversed(self._procs):
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(popen.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    popen.wait(timeout=15)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            try:  # children (flwr-simulation, raylets) share the session
-                os.killpg(popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            end_session(popen)
             fh.close()
         self._procs.clear()
 
