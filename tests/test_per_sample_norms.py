@@ -481,3 +481,25 @@ def test_rows_not_multiple_of_group_size() -> None:
                     batch_size_expected=1.0, max_grad_norm=1.0, noise_multiplier=0.0,
                     noise_source=TorchNoise(), group_size=2)
 
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "materialise"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_chunked_intermediates_match_the_reference(
+    strategy: str, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-example intermediates are formed in cache-sized chunks of examples
+    (``_CHUNK_ELEMENTS``); a chunk smaller than one example's Gram matrix (one example per
+    chunk) and one that splits the batch unevenly both give the exact per-example norms and
+    clipped sum, for the conv (ghost: input-Gram + tap shifts) and linear (outer) paths."""
+    import securefed.privacy.per_sample_norms as psn_mod
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1)
+    lin = nn.Sequential(nn.Linear(7, 4))
+    x_conv = torch.randn(5 * k, 6, 6, 6)
+    x_lin = torch.randn(5 * k, 9, 7)
+    for chunk in (1, 3 * (k * 36) ** 2 - 1):  # 1 example per chunk; 2 full + 1 partial chunks
+        monkeypatch.setattr(psn_mod, "_CHUNK_ELEMENTS", chunk)
+        check_layer(conv, x_conv, 5, k, strategy)
+        check_layer(lin, x_lin, 5, k, strategy)

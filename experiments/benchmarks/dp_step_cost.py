@@ -27,8 +27,16 @@ load from other processes hits every method alike. Memory is the peak resident s
 above the RSS right after setup, measured in a fresh process per (method, batch) over a few
 steps; where the reset is not permitted it falls back to ``resource.getrusage`` ``ru_maxrss``.
 
+``--profile`` adds, per batch size, where the DP step's time goes (medians over the same number
+of steps, phases timed one after the other in this process): forward with hooks, backward to
+the layer outputs, per-example norms by layer kind and norm form (ghost / materialise /
+direct), the weighted (clipped) gradient sum by layer kind, and the secure noise split into
+the AES-CTR keystream and the rest (conversion, Box-Muller, sum of four, cast); and the plain
+step's forward and backward for comparison. It reaches into ``PerSampleGradNorms``' per-layer
+methods (the same calls ``dp_sgd_step`` makes, one layer at a time).
+
     python experiments/benchmarks/dp_step_cost.py [--batches 64 128 256] [--repeats 7]
-        [--threads 1] [--multiplicity 1] [--no-memory] [--quick]
+        [--threads 1] [--multiplicity 1] [--no-memory] [--quick] [--profile]
 """
 
 from __future__ import annotations
@@ -193,6 +201,75 @@ def _secure_noise_ms(numel_shapes: list[tuple[int, ...]], repeats: int) -> float
     return statistics.median(times) * 1e3
 
 
+def _layer_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        return f"Conv2d{module.kernel_size[0]}x{module.kernel_size[1]}/s{module.stride[0]}"
+    return type(module).__name__
+
+
+def _profile(batch: int, k: int, repeats: int) -> list[tuple[str, float]]:
+    """Median ms per phase of one plain step and one DP step with secure noise (see module doc)."""
+    from collections import defaultdict
+
+    from securefed.privacy.secure_noise import SecureGaussian
+
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(), 1, 8)
+    sched = NoiseSchedule.from_config(DiffusionConfig())
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.rand(batch, 1, 8, 8, generator=gen) * 2 - 1
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    n_params = sum(p.numel() for p in model.parameters())
+    src = SecureGaussian(bytes(32))
+    times: dict[str, list[float]] = defaultdict(list)
+
+    def timed(key: str, fn: Callable[[], object]) -> object:
+        t0 = time.perf_counter()
+        out = fn()
+        times[key].append(time.perf_counter() - t0)
+        return out
+
+    for r in range(repeats + 1):  # the first round warms up and is dropped
+        model.zero_grad(set_to_none=True)
+        loss = timed("plain: forward", lambda: diffusion_loss(model, sched, x0, generator=gen,
+                                                              num_draws=k))
+        timed("plain: backward", lambda: loss.sum().backward())  # type: ignore[union-attr]
+        model.zero_grad(set_to_none=True)
+        with PerSampleGradNorms(model, k, capture_grads=False) as psn:
+            loss = timed("dp: forward (hooks)", lambda: diffusion_loss(
+                model, sched, x0, generator=gen, num_draws=k))
+            timed("dp: backward to layer outputs",
+                  lambda: psn.backward(loss.sum()))  # type: ignore[union-attr]
+            b = psn.batch_size
+            per: dict[str, float] = defaultdict(float)
+            for layer in psn._layers:
+                t0 = time.perf_counter()
+                psn._layer_sq_norm(layer, b)
+                per[f"dp: norms {_layer_kind(layer.module)} {layer.choice}"] += (
+                    time.perf_counter() - t0)
+            norms = psn.layer_sq_norms_total().sqrt()
+            w = (CLIP / (norms + 1e-6)).clamp(max=1.0)
+            for layer in psn._layers:
+                t0 = time.perf_counter()
+                pairs = psn._grads(layer)
+                for pname, param in layer.module.named_parameters(recurse=False):
+                    if pname in layer.small:
+                        w @ layer.small[pname].reshape(b, -1)
+                    elif param.requires_grad and pairs:
+                        psn._weighted_weight(layer.module, pairs, w)
+                per[f"dp: clipped sum {_layer_kind(layer.module)}"] += time.perf_counter() - t0
+            if r:
+                for key, v in per.items():
+                    times[key].append(v)
+        timed("noise: total (SecureGaussian.normal_many)",
+              lambda: src.normal_many(shapes, SIGMA * CLIP, torch.device("cpu")))
+        timed("noise: AES-CTR keystream alone", lambda: [
+            src._keystream_words(4 * m)
+            for m in [min(1 << 15, n_params - s) for s in range(0, n_params, 1 << 15)]])
+    rows = [(key, statistics.median(v[-repeats:]) * 1e3) for key, v in times.items()]
+    return sorted(rows, key=lambda kv: (kv[0].split(":")[0], -kv[1]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
@@ -204,6 +281,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-process RSS runs")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where the DP step's time goes, per phase and layer kind")
     ap.add_argument("--quick", action="store_true",
                     help="batch 128 only, 3 repeats, 1 warm-up, 2 memory steps")
     args = ap.parse_args()
@@ -250,6 +329,13 @@ def main() -> None:
             if batch == 128 and base_t:
                 ratio_128[m] = med[m] / base_t
         print()
+    if args.profile:
+        for batch in args.batches:
+            rows = _profile(batch, k, args.repeats)
+            print(f"\nprofile, batch {batch} (median ms of {args.repeats} steps, phases timed "
+                  "one after the other):")
+            for key, ms in rows:
+                print(f"  {key:<52}{ms:>8.2f}")
     if mem_how:
         print(f"(peak memory via {mem_how})")
     shapes = [tuple(p.shape) for p in UNet(ModelConfig(), 1, 8).parameters()]
