@@ -22,7 +22,10 @@ on the ratios of whole training steps. The other DP methods draw the noise from 
 same model is also timed separately.
 
 Timings are medians over ``--repeats`` steps, interleaved round-robin across methods so that
-load from other processes hits every method alike. Memory is the peak resident set size
+load from other processes hits every method alike; ``--clock cpu`` times this thread's CPU time
+(``time.thread_time``) instead of wall-clock time, which on a shared machine leaves out the time
+the process waits descheduled (with one torch thread every step runs in this thread, AES
+included). Memory is the peak resident set size
 (RSS, from ``/proc/self/status`` ``VmHWM`` after resetting it via ``/proc/self/clear_refs``)
 above the RSS right after setup, measured in a fresh process per (method, batch) over a few
 steps; where the reset is not permitted it falls back to ``resource.getrusage`` ``ru_maxrss``.
@@ -37,6 +40,7 @@ methods (the same calls ``dp_sgd_step`` makes, one layer at a time).
 
     python experiments/benchmarks/dp_step_cost.py [--batches 64 128 256] [--repeats 7]
         [--threads 1] [--multiplicity 1] [--no-memory] [--quick] [--profile]
+        [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ from securefed.diffusion.schedule import NoiseSchedule
 from securefed.diffusion.unet import UNet
 from securefed.privacy.dp_step import dp_sgd_step
 from securefed.privacy.per_sample_norms import PerSampleGradNorms
+
+#: the timer of every measurement; ``--clock cpu`` switches it to this thread's CPU time
+_clock: Callable[[], float] = time.perf_counter
 
 METHODS = ("plain", "opacus", "securefed-2pass", "securefed", "securefed-secure")
 #: issue 14: a DP step INCLUDING secure noise at most this many times a plain step (batch 128)
@@ -195,9 +202,9 @@ def _secure_noise_ms(numel_shapes: list[tuple[int, ...]], repeats: int) -> float
     src = SecureGaussian(bytes(32))
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = _clock()
         src.normal_many(numel_shapes, 1.0, torch.device("cpu"))
-        times.append(time.perf_counter() - t0)
+        times.append(_clock() - t0)
     return statistics.median(times) * 1e3
 
 
@@ -223,49 +230,53 @@ def _profile(batch: int, k: int, repeats: int) -> list[tuple[str, float]]:
     src = SecureGaussian(bytes(32))
     times: dict[str, list[float]] = defaultdict(list)
 
-    def timed(key: str, fn: Callable[[], object]) -> object:
-        t0 = time.perf_counter()
-        out = fn()
-        times[key].append(time.perf_counter() - t0)
-        return out
+    def timed(key: str, t0: float) -> None:
+        times[key].append(_clock() - t0)
 
+    chunks = [min(1 << 15, n_params - s) for s in range(0, n_params, 1 << 15)]
     for r in range(repeats + 1):  # the first round warms up and is dropped
         model.zero_grad(set_to_none=True)
-        loss = timed("plain: forward", lambda: diffusion_loss(model, sched, x0, generator=gen,
-                                                              num_draws=k))
-        timed("plain: backward", lambda: loss.sum().backward())  # type: ignore[union-attr]
+        t0 = _clock()
+        loss = diffusion_loss(model, sched, x0, generator=gen, num_draws=k)
+        timed("plain: forward", t0)
+        t0 = _clock()
+        loss.sum().backward()
+        timed("plain: backward", t0)
         model.zero_grad(set_to_none=True)
         with PerSampleGradNorms(model, k, capture_grads=False) as psn:
-            loss = timed("dp: forward (hooks)", lambda: diffusion_loss(
-                model, sched, x0, generator=gen, num_draws=k))
-            timed("dp: backward to layer outputs",
-                  lambda: psn.backward(loss.sum()))  # type: ignore[union-attr]
+            t0 = _clock()
+            loss = diffusion_loss(model, sched, x0, generator=gen, num_draws=k)
+            timed("dp: forward (hooks)", t0)
+            t0 = _clock()
+            psn.backward(loss.sum())
+            timed("dp: backward to layer outputs", t0)
             b = psn.batch_size
             per: dict[str, float] = defaultdict(float)
             for layer in psn._layers:
-                t0 = time.perf_counter()
+                t0 = _clock()
                 psn._layer_sq_norm(layer, b)
-                per[f"dp: norms {_layer_kind(layer.module)} {layer.choice}"] += (
-                    time.perf_counter() - t0)
+                per[f"dp: norms {_layer_kind(layer.module)} {layer.choice}"] += _clock() - t0
             norms = psn.layer_sq_norms_total().sqrt()
             w = (CLIP / (norms + 1e-6)).clamp(max=1.0)
             for layer in psn._layers:
-                t0 = time.perf_counter()
+                t0 = _clock()
                 pairs = psn._grads(layer)
                 for pname, param in layer.module.named_parameters(recurse=False):
                     if pname in layer.small:
                         w @ layer.small[pname].reshape(b, -1)
                     elif param.requires_grad and pairs:
                         psn._weighted_weight(layer.module, pairs, w)
-                per[f"dp: clipped sum {_layer_kind(layer.module)}"] += time.perf_counter() - t0
+                per[f"dp: clipped sum {_layer_kind(layer.module)}"] += _clock() - t0
             if r:
                 for key, v in per.items():
                     times[key].append(v)
-        timed("noise: total (SecureGaussian.normal_many)",
-              lambda: src.normal_many(shapes, SIGMA * CLIP, torch.device("cpu")))
-        timed("noise: AES-CTR keystream alone", lambda: [
+        t0 = _clock()
+        src.normal_many(shapes, SIGMA * CLIP, torch.device("cpu"))
+        timed("noise: total (SecureGaussian.normal_many)", t0)
+        t0 = _clock()
+        for m in chunks:  # the same keystream bytes, in the same chunks, without Box-Muller
             src._keystream_words(4 * m)
-            for m in [min(1 << 15, n_params - s) for s in range(0, n_params, 1 << 15)]])
+        timed("noise: AES-CTR keystream alone", t0)
     rows = [(key, statistics.median(v[-repeats:]) * 1e3) for key, v in times.items()]
     return sorted(rows, key=lambda kv: (kv[0].split(":")[0], -kv[1]))
 
@@ -281,6 +292,10 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-process RSS runs")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: time.perf_counter; cpu: time.thread_time, the CPU time of this "
+                         "(single torch) thread, which leaves out time spent descheduled on a "
+                         "loaded machine (cache and memory contention still count)")
     ap.add_argument("--profile", action="store_true",
                     help="also print where the DP step's time goes, per phase and layer kind")
     ap.add_argument("--quick", action="store_true",
@@ -288,13 +303,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.batches, args.repeats, args.warmup, args.memory_steps = [128], 3, 1, 2
+    global _clock
+    if args.clock == "cpu":
+        if args.threads != 1:
+            ap.error("--clock cpu times one thread: use it with --threads 1")
+        _clock = time.thread_time
     torch.set_num_threads(args.threads)
     k = args.multiplicity
     methods = [m for m in args.methods if not (m == "opacus" and k > 1)]
     n_params = sum(p.numel() for p in UNet(ModelConfig(), 1, 8).parameters())
     print(f"DP step cost: default UNet ({n_params / 1e6:.2f}M parameters), 1x8x8, K={k}, "
           f"{args.threads} thread(s), torch {torch.__version__}, {platform.processor() or '?'}")
-    print(f"median of {args.repeats} steps after {args.warmup} warm-up, methods interleaved; "
+    print(f"median of {args.repeats} steps after {args.warmup} warm-up, methods interleaved, "
+          f"{'wall-clock' if args.clock == 'wall' else 'thread CPU'} time; "
           "no optimizer step; noise from torch.Generator except securefed-secure")
     print(f"memory: peak RSS above post-setup RSS, fresh process, {args.memory_steps} steps\n")
     header = (f"{'batch':>5}  {'method':<16}{'median ms':>10}{'x plain':>9}"
@@ -308,10 +329,10 @@ def main() -> None:
         times: dict[str, list[float]] = {m: [] for m in methods}
         for r in range(args.warmup + args.repeats):
             for m in methods:
-                t0 = time.perf_counter()
+                t0 = _clock()
                 steps[m]()
                 if r >= args.warmup:
-                    times[m].append(time.perf_counter() - t0)
+                    times[m].append(_clock() - t0)
         del steps
         med = {m: statistics.median(v) * 1e3 for m, v in times.items()}
         mem: dict[str, float] = {}
@@ -346,9 +367,9 @@ def main() -> None:
     if "securefed" in ratio_128:
         print(f"DP step WITHOUT secure noise at batch 128: {ratio_128['securefed']:.2f}x plain")
     if "securefed-secure" in ratio_128:
-        r = ratio_128["securefed-secure"]
-        verdict = "met" if r <= TARGET else "NOT met"
-        print(f"DP step INCLUDING secure noise at batch 128: {r:.2f}x plain "
+        ratio = ratio_128["securefed-secure"]
+        verdict = "met" if ratio <= TARGET else "NOT met"
+        print(f"DP step INCLUDING secure noise at batch 128: {ratio:.2f}x plain "
               f"(target <= {TARGET}x: {verdict})")
 
 
