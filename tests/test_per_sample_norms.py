@@ -503,3 +503,26 @@ def test_chunked_intermediates_match_the_reference(
         monkeypatch.setattr(psn_mod, "_CHUNK_ELEMENTS", chunk)
         check_layer(conv, x_conv, 5, k, strategy)
         check_layer(lin, x_lin, 5, k, strategy)
+
+
+@pytest.mark.parametrize("keep", [0, 1 << 20])
+def test_kept_materialised_grads_give_the_same_clipped_sum(
+    keep: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers whose norms materialise per-example weight gradients keep them for the clipped
+    sum (``w @ G``) when small enough; kept (``1 << 20``) or recomputed by the weight-gradient
+    kernel (``0``), norms and weighted sums equal the one-example-at-a-time reference, for
+    grouped/strided convolutions, K > 1 and a Linear over positions."""
+    import securefed.privacy.per_sample_norms as psn_mod
+
+    monkeypatch.setattr(psn_mod, "_KEEP_ELEMENTS", keep)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=2)
+    with PerSampleGradNorms(conv, 1, strategy="materialise") as psn:
+        conv(torch.randn(3, 4, 6, 6)).square().sum().backward()
+        psn.norms()
+        assert ("weight" in psn._layers[0].small) == (keep > 0)
+    for k in (1, 2):
+        check_layer(conv, torch.randn(3 * k, 4, 6, 6), 3, k, "materialise")
+        check_layer(nn.Conv2d(3, 5, 1), torch.randn(3 * k, 3, 5, 5), 3, k, "materialise")
+        check_layer(nn.Linear(4, 3), torch.randn(3 * k, 6, 4), 3, k, "materialise")

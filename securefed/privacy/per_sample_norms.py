@@ -74,6 +74,10 @@ _UNFOLD_COST = 80.0
 # 2^17 float32 (512 KiB per array; a chunk's 4-5 live arrays stay in a 2 MiB per-core L2).
 # With 2^20 the ghost norms of the default UNet at batch 128 took ~1.4x longer (issue 14).
 _CHUNK_ELEMENTS = 1 << 17
+# A layer whose per-example weight gradients are materialised for its norms keeps them (for the
+# clipped sum ``w @ G``, instead of a second weight-gradient kernel) when all of them together
+# have at most this many elements (4 MiB of float32); larger ones are recomputed per chunk.
+_KEEP_ELEMENTS = 1 << 20
 
 
 def _layer_kind_error(name: str, module: nn.Module) -> str | None:
@@ -149,7 +153,8 @@ class _Layer:
     name: str
     module: nn.Module
     calls: list[_Call] = field(default_factory=list)
-    # per-example gradients of the small parameters, [B, ...], filled by norms()
+    # per-example gradients [B, *param.shape], filled by norms(): the small parameters (bias,
+    # GroupNorm affine) and, where the norm materialised them, the weight (<= _KEEP_ELEMENTS)
     small: dict[str, Tensor] = field(default_factory=dict)
     sq_norm: Tensor | None = None  # [B]
     choice: str = ""
@@ -214,6 +219,24 @@ def _sum_outer_sq(a: Tensor, g: Tensor, choice: str) -> Tensor:
         else:
             out.append(torch.bmm(ac.transpose(1, 2), gc).square().sum((1, 2)))
     return torch.cat(out) if out else a.new_zeros(0)
+
+
+def _outer_grads_sq(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor] | None:
+    """All ``a_m^T g_m`` at once and their squared norms, or ``None`` if that is too large.
+
+    Args:
+        a: ``[M, T, D]``; g: ``[M, T, O]`` (as in :func:`_sum_outer_sq`).
+
+    Returns:
+        ``([M, D, O] per-example gradients, [M] squared Frobenius norms)`` when
+        ``M * D * O <= _KEEP_ELEMENTS`` (then the clipped sum reuses them), else ``None``.
+    """
+    m, _, d = a.shape
+    o = g.shape[2]
+    if m * d * o > _KEEP_ELEMENTS:
+        return None
+    grads = torch.bmm(a.transpose(1, 2), g)
+    return grads, grads.reshape(m, -1).square().sum(1)
 
 
 def _group_rows(x: Tensor, k: int) -> Tensor:
@@ -635,7 +658,12 @@ class PerSampleGradNorms:
             t = a3.shape[1]
             choice = _outer_choice(t, mod.in_features, mod.out_features, self.strategy)
             layer.choice = "direct" if t == 1 else choice
-            sq = sq + _sum_outer_sq(a3, g3, choice)
+            kept = _outer_grads_sq(a3, g3) if t > 1 and choice == "materialise" else None
+            if kept is not None:  # [B, D, O] -> per-example weight gradients [B, O, D]
+                layer.small["weight"] = kept[0].transpose(1, 2)
+                sq = sq + kept[1]
+            else:
+                sq = sq + _sum_outer_sq(a3, g3, choice)
         return sq
 
     def _conv_sq(
@@ -679,6 +707,12 @@ class PerSampleGradNorms:
         layer.choice = choice
         a_m = a.reshape(b * groups, dg, t).transpose(1, 2)  # [B*G, T, Dg]
         g_m = g.reshape(b * groups, og, t).transpose(1, 2)  # [B*G, T, Og]
+        kept = _outer_grads_sq(a_m, g_m) if choice == "materialise" else None
+        if kept is not None:  # [B*G, Dg, Og] -> per-example weight gradients [B, O, Dg]
+            layer.small["weight"] = (
+                kept[0].reshape(b, groups, dg, og).transpose(2, 3).reshape(b, *mod.weight.shape)
+            )
+            return sq + kept[1].reshape(b, groups).sum(1)
         return sq + _sum_outer_sq(a_m, g_m, choice).reshape(b, groups).sum(1)
 
     def _groupnorm_sq(
@@ -735,7 +769,9 @@ class PerSampleGradNorms:
 
         With ``weights = min(1, C / (norms + 1e-6))`` this is DP-SGD's clipped-gradient sum,
         formed from the stored activations and output gradients (Bu et al. 2023) with one
-        weight-gradient kernel per layer call, no second backward pass.
+        weight-gradient kernel per layer call, no second backward pass. Where :meth:`norms`
+        materialised a layer's per-example weight gradients ``G`` (and kept them, see
+        ``_KEEP_ELEMENTS``), the sum is ``w @ G`` instead of a kernel over the activations.
 
         Args:
             weights: ``[B]`` per-example weights.
