@@ -258,6 +258,7 @@ def _profile(batch: int, k: int, repeats: int) -> list[tuple[str, float]]:
                 per[f"dp: norms {_layer_kind(layer.module)} {layer.choice}"] += _clock() - t0
             norms = psn.layer_sq_norms_total().sqrt()
             w = (CLIP / (norms + 1e-6)).clamp(max=1.0)
+            w_rows = w.repeat(k)  # per row, as weighted_grads passes it
             for layer in psn._layers:
                 t0 = _clock()
                 pairs = psn._grads(layer)
@@ -265,7 +266,7 @@ def _profile(batch: int, k: int, repeats: int) -> list[tuple[str, float]]:
                     if pname in layer.small:
                         w @ layer.small[pname].reshape(b, -1)
                     elif param.requires_grad and pairs:
-                        psn._weighted_weight(layer.module, pairs, w)
+                        psn._weighted_weight(layer.module, pairs, w_rows)
                 per[f"dp: clipped sum {_layer_kind(layer.module)}"] += _clock() - t0
             if r:
                 for key, v in per.items():
