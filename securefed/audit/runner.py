@@ -399,6 +399,9 @@ def _epsilon_section(
         "accountant": acct,
         "accountant_clients": acct_clients,
         "accountant_canary_clients": acct_canaries,
+        "canary_participations_max": max(
+            (len(h) for hs in run.canary_histories.values() for h in hs), default=None
+        ),
         "accountant_level": run.ledger.level,
         "delta": delta,
         "accountant_ledger": run.ledger.epsilon if np.isfinite(run.ledger.epsilon) else None,

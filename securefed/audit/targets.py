@@ -204,10 +204,10 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
     if cc is not None and cc.rounds:
         name = (
             f"{len(cc.canaries)} white-box canary clients ({int(cc.canaries.included.sum())} "
-            f"inserted): privatized per-round sums along their directions, rounds "
-            f"{min(cc.rounds)}-{max(cc.rounds)}"
+            f"inserted): privatized per-round sums along their directions (log-likelihood-"
+            f"ratio statistic), rounds {min(cc.rounds)}-{max(cc.rounds)}"
         )
-        canary_scores[name] = (cc.scores, cc.canaries.included.copy())
+        canary_scores[name] = (cc.statistic, cc.canaries.included.copy())
         canary_histories[name] = cc.histories
         init = build_model(cfg, data.members.image_shape, data.members.num_classes)
         theta0 = torch.cat([p.detach().reshape(-1).float() for p in init.parameters()])

@@ -514,6 +514,7 @@ class CanaryClients:
         np.savez(buf, scores=np.asarray(scores, np.float64), sampled=np.asarray(sampled, bool),
                  charged_multiplier=np.float64(charged_multiplier), clip=np.float64(clip))
         path = Path(canary_dir) / _CLIENT_ROUNDS_DIR / f"round_{rnd:05d}.npz"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write_bytes(path, buf.getvalue(), mode=0o600)
         return path
 
@@ -524,7 +525,14 @@ class ClientCanaryRecord:
 
     Attributes:
         canaries: the canary clients.
-        scores: ``[m]`` sums over the rounds read.
+        scores: ``[m]`` sums over the rounds read (``sum_r x_{r,i}``, ``x`` in units of
+            ``S_r``).
+        statistic: ``[m]`` the audit's test statistic ``sum over sampled rounds of
+            (x_{r,i} - 1/2) / z_r^2`` (``z_r`` the round's charged multiplier): the log
+            likelihood ratio of "included" for Gaussian noise of std ``z_r`` per round, so
+            canaries sampled in different numbers of rounds are ranked on one scale (a plain
+            sum favours the often-sampled). Any statistic of the server's view is valid for the
+            one-run bound; this one is the most powerful at the claimed noise.
         histories: per canary, the charged multipliers of the rounds it was sampled in.
         rounds: the rounds read (``<= up_to_round``).
         clips: the rounds' clip norms.
@@ -532,6 +540,7 @@ class ClientCanaryRecord:
 
     canaries: CanaryClients
     scores: np.ndarray
+    statistic: np.ndarray
     histories: list[list[float]]
     rounds: list[int]
     clips: list[float]
@@ -547,6 +556,7 @@ def load_client_scores(
     if c is None:
         return None
     total = np.zeros(len(c), dtype=np.float64)
+    stat = np.zeros(len(c), dtype=np.float64)
     hist: list[list[float]] = [[] for _ in range(len(c))]
     rounds: list[int] = []
     clips: list[float] = []
@@ -560,11 +570,12 @@ def load_client_scores(
         if s.shape != total.shape or smp.shape != total.shape:
             raise ValueError(f"{p}: {s.shape} scores for {len(c)} canary clients (corrupt file)")
         total += s
+        stat += np.where(smp, (s - 0.5) / max(zc, 1e-6) ** 2, 0.0)
         for i in np.flatnonzero(smp):
             hist[i].append(zc)
         rounds.append(r)
         clips.append(clip)
-    return ClientCanaryRecord(c, total, hist, rounds, clips)
+    return ClientCanaryRecord(c, total, stat, hist, rounds, clips)
 
 
 class ClientCanaryRound:
