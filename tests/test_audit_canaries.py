@@ -175,11 +175,16 @@ def test_securefed_run_inserts_gradient_canaries(tmp_path: Path) -> None:
     assert rep.epsilon["delta"] == 1e-6
 
 
-def test_canaries_need_record_level_dp() -> None:
+def test_canaries_need_a_dp_level() -> None:
+    """Record level gets gradient canaries, client level canary clients; without DP there is
+    nothing to audit and the refusal names the field, the value and the fix."""
     from securefed.config import ConfigError, parse_config
 
-    with pytest.raises(ConfigError, match=r"canaries\.enabled"):
+    with pytest.raises(ConfigError, match=r"canaries\.enabled.*dp\.level is 'none'.*client"):
         parse_config({"canaries": {"enabled": True}, "dp": {"level": "none"}})
+    cfg = parse_config({"canaries": {"enabled": True}, "dp": {"level": "client",
+                                                                "target_epsilon": 8}})
+    assert cfg.canaries.enabled and cfg.dp.level == "client"
 
 
 def test_opacus_engine_adds_extra_sum_before_the_noise() -> None:
