@@ -250,3 +250,29 @@ def test_record_level_resume_gives_the_same_canary_scores(
         assert before[r] == after[r], r
     got = load_gradient_scores(d, 4)
     assert got is not None and got[2] == [1, 2, 3, 4]
+
+
+def test_canary_clients_leave_the_real_clients_noise_and_charges_unchanged(
+    lying_and_honest: dict[str, Path], tmp_path: Path
+) -> None:
+    """The same config without canaries plans the same noise, charges the same multiplier each
+    round and ends with the same ledger: the canaries change nobody's calibration."""
+    from securefed.io import read_jsonl
+    from securefed.privacy import PrivacyLedger
+
+    run = tmp_path / "run"
+    run_experiment(parse_config(_raw(canaries={"enabled": False})), run, progress=False,
+                   write_report=False)
+    assert not (run / "canaries").exists()
+    with_c = read_jsonl(lying_and_honest["honest"] / "metrics.jsonl")
+    without = read_jsonl(run / "metrics.jsonl")
+    assert len(with_c) == len(without) == 6
+    for a, b in zip(with_c, without, strict=True):
+        assert a["selected"] == b["selected"]  # the public selection is the config seed's
+        for k in ("clip", "noise_std", "charged_multiplier", "min_survivors"):
+            assert a["client_dp"][k] == b["client_dp"][k], k
+    la = PrivacyLedger.load(lying_and_honest["honest"] / "privacy_ledger.json")
+    lb = PrivacyLedger.load(run / "privacy_ledger.json")
+    assert la.clients == lb.clients
+    for c in la.clients:
+        assert la.history(c) == lb.history(c)

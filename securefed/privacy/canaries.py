@@ -366,6 +366,21 @@ class CanaryClients:
       (one Gaussian-mechanism step at the round's charged multiplier, sample rate 1, per
       sampled round - what the ledger charges a real client for the same participations).
 
+    Design choices (documented in the README's audit section):
+
+    - The real clients' noise is planned from the REAL selected clients only
+      (:meth:`~securefed.privacy.client_level.ClientLevelDP.round_noise`); the canaries' summed
+      vector is a constant of the secret key, independent of every real client's data, so adding
+      it to the released sum is post-processing for them: their guarantee is unchanged.
+    - The vector is added to the protocol's released sum, in the ``delta`` block, before the
+      server divides by the number of real contributors: the place a real client's clipped
+      delta reaches, under the same noise. Making each canary a protocol party instead would add
+      ``m q`` parties with their own noise shares to every masking session (and change the
+      survivor threshold the charge is planned for); with exact encoding the sum is the same.
+    - Canaries are not counted in the divisor (``m q`` of them would dilute the real clients'
+      mean) and send no adaptive-clipping bit (it would move ``S``); their cost to the model is
+      ``S / n`` on each of their ``m`` coordinates per sampled round, out of ``D``.
+
     Files under ``RUN_DIR/canaries/`` (0600): ``canary.key``, ``clients.npz`` (param_index,
     offset, flat, signs, included), ``clients.json``, ``client_rounds/round_<r>.npz`` (``scores``
     ``[m]`` float64, ``sampled`` ``[m]`` bool, ``charged_multiplier``, ``clip``; a resumed run
