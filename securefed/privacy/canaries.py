@@ -28,6 +28,10 @@ Files under ``RUN_DIR/canaries/`` (all 0600; audit-only, never released with the
 ``canary.key``, ``gradient.npz`` (coords, signs, included, clients), ``gradient.json`` (m, clip),
 ``gradient_rounds/round_<r>.npy`` (``[m]`` float64 scores added in round ``r``; a resumed run
 rewrites the rounds it replays and the audit sums the rounds up to the released checkpoint).
+
+Client-level DP (DP-FedAvg) is audited with CANARY CLIENTS instead (:class:`CanaryClients`,
+Andrew et al. 2024): the same keyed Dirac directions, each canary a client that sends
+``S u_i`` when sampled; files ``clients.npz``, ``clients.json``, ``client_rounds/``.
 """
 
 from __future__ import annotations
