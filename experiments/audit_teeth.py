@@ -17,6 +17,18 @@ outcome and the whole audit's verdict; honest variants are repeated over ``--see
 the false-alarm rate.
 
     python experiments/audit_teeth.py --out runs/audit_teeth --seeds 5
+
+``--level client`` (client-level DP, DP-FedAvg): each variant is a real ``securefed run``
+(``run_experiment``: the federation, the trainer, the aggregation protocol, the ledger) with
+``--clients`` clients of ``--per-client`` records, ``--per-round`` of them selected per round
+for ``--rounds`` rounds, ``dp.level: client`` calibrated to the claimed epsilon, and
+``--canaries`` canary clients (:class:`securefed.privacy.canaries.CanaryClients`). The lying
+variants run the aggregation through
+:class:`~securefed.audit.harness.UnderNoisedProtocol` (noise times 0 or 1/4) while the ledger
+charges the calibrated noise. ``dp-holds`` is judged from the canary clients alone; the attacks
+of the whole audit run on ``--max-examples`` members and non-members.
+
+    python experiments/audit_teeth.py --level client --out runs/audit_teeth_client --seeds 10
 """
 
 from __future__ import annotations
@@ -116,6 +128,95 @@ def run_variant(
     }
 
 
+def _client_config(
+    seed: int, eps: float, clients: int, per_client: int, per_round: int, rounds: int,
+    local_steps: int, m: int,
+) -> Any:
+    from securefed.config import parse_config
+
+    return parse_config(
+        {
+            "name": "audit-teeth-client",
+            "seed": seed,
+            "data": {"name": "digits", "max_examples": 2 * clients * per_client,
+                     "holdout_fraction": 0.5},
+            "partition": {"kind": "iid"},
+            "model": {"base_channels": 8, "channel_mults": [1, 2], "norm_groups": 4},
+            "diffusion": {"timesteps": 100},
+            "federation": {"num_clients": clients, "rounds": rounds,
+                           "fraction_fit": per_round / clients, "min_fit_clients": per_round},
+            "client": {"local_steps": local_steps, "batch_size": 16, "lr": 0.003},
+            "secure_aggregation": {"protocol": "plain"},
+            "dp": {"level": "client", "target_epsilon": eps, "delta": LEDGER_DELTA,
+                   "max_update_norm": 0.5},
+            "canaries": {"enabled": True, "m": m},
+            "evaluation": {"fid": False, "every": 1000, "grid_samples": 4,
+                           "sampling_steps": 2},
+            "checkpoint": {"every": 1000},
+        }
+    )
+
+
+def run_client_variant(
+    name: str, seed: int, out: Path, args: argparse.Namespace, audit: dict[str, Any]
+) -> dict[str, Any]:
+    """One client-level variant: a real run (lying ones under-noised), then ``run_audit``."""
+    import shutil
+
+    from securefed.audit.harness import under_noised_runs
+    from securefed.audit.runner import AuditSettings, run_audit
+    from securefed.audit.threats import load_threat_model
+    from securefed.privacy import PrivacyLedger, epsilon_of
+    from securefed.run import run_experiment
+
+    t0 = time.perf_counter()
+    claimed = CLAIMED[name]
+    cfg = _client_config(seed, claimed, args.clients, args.per_client, args.per_round,
+                         args.rounds, args.local_steps, args.canaries)
+    run_dir = out / f"client_{name}_s{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    with under_noised_runs(VARIANTS[name]):
+        run_experiment(cfg, run_dir, progress=False, write_report=False)
+    train_s = time.perf_counter() - t0
+    st = AuditSettings(**{"progress": False, "seed": seed, **audit})
+    rep = run_audit(run_dir, [load_threat_model("external_released_model")], st)
+    eps = rep.epsilon
+    led = PrivacyLedger.load(run_dir / "privacy_ledger.json")
+    z_claimed = float(led.get_plan(led.clients[0]).noise_multiplier)
+    z_used = VARIANTS[name] * z_claimed
+    # the noise actually used, charged like the ledger charges (worst canary's participations)
+    best = max((b for b in eps.get("bounds", [])), key=lambda b: b["eps_lb"], default={})
+    k_max = int(eps.get("canary_participations_max") or 0)
+    true_eps = (
+        float("inf") if z_used == 0
+        else epsilon_of([(z_used, 1.0, max(1, k_max))], st.audit_delta, "prv")
+    )
+    dp = next(c for c in rep.criteria if c.id == "dp-holds")
+    cos = (best.get("andrew_cosine") or {}).get("eps_est")
+    return {
+        "level": "client",
+        "variant": name,
+        "seed": seed,
+        "sigma_used": z_used,
+        "sigma_claimed": z_claimed,
+        "claimed_eps_ledger_delta": eps.get("accountant_ledger"),
+        "accountant_eps_audit_delta": eps.get("accountant"),
+        "true_eps_audit_delta": true_eps,
+        "eps_lb": eps.get("eps_lb"),
+        "ceiling": eps.get("ceiling"),
+        "eps_est": eps.get("eps_est"),
+        "cosine_est": cos,
+        "v_r": f"{eps['one_run']['v']}/{eps['one_run']['r']}",
+        "participations_max": k_max,
+        "dp_holds": dp.outcome,
+        "audit": "PASS" if rep.passed else "FAIL",
+        "failed": sorted(c.id for c in rep.criteria if not c.passed),
+        "train_s": round(train_s, 1),
+        "audit_s": round(rep.seconds, 1),
+    }
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     def f(x: Any) -> str:
         if isinstance(x, float):
@@ -128,12 +229,18 @@ def table(rows: list[dict[str, Any]]) -> str:
         "dp-holds | audit |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    client = any(r.get("level") == "client" for r in rows)
+    if client:
+        lines[0] = lines[0].replace("Gaussian-fit est. |", "Gaussian-fit est. / cosine est. |")
     for r in rows:
+        est = f(r["eps_est"])
+        if client:
+            est += f" / {f(r.get('cosine_est'))}"
         lines.append(
             f"| {r['variant']} | {r['seed']} | {f(r['sigma_used'])} / {f(r['sigma_claimed'])} | "
             f"{f(r['claimed_eps_ledger_delta'])} | {f(r['accountant_eps_audit_delta'])} | "
             f"{f(r['true_eps_audit_delta'])} | **{f(r['eps_lb'])}** ({r['v_r']}) | "
-            f"{f(r['eps_est'])} | {r['dp_holds']} | {r['audit']} |"
+            f"{est} | {r['dp_holds']} | {r['audit']} |"
         )
     honest = [r for r in rows if r["variant"].startswith("honest")]
     lying = [r for r in rows if r["variant"].startswith("lying")]
@@ -162,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--max-examples", type=int, default=256)
     p.add_argument("--bootstrap", type=int, default=100)
+    p.add_argument("--level", choices=("record", "client"), default="record")
+    p.add_argument("--clients", type=int, default=20, help="client level: real clients")
+    p.add_argument("--per-client", type=int, default=32, help="client level: records each")
+    p.add_argument("--per-round", type=int, default=10, help="client level: selected per round")
+    p.add_argument("--rounds", type=int, default=20, help="client level: rounds")
+    p.add_argument("--local-steps", type=int, default=2, help="client level: local steps")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
@@ -178,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
             n_seeds = args.seeds if name.startswith("honest") else args.lying_seeds
             if seed >= n_seeds or (name, seed) in done:
                 continue
-            rows.append(run_variant(name, seed, out, args.steps, args.canaries, args.lr, audit))
+            if args.level == "client":
+                rows.append(run_client_variant(name, seed, out, args, audit))
+            else:
+                rows.append(
+                    run_variant(name, seed, out, args.steps, args.canaries, args.lr, audit)
+                )
             path.write_text(json.dumps(rows, indent=1))
             print(json.dumps(rows[-1]), flush=True)
     text = table(sorted(rows, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])))

@@ -444,10 +444,15 @@ class CanaryConfig(_Frozen):
 
     ``dp.level: record``: ``m`` white-box Dirac gradient canaries, each included by a fair coin
     and Poisson-sampled like a record of its client (:mod:`securefed.privacy.canaries`).
+    ``dp.level: client``: ``m`` canary clients (Andrew et al. 2024), each included by a fair
+    coin, sampled each round at the clients' rate and, when sampled, adding ``S u_i`` to the
+    round's noised sum (:class:`securefed.privacy.canaries.CanaryClients`).
     """
 
     enabled: bool = False
-    m: int = Field(default=1000, ge=2, description="gradient canaries (>= 1000 for power)")
+    m: int = Field(
+        default=1000, ge=2, description="gradient canaries or canary clients (>= 1000 for power)"
+    )
 
 
 class EvaluationConfig(_Frozen):
@@ -514,10 +519,18 @@ class ExperimentConfig(_Frozen):
                 f"{self.strategy.name!r} sends more (e.g. SCAFFOLD control variates) that would "
                 "leave un-noised; use strategy.name fedavg or fedprox"
             )
-        if self.canaries.enabled and self.dp.level != "record":
+        if self.canaries.enabled and self.dp.level not in ("record", "client"):
             raise ValueError(
-                f"canaries.enabled: gradient canaries audit record-level DP-SGD; dp.level is "
-                f"{self.dp.level!r} (set dp.level: record, or canaries.enabled: false)"
+                f"canaries.enabled: canaries audit a DP run (gradient canaries for dp.level "
+                f"record, canary clients for dp.level client); dp.level is {self.dp.level!r} "
+                "(set dp.level: record or client, or canaries.enabled: false)"
+            )
+        if self.canaries.enabled and self.dp.level == "client" and (
+            self.fedddpm.enabled or self.feddiffuse.enabled
+        ):
+            raise ValueError(
+                "canaries.enabled: canary clients join the DP-FedAvg sum of model deltas; "
+                "fedddpm/feddiffuse send other vectors (set canaries.enabled: false)"
             )
         pt = self.pretrain
         if pt.enabled and same_collection(pt.data, self.data):

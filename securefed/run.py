@@ -420,6 +420,14 @@ def run_experiment(
             )
     elif cfg.dp.level == "client":
         strategy, privacy = build_client_level_privacy(cfg, run_dir, clients, strategy, resume)
+        if cfg.canaries.enabled:
+            from securefed.privacy.canaries import CanaryClients
+
+            # canary clients (audit-only secrets under canaries/, 0600)
+            privacy.canary_dir = run_dir / "canaries"
+            privacy.canaries = CanaryClients.create_or_load(
+                privacy.canary_dir, model, cfg.canaries.m
+            )
     sim = Simulation(
         cfg,
         model,

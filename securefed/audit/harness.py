@@ -14,6 +14,8 @@ with a different noise multiplier than the one its ledger records: the audit mus
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,13 @@ from securefed.data import ImageDataset
 from securefed.io import atomic_write_json, atomic_write_text
 from securefed.seeds import Purpose, derive_seed
 
-__all__ = ["TrainedModel", "train_model", "write_run_dir"]
+__all__ = [
+    "TrainedModel",
+    "UnderNoisedProtocol",
+    "train_model",
+    "under_noised_runs",
+    "write_run_dir",
+]
 
 
 @dataclass(frozen=True)
@@ -222,3 +230,53 @@ def write_run_dir(
         ledger.charge(0, phase="round", round=1, steps=trained.steps)
     atomic_write_json(run_dir / "harness.json", {"steps": trained.steps})
     return run_dir
+
+
+class UnderNoisedProtocol:
+    """FAULT INJECTION for auditing the auditor: an aggregation protocol that adds only
+    ``factor`` times the client-level DP noise it is asked for (0: none), while the ledger keeps
+    charging the planned noise - a lying DP-FedAvg implementation the audit must catch.
+
+    Wraps any :class:`~securefed.secagg.base.AggregationProtocol`; everything but
+    :meth:`aggregate` is the wrapped protocol's. Never use outside tests and experiments.
+    """
+
+    def __init__(self, inner: Any, factor: float) -> None:
+        if factor < 0:
+            raise ValueError(f"UnderNoisedProtocol: factor must be >= 0, got {factor}")
+        self.inner = inner
+        self.factor = float(factor)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def aggregate(
+        self, round_id: int, inputs: Any, dropouts: Any = None, *, noise: Any = None
+    ) -> Any:
+        if noise is not None:
+            from securefed.secagg.base import DistributedNoise
+
+            noise = (
+                DistributedNoise(std=noise.std * self.factor, expected=noise.expected)
+                if self.factor > 0
+                else None
+            )
+        return self.inner.aggregate(round_id, inputs, dropouts, noise=noise)
+
+
+@contextmanager
+def under_noised_runs(factor: float) -> Iterator[None]:
+    """Inside the block, ``securefed.run.run_experiment`` builds :class:`UnderNoisedProtocol`
+    aggregation (client-level DP noise times ``factor``; the ledger is unchanged)."""
+    import securefed.run as run_mod
+
+    original = run_mod.build_protocol
+
+    def build(*args: Any, **kwargs: Any) -> Any:
+        return UnderNoisedProtocol(original(*args, **kwargs), factor)
+
+    run_mod.build_protocol = build
+    try:
+        yield
+    finally:
+        run_mod.build_protocol = original

@@ -63,6 +63,22 @@ def _privacy_table(eps: dict[str, Any]) -> list[str]:
         f"{eps.get('source', '-')}, confidence {1 - float(eps.get('beta', 0.05)):.0%} |",
         "",
     ]
+    if eps.get("accountant_canary_clients") is not None:
+        lines += [
+            f"_Canary clients: the accountant's epsilon at the audit delta is the larger of the "
+            f"real clients' ({_f(eps.get('accountant_clients'))}) and the canary clients' own "
+            f"({_f(eps.get('accountant_canary_clients'))}, at most "
+            f"{eps.get('canary_participations_max')} participations)._",
+            "",
+        ]
+    cos = eps.get("andrew_cosine")
+    if cos:
+        lines += [
+            f"_Diagnostic (Andrew et al. 2024, cosines of the final model delta with the canary "
+            f"directions, Gaussian fit; an estimate, not a bound): epsilon "
+            f"{_f(cos.get('eps_est'), 2)}._",
+            "",
+        ]
     if eps.get("unfit"):
         lines += [f"_{eps['unfit']}._", ""]
     return lines

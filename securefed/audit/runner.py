@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from securefed.audit.attacks import ATTACKS, AttackContext, build_attack
 from securefed.audit.epsilon import (
     clopper_pearson_audit,
+    federated_canary_audit,
     gaussian_fit_epsilon,
     one_run_audit,
     one_run_ceiling,
@@ -351,6 +352,33 @@ def _accountant_at(run: AuditRun, delta: float) -> float:
     return max(eps) if eps else float("inf")
 
 
+def _canary_clients_accountant_at(run: AuditRun, delta: float) -> float | None:
+    """The accountant's epsilon at ``delta`` of the worst canary client: one Gaussian step at
+    the round's charged multiplier (sample rate 1) per round it took part in, exactly what the
+    ledger charges a real client for the same participations; None without canary clients."""
+    if not run.canary_histories:
+        return None
+    from securefed.privacy import epsilon_of
+
+    accountant: str = run.cfg.dp.accountant
+    path = Path(run.run_dir) / "privacy_ledger.json"
+    if path.exists():
+        from securefed.privacy import PrivacyLedger
+
+        led = PrivacyLedger.load(path)
+        if led.clients:
+            accountant = led.get_plan(led.clients[0]).accountant
+    seen: dict[tuple[float, ...], float] = {}
+    worst = 0.0
+    for hists in run.canary_histories.values():
+        for h in hists:
+            t = tuple(sorted(h))
+            if t not in seen:
+                seen[t] = float(epsilon_of([(z, 1.0, 1) for z in t], delta, accountant))
+            worst = max(worst, seen[t])
+    return worst
+
+
 def _epsilon_section(
     run: AuditRun,
     st: AuditSettings,
@@ -362,9 +390,18 @@ def _epsilon_section(
     """Empirical epsilon at the audit delta, the accountant's epsilon at the same delta, and
     diagnostics (see :class:`AuditSettings`)."""
     delta = st.audit_delta
-    acct = _accountant_at(run, delta)
+    acct_clients = _accountant_at(run, delta)
+    acct_canaries = _canary_clients_accountant_at(run, delta)
+    # the claim the canaries are held to: the accountant's epsilon of the real clients' worst
+    # history and of the canary clients' own participations (same accountant, same charges)
+    acct = max(acct_clients, acct_canaries) if acct_canaries is not None else acct_clients
     epsilon: dict[str, Any] = {
         "accountant": acct,
+        "accountant_clients": acct_clients,
+        "accountant_canary_clients": acct_canaries,
+        "canary_participations_max": max(
+            (len(h) for hs in run.canary_histories.values() for h in hs), default=None
+        ),
         "accountant_level": run.ledger.level,
         "delta": delta,
         "accountant_ledger": run.ledger.epsilon if np.isfinite(run.ledger.epsilon) else None,
@@ -433,6 +470,12 @@ def _epsilon_section(
             row["gaussian_fit"] = gaussian_fit_epsilon(
                 scores, inc, delta, rng=rng, bootstrap=st.bootstrap
             )
+        cos = run.canary_cosines.get(name)
+        if cos is not None and int(cos[1].sum()) >= 2 and int((~cos[1]).sum()) >= 2:
+            # Andrew et al. (2024): Gaussian fit to the final-delta cosines (an ESTIMATE)
+            row["andrew_cosine"] = federated_canary_audit(
+                cos[0][cos[1]], cos[0][~cos[1]], delta
+            ).as_dict()
         bounds.append(row)
     best = max(bounds, key=lambda b: b["eps_lb"])
     epsilon.update(
@@ -443,6 +486,7 @@ def _epsilon_section(
         one_run=best["one_run"],
         clopper_pearson=best.get("clopper_pearson"),
         gaussian_fit=best.get("gaussian_fit"),
+        andrew_cosine=best.get("andrew_cosine"),
         source=best["source"],
         ceiling=max(b["ceiling"] for b in bounds),
         m=max(b["one_run"]["m"] for b in bounds),

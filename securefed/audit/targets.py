@@ -75,6 +75,13 @@ class AuditRun:
     #: diagnostic: the gradient canaries scored on the released model alone,
     #: ``-s_i (theta_T - theta_0)[j_i]`` (``(scores, included)`` or None)
     released_canary_scores: tuple[np.ndarray, np.ndarray] | None = None
+    #: client-level canary clients by source name (a key of :attr:`canary_scores`): each
+    #: canary's participation history (the charged multipliers of its rounds), from which the
+    #: audit recomputes the accountant's epsilon for the canaries themselves
+    canary_histories: dict[str, list[list[float]]] = field(default_factory=dict)
+    #: diagnostic (Andrew et al. 2024): cosines of the final model delta with each canary
+    #: client's direction, ``(cosines [m], included [m])`` by source name
+    canary_cosines: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def conditional(self) -> bool:
@@ -189,6 +196,28 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
             ] = (scores, gc.included.copy())
         else:
             log.warning("%s/canaries: gradient canaries but no round scores", run_dir)
+    canary_histories: dict[str, list[list[float]]] = {}
+    canary_cosines: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    from securefed.privacy.canaries import load_client_scores
+
+    cc = load_client_scores(run_dir / "canaries", int(ckpt.round))
+    if cc is not None and cc.rounds:
+        name = (
+            f"{len(cc.canaries)} white-box canary clients ({int(cc.canaries.included.sum())} "
+            f"inserted): privatized per-round sums along their directions (log-likelihood-"
+            f"ratio statistic), rounds {min(cc.rounds)}-{max(cc.rounds)}"
+        )
+        canary_scores[name] = (cc.statistic, cc.canaries.included.copy())
+        canary_histories[name] = cc.histories
+        init = build_model(cfg, data.members.image_shape, data.members.num_classes)
+        theta0 = torch.cat([p.detach().reshape(-1).float() for p in init.parameters()])
+        if theta0.numel() == released.numel():
+            delta_t = (released - theta0).double().numpy()
+            norm = float(np.linalg.norm(delta_t))
+            cos = cc.canaries.signs * delta_t[cc.canaries.flat] / max(norm, 1e-300)
+            canary_cosines[name] = (cos, cc.canaries.included.copy())
+    elif cc is not None:
+        log.warning("%s/canaries: canary clients but no round scores", run_dir)
     released_scores = None
     if got is not None:
         init = build_model(cfg, data.members.image_shape, data.members.num_classes)
@@ -215,6 +244,8 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
         ledger=_ledger(run_dir, cfg),
         canary_scores=canary_scores,
         released_canary_scores=released_scores,
+        canary_histories=canary_histories,
+        canary_cosines=canary_cosines,
     )
 
 

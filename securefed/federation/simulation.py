@@ -68,7 +68,8 @@ class PrivacyContext:
     noise_source: Callable[[int, int], Any]
     level: str = "record"
     phase_noise_source: Callable[[int, int, int], Any] | None = None
-    #: audit: the run's gradient canaries and their folder (``canaries.enabled``)
+    #: audit (``canaries.enabled``): the run's gradient canaries (record level) or canary
+    #: clients (client level, :class:`~securefed.privacy.canaries.CanaryClients`) and their folder
     canaries: Any | None = None
     canary_dir: Path | None = None
 
@@ -135,6 +136,7 @@ class Simulation:
             self.trainer = LocalTrainer(model, schedule, cfg.client, device, self.conditional)
         self.global_params = get_flat(model)
         self.round = 0
+        self._canary_eps_cache: dict[tuple[float, ...], float] = {}
 
     # ------------------------------------------------------------------ state
     def checkpoint(self, meta: Mapping[str, Any]) -> Checkpoint:
@@ -229,10 +231,10 @@ class Simulation:
         for cid in list(trainers):
             client = self.clients[cid]
             hook = None
-            if self.privacy is not None and self.privacy.canaries is not None:
+            if self.privacy is not None and self.privacy.level == "record" and canaries is not None:
                 from securefed.client.dp import sample_rate_for
 
-                hook = self.privacy.canaries.for_client(
+                hook = canaries.for_client(
                     rnd, cid, self.trainer.model, sample_rate_for(cfg.client, len(client.data)),
                     cfg.dp.max_grad_norm,
                 )
@@ -252,8 +254,10 @@ class Simulation:
                 canary_scores[hook.selected] += hook.scores
             losses.append(result.mean_loss)
         bar.close()
-        if canaries is not None and self.privacy is not None and self.privacy.canary_dir:
+        record_canaries = self.privacy is not None and self.privacy.level == "record"
+        if canaries is not None and record_canaries and self.privacy and self.privacy.canary_dir:
             canaries.commit(self.privacy.canary_dir, rnd, canary_scores)  # audit-only, 0600
+        canary_round = self._canary_clients_round(rnd, len(plan.clients))
         seconds["train"] = time.perf_counter() - t0
 
         # ---- secure aggregation: only the SUM reaches the strategy (one protocol session per
@@ -302,13 +306,21 @@ class Simulation:
                 continue
             if not agg.survivors:
                 continue
-            sums, total_weight = unpack_sum(agg.total, keys, members)
+            total = agg.total
+            if canary_round is not None:  # canary clients' S u_i join the clipped-delta sum
+                off, n = _block(members, keys, "delta")
+                total = canary_round.add_to(total, off, n)
+            sums, total_weight = unpack_sum(total, keys, members)
+            if canary_round is not None:
+                canary_round.observe(sums["delta"].numpy())
             results[name] = CohortSum(sums, total_weight, len(agg.survivors))
             survivors.update(agg.survivors)
             up_bytes += int(sum(agg.bytes_up.values()))
             proto_down += int(sum(agg.bytes_down.values()))
             params_up += len(agg.survivors) * int(next(iter(inputs.values())).shape[0])
             infos[name] = dict(agg.info)
+        if canary_round is not None:
+            canary_round.commit()  # audit-only, 0600; a replayed round rewrites its file
         seconds["aggregate"] = time.perf_counter() - t0
 
         if results:
@@ -409,6 +421,23 @@ class Simulation:
             out["fid_clients"] = fids
         return out
 
+    def _canary_clients_round(self, rnd: int, selected: int) -> Any:
+        """The round's canary clients (``dp.level: client`` with ``canaries.enabled``), sampled
+        at the real clients' rate ``selected / num_clients`` under the same budget rule, or
+        None (:class:`~securefed.privacy.canaries.ClientCanaryRound`)."""
+        pc = self.privacy
+        if pc is None or pc.level != "client" or pc.canaries is None or pc.canary_dir is None:
+            return None
+        from securefed.privacy.canaries import ClientCanaryRound
+
+        plan = pc.ledger.get_plan(self.clients[0].cid)
+        cur = self._client_dp().current
+        return ClientCanaryRound(
+            pc.canaries, pc.canary_dir, rnd, selected / max(1, len(self.clients)), cur.clip,
+            cur.charged_multiplier, plan.target_epsilon, plan.delta, plan.accountant,
+            self._canary_eps_cache,
+        )
+
     def _client_dp(self) -> Any:
         from securefed.privacy.client_level import ClientLevelDP
 
@@ -452,3 +481,14 @@ class Simulation:
 
     def save(self, ckpt_dir: Path, meta: Mapping[str, Any]) -> None:
         save_checkpoint(ckpt_dir, self.checkpoint(meta), self.cfg.checkpoint.keep_last)
+
+
+def _block(members: Mapping[int, Any], keys: list[str], key: str) -> tuple[int, int]:
+    """Offset and length of vector ``key`` inside a packed protocol input (``keys`` order)."""
+    some = next(iter(members.values())).vectors
+    off = 0
+    for k in keys:
+        if k == key:
+            return off, int(some[k].numel())
+        off += int(some[k].numel())
+    raise KeyError(f"packed update has no {key!r} vector (keys {keys})")

@@ -28,6 +28,10 @@ Files under ``RUN_DIR/canaries/`` (all 0600; audit-only, never released with the
 ``canary.key``, ``gradient.npz`` (coords, signs, included, clients), ``gradient.json`` (m, clip),
 ``gradient_rounds/round_<r>.npy`` (``[m]`` float64 scores added in round ``r``; a resumed run
 rewrites the rounds it replays and the audit sums the rounds up to the released checkpoint).
+
+Client-level DP (DP-FedAvg) is audited with CANARY CLIENTS instead (:class:`CanaryClients`,
+Andrew et al. 2024): the same keyed Dirac directions, each canary a client that sends
+``S u_i`` when sampled; files ``clients.npz``, ``clients.json``, ``client_rounds/``.
 """
 
 from __future__ import annotations
@@ -48,9 +52,13 @@ from securefed.privacy.secure_noise import derive_key
 
 __all__ = [
     "CANARY_KEY_FILENAME",
+    "CanaryClients",
     "ClientCanaries",
+    "ClientCanaryRecord",
+    "ClientCanaryRound",
     "GradientCanaries",
     "canary_uniforms",
+    "load_client_scores",
     "load_gradient_scores",
 ]
 
@@ -320,3 +328,334 @@ def load_gradient_scores(
     if meta.get("m", len(c)) != len(c):
         raise ValueError(f"{d}/gradient.json: m disagrees with gradient.npz (corrupt)")
     return c, total, rounds
+
+
+# =========================================================================== client-level DP
+_PURPOSE_CLIENT_SAMPLE = 3
+_CLIENT_ROUNDS_DIR = "client_rounds"
+
+
+def _flat_positions(model: nn.Module, param_index: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """``[m]`` positions in the model's flat ``[D]`` vector (:func:`~securefed.client.update.
+    get_flat`: every parameter, ``model.parameters()`` order) of canaries addressed as
+    (trainable-parameter index, offset)."""
+    all_params = list(model.parameters())
+    starts = np.cumsum([0] + [p.numel() for p in all_params])[:-1]
+    trainable = [k for k, p in enumerate(all_params) if p.requires_grad]
+    glob = np.asarray(trainable, dtype=np.int64)[param_index]
+    return (starts[glob] + offset).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class CanaryClients:
+    """``m`` canary clients for auditing client-level DP (DP-FedAvg) inside a real run.
+
+    Andrew, Chien, Thakkar et al. (2024), "One-shot Empirical Privacy Estimation for Federated
+    Learning", ICLR: canary clients send a fixed direction instead of a model delta; here the
+    directions are Dirac (``u_i = s_i e_{j_i}``, a random sign on a distinct random weight
+    coordinate, as for :class:`GradientCanaries`): exactly orthogonal, O(1) to add and to score.
+
+    - A fair coin INCLUDES each canary client (ChaCha20 keyed by the secret ``canary.key``).
+    - In every round each canary client is sampled at the round's client sampling rate
+      ``q_r = selected / num_clients`` (keyed draw, one per canary and round, included or not),
+      and - like a real client - only while its next participation keeps the accountant's
+      epsilon within ``dp.target_epsilon`` (:meth:`eligible`).
+    - A sampled INCLUDED canary contributes ``S_r u_i`` (``S_r`` = the round's clip norm: the
+      largest update the clip allows) to the round's sum of clipped deltas, under the round's
+      noise: :meth:`contribution` is the exact sum of the sampled included canaries' vectors.
+    - Score of canary ``i`` (the server's white-box view: every per-round noised sum it
+      receives): ``sum over its sampled rounds of <noised sum_r, u_i> / S_r``; an included one
+      adds 1 per sampled round, the noise ``N(0, z_r^2)``.
+    - The claim it is compared with: the accountant's epsilon of the canary's own history
+      (one Gaussian-mechanism step at the round's charged multiplier, sample rate 1, per
+      sampled round - what the ledger charges a real client for the same participations).
+
+    Design choices (documented in the README's audit section):
+
+    - The real clients' noise is planned from the REAL selected clients only
+      (:meth:`~securefed.privacy.client_level.ClientLevelDP.round_noise`); the canaries' summed
+      vector is a constant of the secret key, independent of every real client's data, so adding
+      it to the released sum is post-processing for them: their guarantee is unchanged.
+    - The vector is added to the protocol's released sum, in the ``delta`` block, before the
+      server divides by the number of real contributors: the place a real client's clipped
+      delta reaches, under the same noise. Making each canary a protocol party instead would add
+      ``m q`` parties with their own noise shares to every masking session (and change the
+      survivor threshold the charge is planned for); with exact encoding the sum is the same.
+    - Canaries are not counted in the divisor (``m q`` of them would dilute the real clients'
+      mean) and send no adaptive-clipping bit (it would move ``S``); their cost to the model is
+      ``S / n`` on each of their ``m`` coordinates per sampled round, out of ``D``.
+
+    Files under ``RUN_DIR/canaries/`` (0600): ``canary.key``, ``clients.npz`` (param_index,
+    offset, flat, signs, included), ``clients.json``, ``client_rounds/round_<r>.npz`` (``scores``
+    ``[m]`` float64, ``sampled`` ``[m]`` bool, ``charged_multiplier``, ``clip``; a resumed run
+    rewrites the rounds it replays and the audit reads rounds up to the released checkpoint).
+
+    Attributes:
+        param_index: ``[m]`` int64, trainable-parameter index. offset: ``[m]`` int64.
+        flat: ``[m]`` int64, position in the flat ``[D]`` model vector (``get_flat`` order).
+        signs: ``[m]`` float64 +-1. included: ``[m]`` bool. key: the 32-byte secret.
+    """
+
+    param_index: np.ndarray
+    offset: np.ndarray
+    flat: np.ndarray
+    signs: np.ndarray
+    included: np.ndarray
+    key: bytes
+
+    def __len__(self) -> int:
+        return int(self.signs.size)
+
+    # ------------------------------------------------------------------ creation / storage
+    @classmethod
+    def draw(cls, model: nn.Module, m: int, key: bytes | None = None) -> CanaryClients:
+        """``m`` canary clients over ``model``'s weight tensors from ``key`` (fresh if None)."""
+        g = GradientCanaries.draw(model, m, 1, key=key)
+        flat = _flat_positions(model, g.param_index, g.offset)
+        return cls(g.param_index, g.offset, flat, g.signs, g.included, g.key)
+
+    def save(self, canary_dir: str | Path) -> Path:
+        d = Path(canary_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o700)
+        atomic_write_bytes(d / CANARY_KEY_FILENAME, self.key, mode=0o600)
+        buf = io.BytesIO()
+        np.savez(buf, param_index=self.param_index, offset=self.offset, flat=self.flat,
+                 signs=self.signs, included=self.included)
+        atomic_write_bytes(d / "clients.npz", buf.getvalue(), mode=0o600)
+        atomic_write_json(
+            d / "clients.json",
+            {
+                "m": len(self),
+                "included": int(self.included.sum()),
+                "kind": "dirac canary clients (white-box, client-level DP-FedAvg)",
+                "note": "audit-only secrets: never release with the model",
+            },
+            mode=0o600,
+        )
+        return d
+
+    @classmethod
+    def load(cls, canary_dir: str | Path) -> CanaryClients | None:
+        d = Path(canary_dir)
+        if not (d / "clients.npz").exists():
+            return None
+        key = (d / CANARY_KEY_FILENAME).read_bytes()
+        with np.load(d / "clients.npz", allow_pickle=False) as z:
+            a = {k: z[k] for k in z.files}
+        sizes = {a[k].shape for k in ("param_index", "offset", "flat", "signs", "included")}
+        if len(sizes) != 1:
+            raise ValueError(f"{d / 'clients.npz'}: arrays of different lengths (corrupt file)")
+        return cls(a["param_index"].astype(np.int64), a["offset"].astype(np.int64),
+                   a["flat"].astype(np.int64), a["signs"].astype(np.float64),
+                   a["included"].astype(bool), key)
+
+    @classmethod
+    def create_or_load(cls, canary_dir: str | Path, model: nn.Module, m: int) -> CanaryClients:
+        """Loaded when ``canary_dir`` has them (resume), else drawn with a fresh key and saved."""
+        got = cls.load(canary_dir)
+        if got is not None:
+            if len(got) != m:
+                raise ValueError(
+                    f"canaries.m: the run directory holds {len(got)} canary clients, the config "
+                    f"asks for {m}; keep canaries.m unchanged when resuming"
+                )
+            return got
+        c = cls.draw(model, m)
+        c.save(canary_dir)
+        return c
+
+    # ------------------------------------------------------------------ one round
+    def sample(self, rnd: int, rate: float) -> np.ndarray:
+        """``[m]`` bool: the canary clients the round-``rnd`` draw samples at ``rate`` (keyed by
+        the secret; included or not, so the excluded ones are scored on the same footing)."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"canary clients: sampling rate must be in [0, 1], got {rate}")
+        return canary_uniforms(derive_key(self.key, _PURPOSE_CLIENT_SAMPLE, rnd), len(self)) < rate
+
+    def eligible(
+        self,
+        histories: list[list[float]],
+        charge: float,
+        target_epsilon: float | None,
+        delta: float,
+        accountant: str,
+        cache: dict[tuple[float, ...], float] | None = None,
+    ) -> np.ndarray:
+        """``[m]`` bool: whose next participation at ``charge`` keeps its accountant epsilon
+        within ``target_epsilon`` (the rule a real client's ledger applies; all True without a
+        target). ``histories[i]``: the charged multipliers of canary ``i``'s past rounds."""
+        from securefed.privacy.accountant import epsilon_of
+        from securefed.privacy.ledger import EPSILON_SLACK
+
+        if target_epsilon is None:
+            return np.ones(len(self), dtype=bool)
+        cache = {} if cache is None else cache
+        out = np.zeros(len(self), dtype=bool)
+        for i, h in enumerate(histories):
+            t = tuple(sorted(round(z, 12) for z in [*h, charge]))
+            if t not in cache:
+                cache[t] = float(epsilon_of([(z, 1.0, 1) for z in t], delta, accountant))
+            out[i] = cache[t] <= target_epsilon * (1.0 + EPSILON_SLACK)
+        return out
+
+    def contribution(self, sampled: np.ndarray, clip: float, length: int) -> np.ndarray:
+        """``[length]`` float64: the sum of the sampled included canary clients' updates
+        ``S u_i`` (distinct coordinates, so exactly their sum), zero elsewhere."""
+        v = np.zeros(length, dtype=np.float64)
+        on = np.asarray(sampled, bool) & self.included
+        v[self.flat[on]] = self.signs[on] * float(clip)
+        return v
+
+    def scores(self, noised_sum: np.ndarray, sampled: np.ndarray, clip: float) -> np.ndarray:
+        """``[m]``: ``<noised_sum, u_i> / S`` for the sampled canaries, 0 for the others.
+
+        Args:
+            noised_sum: ``[D]`` the round's privatized sum of clipped model deltas (as the
+                server receives it, canaries included, before dividing by the contributors).
+        """
+        s = np.asarray(sampled, bool)
+        out = np.zeros(len(self), dtype=np.float64)
+        out[s] = self.signs[s] * np.asarray(noised_sum, np.float64)[self.flat[s]] / float(clip)
+        return out
+
+    def commit(
+        self,
+        canary_dir: str | Path,
+        rnd: int,
+        scores: np.ndarray,
+        sampled: np.ndarray,
+        charged_multiplier: float,
+        clip: float,
+    ) -> Path:
+        """Store round ``rnd``'s scores, participation and charge (0600, atomic)."""
+        buf = io.BytesIO()
+        np.savez(buf, scores=np.asarray(scores, np.float64), sampled=np.asarray(sampled, bool),
+                 charged_multiplier=np.float64(charged_multiplier), clip=np.float64(clip))
+        path = Path(canary_dir) / _CLIENT_ROUNDS_DIR / f"round_{rnd:05d}.npz"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write_bytes(path, buf.getvalue(), mode=0o600)
+        return path
+
+
+@dataclass(frozen=True)
+class ClientCanaryRecord:
+    """What the audit reads back: the summed scores and each canary's participation history.
+
+    Attributes:
+        canaries: the canary clients.
+        scores: ``[m]`` sums over the rounds read (``sum_r x_{r,i}``, ``x`` in units of
+            ``S_r``).
+        statistic: ``[m]`` the audit's test statistic ``sum over sampled rounds of
+            (x_{r,i} - 1/2) / z_r^2`` (``z_r`` the round's charged multiplier): the log
+            likelihood ratio of "included" for Gaussian noise of std ``z_r`` per round, so
+            canaries sampled in different numbers of rounds are ranked on one scale (a plain
+            sum favours the often-sampled). Any statistic of the server's view is valid for the
+            one-run bound; this one is the most powerful at the claimed noise.
+        histories: per canary, the charged multipliers of the rounds it was sampled in.
+        rounds: the rounds read (``<= up_to_round``).
+        clips: the rounds' clip norms.
+    """
+
+    canaries: CanaryClients
+    scores: np.ndarray
+    statistic: np.ndarray
+    histories: list[list[float]]
+    rounds: list[int]
+    clips: list[float]
+
+
+def load_client_scores(
+    canary_dir: str | Path, up_to_round: int | None = None
+) -> ClientCanaryRecord | None:
+    """The canary clients' rounds ``< up_to_round + 1`` (all when None), or None without
+    canary clients."""
+    d = Path(canary_dir)
+    c = CanaryClients.load(d)
+    if c is None:
+        return None
+    total = np.zeros(len(c), dtype=np.float64)
+    stat = np.zeros(len(c), dtype=np.float64)
+    hist: list[list[float]] = [[] for _ in range(len(c))]
+    rounds: list[int] = []
+    clips: list[float] = []
+    for p in sorted((d / _CLIENT_ROUNDS_DIR).glob("round_*.npz")):
+        r = int(p.stem.split("_")[1])
+        if up_to_round is not None and r > up_to_round:
+            continue
+        with np.load(p, allow_pickle=False) as z:
+            s, smp = z["scores"], z["sampled"].astype(bool)
+            zc, clip = float(z["charged_multiplier"]), float(z["clip"])
+        if s.shape != total.shape or smp.shape != total.shape:
+            raise ValueError(f"{p}: {s.shape} scores for {len(c)} canary clients (corrupt file)")
+        total += s
+        stat += np.where(smp, (s - 0.5) / max(zc, 1e-6) ** 2, 0.0)
+        for i in np.flatnonzero(smp):
+            hist[i].append(zc)
+        rounds.append(r)
+        clips.append(clip)
+    return ClientCanaryRecord(c, total, stat, hist, rounds, clips)
+
+
+class ClientCanaryRound:
+    """One round of the canary clients inside the simulation's aggregation (see
+    :class:`CanaryClients`): which canaries the round samples, their summed update added where
+    the clients' clipped deltas are summed (before the server divides by the number of real
+    contributors), their scores read from the noised sum, and the commit under ``canaries/``.
+
+    Args:
+        canaries: the run's canary clients.
+        canary_dir: ``RUN_DIR/canaries``.
+        rnd: the round. rate: the round's client sampling rate (selected / num_clients).
+        clip: ``S_r``. charge: the multiplier each participant of the round is charged.
+        target_epsilon, delta, accountant: the real clients' ledger plan (the budget rule).
+        cache: epsilon cache shared across rounds (histories -> epsilon).
+    """
+
+    def __init__(
+        self,
+        canaries: CanaryClients,
+        canary_dir: str | Path,
+        rnd: int,
+        rate: float,
+        clip: float,
+        charge: float,
+        target_epsilon: float | None,
+        delta: float,
+        accountant: str,
+        cache: dict[tuple[float, ...], float] | None = None,
+    ) -> None:
+        self.canaries, self.dir, self.rnd = canaries, Path(canary_dir), int(rnd)
+        self.clip, self.charge = float(clip), float(charge)
+        # histories from the stored rounds before this one: a resumed run rebuilds them exactly
+        past = load_client_scores(self.dir, self.rnd - 1)
+        hist = past.histories if past is not None else [[] for _ in range(len(canaries))]
+        ok = canaries.eligible(hist, self.charge, target_epsilon, delta, accountant, cache)
+        self.sampled = canaries.sample(self.rnd, rate) & ok
+        self.scores = np.zeros(len(canaries), dtype=np.float64)
+        self.released = False
+
+    def add_to(self, total: np.ndarray, offset: int, length: int) -> np.ndarray:
+        """``total`` (a packed protocol sum) plus the sampled included canaries' ``S u_i`` in
+        the ``delta`` block ``[offset, offset + length)``."""
+        out = np.array(total, dtype=np.float64, copy=True)
+        out[offset : offset + length] += self.canaries.contribution(
+            self.sampled, self.clip, length
+        )
+        return out
+
+    def observe(self, noised_delta_sum: np.ndarray) -> None:
+        """Score the sampled canaries on the released noised sum ``[D]``."""
+        if self.released:
+            raise RuntimeError(
+                "canary clients: one round released two sums of model deltas (several upload "
+                "cohorts); canary clients need the single DP-FedAvg cohort"
+            )
+        self.scores = self.canaries.scores(noised_delta_sum, self.sampled, self.clip)
+        self.released = True
+
+    def commit(self) -> Path:
+        """Write the round (0600). A round that released nothing records no participation."""
+        sampled = self.sampled if self.released else np.zeros_like(self.sampled)
+        scores = self.scores if self.released else np.zeros_like(self.scores)
+        return self.canaries.commit(self.dir, self.rnd, scores, sampled, self.charge, self.clip)
