@@ -103,6 +103,9 @@ class CoordinatorOptions:
     join_timeout: float = 300.0
     stage_timeout: float = 120.0
     train_timeout: float = 900.0
+    #: carry the next round's RoundStart with this round's unmasking request (and the sites'
+    #: keys with their replies): one Flower message fewer per round, see docs/deploy.md
+    advertise_ahead: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,38 @@ class DeployResult:
     rounds_completed: int
     final_params: torch.Tensor
     metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Ahead:
+    """Round ``rnd`` started during the previous round's unmasking stage."""
+
+    rnd: int
+    clients: tuple[int, ...]
+    length: int
+    server: Any  # MaskingServer (imported lazily)
+    outgoing: dict[int, bytes]
+    sent: set[int] = field(default_factory=set)
+    advertised: set[int] = field(default_factory=set)
+    failed: dict[int, str] = field(default_factory=dict)
+
+    def receive(self, cid: int, reply: Reply | None) -> int:
+        """Feed site ``cid``'s advertised keys from its unmasking reply to the next round's
+        server; returns the bytes received."""
+        try:
+            if not isinstance(reply, Mapping):
+                raise WireError(reply or "no reply")
+            if "next_refused" in reply:
+                raise WireError(f"refused: {reply['next_refused']}")
+            if get_int(reply, "next_round", f"site {cid}") != self.rnd:
+                raise WireError(f"keys for round {reply.get('next_round')}, not {self.rnd}")
+            data = get_bytes(reply, "next_secagg", f"site {cid}")
+            self.server.receive(cid, data)
+        except (WireError, ProtocolError, KeyError, TypeError, ValueError) as exc:
+            self.failed[cid] = f"{type(exc).__name__}: {exc}"
+            return 0
+        self.advertised.add(cid)
+        return len(data)
 
 
 class Coordinator:
@@ -156,6 +191,7 @@ class Coordinator:
         self.run_id = new_run_id()  # fresh per run; every site must accept it at setup
         self._last_trained: dict[int, int] = {}  # client -> last round it trained in
         self._survivors: dict[int, set[int]] = {}  # round -> clients whose update was used
+        self._ahead: _Ahead | None = None  # the next round, started with this round's unmask
 
     # ------------------------------------------------------------------ helpers
     def _event(self, **values: Any) -> None:
@@ -388,27 +424,57 @@ class Coordinator:
         down = dict.fromkeys(plan.clients, 0)
         line: dict[str, Any] = {"round": rnd, "selected": list(plan.clients)}
 
-        try:
-            server = MaskingServer(
-                rnd, plan.clients, length, self.params, self._roster, self._server_key,
-                record_view=False,
-            )
-        except ValueError as exc:
-            return self._abandon(line, f"round {rnd} cannot run: {exc}", dropped_at, seconds)
-        outgoing = server.start()
+        ahead, self._ahead = self._ahead, None
+        train_stage = dict.fromkeys(plan.clients, Stage.ADVERTISE_KEYS)
+        if (
+            ahead is not None
+            and ahead.rnd == rnd
+            and ahead.clients == tuple(plan.clients)
+            and ahead.length == length
+        ):
+            # this round's keys were advertised with the last round's unmasking replies: the
+            # sites that advertised train when the key broadcast (with the model) reaches them
+            server, outgoing = ahead.server, ahead.outgoing
+            for cid in ahead.advertised:
+                train_stage[cid] = Stage.SHARE_KEYS
+            skip = set(ahead.sent)  # sent their RoundStart already
+            failed_ahead = {
+                c: ahead.failed.get(c, "no keys for this round with the last unmasking reply")
+                for c in ahead.sent - ahead.advertised
+            }
+        else:
+            try:
+                server = MaskingServer(
+                    rnd, plan.clients, length, self.params, self._roster, self._server_key,
+                    record_view=False,
+                )
+            except ValueError as exc:
+                return self._abandon(line, f"round {rnd} cannot run: {exc}", dropped_at, seconds)
+            outgoing = server.start()
+            skip, failed_ahead = set(), {}
         live = set(plan.clients)
         aborted: str | None = None
         for stage in Stage.ORDER:
             t0 = time.perf_counter()
+            if stage == Stage.ADVERTISE_KEYS:
+                for cid, why in sorted(failed_ahead.items()):
+                    live.discard(cid)
+                    dropped_at.setdefault(cid, stage)
+                    reasons.setdefault(cid, why)
             for cid in sorted(live - set(outgoing)):  # pruned or rejected by the server
                 live.discard(cid)
                 dropped_at.setdefault(cid, stage)
+            ahead_next = self._start_ahead(rnd, length, live) if (
+                stage == Stage.UNMASKING
+            ) else None
             contents: dict[int, dict[str, Any]] = {}
             for cid in sorted(live):
+                if stage == Stage.ADVERTISE_KEYS and cid in skip:
+                    continue  # advertised with the last round's unmasking reply
                 c: dict[str, Any] = {
                     "round": rnd, "stage": stage, "run_id": self.run_id, "secagg": outgoing[cid]
                 }
-                if stage == Stage.ADVERTISE_KEYS:
+                if stage == train_stage[cid]:
                     last = self._last_trained.get(cid)
                     c.update(broadcast)
                     c.update(
@@ -419,18 +485,25 @@ class Coordinator:
                         commit=int(last is not None and cid in self._survivors.get(last, ())),
                     )
                     down[cid] += bcast_bytes
+                if ahead_next is not None and cid in ahead_next.outgoing:
+                    c.update(next_round=rnd + 1, next_secagg=ahead_next.outgoing[cid])
+                    ahead_next.sent.add(cid)
+                    down[cid] += len(ahead_next.outgoing[cid])
                 down[cid] += len(outgoing[cid])
                 contents[self.sites[cid].node_id] = c
             self._event(round=rnd, stage=stage, state="sent", clients=sorted(live))
-            timeout = (
-                self.options.train_timeout
-                if stage == Stage.ADVERTISE_KEYS
-                else self.options.stage_timeout
-            )
-            replies = self.transport.exchange(
-                stage_message_type(stage), contents, timeout=timeout, group=str(rnd)
+            trains = any(train_stage[c] == stage for c in live)
+            timeout = self.options.train_timeout if trains else self.options.stage_timeout
+            replies = (
+                self.transport.exchange(
+                    stage_message_type(stage), contents, timeout=timeout, group=str(rnd)
+                )
+                if contents
+                else {}
             )
             for cid in sorted(live):
+                if self.sites[cid].node_id not in contents:
+                    continue
                 r = replies.get(self.sites[cid].node_id)
                 who = f"site {cid}"
                 reason = None
@@ -444,7 +517,7 @@ class Coordinator:
                             raise WireError(f"{who}: reply for round {r.get('round')}")
                         if "epsilon" in r:
                             epsilon[str(cid)] = round(float(r["epsilon"]), 6)
-                        if stage == Stage.ADVERTISE_KEYS:
+                        if stage == train_stage[cid]:
                             if r.get("status") == "budget_exhausted":
                                 exhausted.append(cid)
                                 reason = "privacy budget exhausted (did not train)"
@@ -463,6 +536,8 @@ class Coordinator:
                     except (WireError, ProtocolError, KeyError, TypeError, ValueError) as exc:
                         # the server changed no state: the offender is treated as dropped
                         reason = f"{type(exc).__name__}: {exc}"
+                    if ahead_next is not None and cid in ahead_next.sent:
+                        up[cid] += ahead_next.receive(cid, r)
                 if reason is not None:
                     live.discard(cid)
                     dropped_at.setdefault(cid, stage)
@@ -475,6 +550,8 @@ class Coordinator:
                 aborted = f"{type(exc).__name__}: {exc}"
             seconds[stage] = round(time.perf_counter() - t0, 4)
             self._event(round=rnd, stage=stage, state="closed", clients=sorted(live))
+            if ahead_next is not None:
+                self._ahead = ahead_next
             if aborted is not None:
                 break
 
@@ -536,6 +613,33 @@ class Coordinator:
             line["server"] = server_metrics
         line["seconds"] = seconds
         return line
+
+    def _start_ahead(self, rnd: int, length: int, live: set[int]) -> _Ahead | None:
+        """Start round ``rnd + 1`` now, so that its RoundStart travels with round ``rnd``'s
+        unmasking request. The cohort comes from the same ``(seed, round)`` selection stream as
+        always (it does not depend on the model), so the rounds are those of the simulation."""
+        from securefed.secagg.masking.server import MaskingServer
+        from securefed.seeds import Purpose, derive_seed
+
+        cfg = self.cfg
+        if not self.options.advertise_ahead or rnd >= cfg.federation.rounds:
+            return None
+        rng = np.random.default_rng(derive_seed(cfg.seed, Purpose.SELECT, rnd + 1))
+        nxt = self.strategy.configure_round(
+            rnd + 1, self.global_params, sorted(self.sites), cfg.federation.fraction_fit,
+            cfg.federation.min_fit_clients, rng,
+        ).clients
+        if not set(nxt) & live:
+            return None
+        try:
+            server = MaskingServer(
+                rnd + 1, nxt, length, self.params, self._roster, self._server_key,
+                record_view=False,
+            )
+        except ValueError as exc:
+            log.warning("round %d cannot start ahead: %s", rnd + 1, exc)
+            return None
+        return _Ahead(rnd + 1, tuple(nxt), length, server, server.start())
 
     def _abandon(
         self,

@@ -97,6 +97,7 @@ from securefed.secagg.masking.stages import (
 )
 
 if TYPE_CHECKING:  # torch, data and strategies load only in the stages that train
+    import numpy as np
     import torch
 
     from securefed.data import ImageDataset
@@ -692,33 +693,19 @@ class Site:
             raise WireError(f"{path}: not a mapping of tensors")
         return dict(state)
 
-    def train_and_advertise(self, content: Mapping[str, Any]) -> dict[str, Any]:
-        """Stage ``advertise_keys``: check the round against the site's policy, train locally
-        (DP), charge the ledger, record the round as trained, mask nothing yet: answer the
-        round's :class:`RoundStart` with this site's advertised keys."""
-        import torch
-
-        from securefed.client.dp import sample_rate_for
-        from securefed.client.runtime import local_round
-        from securefed.client.trainer import local_steps_for
-        from securefed.client.update import num_params
-        from securefed.run import build_model, resolve_device
-        from securefed.secagg.masking.client import MaskingClient
-        from securefed.strategies import build_strategy, pack_update
-
+    def _round_start(
+        self, opening: bytes, rnd: int, run: RunRecord, params: Any
+    ) -> RoundPlan:
+        """Check a :class:`RoundStart` before anything is spent on its round: addressed to this
+        site for round ``rnd``, signed by the server under this run, above the site's last
+        trained round, and a cohort the site's policy accepts. Returns the round's plan."""
         who = "coordinator"
-        cfg = self._experiment()
-        record = self._record()
-        run = self._current_run(record, content)
-        rnd = get_int(content, "round", who, minimum=1)
         if rnd <= run.last_trained_round:
             raise PolicyError(
                 f"round: {rnd} is at or below this site's last trained round "
                 f"{run.last_trained_round} of run {run.run_id}; a round is trained once (two "
                 "sums of one round over different cohorts would reveal a site's update)"
             )
-        params = run_masking_params(cfg, run.run_id)
-        opening = get_bytes(content, "secagg", who)
         start = decode_message(opening, self.cid, params.session)
         if not (
             isinstance(start, RoundStart) and start.round_id == rnd and start.recipient == self.cid
@@ -735,6 +722,23 @@ class Site:
         except ValueError as exc:
             raise WireError(f"{who}: round {rnd} cannot run: {exc}") from None
         check_round_policy(plan, self.options)
+        return plan
+
+    def _train(
+        self, content: Mapping[str, Any], cfg: ExperimentConfig, record: SiteRecord,
+        run: RunRecord, rnd: int,
+    ) -> tuple[np.ndarray, list[str], Any, Any] | dict[str, Any]:
+        """Train this site's round ``rnd`` on the broadcast in ``content`` (DP, ledger charged
+        and persisted, the round recorded as trained). Returns ``(vector, vector keys, update,
+        privacy)``, or the reply of a site whose budget is exhausted."""
+        from securefed.client.dp import sample_rate_for
+        from securefed.client.runtime import local_round
+        from securefed.client.trainer import local_steps_for
+        from securefed.client.update import num_params
+        from securefed.run import build_model, resolve_device
+        from securefed.strategies import build_strategy, pack_update
+
+        who = "coordinator"
         self._commit_previous(content)
         scale = content.get("weight_scale")
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
@@ -796,13 +800,16 @@ class Site:
         run.last_trained_round = rnd
         save_site_record(self.options.state_dir, record)
         keys = sorted(update.vectors)
-        vector = pack_update(update.vectors, keys, update.weight)
-        key, roster = self._identity()
-        client = MaskingClient(self.cid, rnd, params, key, roster, vector)
-        reply = client.handle(get_bytes(content, "secagg", who))
-        save_round_state(self.options.state_dir, client.state, vector)
+        return pack_update(update.vectors, keys, update.weight), keys, update, privacy
+
+    def _trained_reply(
+        self, rnd: int, run: RunRecord, reply: bytes, keys: list[str], update: Any, privacy: Any
+    ) -> dict[str, Any]:
+        """Keep the round's private strategy state pending and build the training reply."""
         if update.new_state:
             import io
+
+            import torch
 
             buf = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in update.new_state.items()}, buf)
@@ -822,12 +829,95 @@ class Site:
             out["epsilon"] = float(privacy.ledger.epsilon(self.cid))
         return out
 
+    def train_and_advertise(self, content: Mapping[str, Any]) -> dict[str, Any]:
+        """Stage ``advertise_keys``: check the round against the site's policy, train locally
+        (DP), charge the ledger, record the round as trained, mask nothing yet: answer the
+        round's :class:`RoundStart` with this site's advertised keys."""
+        from securefed.secagg.masking.client import MaskingClient
+
+        who = "coordinator"
+        cfg = self._experiment()
+        record = self._record()
+        run = self._current_run(record, content)
+        rnd = get_int(content, "round", who, minimum=1)
+        params = run_masking_params(cfg, run.run_id)
+        opening = get_bytes(content, "secagg", who)
+        self._round_start(opening, rnd, run, params)
+        trained = self._train(content, cfg, record, run, rnd)
+        if isinstance(trained, dict):
+            return trained
+        vector, keys, update, privacy = trained
+        key, roster = self._identity()
+        client = MaskingClient(self.cid, rnd, params, key, roster, vector)
+        reply = client.handle(opening)
+        save_round_state(self.options.state_dir, client.state, vector)
+        return self._trained_reply(rnd, run, reply, keys, update, privacy)
+
+    def advertise_ahead(
+        self, content: Mapping[str, Any], run: RunRecord, params: Any
+    ) -> dict[str, Any]:
+        """The next round's :class:`RoundStart`, carried with this round's unmasking request:
+        checked exactly as :meth:`train_and_advertise` checks it (signature, run, replay,
+        cohort), answered with fresh keys; the site trains later, when the round's key
+        broadcast arrives with the global model (:meth:`train_and_share`)."""
+        from securefed.secagg.masking.client import MaskingClient
+
+        who = "coordinator"
+        nrnd = get_int(content, "next_round", who, minimum=1)
+        opening = get_bytes(content, "next_secagg", who)
+        self._round_start(opening, nrnd, run, params)
+        key, roster = self._identity()
+        client = MaskingClient(self.cid, nrnd, params, key, roster)
+        reply = client.handle(opening)
+        save_round_state(self.options.state_dir, client.state, None)
+        return {"next_round": nrnd, "next_secagg": reply}
+
+    def train_and_share(self, content: Mapping[str, Any]) -> dict[str, Any]:
+        """Stage ``share_keys`` of a round whose keys this site advertised ahead: the key
+        broadcast arrives with the global model; train (DP, charged and persisted, as in
+        :meth:`train_and_advertise`), then answer with the encrypted shares."""
+        from securefed.secagg.masking.client import MaskingClient
+
+        who = "coordinator"
+        cfg = self._experiment()
+        record = self._record()
+        run = self._current_run(record, content)
+        rnd = get_int(content, "round", who, minimum=1)
+        params = run_masking_params(cfg, run.run_id)
+        state, stored = load_round_state(self.options.state_dir, self.cid, rnd, params)
+        if state.stage != Stage.ADVERTISE_KEYS or stored is not None or state.plan is None:
+            raise WireError(
+                f"{who}: a training key broadcast for round {rnd}, but this site's round state "
+                f"is at stage {state.stage!r}; it trains a round once"
+            )
+        if rnd <= run.last_trained_round:
+            raise PolicyError(
+                f"round: {rnd} is at or below this site's last trained round "
+                f"{run.last_trained_round} of run {run.run_id}; a round is trained once"
+            )
+        check_round_policy(state.plan, self.options)
+        trained = self._train(content, cfg, record, run, rnd)
+        if isinstance(trained, dict):
+            return trained
+        vector, keys, update, privacy = trained
+        key, roster = self._identity()
+        client = MaskingClient(self.cid, rnd, params, key, roster, vector)
+        client.state = state
+        reply = client.handle(get_bytes(content, "secagg", who))
+        save_round_state(self.options.state_dir, client.state, vector)
+        return self._trained_reply(rnd, run, reply, keys, update, privacy)
+
     def masking_step(self, stage: str, content: Mapping[str, Any]) -> dict[str, Any]:
-        """Stages after ``advertise_keys``: one server message in, one signed reply out."""
+        """Stages after ``advertise_keys``: one server message in, one signed reply out. A key
+        broadcast that carries the global model trains first (:meth:`train_and_share`); an
+        unmasking request that carries the next round's start is answered with this site's
+        keys for it too (:meth:`advertise_ahead`)."""
         from securefed.secagg.masking.client import MaskingClient
 
         if stage not in Stage.ORDER[1:]:
             raise WireError(f"coordinator: unknown masking stage {stage!r}")
+        if stage == Stage.SHARE_KEYS and "broadcast_keys" in content:
+            return self.train_and_share(content)
         cfg = self._experiment()
         run = self._current_run(self._record(), content)
         rnd = get_int(content, "round", "coordinator", minimum=1)
@@ -846,12 +936,20 @@ class Site:
         client = MaskingClient(self.cid, rnd, params, key, roster, vector)
         client.state = state
         reply = client.handle(data)
+        out: dict[str, Any] = {"status": "ok", "round": rnd, "run_id": run.run_id, "secagg": reply}
         if stage == Stage.UNMASKING:
             clear_round_state(self.options.state_dir)
+            if "next_secagg" in content:
+                try:
+                    out.update(self.advertise_ahead(content, run, params))
+                except (WireError, PolicyError, ProtocolError) as exc:
+                    # this round's shares are out either way; the next round goes without us
+                    out["next_refused"] = f"{type(exc).__name__}: {exc}"
+                    log.warning("%s: refused the next round's start: %s", self.who, exc)
         else:
             masked = Stage.index(stage) >= Stage.index(Stage.MASKED_INPUT)
             save_round_state(self.options.state_dir, client.state, None if masked else vector)
-        return {"status": "ok", "round": rnd, "run_id": run.run_id, "secagg": reply}
+        return out
 
 
 def dispatch(site: Site, message_type: str, content: Mapping[str, Any]) -> dict[str, Any]:
