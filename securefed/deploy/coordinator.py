@@ -454,7 +454,7 @@ class Coordinator:
             skip, failed_ahead = set(), {}
         live = set(plan.clients)
         aborted: str | None = None
-        for stage in Stage.ORDER:
+        for stage in Stage.path(self.params.consistency_check):
             t0 = time.perf_counter()
             if stage == Stage.ADVERTISE_KEYS:
                 for cid, why in sorted(failed_ahead.items()):

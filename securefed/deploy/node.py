@@ -24,6 +24,10 @@ key                meaning
 ``min-cohort``     ``3`` (default): refuse a round (or a survivor set) of fewer sites.
 ``allow-seeded-``  ``false`` (default): refuse ``dp.secure_noise: false`` (noise derived from
 ``noise``          the coordinator's seed, so the coordinator can regenerate it). Rehearsals.
+``allow-honest-``  ``false`` (default): refuse ``secure_aggregation.server_threat:
+``but-curious-``   honest_but_curious`` (the masking protocol without its consistency check,
+``server``         one message fewer per round; safe only against a coordinator that follows
+                   the protocol).
 =================  ==========================================================================
 
 Site policy (:class:`PolicyError`, naming the field and the node-config key): every message
@@ -91,6 +95,7 @@ from securefed.secagg.masking.stages import (
     RoundPlan,
     RoundStart,
     Stage,
+    UnmaskRequest,
     decode_message,
     plan_round,
     verify_encoded,
@@ -182,6 +187,7 @@ class NodeOptions:
     min_threshold: Fraction = Fraction(2, 3)
     min_cohort: int = 3
     allow_seeded_noise: bool = False
+    allow_honest_but_curious_server: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeOptions:
@@ -193,6 +199,7 @@ class NodeOptions:
         known = {
             "state-dir", "keys-dir", "client-id", "partition-id", "data-path", "device",
             "require-dp", "max-epsilon", "min-threshold", "min-cohort", "allow-seeded-noise",
+            "allow-honest-but-curious-server",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -271,6 +278,9 @@ class NodeOptions:
             min_threshold=min_threshold,
             min_cohort=3 if min_cohort is None else min_cohort,
             allow_seeded_noise=_as_bool(node_config, "allow-seeded-noise", False),
+            allow_honest_but_curious_server=_as_bool(
+                node_config, "allow-honest-but-curious-server", False
+            ),
         )
 
 
@@ -345,6 +355,14 @@ def check_threshold_policy(cfg: ExperimentConfig, options: NodeOptions) -> None:
     from securefed.secagg.masking.stages import resolve_threshold
 
     sa, fed = cfg.secure_aggregation, cfg.federation
+    if sa.server_threat != "malicious" and not options.allow_honest_but_curious_server:
+        raise PolicyError(
+            f"secure_aggregation.server_threat: {sa.server_threat!r} skips the masking "
+            "protocol's consistency check, which is what stops a coordinator that shows two "
+            "groups of sites different survivor sets from unmasking one site's update; this site "
+            "assumes a malicious coordinator (set server_threat: malicious, or opt in with "
+            "--node-config allow-honest-but-curious-server=true)"
+        )
     n = fed.num_clients
     if n < options.min_cohort:
         raise PolicyError(
@@ -923,9 +941,12 @@ class Site:
         rnd = get_int(content, "round", "coordinator", minimum=1)
         params = run_masking_params(cfg, run.run_id)
         data = get_bytes(content, "secagg", "coordinator")
-        if stage == Stage.CONSISTENCY_CHECK:
+        if stage in (Stage.CONSISTENCY_CHECK, Stage.UNMASKING):
             req = decode_message(data, self.cid, params.session)
-            if isinstance(req, ConsistencyRequest) and len(req.survivors) < self.options.min_cohort:
+            if (
+                isinstance(req, ConsistencyRequest | UnmaskRequest)
+                and len(req.survivors) < self.options.min_cohort
+            ):
                 raise PolicyError(
                     f"round {rnd}: a survivor set of {len(req.survivors)} sites "
                     f"{list(req.survivors)} is below this site's min-cohort "

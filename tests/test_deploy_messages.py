@@ -1,5 +1,6 @@
-"""Fewer Flower messages per round: the next round's keys ride on this round's unmasking
-(issue 13, item 3), attacked the way a malicious coordinator would.
+"""Fewer Flower messages per round (issue 13, item 3), attacked the way a malicious coordinator
+would: the next round's keys ride on this round's unmasking, and, only where a site opts in to an
+honest-but-curious coordinator, the consistency check is skipped.
 
 The real :class:`~securefed.deploy.coordinator.Coordinator` and site handlers run over the
 in-process transport of :mod:`tests.test_deploy_policy` (no Flower process). The saving must not
@@ -15,9 +16,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from securefed.deploy.coordinator import Coordinator, CoordinatorOptions
+from securefed.deploy.node import PolicyError
 from securefed.secagg.masking.stages import Stage
-from tests.test_deploy_policy import _cfg, _ledger, _Net, _sites, deliver
+from tests.test_deploy_policy import _cfg, _ledger, _Net, _setup_content, _sites, deliver
 
 UNMASK = f"train.{Stage.UNMASKING}"
 SHARE = f"train.{Stage.SHARE_KEYS}"
@@ -153,3 +157,54 @@ def test_a_site_that_refuses_the_next_start_is_dropped_from_that_round_only(
     assert [e["round"] for e in entries] == [1, 3]
     status = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
     assert status["trained"] == [0, 1]
+
+
+# ------------------------------------------- honest-but-curious coordinator: no consistency check
+
+HBC = {"server_threat": "honest_but_curious"}
+
+
+def test_a_site_refuses_to_skip_the_consistency_check_unless_it_opted_in(tmp_path: Path) -> None:
+    """Attack: a coordinator declares its server honest-but-curious to drop the consistency
+    check (then it could show two groups different survivor sets and unmask a site). A site
+    with the default policy refuses at setup, naming the field and the node-config key."""
+    (site,) = _sites(tmp_path, 1).values()
+    with pytest.raises(PolicyError, match=(
+        r"secure_aggregation.server_threat: 'honest_but_curious' skips .* consistency check.*"
+        r"allow-honest-but-curious-server=true"
+    )):
+        site.setup(_setup_content(_cfg(secure_aggregation=HBC), "cd" * 16))
+    assert not (tmp_path / "site0" / "privacy_ledger.json").exists()
+
+
+def test_opted_in_sites_run_three_messages_a_round(tmp_path: Path) -> None:
+    """Sites that opted in: round 1 has four stages (no consistency check), later rounds three
+    (their keys came with the last unmasking); every round sums every site."""
+    sites = _sites(tmp_path, 3, allow_honest_but_curious_server=True)
+    net = _Net(sites)
+    opts = CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3)
+    res = Coordinator(_cfg(federation={"rounds": 3}, secure_aggregation=HBC), opts, net).run()
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 3
+    per_round = _messages_per_round(net)
+    assert sorted(per_round[1]) == sorted(
+        f"train.{s}" for s in Stage.ORDER if s != Stage.CONSISTENCY_CHECK
+    )
+    later = sorted([SHARE, "train.masked_input", UNMASK])
+    assert sorted(per_round[2]) == sorted(per_round[3]) == later
+    assert all(len(_ledger(s)) == 3 for s in sites.values())
+
+
+def test_semi_honest_sites_still_refuse_a_survivor_set_below_min_cohort(tmp_path: Path) -> None:
+    """Without the consistency stage the survivor set first reaches a site in the unmasking
+    request; a set below the site's min-cohort is refused there, so no share is revealed."""
+    sites = _sites(tmp_path, 3, min_threshold=Fraction(1, 2),
+                   allow_honest_but_curious_server=True)
+    net = _Net(sites, drop={2: Stage.MASKED_INPUT})
+    opts = CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3)
+    cfg = _cfg(secure_aggregation={"threshold": 0.5, **HBC})
+    line = Coordinator(cfg, opts, net).run().metrics[0]
+    assert line["participants"] == [] and "abandoned" in line
+    for cid in (0, 1):
+        assert ("survivor set of 2 sites [0, 1] is below this site's min-cohort 3"
+                in line["dropout_reasons"][str(cid)])
+    assert not [r for t, _n, r in net.replies if t == UNMASK and isinstance(r, dict)]
