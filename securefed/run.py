@@ -569,6 +569,14 @@ def _public_pretrain(
     )
 
 
+def build_strategy_stack(cfg: ExperimentConfig, model: UNet, weight_scale: float) -> Strategy:
+    """The strategy a deployed coordinator and site build, as :func:`run_experiment` does for
+    record-level DP: ``cfg.strategy`` (FedAvg / FedProx / SCAFFOLD with the server optimizer),
+    wrapped in FedDiffuse when ``feddiffuse.enabled``."""
+    strategy = build_strategy(cfg.strategy, cfg.federation.num_clients, weight_scale=weight_scale)
+    return _wrap_feddiffuse(cfg, model, strategy) if cfg.feddiffuse.enabled else strategy
+
+
 def _wrap_feddiffuse(cfg: ExperimentConfig, model: UNet, base: Strategy) -> Strategy:
     """``feddiffuse.enabled``: partial-UNet exchange around the base strategy."""
     from securefed.client.update import param_slices

@@ -85,7 +85,7 @@ REHEARSAL: dict[str, Any] = {
 def _cfg(**section_overrides: dict[str, Any]) -> ExperimentConfig:
     raw = json.loads(json.dumps(RAW))
     for section, values in section_overrides.items():
-        raw[section].update(values)
+        raw.setdefault(section, {}).update(values)
     return parse_config(raw)
 
 
@@ -196,7 +196,10 @@ def test_deployment_refuses_what_it_does_not_implement() -> None:
         check_deployable(_cfg(secure_aggregation={"protocol": "plain"}))
     with pytest.raises(DeployConfigError, match=r"federation\.dropout_prob"):
         check_deployable(_cfg(federation={"dropout_prob": 0.1}))
+    with pytest.raises(DeployConfigError, match=r"feddiffuse.variant: 'usplit' .* two segments"):
+        check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "usplit"}))
     check_deployable(_cfg())
+    check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "udec"}))
 
 
 def test_site_refuses_an_experiment_without_dp(tmp_path: Path) -> None:
@@ -383,7 +386,8 @@ def test_coordinator_recovers_a_dropped_site_in_process(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("strategy", "server_threat"),
-    [("fedavg", "honest_but_curious"), ("fedprox", "malicious"), ("scaffold", "malicious")],
+    [("fedavg", "honest_but_curious"), ("fedprox", "malicious"), ("scaffold", "malicious"),
+     ("udec", "malicious"), ("ulatdec", "malicious")],
 )
 def test_in_process_deployment_matches_the_simulation_per_strategy(
     tmp_path: Path, strategy: str, server_threat: str
@@ -392,11 +396,15 @@ def test_in_process_deployment_matches_the_simulation_per_strategy(
     round 2 advertised with round 1's unmasking) equals the simulation for FedProx and SCAFFOLD
     (whose control variates stay on the sites and are committed only when the coordinator used
     the update), and for FedAvg without the consistency check: same model within the masking
-    grid of both rounds, same ledgers. (FedAvg with every stage: the Flower test below.)"""
+    grid of both rounds, same ledgers. (FedAvg with every stage: the Flower test below.)
+    FedDiffuse ``udec`` / ``ulatdec``: only the shared groups are summed; the local groups stay
+    in each site's private state, equal to the simulated client's."""
     from securefed.run import run_experiment
 
-    cfg = _cfg(strategy={"name": strategy, "mu": 0.1},
-               secure_aggregation={"server_threat": server_threat})
+    diffuse = strategy in ("udec", "ulatdec")
+    cfg = _cfg(strategy={"name": "fedavg" if diffuse else strategy, "mu": 0.1},
+               secure_aggregation={"server_threat": server_threat},
+               feddiffuse={"enabled": diffuse, "variant": strategy if diffuse else "full"})
     init_identity_keys(tmp_path / "keys", 3)
     sites = {
         700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
@@ -418,6 +426,22 @@ def test_in_process_deployment_matches_the_simulation_per_strategy(
     if strategy == "scaffold":  # the control variate was committed on every site
         for i in range(3):
             assert (tmp_path / f"site{i}" / "client_state.pt").exists()
+    if diffuse:  # the local groups stayed on each site (equal to the simulated client's) and
+        # only the shared groups (plus the weight) were summed. A site commits a round's
+        # private state when the next round tells it its update was used, so after the last
+        # round the committed file holds round 1's and the pending one round 2's.
+        for rnd, name in ((1, "client_state.pt"), (2, "client_state.pending.pt")):
+            sim_clients = torch.load(tmp_path / "sim" / "checkpoints" / f"round_{rnd:04d}.pt",
+                                     weights_only=True)["clients"]
+            for i in range(3):
+                local = torch.load(tmp_path / f"site{i}" / name,
+                                   weights_only=True)["feddiffuse.local"]
+                want = sim_clients[str(i)]["feddiffuse.local"]
+                assert local.shape == want.shape and 0 < local.numel()
+                assert float((local - want).abs().max()) < 1e-4, (rnd, i)
+        d = int(_ckpt_params(tmp_path / "run", 2).numel())
+        for row in _metrics(tmp_path / "run"):
+            assert row["exchange"]["params_up"] == 3 * (d - local.numel() + 1)
 
 
 # ------------------------------------------------------------------ Flower integration tests

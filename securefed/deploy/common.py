@@ -52,10 +52,11 @@ def check_deployable(cfg: ExperimentConfig) -> None:
             "fedddpm.enabled: FedDDPM (server-side calibration on an auxiliary set) is not "
             "supported on the deployment path; set it to false"
         )
-    if cfg.feddiffuse.enabled:
+    if cfg.feddiffuse.enabled and cfg.feddiffuse.variant == "usplit":
         raise DeployConfigError(
-            "feddiffuse.enabled: partial-UNet exchange (per-cohort uploads) is not supported on "
-            "the deployment path; set it to false"
+            "feddiffuse.variant: 'usplit' sends two segments in two aggregation sessions a "
+            "round, which the deployment path does not run yet; use 'full', 'udec' or 'ulatdec' "
+            "(one session: the shared groups; the local groups stay on each site)"
         )
     if cfg.federation.num_clients < 2:
         raise DeployConfigError(

@@ -332,8 +332,7 @@ class Coordinator:
         """Create the run directory, run setup, build the model and strategy; returns the
         checkpoint metadata. :meth:`run_round` may be called after it."""
         from securefed.client.update import get_flat, num_params
-        from securefed.run import build_model
-        from securefed.strategies import build_strategy
+        from securefed.run import build_model, build_strategy_stack
 
         run_dir = self.options.run_dir
         own = {"status.json", "coordinator.log"}  # written by the ServerApp before the run
@@ -347,9 +346,7 @@ class Coordinator:
         model = build_model(cfg, self.image_shape, self.num_classes)
         self.global_params = get_flat(model)
         self.weight_scale = float(sum(s.num_examples for s in self.sites.values()))
-        self.strategy = build_strategy(
-            cfg.strategy, cfg.federation.num_clients, weight_scale=self.weight_scale
-        )
+        self.strategy = build_strategy_stack(cfg, model, self.weight_scale)
         self.params = run_masking_params(cfg, self.run_id)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         atomic_write_json(
@@ -398,16 +395,18 @@ class Coordinator:
         )
         # the vector layout every selected site will send: the strategy's client hook applied
         # to the broadcast itself (no client data; only the names and sizes are used)
+        self.strategy.set_current_client(plan.clients[0])
         layout = self.strategy.client_update(
             plan.broadcast, plan.broadcast["params"], 1, 1, cfg.client.lr, {},
             mean_grad=torch.zeros_like(plan.broadcast["params"]),
         )
         cohorts = self.strategy.upload_cohorts(rnd, dict.fromkeys(plan.clients, layout))
-        if set(cohorts) != {"all"}:
+        if len(cohorts) != 1:
             raise DeployConfigError(
-                f"strategy.name: {cfg.strategy.name!r} uploads in several cohorts, which the "
-                "deployment path does not support"
+                f"strategy.name: {cfg.strategy.name!r} uploads in {len(cohorts)} cohorts a "
+                "round, which the deployment path does not run (one aggregation session)"
             )
+        (cohort,) = cohorts
         keys = sorted(layout.vectors)
         length = int(sum(layout.vectors[k].numel() for k in keys)) + 1
         names = sorted(plan.broadcast)
@@ -572,7 +571,7 @@ class Coordinator:
         stand_in = {plan.clients[0]: layout}  # unpack_sum reads only the vector sizes
         sums, total_weight = unpack_sum(out.total, keys, stand_in)
         self.global_params = self.strategy.aggregate_cohorts(
-            rnd, self.global_params, {"all": CohortSum(sums, total_weight, len(out.survivors))}
+            rnd, self.global_params, {cohort: CohortSum(sums, total_weight, len(out.survivors))}
         ).to(torch.float32)
         seconds["server_update"] = round(time.perf_counter() - t0, 4)
         self._survivors[rnd] = set(out.survivors)

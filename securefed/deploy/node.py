@@ -753,8 +753,8 @@ class Site:
         from securefed.client.runtime import local_round
         from securefed.client.trainer import local_steps_for
         from securefed.client.update import num_params
-        from securefed.run import build_model, resolve_device
-        from securefed.strategies import build_strategy, pack_update
+        from securefed.run import build_model, build_strategy_stack, resolve_device
+        from securefed.strategies import pack_update
 
         who = "coordinator"
         self._commit_previous(content)
@@ -787,7 +787,7 @@ class Site:
             n: decode_vector(get_bytes(content, f"broadcast.{n}", who), d, who, f"broadcast.{n}")
             for n in names
         }
-        strategy = build_strategy(cfg.strategy, cfg.federation.num_clients, weight_scale=scale)
+        strategy = build_strategy_stack(cfg, model, float(scale))
         privacy = self._bind_run_noise(self._privacy(cfg, data), cfg, run)
 
         def exhausted(ledger: Any) -> dict[str, Any]:
