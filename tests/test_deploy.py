@@ -444,6 +444,62 @@ def test_in_process_deployment_matches_the_simulation_per_strategy(
             assert row["exchange"]["params_up"] == 3 * (d - local.numel() + 1)
 
 
+def test_in_process_client_level_dp_deployment_matches_the_simulation(tmp_path: Path) -> None:
+    """``dp.level: client`` deployed: each site plans its own noise (multiplier from the pinned
+    experiment, the round's cohort from the signed start), adds its discrete Gaussian share in
+    the masking client and charges its own ledger. The ledgers equal the simulation's exactly;
+    the models differ only by the two runs' independent noise (and the grid)."""
+    from securefed.run import run_experiment
+
+    cfg = _cfg(dp={"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
+                   "adaptive_clipping": False, "secure_noise": True})
+    init_identity_keys(tmp_path / "keys", 3)
+    sites = {
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
+                                  **REHEARSAL))  # type: ignore[arg-type]
+        for i in range(3)
+    }
+    res = Coordinator(
+        cfg,
+        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
+        _InProcess(sites, {}),
+    ).run()
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
+    sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    sim_ledger = json.loads((tmp_path / "sim" / "privacy_ledger.json").read_text())
+    for i in range(3):
+        led = json.loads((tmp_path / f"site{i}" / "privacy_ledger.json").read_text())
+        assert led["clients"][str(i)] == sim_ledger["clients"][str(i)]
+        mine = [e for e in sim_ledger["entries"] if e["client_id"] == i]
+        keep = ("phase", "round", "steps", "noise_multiplier", "sample_rate")
+        assert [{k: e[k] for k in keep} for e in led["entries"]] == [
+            {k: e[k] for k in keep} for e in mine
+        ]
+        assert len(mine) == 2 and mine[0]["sample_rate"] == 1.0
+        assert res.metrics[-1]["epsilon"][str(i)] == pytest.approx(
+            sim.metrics[-1]["epsilon"][str(i)], rel=1e-9
+        )
+    # the noise: each round's sum carries N(0, std^2) per coordinate, divided by 3 contributors;
+    # two independent runs differ by at most ~6.5 std/3 over 10k coordinates (8 std/3 allowed)
+    from securefed.deploy.common import round_masking_params
+
+    d = int(sim.final_params.numel())
+    std = round_masking_params(cfg, "ab" * 16, 3, d + 1).noise_std
+    for rnd in (1, 2):
+        gap = float((_ckpt_params(tmp_path / "run", rnd) - _ckpt_params(tmp_path / "sim", rnd))
+                    .abs().max())
+        assert 0 < gap <= rnd * 8 * std / 3 + 1e-3, (rnd, gap, std)
+    # the deployed sites' shares add up to the planned noise: round 1's update is the mean of
+    # three clipped deltas (norm <= 0.5 over 10k coordinates: ~0.005 each) plus N(0, (std/3)^2)
+    from securefed.client.update import get_flat
+    from securefed.run import build_model
+
+    init = get_flat(build_model(cfg, (1, 8, 8), 10))
+    for where in ("run", "sim"):
+        spread = float((_ckpt_params(tmp_path / where, 1) - init).std())
+        assert spread == pytest.approx(std / 3, rel=0.05), (where, spread, std / 3)
+
+
 # ------------------------------------------------------------------ Flower integration tests
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "masking_params",
     "new_run_id",
     "roster_digest",
+    "round_masking_params",
     "run_masking_params",
 ]
 
@@ -37,10 +38,11 @@ def check_deployable(cfg: ExperimentConfig) -> None:
             f"secure_aggregation.protocol: {sa.protocol!r} is not supported on the deployment "
             "path, which never sends an unmasked update off a site; use 'masking'"
         )
-    if cfg.dp.level == "client":
+    if cfg.dp.level == "client" and cfg.dp.adaptive_clipping:
         raise DeployConfigError(
-            "dp.level: 'client' (DP-FedAvg with distributed noise) is not supported on the "
-            "deployment path yet; use 'record' (DP-SGD on every site)"
+            "dp.adaptive_clipping: true moves the clip norm (and with it every site's noise) "
+            "by the coordinator's estimate each round, which a site cannot pin before it trains; "
+            "use fixed clipping (adaptive_clipping: false, dp.max_update_norm) when deployed"
         )
     if cfg.federation.dropout_prob != 0:
         raise DeployConfigError(
@@ -51,6 +53,11 @@ def check_deployable(cfg: ExperimentConfig) -> None:
         raise DeployConfigError(
             "fedddpm.enabled: FedDDPM (server-side calibration on an auxiliary set) is not "
             "supported on the deployment path; set it to false"
+        )
+    if cfg.feddiffuse.enabled and cfg.dp.level == "client":
+        raise DeployConfigError(
+            "feddiffuse.enabled: FedDiffuse with dp.level: client is not deployed yet; use "
+            "dp.level: record with FedDiffuse, or client-level DP without it"
         )
     if cfg.feddiffuse.enabled and cfg.feddiffuse.variant == "usplit":
         raise DeployConfigError(
@@ -99,3 +106,22 @@ def roster_digest(keys_dir: Path) -> str:
             "`securefed keys init` there"
         )
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def round_masking_params(
+    cfg: ExperimentConfig, run_id: str, participants: int, vector_length: int
+) -> MaskingParams:
+    """The masking parameters of one round: :func:`run_masking_params`, plus, with client-level
+    DP, the std of the distributed discrete Gaussian noise the round's sum carries (which sets
+    each participant's share and widens the grid): the fixed-clipping noise plan of
+    :meth:`~securefed.privacy.client_level.ClientLevelDP.round_noise` for ``participants`` and
+    the packed length ``vector_length``."""
+    params = run_masking_params(cfg, run_id)
+    if cfg.dp.level != "client":
+        return params
+    from securefed.run import client_level_dp
+    from securefed.strategies import build_strategy
+
+    plan = client_level_dp(cfg, build_strategy(cfg.strategy, cfg.federation.num_clients))
+    noise = plan.round_noise(participants, vector_length)
+    return dataclasses.replace(params, noise_std=float(noise.std))

@@ -444,8 +444,8 @@ class Coordinator:
         else:
             try:
                 server = MaskingServer(
-                    rnd, plan.clients, length, self.params, self._roster, self._server_key,
-                    record_view=False,
+                    rnd, plan.clients, length, self._round_params(len(plan.clients), length),
+                    self._roster, self._server_key, record_view=False,
                 )
             except ValueError as exc:
                 return self._abandon(line, f"round {rnd} cannot run: {exc}", dropped_at, seconds)
@@ -555,7 +555,7 @@ class Coordinator:
                 break
 
         line["trained"] = trained
-        if cfg.dp.level == "record":
+        if cfg.dp.level in ("record", "client"):
             line["epsilon"] = epsilon
             line["budget_exhausted"] = exhausted
         line["bytes_up_clients"] = {str(c): int(v) for c, v in up.items()}
@@ -619,26 +619,34 @@ class Coordinator:
         always (it does not depend on the model), so the rounds are those of the simulation."""
         from securefed.secagg.masking.server import MaskingServer
         from securefed.seeds import Purpose, derive_seed
+        from securefed.strategies.base import sample_clients
 
         cfg = self.cfg
         if not self.options.advertise_ahead or rnd >= cfg.federation.rounds:
             return None
+        # the selection every strategy's configure_round makes (it runs again, unchanged, when
+        # the round starts; a different cohort then just starts the round afresh)
         rng = np.random.default_rng(derive_seed(cfg.seed, Purpose.SELECT, rnd + 1))
-        nxt = self.strategy.configure_round(
-            rnd + 1, self.global_params, sorted(self.sites), cfg.federation.fraction_fit,
-            cfg.federation.min_fit_clients, rng,
-        ).clients
+        nxt = sample_clients(
+            sorted(self.sites), cfg.federation.fraction_fit, cfg.federation.min_fit_clients, rng
+        )
         if not set(nxt) & live:
             return None
         try:
             server = MaskingServer(
-                rnd + 1, nxt, length, self.params, self._roster, self._server_key,
-                record_view=False,
+                rnd + 1, nxt, length, self._round_params(len(nxt), length), self._roster,
+                self._server_key, record_view=False,
             )
         except ValueError as exc:
             log.warning("round %d cannot start ahead: %s", rnd + 1, exc)
             return None
         return _Ahead(rnd + 1, tuple(nxt), length, server, server.start())
+
+    def _round_params(self, participants: int, length: int) -> Any:
+        """The round's masking parameters (with client-level DP, its noise std)."""
+        from securefed.deploy.common import round_masking_params
+
+        return round_masking_params(self.cfg, self.run_id, participants, length)
 
     def _abandon(
         self,

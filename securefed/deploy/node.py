@@ -68,6 +68,7 @@ from securefed.deploy.common import (
     DeployConfigError,
     check_deployable,
     roster_digest,
+    round_masking_params,
     run_masking_params,
 )
 from securefed.deploy.state import (
@@ -330,6 +331,19 @@ def dp_plan_fields(cfg: ExperimentConfig, num_examples: int) -> dict[str, Any]:
         "sample rate q (batch_size / examples)": sample_rate_for(cl, num_examples),
         "steps per round": local_steps_for(cl, num_examples),
     }
+    if dp.level == "client":  # what sets the noise plan and the worst-case charge
+        sa, fed = cfg.secure_aggregation, cfg.federation
+        fields.update({
+            "dp.max_update_norm": dp.max_update_norm,
+            "dp.adaptive_clipping": dp.adaptive_clipping,
+            "federation.num_clients": fed.num_clients,
+            "federation.fraction_fit": fed.fraction_fit,
+            "federation.min_fit_clients": fed.min_fit_clients,
+            "secure_aggregation.threshold": sa.threshold,
+            "secure_aggregation.neighbours": sa.neighbours,
+            "secure_aggregation.bits": sa.bits,
+            "secure_aggregation.clip_range": sa.clip_range,
+        })
     return dict(json.loads(json.dumps(fields)))  # exactly what the registry stores
 
 
@@ -412,6 +426,33 @@ def check_round_policy(plan: RoundPlan, options: NodeOptions) -> None:
             f"round {plan.round_id}: secure_aggregation.threshold gives t={t} of {size} share "
             f"holders; this site requires t > {options.min_threshold} x {size} "
             f"(--node-config min-threshold={options.min_threshold})"
+        )
+
+
+def _client_level_layer(strategy: Any) -> Any:
+    """The DP-FedAvg layer of a strategy stack (``dp.level: client``)."""
+    from securefed.privacy.client_level import ClientLevelDP
+
+    layer = strategy
+    while not isinstance(layer, ClientLevelDP):
+        layer = getattr(layer, "base", None)
+        if layer is None:  # pragma: no cover - build_strategy_stack wraps it
+            raise TypeError("dp.level client: the strategy stack has no ClientLevelDP layer")
+    return layer
+
+
+def _check_clip(broadcast: Mapping[str, Any], noise: Any, rnd: int) -> None:
+    """Refuse a round whose broadcast clip norm (or clip-bit scale) is not the site's own plan:
+    a larger norm would let an update of that size through at the noise the site planned."""
+    import numpy as np
+
+    got = [float(v) for v in broadcast["clip"]] if "clip" in broadcast else None
+    # the wire carries float32: compare at that precision
+    want = [float(np.float32(noise.clip)), float(np.float32(noise.bit_scale))]
+    if got != want:
+        raise PolicyError(
+            f"round {rnd}: broadcast clip {got} differs from this site's plan {want} "
+            "(dp.max_update_norm of the experiment it pinned); refusing to train"
         )
 
 
@@ -538,15 +579,20 @@ class Site:
         return key, roster
 
     def _privacy(self, cfg: ExperimentConfig, data: ImageDataset) -> Any | None:
-        if cfg.dp.level != "record":
+        if cfg.dp.level not in ("record", "client"):
             return None
         from securefed.federation.simulation import SimClient
-        from securefed.run import build_privacy
+        from securefed.run import build_client_level_privacy, build_privacy
+        from securefed.strategies import build_strategy
 
         ledger = self.options.state_dir / "privacy_ledger.json"
-        return build_privacy(
-            cfg, self.options.state_dir, [SimClient(self.cid, data)], resume=ledger.exists()
-        )
+        me = [SimClient(self.cid, data)]
+        if cfg.dp.level == "client":  # this site's ledger, planned from the pinned experiment
+            base = build_strategy(cfg.strategy, cfg.federation.num_clients)
+            return build_client_level_privacy(
+                cfg, self.options.state_dir, me, base, resume=ledger.exists()
+            )[1]
+        return build_privacy(cfg, self.options.state_dir, me, resume=ledger.exists())
 
     # ------------------------------------------------------------------ policy
     def _record(self) -> SiteRecord:
@@ -616,13 +662,14 @@ class Site:
         cfg = parse_config(raw if isinstance(raw, dict) else {})
         check_deployable(cfg)
         o = self.options
-        if o.require_dp and cfg.dp.level != "record":
+        if o.require_dp and cfg.dp.level not in ("record", "client"):
             raise DeployConfigError(
-                f"dp.level: {cfg.dp.level!r}: this site requires record-level DP "
-                "(--node-config require-dp=true); the coordinator must set dp.level: record"
+                f"dp.level: {cfg.dp.level!r}: this site requires DP (--node-config "
+                "require-dp=true); the coordinator must set dp.level: record (each patient's "
+                "record) or client (the site's whole dataset, which protects every record too)"
             )
         eps = cfg.dp.target_epsilon
-        if o.max_epsilon is not None and cfg.dp.level == "record":
+        if o.max_epsilon is not None and cfg.dp.level in ("record", "client"):
             if eps is None or eps > o.max_epsilon:
                 raise DeployConfigError(
                     f"dp.target_epsilon: {eps} exceeds this site's max-epsilon "
@@ -654,7 +701,7 @@ class Site:
         if len(data) == 0:
             raise NodeConfigError(f"{self.who}: no training examples")
         pin = None
-        if cfg.dp.level == "record":
+        if cfg.dp.level in ("record", "client"):
             pin = dp_plan_fields(cfg, len(data))
             if record.dp_plan is not None:
                 _check_dp_pin(record.dp_plan, pin, f"run {run_id}")
@@ -712,11 +759,13 @@ class Site:
         return dict(state)
 
     def _round_start(
-        self, opening: bytes, rnd: int, run: RunRecord, params: Any
-    ) -> RoundPlan:
+        self, opening: bytes, rnd: int, run: RunRecord, cfg: ExperimentConfig
+    ) -> tuple[RoundPlan, Any]:
         """Check a :class:`RoundStart` before anything is spent on its round: addressed to this
         site for round ``rnd``, signed by the server under this run, above the site's last
-        trained round, and a cohort the site's policy accepts. Returns the round's plan."""
+        trained round, and a cohort the site's policy accepts. Returns the round's plan and
+        masking parameters (with client-level DP: the noise this site plans for the round)."""
+        params = run_masking_params(cfg, run.run_id)
         who = "coordinator"
         if rnd <= run.last_trained_round:
             raise PolicyError(
@@ -736,19 +785,33 @@ class Site:
                 f"verify under run {run.run_id}"
             )
         try:
+            params = round_masking_params(
+                cfg, run.run_id, len(start.participants), start.vector_length
+            )
             plan = plan_round(params, rnd, start.participants, start.vector_length)
         except ValueError as exc:
             raise WireError(f"{who}: round {rnd} cannot run: {exc}") from None
         check_round_policy(plan, self.options)
-        return plan
+        return plan, params
 
+    def _round_params(self, cfg: ExperimentConfig, run: RunRecord) -> Any:
+        """``(participants, vector_length) -> MaskingParams`` of this run's rounds."""
+        def params(participants: int, length: int) -> Any:
+            return round_masking_params(cfg, run.run_id, participants, length)
+
+        return params
     def _train(
         self, content: Mapping[str, Any], cfg: ExperimentConfig, record: SiteRecord,
-        run: RunRecord, rnd: int,
+        run: RunRecord, rnd: int, plan: RoundPlan,
     ) -> tuple[np.ndarray, list[str], Any, Any] | dict[str, Any]:
         """Train this site's round ``rnd`` on the broadcast in ``content`` (DP, ledger charged
         and persisted, the round recorded as trained). Returns ``(vector, vector keys, update,
-        privacy)``, or the reply of a site whose budget is exhausted."""
+        privacy)``, or the reply of a site whose budget is exhausted.
+
+        Client-level DP: the site plans the round's noise itself (its multiplier, from the
+        experiment it pinned; the round's cohort and length from the signed round start),
+        refuses a broadcast clip norm other than its own, and charges that plan's worst-case
+        multiplier before the update leaves (its masking client adds the noise share)."""
         from securefed.client.dp import sample_rate_for
         from securefed.client.runtime import local_round
         from securefed.client.trainer import local_steps_for
@@ -773,7 +836,7 @@ class Site:
                 f"{self.who}: the round's image shape {shape} differs from this site's "
                 f"{list(data.image_shape)}; set data.image_size / data.channels in the experiment"
             )
-        if cfg.dp.level == "record":
+        if cfg.dp.level in ("record", "client"):
             if record.dp_plan is None:
                 raise PolicyError(f"{self.who}: no DP plan was pinned at setup; run setup again")
             _check_dp_pin(record.dp_plan, dp_plan_fields(cfg, len(data)), f"round {rnd}")
@@ -783,8 +846,12 @@ class Site:
         names = content.get("broadcast_keys")
         if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
             raise WireError(f"{who}: broadcast_keys: expected a non-empty list of names")
+        # every broadcast vector is [D] except client-level DP's clip: [S, beta]
         broadcast = {
-            n: decode_vector(get_bytes(content, f"broadcast.{n}", who), d, who, f"broadcast.{n}")
+            n: decode_vector(
+                get_bytes(content, f"broadcast.{n}", who), 2 if n == "clip" else d, who,
+                f"broadcast.{n}",
+            )
             for n in names
         }
         strategy = build_strategy_stack(cfg, model, float(scale))
@@ -797,11 +864,19 @@ class Site:
             return {"status": "budget_exhausted", "round": rnd, "run_id": run.run_id,
                     "epsilon": float(ledger.epsilon(self.cid))}
 
+        if cfg.dp.level == "client":
+            noise = _client_level_layer(strategy).round_noise(
+                len(plan.participants), plan.vector_length
+            )
+            _check_clip(broadcast, noise, rnd)
+            _client_level_layer(strategy).current = noise
+            steps, z, q = 1, noise.charged_multiplier, 1.0
+        else:
+            steps = local_steps_for(cfg.client, len(data))
+            z = privacy.noise_multipliers[self.cid] if privacy is not None else 0.0
+            q = sample_rate_for(cfg.client, len(data))
         if privacy is not None and privacy.ledger.would_exceed(
-            self.cid,
-            local_steps_for(cfg.client, len(data)),
-            noise_multiplier=privacy.noise_multipliers[self.cid],
-            sample_rate=sample_rate_for(cfg.client, len(data)),
+            self.cid, steps, noise_multiplier=z, sample_rate=q
         ):
             return exhausted(privacy.ledger)  # its next round would exceed target_epsilon
         trainer = build_trainer(cfg, model, dev)
@@ -858,10 +933,9 @@ class Site:
         record = self._record()
         run = self._current_run(record, content)
         rnd = get_int(content, "round", who, minimum=1)
-        params = run_masking_params(cfg, run.run_id)
         opening = get_bytes(content, "secagg", who)
-        self._round_start(opening, rnd, run, params)
-        trained = self._train(content, cfg, record, run, rnd)
+        plan, params = self._round_start(opening, rnd, run, cfg)
+        trained = self._train(content, cfg, record, run, rnd, plan)
         if isinstance(trained, dict):
             return trained
         vector, keys, update, privacy = trained
@@ -872,7 +946,7 @@ class Site:
         return self._trained_reply(rnd, run, reply, keys, update, privacy)
 
     def advertise_ahead(
-        self, content: Mapping[str, Any], run: RunRecord, params: Any
+        self, content: Mapping[str, Any], run: RunRecord, cfg: ExperimentConfig
     ) -> dict[str, Any]:
         """The next round's :class:`RoundStart`, carried with this round's unmasking request:
         checked exactly as :meth:`train_and_advertise` checks it (signature, run, replay,
@@ -883,7 +957,7 @@ class Site:
         who = "coordinator"
         nrnd = get_int(content, "next_round", who, minimum=1)
         opening = get_bytes(content, "next_secagg", who)
-        self._round_start(opening, nrnd, run, params)
+        _plan, params = self._round_start(opening, nrnd, run, cfg)
         key, roster = self._identity()
         client = MaskingClient(self.cid, nrnd, params, key, roster)
         reply = client.handle(opening)
@@ -901,8 +975,9 @@ class Site:
         record = self._record()
         run = self._current_run(record, content)
         rnd = get_int(content, "round", who, minimum=1)
-        params = run_masking_params(cfg, run.run_id)
-        state, stored = load_round_state(self.options.state_dir, self.cid, rnd, params)
+        state, stored = load_round_state(
+            self.options.state_dir, self.cid, rnd, self._round_params(cfg, run)
+        )
         if state.stage != Stage.ADVERTISE_KEYS or stored is not None or state.plan is None:
             raise WireError(
                 f"{who}: a training key broadcast for round {rnd}, but this site's round state "
@@ -914,10 +989,13 @@ class Site:
                 f"{run.last_trained_round} of run {run.run_id}; a round is trained once"
             )
         check_round_policy(state.plan, self.options)
-        trained = self._train(content, cfg, record, run, rnd)
+        trained = self._train(content, cfg, record, run, rnd, state.plan)
         if isinstance(trained, dict):
             return trained
         vector, keys, update, privacy = trained
+        params = self._round_params(cfg, run)(
+            len(state.plan.participants), state.plan.vector_length
+        )
         key, roster = self._identity()
         client = MaskingClient(self.cid, rnd, params, key, roster, vector)
         client.state = state
@@ -952,7 +1030,13 @@ class Site:
                     f"{list(req.survivors)} is below this site's min-cohort "
                     f"{self.options.min_cohort} (--node-config min-cohort); refusing to unmask"
                 )
-        state, vector = load_round_state(self.options.state_dir, self.cid, rnd, params)
+        state, vector = load_round_state(
+            self.options.state_dir, self.cid, rnd, self._round_params(cfg, run)
+        )
+        if state.plan is not None:
+            params = self._round_params(cfg, run)(
+                len(state.plan.participants), state.plan.vector_length
+            )
         key, roster = self._identity()
         client = MaskingClient(self.cid, rnd, params, key, roster, vector)
         client.state = state
@@ -962,7 +1046,7 @@ class Site:
             clear_round_state(self.options.state_dir)
             if "next_secagg" in content:
                 try:
-                    out.update(self.advertise_ahead(content, run, params))
+                    out.update(self.advertise_ahead(content, run, cfg))
                 except (WireError, PolicyError, ProtocolError) as exc:
                     # this round's shares are out either way; the next round goes without us
                     out["next_refused"] = f"{type(exc).__name__}: {exc}"

@@ -21,6 +21,7 @@ DP noise key, and the DP plan pinned at the first DP setup.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,9 +103,15 @@ def clear_round_state(state_dir: Path) -> None:
 
 
 def load_round_state(
-    state_dir: Path, client_id: int, round_id: int, params: MaskingParams
+    state_dir: Path,
+    client_id: int,
+    round_id: int,
+    params: MaskingParams | Callable[[int, int], MaskingParams],
 ) -> tuple[ClientState, np.ndarray | None]:
     """Read the state saved by :func:`save_round_state` for ``(client_id, round_id)``.
+
+    ``params``: the round's masking parameters, or ``(participants, vector_length) -> params``
+    when they depend on the round (client-level DP: the noise std is per round).
 
     Raises:
         StateError: no state, a corrupt file, or a state of another client or round.
@@ -129,10 +136,9 @@ def load_round_state(
             raise ValueError(f"stage {stage!r}")
         state = ClientState(client_id=client_id, round_id=round_id, stage=stage)
         if doc["participants"] is not None:
-            state.plan = plan_round(
-                params, round_id, [int(c) for c in doc["participants"]],
-                int(doc["vector_length"]),
-            )
+            parts, length = [int(c) for c in doc["participants"]], int(doc["vector_length"])
+            rp = params(len(parts), length) if callable(params) else params
+            state.plan = plan_round(rp, round_id, parts, length)
         for name in ("c_secret", "s_secret"):
             if doc[name] is not None:
                 setattr(
