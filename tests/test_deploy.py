@@ -198,6 +198,8 @@ def test_deployment_refuses_what_it_does_not_implement() -> None:
         check_deployable(_cfg(federation={"dropout_prob": 0.1}))
     with pytest.raises(DeployConfigError, match=r"feddiffuse.variant: 'usplit' .* two segments"):
         check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "usplit"}))
+    with pytest.raises(DeployConfigError, match=r"pretrain.enabled: public pre-training"):
+        check_deployable(_cfg(pretrain={"enabled": True}))
     check_deployable(_cfg())
     check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "udec"}))
 

@@ -49,6 +49,13 @@ def check_deployable(cfg: ExperimentConfig) -> None:
             f"federation.dropout_prob: {cfg.federation.dropout_prob} simulates dropouts; a "
             "deployment has real ones: set it to 0"
         )
+    if cfg.pretrain.enabled:
+        raise DeployConfigError(
+            "pretrain.enabled: public pre-training is not run on the deployment path yet (the "
+            "coordinator would start from a random model while the simulation starts from the "
+            "public one, and only a site can check the public set against its private data); "
+            "set it to false, or start the deployment from a checkpoint of the public model"
+        )
     if cfg.fedddpm.enabled:
         raise DeployConfigError(
             "fedddpm.enabled: FedDDPM (server-side calibration on an auxiliary set) is not "
