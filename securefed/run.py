@@ -638,9 +638,6 @@ def _wrap_fedddpm(
         load_auxiliary,
         save_auxiliary,
     )
-    from securefed.strategies.fedddpm import FedDDPM, ServerCalibrator, split_holdout
-    from securefed.strategies.fedddpm_plus import FedDDPMPlus
-
     fd = cfg.fedddpm
     if fd.upload == "samples" and privacy is None:
         log.warning(
@@ -669,24 +666,46 @@ def _wrap_fedddpm(
         set_flat(sim.model, init)  # phase 0 left a client's local model in the instance
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         save_auxiliary(run_dir, aux, meta)
+    return fedddpm_wrapper(
+        cfg, sim.strategy, sim.model, sim.schedule, sim.device, aux,
+        [len(c.data) for c in sim.clients],
+    )
+
+
+def fedddpm_wrapper(
+    cfg: ExperimentConfig,
+    base: Strategy,
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    device: torch.device,
+    aux: Any,
+    client_sizes: list[int],
+) -> Strategy:
+    """FedDDPM / FedDDPM+ around ``base``: the server calibrator on the auxiliary set ``aux``
+    (split into calibration and detector-holdout images by the ``(seed, AUX_SPLIT)`` stream),
+    with the calibration budget referenced to the planned client compute per round (from the
+    public client sizes). The simulation and the deployed coordinator build it alike."""
+    from securefed.client.trainer import local_steps_for
+    from securefed.strategies.fedddpm import FedDDPM, ServerCalibrator, split_holdout
+    from securefed.strategies.fedddpm_plus import FedDDPMPlus
+
+    fd = cfg.fedddpm
     train_idx, hold_idx = split_holdout(
         len(aux), fd.aux_holdout_fraction, derive_seed(cfg.seed, Purpose.AUX_SPLIT)
     )
     calibrator = ServerCalibrator(
-        sim.model, sim.schedule, aux.images, aux.labels, train_idx, hold_idx, fd, sim.device,
+        model, schedule, aux.images, aux.labels, train_idx, hold_idx, fd, device,
         cfg.seed, cfg.model.class_conditional, derive=derive_seed,
         purpose_calibrate=Purpose.CALIBRATE, purpose_eval=Purpose.AUX_EVAL,
     )
-    from securefed.client.trainer import local_steps_for
-
     # planned client compute per round (examples): the calibration budget's reference
     n = cfg.federation.num_clients
     per_round = min(n, max(cfg.federation.min_fit_clients, round(cfg.federation.fraction_fit * n)))
-    mean_steps = sum(local_steps_for(cfg.client, len(c.data)) for c in sim.clients) / n
+    mean_steps = sum(local_steps_for(cfg.client, size) for size in client_sizes) / n
     client_examples = round(per_round * mean_steps * cfg.client.batch_size)
     if fd.variant == "fedddpm_plus":
-        return FedDDPMPlus(sim.strategy, fd, calibrator, client_examples_per_round=client_examples)
-    return FedDDPM(sim.strategy, fd, calibrator, client_examples_per_round=client_examples)
+        return FedDDPMPlus(base, fd, calibrator, client_examples_per_round=client_examples)
+    return FedDDPM(base, fd, calibrator, client_examples_per_round=client_examples)
 
 
 def _postfix(line: dict[str, Any]) -> str:

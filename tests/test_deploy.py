@@ -37,13 +37,14 @@ from securefed.deploy.coordinator import (
 from securefed.deploy.node import (
     NodeConfigError,
     NodeOptions,
+    PolicyError,
     Site,
     build_trainer,
     dispatch,
 )
 from securefed.deploy.state import StateError, load_round_state, save_round_state
 from securefed.deploy.tls import load_supernode_public_key, write_tls_material
-from securefed.deploy.wire import WireError, decode_vector, encode_vector
+from securefed.deploy.wire import PROTOCOL_VERSION, WireError, decode_vector, encode_vector
 from securefed.secagg.keys import init_identity_keys, load_identities
 from securefed.secagg.masking.client import MaskingClient
 from securefed.secagg.masking.server import MaskingServer
@@ -446,6 +447,86 @@ def test_in_process_deployment_matches_the_simulation_per_strategy(
             assert row["exchange"]["params_up"] == 3 * (d - local.numel() + 1)
 
 
+@pytest.mark.parametrize("variant", ["fedddpm", "fedddpm_plus"])
+def test_in_process_fedddpm_deployment_matches_the_simulation(
+    tmp_path: Path, variant: str
+) -> None:
+    """FedDDPM / FedDDPM+ deployed: phase 0 as a message (each site pre-trains under DP-SGD,
+    charged to its own ledger, and uploads its share of the DP synthetic images), the uploads
+    kept under ``received/`` (0600) and as the auxiliary set, then the server's calibration
+    after each aggregation. Same auxiliary set, same models within the grid, same ledgers as
+    the simulation."""
+    import stat
+
+    import numpy as np
+
+    from securefed.federation.auxiliary import load_auxiliary
+    from securefed.run import run_experiment
+
+    cfg = _cfg(fedddpm={"enabled": True, "variant": variant, "pretrain_epochs": 1.0,
+                        "aux_total": 24, "calibration_steps": 2, "server_batch_size": 8,
+                        "aux_sampling_steps": 4, "detector_window": 1,
+                        "detector_threshold": 0.5, "correction_steps": 2})
+    init_identity_keys(tmp_path / "keys", 3)
+    sites = {
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
+                                  allow_individual_uploads=True,
+                                  **REHEARSAL))  # type: ignore[arg-type]
+        for i in range(3)
+    }
+    res = Coordinator(
+        cfg,
+        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
+        _InProcess(sites, {}),
+    ).run()
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
+    sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    dep_aux, meta = load_auxiliary(tmp_path / "run")
+    sim_aux, _ = load_auxiliary(tmp_path / "sim")
+    assert meta["deployment"] is True and len(dep_aux) == len(sim_aux) == 24
+    assert torch.equal(dep_aux.client, sim_aux.client)
+    assert float((dep_aux.images - sim_aux.images).abs().max()) < 1e-4
+    for i in range(3):
+        path = tmp_path / "run" / "received" / f"client_{i}_samples.npz"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with np.load(path) as z:
+            assert z["images"].shape[0] == int((sim_aux.client == i).sum())
+        # no statistic of the site's data outside DP: no pre-training loss in what it sent
+        assert "pretrain_loss" not in json.dumps(meta["clients"][str(i)])
+    assert_matches_simulation(
+        cfg, tmp_path / "run", tmp_path / "sim", sim.final_params,
+        [tmp_path / f"site{i}" / "privacy_ledger.json" for i in range(3)],
+        entries=3,  # phase 0 + two rounds
+    )
+    if variant == "fedddpm":  # the server calibrated after each aggregation, as simulated
+        assert [r["server"]["server_steps"] for r in res.metrics] == [
+            r["server"]["server_steps"] for r in sim.metrics] == [2, 2]
+        # a replayed phase 0 (a second DP release of the run's pre-training) is refused
+        from securefed.deploy.wire import MESSAGE_PHASE0
+
+        run_id = json.loads((tmp_path / "run" / "sites.json").read_text())["run_id"]
+        again = {"round": 0, "run_id": run_id, "aux_images": 8, "image_shape": [1, 8, 8],
+                 "num_classes": 10, "broadcast.params": encode_vector(sim.final_params)}
+        before = (tmp_path / "site0" / "privacy_ledger.json").read_text()
+        with pytest.raises(PolicyError, match="phase 0: already run in run"):
+            dispatch(sites[700], MESSAGE_PHASE0, again)
+        assert (tmp_path / "site0" / "privacy_ledger.json").read_text() == before
+
+
+def test_a_site_refuses_fedddpm_uploads_unless_it_opted_in(tmp_path: Path) -> None:
+    """FedDDPM's phase-0 upload leaves the site on its own (outside secure aggregation): the
+    default policy refuses it at setup, naming the field and the node-config key."""
+    init_identity_keys(tmp_path / "keys", 1)
+    site = Site(NodeOptions(tmp_path / "site0", tmp_path / "keys", 0, partition_id=0,
+                            **REHEARSAL))  # type: ignore[arg-type]
+    from securefed.config import dump_config
+
+    cfg = _cfg(fedddpm={"enabled": True})
+    with pytest.raises(PolicyError, match=r"fedddpm.enabled: .*allow-individual-uploads=true"):
+        site.setup({"version": PROTOCOL_VERSION, "run_id": "ab" * 16,
+                    "experiment": dump_config(cfg)})
+
+
 def test_in_process_client_level_dp_deployment_matches_the_simulation(tmp_path: Path) -> None:
     """``dp.level: client`` deployed: each site plans its own noise (multiplier from the pinned
     experiment, the round's cohort from the signed start), adds its discrete Gaussian share in
@@ -557,7 +638,7 @@ def _wait_status(run_dir: Path, pred: Any, timeout: float, fed: Any) -> dict[str
 
 def assert_matches_simulation(
     cfg: ExperimentConfig, run_dir: Path, sim_dir: Path, sim_final: torch.Tensor,
-    site_ledgers: list[Path],
+    site_ledgers: list[Path], entries: int = 2,
 ) -> None:
     """A deployed (or Flower-simulated) 2-round run equals the in-process one: the global model
     within the masking grid of both rounds, and each site's ledger equals the simulation's plan
@@ -584,7 +665,7 @@ def assert_matches_simulation(
         assert list(led["clients"]) == [str(i)]
         assert led["clients"][str(i)] == sim_ledger["clients"][str(i)]
         mine = [e for e in sim_ledger["entries"] if e["client_id"] == i]
-        assert len(led["entries"]) == len(mine) == 2
+        assert len(led["entries"]) == len(mine) == entries
         # the released updates differ (masking grid, another process): so do their digests
         own = ("epsilon_after", "update_sha256")
         for a, b in zip(led["entries"], mine, strict=True):

@@ -62,10 +62,16 @@ def check_deployable(cfg: ExperimentConfig) -> None:
             "public one, and only a site can check the public set against its private data); "
             "set it to false, or start the deployment from a checkpoint of the public model"
         )
-    if cfg.fedddpm.enabled:
+    if cfg.fedddpm.enabled and cfg.fedddpm.upload != "samples":
         raise DeployConfigError(
-            "fedddpm.enabled: FedDDPM (server-side calibration on an auxiliary set) is not "
-            "supported on the deployment path; set it to false"
+            f"fedddpm.upload: {cfg.fedddpm.upload!r} (the server samples each site's uploaded "
+            "model) is not deployed yet; use 'samples' (each site uploads DP synthetic images)"
+        )
+    if cfg.fedddpm.enabled and cfg.dp.level == "client":
+        raise DeployConfigError(
+            "fedddpm.enabled: FedDDPM with dp.level: client is not deployed (its phase-0 "
+            "upload is an individual release that client-level DP does not cover); use "
+            "dp.level: record"
         )
     if cfg.feddiffuse.enabled and cfg.dp.level == "client":
         raise DeployConfigError(

@@ -27,6 +27,7 @@ it over Flower's ``Grid``; tests may implement it in-process.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -47,6 +48,7 @@ from securefed.deploy.common import (
 )
 from securefed.deploy.common import roster_digest as _roster_digest
 from securefed.deploy.wire import (
+    MESSAGE_PHASE0,
     MESSAGE_SETUP,
     PROTOCOL_VERSION,
     WireError,
@@ -348,6 +350,8 @@ class Coordinator:
         self.weight_scale = float(sum(s.num_examples for s in self.sites.values()))
         self.strategy = build_strategy_stack(cfg, model, self.weight_scale)
         self.params = run_masking_params(cfg, self.run_id)
+        if cfg.fedddpm.enabled:
+            self.strategy = self._fedddpm_phase0(model)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         atomic_write_json(
             run_dir / "model.json",
@@ -612,6 +616,89 @@ class Coordinator:
             line["server"] = server_metrics
         line["seconds"] = seconds
         return line
+
+    def _fedddpm_phase0(self, model: torch.nn.Module) -> Any:
+        """FedDDPM phase 0 over the network: every site pre-trains under DP (charged to its own
+        ledger) and uploads its share of ``aux_total`` synthetic images (``aux_total`` split in
+        proportion to the sites' sizes, as the simulation splits it). Each upload is kept
+        under ``received/`` (0600) as it arrived; together they are the auxiliary set
+        (``auxiliary/``) the server calibrates on. Returns the FedDDPM / FedDDPM+ strategy."""
+        import io
+
+        from securefed.diffusion import NoiseSchedule
+        from securefed.federation.auxiliary import AuxiliarySet, save_auxiliary
+        from securefed.io import atomic_write_bytes
+        from securefed.run import fedddpm_wrapper, resolve_device
+        from securefed.strategies.fedddpm import allocate_proportional
+
+        cfg, fd, run_dir = self.cfg, self.cfg.fedddpm, self.options.run_dir
+        cids = sorted(self.sites)
+        alloc = allocate_proportional([self.sites[c].num_examples for c in cids], fd.aux_total)
+        init = encode_vector(self.global_params)
+        contents = {
+            self.sites[c].node_id: {
+                "round": 0, "run_id": self.run_id, "aux_images": int(n), "broadcast.params": init,
+                "image_shape": list(self.image_shape), "num_classes": self.num_classes,
+            }
+            for c, n in zip(cids, alloc, strict=True)
+        }
+        self._event(stage="fedddpm_phase0", state="sent", clients=cids)
+        t0 = time.perf_counter()
+        replies = self.transport.exchange(
+            MESSAGE_PHASE0, contents, timeout=self.options.train_timeout, group="phase0"
+        )
+        images, labels, owners = [], [], []
+        per_site: dict[str, Any] = {}
+        shape = tuple(self.image_shape)
+        for c, n in zip(cids, alloc, strict=True):
+            r = replies.get(self.sites[c].node_id)
+            who = f"site {c}"
+            try:
+                if r is None:
+                    raise WireError(f"no reply within {self.options.train_timeout:g} s")
+                if isinstance(r, str):
+                    raise WireError(r)
+                raw = get_bytes(r, "upload", who)
+                with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                    x = np.asarray(z["images"], dtype=np.float32)
+                    y = np.asarray(z["labels"], dtype=np.int64)
+                if x.shape != (int(n), *shape) or y.shape != (int(n),):
+                    raise WireError(f"{who}: upload of shape {x.shape}, expected {(n, *shape)}")
+                if not np.all(np.isfinite(x)) or np.abs(x).max(initial=0.0) > 1.0:
+                    raise WireError(f"{who}: upload has values outside [-1, 1]")
+                if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+                    raise WireError(f"{who}: upload has labels outside [0, {self.num_classes})")
+            except (WireError, KeyError, ValueError, OSError) as exc:
+                per_site[str(c)] = {"failed": f"{type(exc).__name__}: {exc}"}
+                log.warning("FedDDPM phase 0: site %d sent no usable upload: %s", c, exc)
+                continue
+            # exactly what the server received individually: the audit's `received` evidence
+            atomic_write_bytes(run_dir / "received" / f"client_{c}_samples.npz", raw, mode=0o600)
+            images.append(torch.from_numpy(x))
+            labels.append(torch.from_numpy(y))
+            owners.append(torch.full((int(n),), c, dtype=torch.int64))
+            meta = r.get("meta", "{}")
+            per_site[str(c)] = {
+                **(json.loads(meta) if isinstance(meta, str) else {}),
+                "upload_bytes": len(raw),
+                **({"epsilon_after_phase0": float(r["epsilon"])} if "epsilon" in r else {}),
+            }
+        if not images:
+            raise DeployConfigError(f"FedDDPM phase 0: no site uploaded samples: {per_site}")
+        aux = AuxiliarySet(torch.cat(images), torch.cat(labels), torch.cat(owners))
+        save_auxiliary(run_dir, aux, {
+            "upload": fd.upload, "aux_total": fd.aux_total, "dp": self.cfg.dp.level == "record",
+            "sampler": fd.aux_sampler, "sampling_steps": fd.aux_sampling_steps,
+            "deployment": True, "seconds": round(time.perf_counter() - t0, 3),
+            "clients": per_site,
+        })
+        self._event(stage="fedddpm_phase0", state="closed", clients=sorted(
+            int(k) for k, v in per_site.items() if "failed" not in v))
+        dev = resolve_device(cfg.device)
+        return fedddpm_wrapper(
+            cfg, self.strategy, model.to(dev), NoiseSchedule.from_config(cfg.diffusion), dev,
+            aux, [self.sites[c].num_examples for c in cids],
+        )
 
     def _start_ahead(self, rnd: int, length: int, live: set[int]) -> _Ahead | None:
         """Start round ``rnd + 1`` now, so that its RoundStart travels with round ``rnd``'s

@@ -24,6 +24,9 @@ key                meaning
 ``min-cohort``     ``3`` (default): refuse a round (or a survivor set) of fewer sites.
 ``allow-seeded-``  ``false`` (default): refuse ``dp.secure_noise: false`` (noise derived from
 ``noise``          the coordinator's seed, so the coordinator can regenerate it). Rehearsals.
+``allow-``         ``false`` (default): refuse ``fedddpm.enabled`` (FedDDPM phase 0 uploads
+``individual-``    this site's DP synthetic samples, or its DP model, to the coordinator on
+``uploads``        their own, outside secure aggregation).
 ``allow-honest-``  ``false`` (default): refuse ``secure_aggregation.server_threat:
 ``but-curious-``   honest_but_curious`` (the masking protocol without its consistency check,
 ``server``         one message fewer per round; safe only against a coordinator that follows
@@ -81,6 +84,7 @@ from securefed.deploy.state import (
     save_site_record,
 )
 from securefed.deploy.wire import (
+    MESSAGE_PHASE0,
     MESSAGE_SETUP,
     PROTOCOL_VERSION,
     WireError,
@@ -189,6 +193,7 @@ class NodeOptions:
     min_cohort: int = 3
     allow_seeded_noise: bool = False
     allow_honest_but_curious_server: bool = False
+    allow_individual_uploads: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeOptions:
@@ -200,7 +205,7 @@ class NodeOptions:
         known = {
             "state-dir", "keys-dir", "client-id", "partition-id", "data-path", "device",
             "require-dp", "max-epsilon", "min-threshold", "min-cohort", "allow-seeded-noise",
-            "allow-honest-but-curious-server",
+            "allow-honest-but-curious-server", "allow-individual-uploads",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -282,6 +287,7 @@ class NodeOptions:
             allow_honest_but_curious_server=_as_bool(
                 node_config, "allow-honest-but-curious-server", False
             ),
+            allow_individual_uploads=_as_bool(node_config, "allow-individual-uploads", False),
         )
 
 
@@ -696,6 +702,18 @@ class Site:
                 f"{cfg.federation.num_clients - 1})"
             )
         check_threshold_policy(cfg, o)
+        if cfg.fedddpm.enabled and not o.allow_individual_uploads:
+            raise PolicyError(
+                f"fedddpm.enabled: FedDDPM phase 0 uploads this site's {cfg.fedddpm.upload} "
+                "(from its DP-trained local model) to the coordinator on their own, outside "
+                "secure aggregation; this site refuses individual uploads (opt in with "
+                "--node-config allow-individual-uploads=true)"
+            )
+        if cfg.fedddpm.enabled and cfg.dp.level != "record" and o.require_dp:
+            raise PolicyError(
+                "fedddpm.enabled: the phase-0 upload is DP only under dp.level: record; this "
+                "site requires DP (--node-config require-dp=true)"
+            )
         self._identity()
         data = self.load_data(cfg)
         if len(data) == 0:
@@ -922,6 +940,77 @@ class Site:
             out["epsilon"] = float(privacy.ledger.epsilon(self.cid))
         return out
 
+    def fedddpm_phase0(self, content: Mapping[str, Any]) -> dict[str, Any]:
+        """FedDDPM phase 0 (the site opted in at setup): pre-train a local model from the
+        broadcast initial model under DP-SGD, charged to this site's ledger (phase ``pretrain``,
+        round 0) and persisted before anything leaves; then upload ``aux_images`` samples of it
+        (with their labels) or the model itself. Once per run, before any round."""
+        import io
+
+        import numpy as np
+
+        from securefed.diffusion import NoiseSchedule
+        from securefed.federation.auxiliary import build_auxiliary_set
+        from securefed.federation.simulation import SimClient
+        from securefed.run import build_model, resolve_device
+        from securefed.seeds import derive_seed
+
+        who = "coordinator"
+        cfg = self._experiment()
+        if not cfg.fedddpm.enabled:
+            raise WireError(f"{who}: a FedDDPM phase 0 for an experiment without fedddpm")
+        record = self._record()
+        run = self._current_run(record, content)
+        if run.phase0_done or run.last_trained_round > 0:
+            raise PolicyError(
+                f"phase 0: already run in run {run.run_id} (or a round was trained); a site "
+                "pre-trains and uploads once per run"
+            )
+        n_i = get_int(content, "aux_images", who, minimum=0)
+        if n_i > cfg.fedddpm.aux_total:
+            raise WireError(
+                f"{who}: aux_images: {n_i} is above fedddpm.aux_total {cfg.fedddpm.aux_total}"
+            )
+        shape = content.get("image_shape")
+        if not (isinstance(shape, list) and len(shape) == 3):
+            raise WireError(f"{who}: image_shape: expected 3 integers, got {shape!r}")
+        num_classes = get_int(content, "num_classes", who, minimum=1)
+        data = self.load_data(cfg)
+        if record.dp_plan is not None:
+            _check_dp_pin(record.dp_plan, dp_plan_fields(cfg, len(data)), "phase 0")
+        dev = resolve_device(self.options.device)
+        model = build_model(cfg, (shape[0], shape[1], shape[2]), num_classes).to(dev)
+        from securefed.client.update import num_params
+
+        init = decode_vector(get_bytes(content, "broadcast.params", who), num_params(model), who,
+                             "broadcast.params")
+        privacy = self._bind_run_noise(self._privacy(cfg, data), cfg, run)
+        histograms = np.zeros((cfg.federation.num_clients, num_classes), dtype=np.int64)
+        labels = data.labels.cpu().numpy().astype(np.int64)
+        histograms[self.cid] = np.bincount(labels, minlength=num_classes)[:num_classes]
+        # persisted before the upload can leave (the ledger is charged inside phase 0)
+        run.phase0_done = True
+        save_site_record(self.options.state_dir, record)
+        aux, meta = build_auxiliary_set(
+            cfg, model, NoiseSchedule.from_config(cfg.diffusion).to(dev),
+            [SimClient(self.cid, data)], init, num_classes, histograms, dev,
+            privacy if cfg.dp.level == "record" else None,
+            trainer=build_trainer(cfg, model, dev), derive=derive_seed, alloc=[n_i],
+        )
+        buf = io.BytesIO()
+        np.savez(buf, images=aux.images.numpy().astype(np.float32),
+                 labels=aux.labels.numpy().astype(np.int64))
+        mine = meta.get("clients", {}).get(str(self.cid), {})
+        out: dict[str, Any] = {
+            "status": "uploaded", "round": 0, "run_id": run.run_id, "upload": buf.getvalue(),
+            # public facts only: no pre-training loss (a statistic of the data outside DP)
+            "meta": json.dumps({k: mine[k] for k in ("aux_images", "pretrain_steps",
+                                                      "class_counts") if k in mine}),
+        }
+        if privacy is not None:
+            out["epsilon"] = float(privacy.ledger.epsilon(self.cid))
+        return out
+
     def train_and_advertise(self, content: Mapping[str, Any]) -> dict[str, Any]:
         """Stage ``advertise_keys``: check the round against the site's policy, train locally
         (DP), charge the ledger, record the round as trained, mask nothing yet: answer the
@@ -1061,6 +1150,8 @@ def dispatch(site: Site, message_type: str, content: Mapping[str, Any]) -> dict[
     """Route one coordinator message to the site's handler (used by the ClientApp)."""
     if message_type == MESSAGE_SETUP:
         return site.setup(content)
+    if message_type == MESSAGE_PHASE0:
+        return site.fedddpm_phase0(content)
     category, _, action = message_type.partition(".")
     if category == "train" and action == Stage.ADVERTISE_KEYS:
         return site.train_and_advertise(content)

@@ -193,6 +193,8 @@ class RunRecord:
             a message of the run is refused if the file changed since.
         last_trained_round: the last round this site trained in (0: none); persisted before the
             update leaves the site; a round at or below it is refused.
+        phase0_done: FedDDPM phase 0 (local pre-training and the upload) ran in this run;
+            persisted before the upload leaves; a second phase 0 of the run is refused.
     """
 
     run_id: str
@@ -201,6 +203,7 @@ class RunRecord:
     seed: int
     experiment_sha256: str = ""
     last_trained_round: int = 0
+    phase0_done: bool = False
 
 
 @dataclass
@@ -238,6 +241,7 @@ def load_site_record(state_dir: Path) -> SiteRecord:
                 seed=int(v["seed"]),
                 experiment_sha256=str(v["experiment_sha256"]),
                 last_trained_round=int(v["last_trained_round"]),
+                phase0_done=bool(v.get("phase0_done", False)),
             )
             for k, v in doc["runs"].items()
         }
@@ -267,6 +271,7 @@ def save_site_record(state_dir: Path, record: SiteRecord) -> None:
                 "seed": r.seed,
                 "experiment_sha256": r.experiment_sha256,
                 "last_trained_round": r.last_trained_round,
+                "phase0_done": r.phase0_done,
             }
             for k, r in sorted(record.runs.items())
         },
