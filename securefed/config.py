@@ -241,6 +241,15 @@ class SecureAggregationConfig(_Frozen):
         default=None,
         description="folder written by `securefed keys init`; None: ephemeral in-memory keys",
     )
+    server_threat: Literal["malicious", "honest_but_curious"] = Field(
+        default="malicious",
+        description="what the clients assume of the server. 'malicious' (default): masking "
+        "runs the consistency check (every survivor signs the survivor set before any share is "
+        "revealed; Bonawitz et al. 2017 §6). 'honest_but_curious': it is skipped (their "
+        "semi-honest protocol, one message fewer per round); a server that deviates could then "
+        "unmask one client's input. A deployed site refuses it unless its node config sets "
+        "allow-honest-but-curious-server",
+    )
     ckks_poly_modulus_degree: int = Field(default=8192, ge=1024)
     ckks_coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 40)
     ckks_scale_bits: int = Field(default=40, ge=10, le=60)

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from securefed.report.grid import save_grid
 from securefed.secagg import build_protocol
 from securefed.seeds import Purpose, derive_seed
 from securefed.strategies import Strategy, build_strategy
+
+if TYPE_CHECKING:
+    from securefed.privacy.client_level import ClientLevelDP
 
 __all__ = [
     "PreparedData",
@@ -225,6 +228,34 @@ def build_privacy(
     )
 
 
+def client_level_schedule(cfg: ExperimentConfig) -> tuple[int, float]:
+    """``dp.level: client``: the participations each client is planned for,
+    ``ceil(rounds * k / N)`` with ``k`` clients a round out of ``N``, and the delta
+    (``dp.delta``, else ``min(1e-5, 1 / (10 N))``)."""
+    dp, fed = cfg.dp, cfg.federation
+    n = fed.num_clients
+    per_round = min(n, max(fed.min_fit_clients, round(fed.fraction_fit * n)))
+    planned = max(1, math.ceil(fed.rounds * per_round / n))
+    delta = dp.delta if dp.delta is not None else min(1e-5, 1.0 / (10 * n))
+    return planned, delta
+
+
+def client_level_multiplier(cfg: ExperimentConfig) -> float:
+    """``dp.level: client``: the effective noise multiplier ``z`` each participation is charged
+    at, calibrated once from ``target_epsilon`` for :func:`client_level_schedule` (or
+    ``dp.noise_multiplier``). A deployed site and its coordinator compute it each from the
+    experiment, as the simulation does."""
+    from securefed.privacy import calibrate_noise_multiplier
+
+    dp = cfg.dp
+    if dp.noise_multiplier is not None:
+        return float(dp.noise_multiplier)
+    if dp.target_epsilon is None:  # pragma: no cover - excluded by DPConfig validation
+        raise ValueError("dp.target_epsilon: required when noise_multiplier is unset")
+    planned, delta = client_level_schedule(cfg)
+    return float(calibrate_noise_multiplier(dp.target_epsilon, delta, 1.0, planned, dp.accountant))
+
+
 def build_client_level_privacy(
     cfg: ExperimentConfig,
     run_dir: Path,
@@ -240,24 +271,17 @@ def build_client_level_privacy(
     ``ceil(rounds * k / N)``; a client selected more often than expected stops when its budget is
     spent (``budget_exhausted``).
     """
-    from securefed.privacy import PrivacyLedger, calibrate_noise_multiplier
+    from securefed.privacy import PrivacyLedger
     from securefed.privacy.client_level import ClientLevelDP
 
-    dp, fed = cfg.dp, cfg.federation
-    n = len(clients)
-    per_round = min(n, max(fed.min_fit_clients, round(fed.fraction_fit * n)))
-    planned = max(1, math.ceil(fed.rounds * per_round / n))
-    delta = dp.delta if dp.delta is not None else min(1e-5, 1.0 / (10 * n))
+    dp = cfg.dp
+    planned, delta = client_level_schedule(cfg)
     path = run_dir / "privacy_ledger.json"
     ledger = PrivacyLedger.load(path) if resume and path.exists() else PrivacyLedger(path)
-    if dp.noise_multiplier is not None:
-        z = float(dp.noise_multiplier)
-    elif clients and clients[0].cid in ledger.clients:
+    if clients and clients[0].cid in ledger.clients and dp.noise_multiplier is None:
         z = float(ledger.get_plan(clients[0].cid).noise_multiplier)
     else:
-        if dp.target_epsilon is None:  # pragma: no cover - excluded by DPConfig validation
-            raise ValueError("dp.target_epsilon: required when noise_multiplier is unset")
-        z = calibrate_noise_multiplier(dp.target_epsilon, delta, 1.0, planned, dp.accountant)
+        z = client_level_multiplier(cfg)
     for c in clients:
         ledger.plan(
             c.cid,
@@ -577,6 +601,25 @@ def _public_pretrain(
     )
 
 
+def build_strategy_stack(cfg: ExperimentConfig, model: UNet, weight_scale: float) -> Strategy:
+    """The strategy a deployed coordinator and site build, as :func:`run_experiment` does:
+    ``cfg.strategy`` (FedAvg / FedProx / SCAFFOLD with the server optimizer), in DP-FedAvg when
+    ``dp.level: client`` (:func:`client_level_dp`), in FedDiffuse when ``feddiffuse.enabled``."""
+    strategy = build_strategy(cfg.strategy, cfg.federation.num_clients, weight_scale=weight_scale)
+    if cfg.dp.level == "client":
+        strategy = client_level_dp(cfg, strategy)
+    return _wrap_feddiffuse(cfg, model, strategy) if cfg.feddiffuse.enabled else strategy
+
+
+def client_level_dp(cfg: ExperimentConfig, base: Strategy) -> ClientLevelDP:
+    """``dp.level: client``: DP-FedAvg around ``base`` with the multiplier calibrated from the
+    experiment itself (:func:`client_level_multiplier`). A deployed coordinator and every site
+    build their own; a site charges, and noises, by its own."""
+    from securefed.privacy.client_level import ClientLevelDP
+
+    return ClientLevelDP(base, cfg.dp, cfg.secure_aggregation, client_level_multiplier(cfg))
+
+
 def _wrap_feddiffuse(cfg: ExperimentConfig, model: UNet, base: Strategy) -> Strategy:
     """``feddiffuse.enabled``: partial-UNet exchange around the base strategy."""
     from securefed.client.update import param_slices
@@ -603,9 +646,6 @@ def _wrap_fedddpm(
         load_auxiliary,
         save_auxiliary,
     )
-    from securefed.strategies.fedddpm import FedDDPM, ServerCalibrator, split_holdout
-    from securefed.strategies.fedddpm_plus import FedDDPMPlus
-
     fd = cfg.fedddpm
     if fd.upload == "samples" and privacy is None:
         log.warning(
@@ -634,24 +674,46 @@ def _wrap_fedddpm(
         set_flat(sim.model, init)  # phase 0 left a client's local model in the instance
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         save_auxiliary(run_dir, aux, meta)
+    return fedddpm_wrapper(
+        cfg, sim.strategy, sim.model, sim.schedule, sim.device, aux,
+        [len(c.data) for c in sim.clients],
+    )
+
+
+def fedddpm_wrapper(
+    cfg: ExperimentConfig,
+    base: Strategy,
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    device: torch.device,
+    aux: Any,
+    client_sizes: list[int],
+) -> Strategy:
+    """FedDDPM / FedDDPM+ around ``base``: the server calibrator on the auxiliary set ``aux``
+    (split into calibration and detector-holdout images by the ``(seed, AUX_SPLIT)`` stream),
+    with the calibration budget referenced to the planned client compute per round (from the
+    public client sizes). The simulation and the deployed coordinator build it alike."""
+    from securefed.client.trainer import local_steps_for
+    from securefed.strategies.fedddpm import FedDDPM, ServerCalibrator, split_holdout
+    from securefed.strategies.fedddpm_plus import FedDDPMPlus
+
+    fd = cfg.fedddpm
     train_idx, hold_idx = split_holdout(
         len(aux), fd.aux_holdout_fraction, derive_seed(cfg.seed, Purpose.AUX_SPLIT)
     )
     calibrator = ServerCalibrator(
-        sim.model, sim.schedule, aux.images, aux.labels, train_idx, hold_idx, fd, sim.device,
+        model, schedule, aux.images, aux.labels, train_idx, hold_idx, fd, device,
         cfg.seed, cfg.model.class_conditional, derive=derive_seed,
         purpose_calibrate=Purpose.CALIBRATE, purpose_eval=Purpose.AUX_EVAL,
     )
-    from securefed.client.trainer import local_steps_for
-
     # planned client compute per round (examples): the calibration budget's reference
     n = cfg.federation.num_clients
     per_round = min(n, max(cfg.federation.min_fit_clients, round(cfg.federation.fraction_fit * n)))
-    mean_steps = sum(local_steps_for(cfg.client, len(c.data)) for c in sim.clients) / n
+    mean_steps = sum(local_steps_for(cfg.client, size) for size in client_sizes) / n
     client_examples = round(per_round * mean_steps * cfg.client.batch_size)
     if fd.variant == "fedddpm_plus":
-        return FedDDPMPlus(sim.strategy, fd, calibrator, client_examples_per_round=client_examples)
-    return FedDDPM(sim.strategy, fd, calibrator, client_examples_per_round=client_examples)
+        return FedDDPMPlus(base, fd, calibrator, client_examples_per_round=client_examples)
+    return FedDDPM(base, fd, calibrator, client_examples_per_round=client_examples)
 
 
 def _postfix(line: dict[str, Any]) -> str:

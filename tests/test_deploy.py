@@ -37,13 +37,14 @@ from securefed.deploy.coordinator import (
 from securefed.deploy.node import (
     NodeConfigError,
     NodeOptions,
+    PolicyError,
     Site,
     build_trainer,
     dispatch,
 )
 from securefed.deploy.state import StateError, load_round_state, save_round_state
 from securefed.deploy.tls import load_supernode_public_key, write_tls_material
-from securefed.deploy.wire import WireError, decode_vector, encode_vector
+from securefed.deploy.wire import PROTOCOL_VERSION, WireError, decode_vector, encode_vector
 from securefed.secagg.keys import init_identity_keys, load_identities
 from securefed.secagg.masking.client import MaskingClient
 from securefed.secagg.masking.server import MaskingServer
@@ -85,7 +86,7 @@ REHEARSAL: dict[str, Any] = {
 def _cfg(**section_overrides: dict[str, Any]) -> ExperimentConfig:
     raw = json.loads(json.dumps(RAW))
     for section, values in section_overrides.items():
-        raw[section].update(values)
+        raw.setdefault(section, {}).update(values)
     return parse_config(raw)
 
 
@@ -196,7 +197,12 @@ def test_deployment_refuses_what_it_does_not_implement() -> None:
         check_deployable(_cfg(secure_aggregation={"protocol": "plain"}))
     with pytest.raises(DeployConfigError, match=r"federation\.dropout_prob"):
         check_deployable(_cfg(federation={"dropout_prob": 0.1}))
+    with pytest.raises(DeployConfigError, match=r"feddiffuse.variant: 'usplit' .* two segments"):
+        check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "usplit"}))
+    with pytest.raises(DeployConfigError, match=r"pretrain.enabled: public pre-training"):
+        check_deployable(_cfg(pretrain={"enabled": True}))
     check_deployable(_cfg())
+    check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "udec"}))
 
 
 def test_site_refuses_an_experiment_without_dp(tmp_path: Path) -> None:
@@ -381,6 +387,202 @@ def test_coordinator_recovers_a_dropped_site_in_process(tmp_path: Path) -> None:
     assert not (tmp_path / "site0" / "secagg" / "round.json").exists()  # round state cleared
 
 
+@pytest.mark.parametrize(
+    ("strategy", "server_threat"),
+    [("fedavg", "honest_but_curious"), ("fedprox", "malicious"), ("scaffold", "malicious"),
+     ("udec", "malicious"), ("ulatdec", "malicious")],
+)
+def test_in_process_deployment_matches_the_simulation_per_strategy(
+    tmp_path: Path, strategy: str, server_threat: str
+) -> None:
+    """The deployment's round (coordinator and site handlers, without Flower; the keys of
+    round 2 advertised with round 1's unmasking) equals the simulation for FedProx and SCAFFOLD
+    (whose control variates stay on the sites and are committed only when the coordinator used
+    the update), and for FedAvg without the consistency check: same model within the masking
+    grid of both rounds, same ledgers. (FedAvg with every stage: the Flower test below.)
+    FedDiffuse ``udec`` / ``ulatdec``: only the shared groups are summed; the local groups stay
+    in each site's private state, equal to the simulated client's."""
+    from securefed.run import run_experiment
+
+    diffuse = strategy in ("udec", "ulatdec")
+    cfg = _cfg(strategy={"name": "fedavg" if diffuse else strategy, "mu": 0.1},
+               secure_aggregation={"server_threat": server_threat},
+               feddiffuse={"enabled": diffuse, "variant": strategy if diffuse else "full"})
+    init_identity_keys(tmp_path / "keys", 3)
+    sites = {
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
+                                  allow_honest_but_curious_server=True,
+                                  **REHEARSAL))  # type: ignore[arg-type]
+        for i in range(3)
+    }
+    res = Coordinator(
+        cfg,
+        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
+        _InProcess(sites, {}),
+    ).run()
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
+    sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    assert_matches_simulation(
+        cfg, tmp_path / "run", tmp_path / "sim", sim.final_params,
+        [tmp_path / f"site{i}" / "privacy_ledger.json" for i in range(3)],
+    )
+    if strategy == "scaffold":  # the control variate was committed on every site
+        for i in range(3):
+            assert (tmp_path / f"site{i}" / "client_state.pt").exists()
+    if diffuse:  # the local groups stayed on each site (equal to the simulated client's) and
+        # only the shared groups (plus the weight) were summed. A site commits a round's
+        # private state when the next round tells it its update was used, so after the last
+        # round the committed file holds round 1's and the pending one round 2's.
+        for rnd, name in ((1, "client_state.pt"), (2, "client_state.pending.pt")):
+            sim_clients = torch.load(tmp_path / "sim" / "checkpoints" / f"round_{rnd:04d}.pt",
+                                     weights_only=True)["clients"]
+            for i in range(3):
+                local = torch.load(tmp_path / f"site{i}" / name,
+                                   weights_only=True)["feddiffuse.local"]
+                want = sim_clients[str(i)]["feddiffuse.local"]
+                assert local.shape == want.shape and 0 < local.numel()
+                assert float((local - want).abs().max()) < 1e-4, (rnd, i)
+        d = int(_ckpt_params(tmp_path / "run", 2).numel())
+        for row in _metrics(tmp_path / "run"):
+            assert row["exchange"]["params_up"] == 3 * (d - local.numel() + 1)
+
+
+@pytest.mark.parametrize("variant", ["fedddpm", "fedddpm_plus"])
+def test_in_process_fedddpm_deployment_matches_the_simulation(
+    tmp_path: Path, variant: str
+) -> None:
+    """FedDDPM / FedDDPM+ deployed: phase 0 as a message (each site pre-trains under DP-SGD,
+    charged to its own ledger, and uploads its share of the DP synthetic images), the uploads
+    kept under ``received/`` (0600) and as the auxiliary set, then the server's calibration
+    after each aggregation. Same auxiliary set, same models within the grid, same ledgers as
+    the simulation."""
+    import stat
+
+    import numpy as np
+
+    from securefed.federation.auxiliary import load_auxiliary
+    from securefed.run import run_experiment
+
+    cfg = _cfg(fedddpm={"enabled": True, "variant": variant, "pretrain_epochs": 1.0,
+                        "aux_total": 24, "calibration_steps": 2, "server_batch_size": 8,
+                        "aux_sampling_steps": 4, "detector_window": 1,
+                        "detector_threshold": 0.5, "correction_steps": 2})
+    init_identity_keys(tmp_path / "keys", 3)
+    sites = {
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
+                                  allow_individual_uploads=True,
+                                  **REHEARSAL))  # type: ignore[arg-type]
+        for i in range(3)
+    }
+    res = Coordinator(
+        cfg,
+        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
+        _InProcess(sites, {}),
+    ).run()
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
+    sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    dep_aux, meta = load_auxiliary(tmp_path / "run")
+    sim_aux, _ = load_auxiliary(tmp_path / "sim")
+    assert meta["deployment"] is True and len(dep_aux) == len(sim_aux) == 24
+    assert torch.equal(dep_aux.client, sim_aux.client)
+    assert float((dep_aux.images - sim_aux.images).abs().max()) < 1e-4
+    for i in range(3):
+        path = tmp_path / "run" / "received" / f"client_{i}_samples.npz"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with np.load(path) as z:
+            assert z["images"].shape[0] == int((sim_aux.client == i).sum())
+        # no statistic of the site's data outside DP: no pre-training loss in what it sent
+        assert "pretrain_loss" not in json.dumps(meta["clients"][str(i)])
+    assert_matches_simulation(
+        cfg, tmp_path / "run", tmp_path / "sim", sim.final_params,
+        [tmp_path / f"site{i}" / "privacy_ledger.json" for i in range(3)],
+        entries=3,  # phase 0 + two rounds
+    )
+    if variant == "fedddpm":  # the server calibrated after each aggregation, as simulated
+        assert [r["server"]["server_steps"] for r in res.metrics] == [
+            r["server"]["server_steps"] for r in sim.metrics] == [2, 2]
+        # a replayed phase 0 (a second DP release of the run's pre-training) is refused
+        from securefed.deploy.wire import MESSAGE_PHASE0
+
+        run_id = json.loads((tmp_path / "run" / "sites.json").read_text())["run_id"]
+        again = {"round": 0, "run_id": run_id, "aux_images": 8, "image_shape": [1, 8, 8],
+                 "num_classes": 10, "broadcast.params": encode_vector(sim.final_params)}
+        before = (tmp_path / "site0" / "privacy_ledger.json").read_text()
+        with pytest.raises(PolicyError, match="phase 0: already run in run"):
+            dispatch(sites[700], MESSAGE_PHASE0, again)
+        assert (tmp_path / "site0" / "privacy_ledger.json").read_text() == before
+
+
+def test_a_site_refuses_fedddpm_uploads_unless_it_opted_in(tmp_path: Path) -> None:
+    """FedDDPM's phase-0 upload leaves the site on its own (outside secure aggregation): the
+    default policy refuses it at setup, naming the field and the node-config key."""
+    init_identity_keys(tmp_path / "keys", 1)
+    site = Site(NodeOptions(tmp_path / "site0", tmp_path / "keys", 0, partition_id=0,
+                            **REHEARSAL))  # type: ignore[arg-type]
+    from securefed.config import dump_config
+
+    cfg = _cfg(fedddpm={"enabled": True})
+    with pytest.raises(PolicyError, match=r"fedddpm.enabled: .*allow-individual-uploads=true"):
+        site.setup({"version": PROTOCOL_VERSION, "run_id": "ab" * 16,
+                    "experiment": dump_config(cfg)})
+
+
+def test_in_process_client_level_dp_deployment_matches_the_simulation(tmp_path: Path) -> None:
+    """``dp.level: client`` deployed: each site plans its own noise (multiplier from the pinned
+    experiment, the round's cohort from the signed start), adds its discrete Gaussian share in
+    the masking client and charges its own ledger. The ledgers equal the simulation's exactly;
+    the models differ only by the two runs' independent noise (and the grid)."""
+    from securefed.run import run_experiment
+
+    cfg = _cfg(dp={"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
+                   "adaptive_clipping": False, "secure_noise": True})
+    init_identity_keys(tmp_path / "keys", 3)
+    sites = {
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
+                                  **REHEARSAL))  # type: ignore[arg-type]
+        for i in range(3)
+    }
+    res = Coordinator(
+        cfg,
+        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
+        _InProcess(sites, {}),
+    ).run()
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
+    sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    sim_ledger = json.loads((tmp_path / "sim" / "privacy_ledger.json").read_text())
+    for i in range(3):
+        led = json.loads((tmp_path / f"site{i}" / "privacy_ledger.json").read_text())
+        assert led["clients"][str(i)] == sim_ledger["clients"][str(i)]
+        mine = [e for e in sim_ledger["entries"] if e["client_id"] == i]
+        keep = ("phase", "round", "steps", "noise_multiplier", "sample_rate")
+        assert [{k: e[k] for k in keep} for e in led["entries"]] == [
+            {k: e[k] for k in keep} for e in mine
+        ]
+        assert len(mine) == 2 and mine[0]["sample_rate"] == 1.0
+        assert res.metrics[-1]["epsilon"][str(i)] == pytest.approx(
+            sim.metrics[-1]["epsilon"][str(i)], rel=1e-9
+        )
+    # the noise: each round's sum carries N(0, std^2) per coordinate, divided by 3 contributors;
+    # two independent runs differ by at most ~6.5 std/3 over 10k coordinates (8 std/3 allowed)
+    from securefed.deploy.common import round_masking_params
+
+    d = int(sim.final_params.numel())
+    std = round_masking_params(cfg, "ab" * 16, 3, d + 1).noise_std
+    for rnd in (1, 2):
+        gap = float((_ckpt_params(tmp_path / "run", rnd) - _ckpt_params(tmp_path / "sim", rnd))
+                    .abs().max())
+        assert 0 < gap <= rnd * 8 * std / 3 + 1e-3, (rnd, gap, std)
+    # the deployed sites' shares add up to the planned noise: round 1's update is the mean of
+    # three clipped deltas (norm <= 0.5 over 10k coordinates: ~0.005 each) plus N(0, (std/3)^2)
+    from securefed.client.update import get_flat
+    from securefed.run import build_model
+
+    init = get_flat(build_model(cfg, (1, 8, 8), 10))
+    for where in ("run", "sim"):
+        spread = float((_ckpt_params(tmp_path / where, 1) - init).std())
+        assert spread == pytest.approx(std / 3, rel=0.05), (where, spread, std / 3)
+
+
 # ------------------------------------------------------------------ Flower integration tests
 
 
@@ -396,7 +598,8 @@ def _federation(tmp_path: Path, **policy: Any) -> Any:
 
 def _check_site_processes(fed: Any, rounds: int) -> None:
     """Each site ran the patched SuperNode in process isolation, and its one worker served
-    every message of the run (setup + five stages a round) with the auth secret on."""
+    every message of the run with the auth secret on: setup, the five stages of round 1, and
+    four stages of every later round (its keys came with the last round's unmasking)."""
     import httpx
 
     from securefed.deploy.worker import SiteWorker
@@ -407,7 +610,8 @@ def _check_site_processes(fed: Any, rounds: int) -> None:
         served = (fed.work / "logs" / f"site_{i}_worker.log").read_text()
         assert served.count("(query.setup) completed") == 1, served[-3000:]
         for stage in Stage.ORDER:
-            assert served.count(f"(train.{stage}) completed") == rounds, (i, stage)
+            expected = 1 if stage == Stage.ADVERTISE_KEYS else rounds
+            assert served.count(f"(train.{stage}) completed") == expected, (i, stage)
     # the Runtime API's auth secret is on: a wrong secret (or none) gets no task
     with pytest.raises(httpx.HTTPStatusError) as err:
         SiteWorker(fed.runtime_address(0), b"not the secret, 32 bytes long..").acquire()
@@ -434,7 +638,7 @@ def _wait_status(run_dir: Path, pred: Any, timeout: float, fed: Any) -> dict[str
 
 def assert_matches_simulation(
     cfg: ExperimentConfig, run_dir: Path, sim_dir: Path, sim_final: torch.Tensor,
-    site_ledgers: list[Path],
+    site_ledgers: list[Path], entries: int = 2,
 ) -> None:
     """A deployed (or Flower-simulated) 2-round run equals the in-process one: the global model
     within the masking grid of both rounds, and each site's ledger equals the simulation's plan
@@ -461,7 +665,7 @@ def assert_matches_simulation(
         assert list(led["clients"]) == [str(i)]
         assert led["clients"][str(i)] == sim_ledger["clients"][str(i)]
         mine = [e for e in sim_ledger["entries"] if e["client_id"] == i]
-        assert len(led["entries"]) == len(mine) == 2
+        assert len(led["entries"]) == len(mine) == entries
         # the released updates differ (masking grid, another process): so do their digests
         own = ("epsilon_after", "update_sha256")
         for a, b in zip(led["entries"], mine, strict=True):

@@ -290,6 +290,34 @@ def test_site_refuses_to_unmask_a_survivor_set_below_min_cohort(tmp_path: Path) 
     assert not [m for m, _, _ in net.sent if m == f"train.{Stage.UNMASKING}"]
 
 
+def test_client_level_site_refuses_a_clip_norm_above_its_plan(tmp_path: Path) -> None:
+    """Client-level DP: a coordinator broadcasts a clip norm 10x the experiment's
+    ``max_update_norm`` (so that a site's update passes at 10x the sensitivity its noise was
+    planned for). Every site plans its own noise and refuses before training; nothing is
+    charged, nothing leaves."""
+    import torch
+
+    from securefed.deploy.wire import encode_vector
+
+    def inflate(message_type: str, node: int, content: Mapping[str, Any]) -> dict[str, Any]:
+        if "broadcast.clip" in content:
+            return {**content, "broadcast.clip": encode_vector(torch.tensor([5.0, 0.0]))}
+        return dict(content)
+
+    sites = _sites(tmp_path, 3)
+    net = _Net(sites, on_send=inflate)
+    cfg = _cfg(dp={"level": "client", "max_update_norm": 0.5})
+    coord = _coordinator(cfg, tmp_path, net)
+    coord.start()
+    line = coord.run_round(1)
+    assert line["participants"] == [] and "abandoned" in line
+    for cid in (0, 1, 2):
+        assert ("broadcast clip [5.0, 0.0] differs from this site's plan [0.5, 0.0]"
+                in line["dropout_reasons"][str(cid)])
+    for site in sites.values():
+        assert _ledger(site) == []
+
+
 # ------------------------------------------------------------------------ 4. DP plan pinned
 
 

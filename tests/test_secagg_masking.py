@@ -119,7 +119,10 @@ def rounds(draw: st.DrawFn) -> tuple[MaskingParams, int, int, dict[int, str]]:
     ndrop = draw(st.sampled_from(range(n)))
     who = draw(st.permutations(range(n)))[:ndrop]
     drops = {c: draw(st.sampled_from(Stage.ORDER)) for c in who}
-    params = MaskingParams(threshold, k, draw(st.sampled_from([24, 32, 40])), 1.0)
+    # the semi-honest protocol (no consistency stage) has the same survivors: a drop at the
+    # consistency check becomes a drop before unmasking, and the reference model is monotone
+    params = MaskingParams(threshold, k, draw(st.sampled_from([24, 32, 40])), 1.0,
+                           consistency_check=draw(st.booleans()))
     return params, n, d, drops
 
 
@@ -838,3 +841,74 @@ def test_no_numpy_rng_in_masking_code() -> None:
         for line in f.read_text().splitlines()
         if line.strip().startswith("assert ")
     )
+
+
+# ------------------------------------------------ the semi-honest protocol (no consistency stage)
+
+
+def test_semi_honest_round_skips_the_consistency_stage_and_sums_the_same() -> None:
+    """``consistency_check=False``: four stages, no ConsistencyRequest/Signature on the wire,
+    the same survivors and sum (within the grid) as the five-stage round, with a dropout
+    recovered and a drop 'at the consistency check' treated as a drop before unmasking."""
+    xs = _inputs(6, 40, 3)
+    drops = {1: Stage.MASKED_INPUT, 4: Stage.CONSISTENCY_CHECK}
+    results = {}
+    for check in (True, False):
+        params = MaskingParams(0.5, None, 32, 1.0, consistency_check=check)
+        proto = MaskingAggregation(params, ephemeral_identities(6))
+        results[check] = proto.aggregate(ROUND, xs, drops)
+        view = proto.last_server_view
+        assert view is not None
+        stages = {m.stage for m in view.messages}
+        assert (Stage.CONSISTENCY_CHECK in stages) == check
+    full, semi = results[True], results[False]
+    assert full.survivors == semi.survivors == (0, 2, 3, 4, 5)  # 4: late dropout
+    assert semi.info["recovered_clients"] == [1]
+    want = sum(xs[c] for c in semi.survivors)
+    assert np.max(np.abs(semi.total - want)) <= semi.info["quantization_error_bound"]
+
+
+def test_a_client_assuming_a_malicious_server_refuses_an_unsigned_unmask_request() -> None:
+    """Attack: a server runs the semi-honest protocol (unmask request right after the masked
+    inputs, no signatures on the survivor set) against clients configured for a malicious
+    server. Each refuses before revealing any share: the skip needs the client's consent."""
+    ids = ephemeral_identities(4)
+    xs = _inputs(4, 8)
+    semi = MaskingParams(0.5, None, 32, 1.0, consistency_check=False)
+    full = MaskingParams(0.5, None, 32, 1.0)
+    server = MaskingServer(ROUND, range(4), 8, semi, ids.roster, ids.server_key)
+    clients = {
+        c: MaskingClient(c, ROUND, full, ids.client_keys[c], ids.roster, xs[c]) for c in range(4)
+    }
+    down = server.start()
+    for _ in range(3):  # advertise, share, masked input: the same in both protocols
+        down = _step(server, clients, down)
+    assert server.stage == Stage.UNMASKING
+    assert isinstance(decode_message(down[0], 0), UnmaskRequest)
+    for c in range(4):
+        with pytest.raises(ProtocolError, match=rf"client {c}: stage.*UnmaskRequest"):
+            clients[c].handle(down[c])
+        assert clients[c].state.revealed_b == set() and clients[c].state.revealed_s == set()
+
+
+def test_a_semi_honest_client_still_checks_the_survivor_set() -> None:
+    """Without signatures the client still refuses a survivor set below t, one that lists a
+    neighbour that sent it no shares, and a request for both kinds of share of one peer."""
+    params = MaskingParams(3.0, None, 32, 1.0, consistency_check=False)
+    server, clients, ids, _ = _roles(4, 8, params)
+    down = server.start()
+    for _ in range(3):
+        down = _step(server, clients, down)
+    req = decode_message(down[0], 0)
+    assert isinstance(req, UnmaskRequest) and req.signatures == ()
+    small = dataclasses.replace(req, survivors=(0, 1))
+    with pytest.raises(ProtocolError, match="client 0: threshold"):
+        clients[0].handle(small.signed_bytes(ids.server_key))
+    both = dataclasses.replace(req, dropped=(2,))
+    with pytest.raises(ProtocolError, match=r"client 0: share request.*both.*client 2"):
+        clients[0].handle(both.signed_bytes(ids.server_key))
+    # the honest request is answered, and the round completes
+    for c in range(4):
+        server.receive(c, clients[c].handle(down[c]))
+    server.close_stage()
+    assert server.output is not None and server.output.survivors == (0, 1, 2, 3)

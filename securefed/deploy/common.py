@@ -17,6 +17,7 @@ __all__ = [
     "masking_params",
     "new_run_id",
     "roster_digest",
+    "round_masking_params",
     "run_masking_params",
 ]
 
@@ -37,25 +38,51 @@ def check_deployable(cfg: ExperimentConfig) -> None:
             f"secure_aggregation.protocol: {sa.protocol!r} is not supported on the deployment "
             "path, which never sends an unmasked update off a site; use 'masking'"
         )
-    if cfg.dp.level == "client":
+    if cfg.dp.level == "client" and cfg.dp.adaptive_clipping:
         raise DeployConfigError(
-            "dp.level: 'client' (DP-FedAvg with distributed noise) is not supported on the "
-            "deployment path yet; use 'record' (DP-SGD on every site)"
+            "dp.adaptive_clipping: true moves the clip norm (and with it every site's noise) "
+            "by the coordinator's estimate each round, which a site cannot pin before it trains; "
+            "use fixed clipping (adaptive_clipping: false, dp.max_update_norm) when deployed"
         )
     if cfg.federation.dropout_prob != 0:
         raise DeployConfigError(
             f"federation.dropout_prob: {cfg.federation.dropout_prob} simulates dropouts; a "
             "deployment has real ones: set it to 0"
         )
-    if cfg.fedddpm.enabled:
+    if cfg.canaries.enabled:
         raise DeployConfigError(
-            "fedddpm.enabled: FedDDPM (server-side calibration on an auxiliary set) is not "
-            "supported on the deployment path; set it to false"
+            "canaries.enabled: audit canaries are inserted by the in-process simulation only; "
+            "a deployment would run without them (and its audit would have none): set it to "
+            "false, or audit the same experiment with `securefed run`"
         )
-    if cfg.feddiffuse.enabled:
+    if cfg.pretrain.enabled:
         raise DeployConfigError(
-            "feddiffuse.enabled: partial-UNet exchange (per-cohort uploads) is not supported on "
-            "the deployment path; set it to false"
+            "pretrain.enabled: public pre-training is not run on the deployment path yet (the "
+            "coordinator would start from a random model while the simulation starts from the "
+            "public one, and only a site can check the public set against its private data); "
+            "set it to false, or start the deployment from a checkpoint of the public model"
+        )
+    if cfg.fedddpm.enabled and cfg.fedddpm.upload != "samples":
+        raise DeployConfigError(
+            f"fedddpm.upload: {cfg.fedddpm.upload!r} (the server samples each site's uploaded "
+            "model) is not deployed yet; use 'samples' (each site uploads DP synthetic images)"
+        )
+    if cfg.fedddpm.enabled and cfg.dp.level == "client":
+        raise DeployConfigError(
+            "fedddpm.enabled: FedDDPM with dp.level: client is not deployed (its phase-0 "
+            "upload is an individual release that client-level DP does not cover); use "
+            "dp.level: record"
+        )
+    if cfg.feddiffuse.enabled and cfg.dp.level == "client":
+        raise DeployConfigError(
+            "feddiffuse.enabled: FedDiffuse with dp.level: client is not deployed yet; use "
+            "dp.level: record with FedDiffuse, or client-level DP without it"
+        )
+    if cfg.feddiffuse.enabled and cfg.feddiffuse.variant == "usplit":
+        raise DeployConfigError(
+            "feddiffuse.variant: 'usplit' sends two segments in two aggregation sessions a "
+            "round, which the deployment path does not run yet; use 'full', 'udec' or 'ulatdec' "
+            "(one session: the shared groups; the local groups stay on each site)"
         )
     if cfg.federation.num_clients < 2:
         raise DeployConfigError(
@@ -98,3 +125,22 @@ def roster_digest(keys_dir: Path) -> str:
             "`securefed keys init` there"
         )
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def round_masking_params(
+    cfg: ExperimentConfig, run_id: str, participants: int, vector_length: int
+) -> MaskingParams:
+    """The masking parameters of one round: :func:`run_masking_params`, plus, with client-level
+    DP, the std of the distributed discrete Gaussian noise the round's sum carries (which sets
+    each participant's share and widens the grid): the fixed-clipping noise plan of
+    :meth:`~securefed.privacy.client_level.ClientLevelDP.round_noise` for ``participants`` and
+    the packed length ``vector_length``."""
+    params = run_masking_params(cfg, run_id)
+    if cfg.dp.level != "client":
+        return params
+    from securefed.run import client_level_dp
+    from securefed.strategies import build_strategy
+
+    plan = client_level_dp(cfg, build_strategy(cfg.strategy, cfg.federation.num_clients))
+    noise = plan.round_noise(participants, vector_length)
+    return dataclasses.replace(params, noise_std=float(noise.std))

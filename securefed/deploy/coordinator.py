@@ -27,6 +27,7 @@ it over Flower's ``Grid``; tests may implement it in-process.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -47,6 +48,7 @@ from securefed.deploy.common import (
 )
 from securefed.deploy.common import roster_digest as _roster_digest
 from securefed.deploy.wire import (
+    MESSAGE_PHASE0,
     MESSAGE_SETUP,
     PROTOCOL_VERSION,
     WireError,
@@ -103,6 +105,9 @@ class CoordinatorOptions:
     join_timeout: float = 300.0
     stage_timeout: float = 120.0
     train_timeout: float = 900.0
+    #: carry the next round's RoundStart with this round's unmasking request (and the sites'
+    #: keys with their replies): one Flower message fewer per round, see docs/deploy.md
+    advertise_ahead: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,38 @@ class DeployResult:
     rounds_completed: int
     final_params: torch.Tensor
     metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Ahead:
+    """Round ``rnd`` started during the previous round's unmasking stage."""
+
+    rnd: int
+    clients: tuple[int, ...]
+    length: int
+    server: Any  # MaskingServer (imported lazily)
+    outgoing: dict[int, bytes]
+    sent: set[int] = field(default_factory=set)
+    advertised: set[int] = field(default_factory=set)
+    failed: dict[int, str] = field(default_factory=dict)
+
+    def receive(self, cid: int, reply: Reply | None) -> int:
+        """Feed site ``cid``'s advertised keys from its unmasking reply to the next round's
+        server; returns the bytes received."""
+        try:
+            if not isinstance(reply, Mapping):
+                raise WireError(reply or "no reply")
+            if "next_refused" in reply:
+                raise WireError(f"refused: {reply['next_refused']}")
+            if get_int(reply, "next_round", f"site {cid}") != self.rnd:
+                raise WireError(f"keys for round {reply.get('next_round')}, not {self.rnd}")
+            data = get_bytes(reply, "next_secagg", f"site {cid}")
+            self.server.receive(cid, data)
+        except (WireError, ProtocolError, KeyError, TypeError, ValueError) as exc:
+            self.failed[cid] = f"{type(exc).__name__}: {exc}"
+            return 0
+        self.advertised.add(cid)
+        return len(data)
 
 
 class Coordinator:
@@ -156,6 +193,7 @@ class Coordinator:
         self.run_id = new_run_id()  # fresh per run; every site must accept it at setup
         self._last_trained: dict[int, int] = {}  # client -> last round it trained in
         self._survivors: dict[int, set[int]] = {}  # round -> clients whose update was used
+        self._ahead: _Ahead | None = None  # the next round, started with this round's unmask
 
     # ------------------------------------------------------------------ helpers
     def _event(self, **values: Any) -> None:
@@ -296,8 +334,7 @@ class Coordinator:
         """Create the run directory, run setup, build the model and strategy; returns the
         checkpoint metadata. :meth:`run_round` may be called after it."""
         from securefed.client.update import get_flat, num_params
-        from securefed.run import build_model
-        from securefed.strategies import build_strategy
+        from securefed.run import build_model, build_strategy_stack
 
         run_dir = self.options.run_dir
         own = {"status.json", "coordinator.log"}  # written by the ServerApp before the run
@@ -311,10 +348,10 @@ class Coordinator:
         model = build_model(cfg, self.image_shape, self.num_classes)
         self.global_params = get_flat(model)
         self.weight_scale = float(sum(s.num_examples for s in self.sites.values()))
-        self.strategy = build_strategy(
-            cfg.strategy, cfg.federation.num_clients, weight_scale=self.weight_scale
-        )
+        self.strategy = build_strategy_stack(cfg, model, self.weight_scale)
         self.params = run_masking_params(cfg, self.run_id)
+        if cfg.fedddpm.enabled:
+            self.strategy = self._fedddpm_phase0(model)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         atomic_write_json(
             run_dir / "model.json",
@@ -362,16 +399,18 @@ class Coordinator:
         )
         # the vector layout every selected site will send: the strategy's client hook applied
         # to the broadcast itself (no client data; only the names and sizes are used)
+        self.strategy.set_current_client(plan.clients[0])
         layout = self.strategy.client_update(
             plan.broadcast, plan.broadcast["params"], 1, 1, cfg.client.lr, {},
             mean_grad=torch.zeros_like(plan.broadcast["params"]),
         )
         cohorts = self.strategy.upload_cohorts(rnd, dict.fromkeys(plan.clients, layout))
-        if set(cohorts) != {"all"}:
+        if len(cohorts) != 1:
             raise DeployConfigError(
-                f"strategy.name: {cfg.strategy.name!r} uploads in several cohorts, which the "
-                "deployment path does not support"
+                f"strategy.name: {cfg.strategy.name!r} uploads in {len(cohorts)} cohorts a "
+                "round, which the deployment path does not run (one aggregation session)"
             )
+        (cohort,) = cohorts
         keys = sorted(layout.vectors)
         length = int(sum(layout.vectors[k].numel() for k in keys)) + 1
         names = sorted(plan.broadcast)
@@ -388,27 +427,57 @@ class Coordinator:
         down = dict.fromkeys(plan.clients, 0)
         line: dict[str, Any] = {"round": rnd, "selected": list(plan.clients)}
 
-        try:
-            server = MaskingServer(
-                rnd, plan.clients, length, self.params, self._roster, self._server_key,
-                record_view=False,
-            )
-        except ValueError as exc:
-            return self._abandon(line, f"round {rnd} cannot run: {exc}", dropped_at, seconds)
-        outgoing = server.start()
+        ahead, self._ahead = self._ahead, None
+        train_stage = dict.fromkeys(plan.clients, Stage.ADVERTISE_KEYS)
+        if (
+            ahead is not None
+            and ahead.rnd == rnd
+            and ahead.clients == tuple(plan.clients)
+            and ahead.length == length
+        ):
+            # this round's keys were advertised with the last round's unmasking replies: the
+            # sites that advertised train when the key broadcast (with the model) reaches them
+            server, outgoing = ahead.server, ahead.outgoing
+            for cid in ahead.advertised:
+                train_stage[cid] = Stage.SHARE_KEYS
+            skip = set(ahead.sent)  # sent their RoundStart already
+            failed_ahead = {
+                c: ahead.failed.get(c, "no keys for this round with the last unmasking reply")
+                for c in ahead.sent - ahead.advertised
+            }
+        else:
+            try:
+                server = MaskingServer(
+                    rnd, plan.clients, length, self._round_params(len(plan.clients), length),
+                    self._roster, self._server_key, record_view=False,
+                )
+            except ValueError as exc:
+                return self._abandon(line, f"round {rnd} cannot run: {exc}", dropped_at, seconds)
+            outgoing = server.start()
+            skip, failed_ahead = set(), {}
         live = set(plan.clients)
         aborted: str | None = None
-        for stage in Stage.ORDER:
+        for stage in Stage.path(self.params.consistency_check):
             t0 = time.perf_counter()
+            if stage == Stage.ADVERTISE_KEYS:
+                for cid, why in sorted(failed_ahead.items()):
+                    live.discard(cid)
+                    dropped_at.setdefault(cid, stage)
+                    reasons.setdefault(cid, why)
             for cid in sorted(live - set(outgoing)):  # pruned or rejected by the server
                 live.discard(cid)
                 dropped_at.setdefault(cid, stage)
+            ahead_next = self._start_ahead(rnd, length, live) if (
+                stage == Stage.UNMASKING
+            ) else None
             contents: dict[int, dict[str, Any]] = {}
             for cid in sorted(live):
+                if stage == Stage.ADVERTISE_KEYS and cid in skip:
+                    continue  # advertised with the last round's unmasking reply
                 c: dict[str, Any] = {
                     "round": rnd, "stage": stage, "run_id": self.run_id, "secagg": outgoing[cid]
                 }
-                if stage == Stage.ADVERTISE_KEYS:
+                if stage == train_stage[cid]:
                     last = self._last_trained.get(cid)
                     c.update(broadcast)
                     c.update(
@@ -419,18 +488,25 @@ class Coordinator:
                         commit=int(last is not None and cid in self._survivors.get(last, ())),
                     )
                     down[cid] += bcast_bytes
+                if ahead_next is not None and cid in ahead_next.outgoing:
+                    c.update(next_round=rnd + 1, next_secagg=ahead_next.outgoing[cid])
+                    ahead_next.sent.add(cid)
+                    down[cid] += len(ahead_next.outgoing[cid])
                 down[cid] += len(outgoing[cid])
                 contents[self.sites[cid].node_id] = c
             self._event(round=rnd, stage=stage, state="sent", clients=sorted(live))
-            timeout = (
-                self.options.train_timeout
-                if stage == Stage.ADVERTISE_KEYS
-                else self.options.stage_timeout
-            )
-            replies = self.transport.exchange(
-                stage_message_type(stage), contents, timeout=timeout, group=str(rnd)
+            trains = any(train_stage[c] == stage for c in live)
+            timeout = self.options.train_timeout if trains else self.options.stage_timeout
+            replies = (
+                self.transport.exchange(
+                    stage_message_type(stage), contents, timeout=timeout, group=str(rnd)
+                )
+                if contents
+                else {}
             )
             for cid in sorted(live):
+                if self.sites[cid].node_id not in contents:
+                    continue
                 r = replies.get(self.sites[cid].node_id)
                 who = f"site {cid}"
                 reason = None
@@ -444,7 +520,7 @@ class Coordinator:
                             raise WireError(f"{who}: reply for round {r.get('round')}")
                         if "epsilon" in r:
                             epsilon[str(cid)] = round(float(r["epsilon"]), 6)
-                        if stage == Stage.ADVERTISE_KEYS:
+                        if stage == train_stage[cid]:
                             if r.get("status") == "budget_exhausted":
                                 exhausted.append(cid)
                                 reason = "privacy budget exhausted (did not train)"
@@ -463,6 +539,8 @@ class Coordinator:
                     except (WireError, ProtocolError, KeyError, TypeError, ValueError) as exc:
                         # the server changed no state: the offender is treated as dropped
                         reason = f"{type(exc).__name__}: {exc}"
+                    if ahead_next is not None and cid in ahead_next.sent:
+                        up[cid] += ahead_next.receive(cid, r)
                 if reason is not None:
                     live.discard(cid)
                     dropped_at.setdefault(cid, stage)
@@ -475,11 +553,13 @@ class Coordinator:
                 aborted = f"{type(exc).__name__}: {exc}"
             seconds[stage] = round(time.perf_counter() - t0, 4)
             self._event(round=rnd, stage=stage, state="closed", clients=sorted(live))
+            if ahead_next is not None:
+                self._ahead = ahead_next
             if aborted is not None:
                 break
 
         line["trained"] = trained
-        if cfg.dp.level == "record":
+        if cfg.dp.level in ("record", "client"):
             line["epsilon"] = epsilon
             line["budget_exhausted"] = exhausted
         line["bytes_up_clients"] = {str(c): int(v) for c, v in up.items()}
@@ -495,7 +575,7 @@ class Coordinator:
         stand_in = {plan.clients[0]: layout}  # unpack_sum reads only the vector sizes
         sums, total_weight = unpack_sum(out.total, keys, stand_in)
         self.global_params = self.strategy.aggregate_cohorts(
-            rnd, self.global_params, {"all": CohortSum(sums, total_weight, len(out.survivors))}
+            rnd, self.global_params, {cohort: CohortSum(sums, total_weight, len(out.survivors))}
         ).to(torch.float32)
         seconds["server_update"] = round(time.perf_counter() - t0, 4)
         self._survivors[rnd] = set(out.survivors)
@@ -536,6 +616,124 @@ class Coordinator:
             line["server"] = server_metrics
         line["seconds"] = seconds
         return line
+
+    def _fedddpm_phase0(self, model: torch.nn.Module) -> Any:
+        """FedDDPM phase 0 over the network: every site pre-trains under DP (charged to its own
+        ledger) and uploads its share of ``aux_total`` synthetic images (``aux_total`` split in
+        proportion to the sites' sizes, as the simulation splits it). Each upload is kept
+        under ``received/`` (0600) as it arrived; together they are the auxiliary set
+        (``auxiliary/``) the server calibrates on. Returns the FedDDPM / FedDDPM+ strategy."""
+        import io
+
+        from securefed.diffusion import NoiseSchedule
+        from securefed.federation.auxiliary import AuxiliarySet, save_auxiliary
+        from securefed.io import atomic_write_bytes
+        from securefed.run import fedddpm_wrapper, resolve_device
+        from securefed.strategies.fedddpm import allocate_proportional
+
+        cfg, fd, run_dir = self.cfg, self.cfg.fedddpm, self.options.run_dir
+        cids = sorted(self.sites)
+        alloc = allocate_proportional([self.sites[c].num_examples for c in cids], fd.aux_total)
+        init = encode_vector(self.global_params)
+        contents = {
+            self.sites[c].node_id: {
+                "round": 0, "run_id": self.run_id, "aux_images": int(n), "broadcast.params": init,
+                "image_shape": list(self.image_shape), "num_classes": self.num_classes,
+            }
+            for c, n in zip(cids, alloc, strict=True)
+        }
+        self._event(stage="fedddpm_phase0", state="sent", clients=cids)
+        t0 = time.perf_counter()
+        replies = self.transport.exchange(
+            MESSAGE_PHASE0, contents, timeout=self.options.train_timeout, group="phase0"
+        )
+        images, labels, owners = [], [], []
+        per_site: dict[str, Any] = {}
+        shape = tuple(self.image_shape)
+        for c, n in zip(cids, alloc, strict=True):
+            r = replies.get(self.sites[c].node_id)
+            who = f"site {c}"
+            try:
+                if r is None:
+                    raise WireError(f"no reply within {self.options.train_timeout:g} s")
+                if isinstance(r, str):
+                    raise WireError(r)
+                raw = get_bytes(r, "upload", who)
+                with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                    x = np.asarray(z["images"], dtype=np.float32)
+                    y = np.asarray(z["labels"], dtype=np.int64)
+                if x.shape != (int(n), *shape) or y.shape != (int(n),):
+                    raise WireError(f"{who}: upload of shape {x.shape}, expected {(n, *shape)}")
+                if not np.all(np.isfinite(x)) or np.abs(x).max(initial=0.0) > 1.0:
+                    raise WireError(f"{who}: upload has values outside [-1, 1]")
+                if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+                    raise WireError(f"{who}: upload has labels outside [0, {self.num_classes})")
+            except (WireError, KeyError, ValueError, OSError) as exc:
+                per_site[str(c)] = {"failed": f"{type(exc).__name__}: {exc}"}
+                log.warning("FedDDPM phase 0: site %d sent no usable upload: %s", c, exc)
+                continue
+            # exactly what the server received individually: the audit's `received` evidence
+            atomic_write_bytes(run_dir / "received" / f"client_{c}_samples.npz", raw, mode=0o600)
+            images.append(torch.from_numpy(x))
+            labels.append(torch.from_numpy(y))
+            owners.append(torch.full((int(n),), c, dtype=torch.int64))
+            meta = r.get("meta", "{}")
+            per_site[str(c)] = {
+                **(json.loads(meta) if isinstance(meta, str) else {}),
+                "upload_bytes": len(raw),
+                **({"epsilon_after_phase0": float(r["epsilon"])} if "epsilon" in r else {}),
+            }
+        if not images:
+            raise DeployConfigError(f"FedDDPM phase 0: no site uploaded samples: {per_site}")
+        aux = AuxiliarySet(torch.cat(images), torch.cat(labels), torch.cat(owners))
+        save_auxiliary(run_dir, aux, {
+            "upload": fd.upload, "aux_total": fd.aux_total, "dp": self.cfg.dp.level == "record",
+            "sampler": fd.aux_sampler, "sampling_steps": fd.aux_sampling_steps,
+            "deployment": True, "seconds": round(time.perf_counter() - t0, 3),
+            "clients": per_site,
+        })
+        self._event(stage="fedddpm_phase0", state="closed", clients=sorted(
+            int(k) for k, v in per_site.items() if "failed" not in v))
+        dev = resolve_device(cfg.device)
+        return fedddpm_wrapper(
+            cfg, self.strategy, model.to(dev), NoiseSchedule.from_config(cfg.diffusion), dev,
+            aux, [self.sites[c].num_examples for c in cids],
+        )
+
+    def _start_ahead(self, rnd: int, length: int, live: set[int]) -> _Ahead | None:
+        """Start round ``rnd + 1`` now, so that its RoundStart travels with round ``rnd``'s
+        unmasking request. The cohort comes from the same ``(seed, round)`` selection stream as
+        always (it does not depend on the model), so the rounds are those of the simulation."""
+        from securefed.secagg.masking.server import MaskingServer
+        from securefed.seeds import Purpose, derive_seed
+        from securefed.strategies.base import sample_clients
+
+        cfg = self.cfg
+        if not self.options.advertise_ahead or rnd >= cfg.federation.rounds:
+            return None
+        # the selection every strategy's configure_round makes (it runs again, unchanged, when
+        # the round starts; a different cohort then just starts the round afresh)
+        rng = np.random.default_rng(derive_seed(cfg.seed, Purpose.SELECT, rnd + 1))
+        nxt = sample_clients(
+            sorted(self.sites), cfg.federation.fraction_fit, cfg.federation.min_fit_clients, rng
+        )
+        if not set(nxt) & live:
+            return None
+        try:
+            server = MaskingServer(
+                rnd + 1, nxt, length, self._round_params(len(nxt), length), self._roster,
+                self._server_key, record_view=False,
+            )
+        except ValueError as exc:
+            log.warning("round %d cannot start ahead: %s", rnd + 1, exc)
+            return None
+        return _Ahead(rnd + 1, tuple(nxt), length, server, server.start())
+
+    def _round_params(self, participants: int, length: int) -> Any:
+        """The round's masking parameters (with client-level DP, its noise std)."""
+        from securefed.deploy.common import round_masking_params
+
+        return round_masking_params(self.cfg, self.run_id, participants, length)
 
     def _abandon(
         self,

@@ -24,6 +24,13 @@ key                meaning
 ``min-cohort``     ``3`` (default): refuse a round (or a survivor set) of fewer sites.
 ``allow-seeded-``  ``false`` (default): refuse ``dp.secure_noise: false`` (noise derived from
 ``noise``          the coordinator's seed, so the coordinator can regenerate it). Rehearsals.
+``allow-``         ``false`` (default): refuse ``fedddpm.enabled`` (FedDDPM phase 0 uploads
+``individual-``    this site's DP synthetic samples, or its DP model, to the coordinator on
+``uploads``        their own, outside secure aggregation).
+``allow-honest-``  ``false`` (default): refuse ``secure_aggregation.server_threat:
+``but-curious-``   honest_but_curious`` (the masking protocol without its consistency check,
+``server``         one message fewer per round; safe only against a coordinator that follows
+                   the protocol).
 =================  ==========================================================================
 
 Site policy (:class:`PolicyError`, naming the field and the node-config key): every message
@@ -64,6 +71,7 @@ from securefed.deploy.common import (
     DeployConfigError,
     check_deployable,
     roster_digest,
+    round_masking_params,
     run_masking_params,
 )
 from securefed.deploy.state import (
@@ -76,6 +84,7 @@ from securefed.deploy.state import (
     save_site_record,
 )
 from securefed.deploy.wire import (
+    MESSAGE_PHASE0,
     MESSAGE_SETUP,
     PROTOCOL_VERSION,
     WireError,
@@ -91,12 +100,14 @@ from securefed.secagg.masking.stages import (
     RoundPlan,
     RoundStart,
     Stage,
+    UnmaskRequest,
     decode_message,
     plan_round,
     verify_encoded,
 )
 
 if TYPE_CHECKING:  # torch, data and strategies load only in the stages that train
+    import numpy as np
     import torch
 
     from securefed.data import ImageDataset
@@ -181,6 +192,8 @@ class NodeOptions:
     min_threshold: Fraction = Fraction(2, 3)
     min_cohort: int = 3
     allow_seeded_noise: bool = False
+    allow_honest_but_curious_server: bool = False
+    allow_individual_uploads: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeOptions:
@@ -192,6 +205,7 @@ class NodeOptions:
         known = {
             "state-dir", "keys-dir", "client-id", "partition-id", "data-path", "device",
             "require-dp", "max-epsilon", "min-threshold", "min-cohort", "allow-seeded-noise",
+            "allow-honest-but-curious-server", "allow-individual-uploads",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -270,6 +284,10 @@ class NodeOptions:
             min_threshold=min_threshold,
             min_cohort=3 if min_cohort is None else min_cohort,
             allow_seeded_noise=_as_bool(node_config, "allow-seeded-noise", False),
+            allow_honest_but_curious_server=_as_bool(
+                node_config, "allow-honest-but-curious-server", False
+            ),
+            allow_individual_uploads=_as_bool(node_config, "allow-individual-uploads", False),
         )
 
 
@@ -319,6 +337,19 @@ def dp_plan_fields(cfg: ExperimentConfig, num_examples: int) -> dict[str, Any]:
         "sample rate q (batch_size / examples)": sample_rate_for(cl, num_examples),
         "steps per round": local_steps_for(cl, num_examples),
     }
+    if dp.level == "client":  # what sets the noise plan and the worst-case charge
+        sa, fed = cfg.secure_aggregation, cfg.federation
+        fields.update({
+            "dp.max_update_norm": dp.max_update_norm,
+            "dp.adaptive_clipping": dp.adaptive_clipping,
+            "federation.num_clients": fed.num_clients,
+            "federation.fraction_fit": fed.fraction_fit,
+            "federation.min_fit_clients": fed.min_fit_clients,
+            "secure_aggregation.threshold": sa.threshold,
+            "secure_aggregation.neighbours": sa.neighbours,
+            "secure_aggregation.bits": sa.bits,
+            "secure_aggregation.clip_range": sa.clip_range,
+        })
     return dict(json.loads(json.dumps(fields)))  # exactly what the registry stores
 
 
@@ -344,6 +375,14 @@ def check_threshold_policy(cfg: ExperimentConfig, options: NodeOptions) -> None:
     from securefed.secagg.masking.stages import resolve_threshold
 
     sa, fed = cfg.secure_aggregation, cfg.federation
+    if sa.server_threat != "malicious" and not options.allow_honest_but_curious_server:
+        raise PolicyError(
+            f"secure_aggregation.server_threat: {sa.server_threat!r} skips the masking "
+            "protocol's consistency check, which is what stops a coordinator that shows two "
+            "groups of sites different survivor sets from unmasking one site's update; this site "
+            "assumes a malicious coordinator (set server_threat: malicious, or opt in with "
+            "--node-config allow-honest-but-curious-server=true)"
+        )
     n = fed.num_clients
     if n < options.min_cohort:
         raise PolicyError(
@@ -393,6 +432,33 @@ def check_round_policy(plan: RoundPlan, options: NodeOptions) -> None:
             f"round {plan.round_id}: secure_aggregation.threshold gives t={t} of {size} share "
             f"holders; this site requires t > {options.min_threshold} x {size} "
             f"(--node-config min-threshold={options.min_threshold})"
+        )
+
+
+def _client_level_layer(strategy: Any) -> Any:
+    """The DP-FedAvg layer of a strategy stack (``dp.level: client``)."""
+    from securefed.privacy.client_level import ClientLevelDP
+
+    layer = strategy
+    while not isinstance(layer, ClientLevelDP):
+        layer = getattr(layer, "base", None)
+        if layer is None:  # pragma: no cover - build_strategy_stack wraps it
+            raise TypeError("dp.level client: the strategy stack has no ClientLevelDP layer")
+    return layer
+
+
+def _check_clip(broadcast: Mapping[str, Any], noise: Any, rnd: int) -> None:
+    """Refuse a round whose broadcast clip norm (or clip-bit scale) is not the site's own plan:
+    a larger norm would let an update of that size through at the noise the site planned."""
+    import numpy as np
+
+    got = [float(v) for v in broadcast["clip"]] if "clip" in broadcast else None
+    # the wire carries float32: compare at that precision
+    want = [float(np.float32(noise.clip)), float(np.float32(noise.bit_scale))]
+    if got != want:
+        raise PolicyError(
+            f"round {rnd}: broadcast clip {got} differs from this site's plan {want} "
+            "(dp.max_update_norm of the experiment it pinned); refusing to train"
         )
 
 
@@ -519,15 +585,20 @@ class Site:
         return key, roster
 
     def _privacy(self, cfg: ExperimentConfig, data: ImageDataset) -> Any | None:
-        if cfg.dp.level != "record":
+        if cfg.dp.level not in ("record", "client"):
             return None
         from securefed.federation.simulation import SimClient
-        from securefed.run import build_privacy
+        from securefed.run import build_client_level_privacy, build_privacy
+        from securefed.strategies import build_strategy
 
         ledger = self.options.state_dir / "privacy_ledger.json"
-        return build_privacy(
-            cfg, self.options.state_dir, [SimClient(self.cid, data)], resume=ledger.exists()
-        )
+        me = [SimClient(self.cid, data)]
+        if cfg.dp.level == "client":  # this site's ledger, planned from the pinned experiment
+            base = build_strategy(cfg.strategy, cfg.federation.num_clients)
+            return build_client_level_privacy(
+                cfg, self.options.state_dir, me, base, resume=ledger.exists()
+            )[1]
+        return build_privacy(cfg, self.options.state_dir, me, resume=ledger.exists())
 
     # ------------------------------------------------------------------ policy
     def _record(self) -> SiteRecord:
@@ -597,13 +668,14 @@ class Site:
         cfg = parse_config(raw if isinstance(raw, dict) else {})
         check_deployable(cfg)
         o = self.options
-        if o.require_dp and cfg.dp.level != "record":
+        if o.require_dp and cfg.dp.level not in ("record", "client"):
             raise DeployConfigError(
-                f"dp.level: {cfg.dp.level!r}: this site requires record-level DP "
-                "(--node-config require-dp=true); the coordinator must set dp.level: record"
+                f"dp.level: {cfg.dp.level!r}: this site requires DP (--node-config "
+                "require-dp=true); the coordinator must set dp.level: record (each patient's "
+                "record) or client (the site's whole dataset, which protects every record too)"
             )
         eps = cfg.dp.target_epsilon
-        if o.max_epsilon is not None and cfg.dp.level == "record":
+        if o.max_epsilon is not None and cfg.dp.level in ("record", "client"):
             if eps is None or eps > o.max_epsilon:
                 raise DeployConfigError(
                     f"dp.target_epsilon: {eps} exceeds this site's max-epsilon "
@@ -630,12 +702,24 @@ class Site:
                 f"{cfg.federation.num_clients - 1})"
             )
         check_threshold_policy(cfg, o)
+        if cfg.fedddpm.enabled and not o.allow_individual_uploads:
+            raise PolicyError(
+                f"fedddpm.enabled: FedDDPM phase 0 uploads this site's {cfg.fedddpm.upload} "
+                "(from its DP-trained local model) to the coordinator on their own, outside "
+                "secure aggregation; this site refuses individual uploads (opt in with "
+                "--node-config allow-individual-uploads=true)"
+            )
+        if cfg.fedddpm.enabled and cfg.dp.level != "record" and o.require_dp:
+            raise PolicyError(
+                "fedddpm.enabled: the phase-0 upload is DP only under dp.level: record; this "
+                "site requires DP (--node-config require-dp=true)"
+            )
         self._identity()
         data = self.load_data(cfg)
         if len(data) == 0:
             raise NodeConfigError(f"{self.who}: no training examples")
         pin = None
-        if cfg.dp.level == "record":
+        if cfg.dp.level in ("record", "client"):
             pin = dp_plan_fields(cfg, len(data))
             if record.dp_plan is not None:
                 _check_dp_pin(record.dp_plan, pin, f"run {run_id}")
@@ -692,33 +776,21 @@ class Site:
             raise WireError(f"{path}: not a mapping of tensors")
         return dict(state)
 
-    def train_and_advertise(self, content: Mapping[str, Any]) -> dict[str, Any]:
-        """Stage ``advertise_keys``: check the round against the site's policy, train locally
-        (DP), charge the ledger, record the round as trained, mask nothing yet: answer the
-        round's :class:`RoundStart` with this site's advertised keys."""
-        import torch
-
-        from securefed.client.dp import sample_rate_for
-        from securefed.client.runtime import local_round
-        from securefed.client.trainer import local_steps_for
-        from securefed.client.update import num_params
-        from securefed.run import build_model, resolve_device
-        from securefed.secagg.masking.client import MaskingClient
-        from securefed.strategies import build_strategy, pack_update
-
+    def _round_start(
+        self, opening: bytes, rnd: int, run: RunRecord, cfg: ExperimentConfig
+    ) -> tuple[RoundPlan, Any]:
+        """Check a :class:`RoundStart` before anything is spent on its round: addressed to this
+        site for round ``rnd``, signed by the server under this run, above the site's last
+        trained round, and a cohort the site's policy accepts. Returns the round's plan and
+        masking parameters (with client-level DP: the noise this site plans for the round)."""
+        params = run_masking_params(cfg, run.run_id)
         who = "coordinator"
-        cfg = self._experiment()
-        record = self._record()
-        run = self._current_run(record, content)
-        rnd = get_int(content, "round", who, minimum=1)
         if rnd <= run.last_trained_round:
             raise PolicyError(
                 f"round: {rnd} is at or below this site's last trained round "
                 f"{run.last_trained_round} of run {run.run_id}; a round is trained once (two "
                 "sums of one round over different cohorts would reveal a site's update)"
             )
-        params = run_masking_params(cfg, run.run_id)
-        opening = get_bytes(content, "secagg", who)
         start = decode_message(opening, self.cid, params.session)
         if not (
             isinstance(start, RoundStart) and start.round_id == rnd and start.recipient == self.cid
@@ -731,10 +803,41 @@ class Site:
                 f"verify under run {run.run_id}"
             )
         try:
+            params = round_masking_params(
+                cfg, run.run_id, len(start.participants), start.vector_length
+            )
             plan = plan_round(params, rnd, start.participants, start.vector_length)
         except ValueError as exc:
             raise WireError(f"{who}: round {rnd} cannot run: {exc}") from None
         check_round_policy(plan, self.options)
+        return plan, params
+
+    def _round_params(self, cfg: ExperimentConfig, run: RunRecord) -> Any:
+        """``(participants, vector_length) -> MaskingParams`` of this run's rounds."""
+        def params(participants: int, length: int) -> Any:
+            return round_masking_params(cfg, run.run_id, participants, length)
+
+        return params
+    def _train(
+        self, content: Mapping[str, Any], cfg: ExperimentConfig, record: SiteRecord,
+        run: RunRecord, rnd: int, plan: RoundPlan,
+    ) -> tuple[np.ndarray, list[str], Any, Any] | dict[str, Any]:
+        """Train this site's round ``rnd`` on the broadcast in ``content`` (DP, ledger charged
+        and persisted, the round recorded as trained). Returns ``(vector, vector keys, update,
+        privacy)``, or the reply of a site whose budget is exhausted.
+
+        Client-level DP: the site plans the round's noise itself (its multiplier, from the
+        experiment it pinned; the round's cohort and length from the signed round start),
+        refuses a broadcast clip norm other than its own, and charges that plan's worst-case
+        multiplier before the update leaves (its masking client adds the noise share)."""
+        from securefed.client.dp import sample_rate_for
+        from securefed.client.runtime import local_round
+        from securefed.client.trainer import local_steps_for
+        from securefed.client.update import num_params
+        from securefed.run import build_model, build_strategy_stack, resolve_device
+        from securefed.strategies import pack_update
+
+        who = "coordinator"
         self._commit_previous(content)
         scale = content.get("weight_scale")
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
@@ -751,7 +854,7 @@ class Site:
                 f"{self.who}: the round's image shape {shape} differs from this site's "
                 f"{list(data.image_shape)}; set data.image_size / data.channels in the experiment"
             )
-        if cfg.dp.level == "record":
+        if cfg.dp.level in ("record", "client"):
             if record.dp_plan is None:
                 raise PolicyError(f"{self.who}: no DP plan was pinned at setup; run setup again")
             _check_dp_pin(record.dp_plan, dp_plan_fields(cfg, len(data)), f"round {rnd}")
@@ -761,11 +864,15 @@ class Site:
         names = content.get("broadcast_keys")
         if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
             raise WireError(f"{who}: broadcast_keys: expected a non-empty list of names")
+        # every broadcast vector is [D] except client-level DP's clip: [S, beta]
         broadcast = {
-            n: decode_vector(get_bytes(content, f"broadcast.{n}", who), d, who, f"broadcast.{n}")
+            n: decode_vector(
+                get_bytes(content, f"broadcast.{n}", who), 2 if n == "clip" else d, who,
+                f"broadcast.{n}",
+            )
             for n in names
         }
-        strategy = build_strategy(cfg.strategy, cfg.federation.num_clients, weight_scale=scale)
+        strategy = build_strategy_stack(cfg, model, float(scale))
         privacy = self._bind_run_noise(self._privacy(cfg, data), cfg, run)
 
         def exhausted(ledger: Any) -> dict[str, Any]:
@@ -775,11 +882,19 @@ class Site:
             return {"status": "budget_exhausted", "round": rnd, "run_id": run.run_id,
                     "epsilon": float(ledger.epsilon(self.cid))}
 
+        if cfg.dp.level == "client":
+            noise = _client_level_layer(strategy).round_noise(
+                len(plan.participants), plan.vector_length
+            )
+            _check_clip(broadcast, noise, rnd)
+            _client_level_layer(strategy).current = noise
+            steps, z, q = 1, noise.charged_multiplier, 1.0
+        else:
+            steps = local_steps_for(cfg.client, len(data))
+            z = privacy.noise_multipliers[self.cid] if privacy is not None else 0.0
+            q = sample_rate_for(cfg.client, len(data))
         if privacy is not None and privacy.ledger.would_exceed(
-            self.cid,
-            local_steps_for(cfg.client, len(data)),
-            noise_multiplier=privacy.noise_multipliers[self.cid],
-            sample_rate=sample_rate_for(cfg.client, len(data)),
+            self.cid, steps, noise_multiplier=z, sample_rate=q
         ):
             return exhausted(privacy.ledger)  # its next round would exceed target_epsilon
         trainer = build_trainer(cfg, model, dev)
@@ -796,13 +911,16 @@ class Site:
         run.last_trained_round = rnd
         save_site_record(self.options.state_dir, record)
         keys = sorted(update.vectors)
-        vector = pack_update(update.vectors, keys, update.weight)
-        key, roster = self._identity()
-        client = MaskingClient(self.cid, rnd, params, key, roster, vector)
-        reply = client.handle(get_bytes(content, "secagg", who))
-        save_round_state(self.options.state_dir, client.state, vector)
+        return pack_update(update.vectors, keys, update.weight), keys, update, privacy
+
+    def _trained_reply(
+        self, rnd: int, run: RunRecord, reply: bytes, keys: list[str], update: Any, privacy: Any
+    ) -> dict[str, Any]:
+        """Keep the round's private strategy state pending and build the training reply."""
         if update.new_state:
             import io
+
+            import torch
 
             buf = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in update.new_state.items()}, buf)
@@ -822,42 +940,218 @@ class Site:
             out["epsilon"] = float(privacy.ledger.epsilon(self.cid))
         return out
 
+    def fedddpm_phase0(self, content: Mapping[str, Any]) -> dict[str, Any]:
+        """FedDDPM phase 0 (the site opted in at setup): pre-train a local model from the
+        broadcast initial model under DP-SGD, charged to this site's ledger (phase ``pretrain``,
+        round 0) and persisted before anything leaves; then upload ``aux_images`` samples of it
+        (with their labels) or the model itself. Once per run, before any round."""
+        import io
+
+        import numpy as np
+
+        from securefed.diffusion import NoiseSchedule
+        from securefed.federation.auxiliary import build_auxiliary_set
+        from securefed.federation.simulation import SimClient
+        from securefed.run import build_model, resolve_device
+        from securefed.seeds import derive_seed
+
+        who = "coordinator"
+        cfg = self._experiment()
+        if not cfg.fedddpm.enabled:
+            raise WireError(f"{who}: a FedDDPM phase 0 for an experiment without fedddpm")
+        record = self._record()
+        run = self._current_run(record, content)
+        if run.phase0_done or run.last_trained_round > 0:
+            raise PolicyError(
+                f"phase 0: already run in run {run.run_id} (or a round was trained); a site "
+                "pre-trains and uploads once per run"
+            )
+        n_i = get_int(content, "aux_images", who, minimum=0)
+        if n_i > cfg.fedddpm.aux_total:
+            raise WireError(
+                f"{who}: aux_images: {n_i} is above fedddpm.aux_total {cfg.fedddpm.aux_total}"
+            )
+        shape = content.get("image_shape")
+        if not (isinstance(shape, list) and len(shape) == 3):
+            raise WireError(f"{who}: image_shape: expected 3 integers, got {shape!r}")
+        num_classes = get_int(content, "num_classes", who, minimum=1)
+        data = self.load_data(cfg)
+        if record.dp_plan is not None:
+            _check_dp_pin(record.dp_plan, dp_plan_fields(cfg, len(data)), "phase 0")
+        dev = resolve_device(self.options.device)
+        model = build_model(cfg, (shape[0], shape[1], shape[2]), num_classes).to(dev)
+        from securefed.client.update import num_params
+
+        init = decode_vector(get_bytes(content, "broadcast.params", who), num_params(model), who,
+                             "broadcast.params")
+        privacy = self._bind_run_noise(self._privacy(cfg, data), cfg, run)
+        histograms = np.zeros((cfg.federation.num_clients, num_classes), dtype=np.int64)
+        labels = data.labels.cpu().numpy().astype(np.int64)
+        histograms[self.cid] = np.bincount(labels, minlength=num_classes)[:num_classes]
+        # persisted before the upload can leave (the ledger is charged inside phase 0)
+        run.phase0_done = True
+        save_site_record(self.options.state_dir, record)
+        aux, meta = build_auxiliary_set(
+            cfg, model, NoiseSchedule.from_config(cfg.diffusion).to(dev),
+            [SimClient(self.cid, data)], init, num_classes, histograms, dev,
+            privacy if cfg.dp.level == "record" else None,
+            trainer=build_trainer(cfg, model, dev), derive=derive_seed, alloc=[n_i],
+        )
+        buf = io.BytesIO()
+        np.savez(buf, images=aux.images.numpy().astype(np.float32),
+                 labels=aux.labels.numpy().astype(np.int64))
+        mine = meta.get("clients", {}).get(str(self.cid), {})
+        out: dict[str, Any] = {
+            "status": "uploaded", "round": 0, "run_id": run.run_id, "upload": buf.getvalue(),
+            # public facts only: no pre-training loss (a statistic of the data outside DP)
+            "meta": json.dumps({k: mine[k] for k in ("aux_images", "pretrain_steps",
+                                                      "class_counts") if k in mine}),
+        }
+        if privacy is not None:
+            out["epsilon"] = float(privacy.ledger.epsilon(self.cid))
+        return out
+
+    def train_and_advertise(self, content: Mapping[str, Any]) -> dict[str, Any]:
+        """Stage ``advertise_keys``: check the round against the site's policy, train locally
+        (DP), charge the ledger, record the round as trained, mask nothing yet: answer the
+        round's :class:`RoundStart` with this site's advertised keys."""
+        from securefed.secagg.masking.client import MaskingClient
+
+        who = "coordinator"
+        cfg = self._experiment()
+        record = self._record()
+        run = self._current_run(record, content)
+        rnd = get_int(content, "round", who, minimum=1)
+        opening = get_bytes(content, "secagg", who)
+        plan, params = self._round_start(opening, rnd, run, cfg)
+        trained = self._train(content, cfg, record, run, rnd, plan)
+        if isinstance(trained, dict):
+            return trained
+        vector, keys, update, privacy = trained
+        key, roster = self._identity()
+        client = MaskingClient(self.cid, rnd, params, key, roster, vector)
+        reply = client.handle(opening)
+        save_round_state(self.options.state_dir, client.state, vector)
+        return self._trained_reply(rnd, run, reply, keys, update, privacy)
+
+    def advertise_ahead(
+        self, content: Mapping[str, Any], run: RunRecord, cfg: ExperimentConfig
+    ) -> dict[str, Any]:
+        """The next round's :class:`RoundStart`, carried with this round's unmasking request:
+        checked exactly as :meth:`train_and_advertise` checks it (signature, run, replay,
+        cohort), answered with fresh keys; the site trains later, when the round's key
+        broadcast arrives with the global model (:meth:`train_and_share`)."""
+        from securefed.secagg.masking.client import MaskingClient
+
+        who = "coordinator"
+        nrnd = get_int(content, "next_round", who, minimum=1)
+        opening = get_bytes(content, "next_secagg", who)
+        _plan, params = self._round_start(opening, nrnd, run, cfg)
+        key, roster = self._identity()
+        client = MaskingClient(self.cid, nrnd, params, key, roster)
+        reply = client.handle(opening)
+        save_round_state(self.options.state_dir, client.state, None)
+        return {"next_round": nrnd, "next_secagg": reply}
+
+    def train_and_share(self, content: Mapping[str, Any]) -> dict[str, Any]:
+        """Stage ``share_keys`` of a round whose keys this site advertised ahead: the key
+        broadcast arrives with the global model; train (DP, charged and persisted, as in
+        :meth:`train_and_advertise`), then answer with the encrypted shares."""
+        from securefed.secagg.masking.client import MaskingClient
+
+        who = "coordinator"
+        cfg = self._experiment()
+        record = self._record()
+        run = self._current_run(record, content)
+        rnd = get_int(content, "round", who, minimum=1)
+        state, stored = load_round_state(
+            self.options.state_dir, self.cid, rnd, self._round_params(cfg, run)
+        )
+        if state.stage != Stage.ADVERTISE_KEYS or stored is not None or state.plan is None:
+            raise WireError(
+                f"{who}: a training key broadcast for round {rnd}, but this site's round state "
+                f"is at stage {state.stage!r}; it trains a round once"
+            )
+        if rnd <= run.last_trained_round:
+            raise PolicyError(
+                f"round: {rnd} is at or below this site's last trained round "
+                f"{run.last_trained_round} of run {run.run_id}; a round is trained once"
+            )
+        check_round_policy(state.plan, self.options)
+        trained = self._train(content, cfg, record, run, rnd, state.plan)
+        if isinstance(trained, dict):
+            return trained
+        vector, keys, update, privacy = trained
+        params = self._round_params(cfg, run)(
+            len(state.plan.participants), state.plan.vector_length
+        )
+        key, roster = self._identity()
+        client = MaskingClient(self.cid, rnd, params, key, roster, vector)
+        client.state = state
+        reply = client.handle(get_bytes(content, "secagg", who))
+        save_round_state(self.options.state_dir, client.state, vector)
+        return self._trained_reply(rnd, run, reply, keys, update, privacy)
+
     def masking_step(self, stage: str, content: Mapping[str, Any]) -> dict[str, Any]:
-        """Stages after ``advertise_keys``: one server message in, one signed reply out."""
+        """Stages after ``advertise_keys``: one server message in, one signed reply out. A key
+        broadcast that carries the global model trains first (:meth:`train_and_share`); an
+        unmasking request that carries the next round's start is answered with this site's
+        keys for it too (:meth:`advertise_ahead`)."""
         from securefed.secagg.masking.client import MaskingClient
 
         if stage not in Stage.ORDER[1:]:
             raise WireError(f"coordinator: unknown masking stage {stage!r}")
+        if stage == Stage.SHARE_KEYS and "broadcast_keys" in content:
+            return self.train_and_share(content)
         cfg = self._experiment()
         run = self._current_run(self._record(), content)
         rnd = get_int(content, "round", "coordinator", minimum=1)
         params = run_masking_params(cfg, run.run_id)
         data = get_bytes(content, "secagg", "coordinator")
-        if stage == Stage.CONSISTENCY_CHECK:
+        if stage in (Stage.CONSISTENCY_CHECK, Stage.UNMASKING):
             req = decode_message(data, self.cid, params.session)
-            if isinstance(req, ConsistencyRequest) and len(req.survivors) < self.options.min_cohort:
+            if (
+                isinstance(req, ConsistencyRequest | UnmaskRequest)
+                and len(req.survivors) < self.options.min_cohort
+            ):
                 raise PolicyError(
                     f"round {rnd}: a survivor set of {len(req.survivors)} sites "
                     f"{list(req.survivors)} is below this site's min-cohort "
                     f"{self.options.min_cohort} (--node-config min-cohort); refusing to unmask"
                 )
-        state, vector = load_round_state(self.options.state_dir, self.cid, rnd, params)
+        state, vector = load_round_state(
+            self.options.state_dir, self.cid, rnd, self._round_params(cfg, run)
+        )
+        if state.plan is not None:
+            params = self._round_params(cfg, run)(
+                len(state.plan.participants), state.plan.vector_length
+            )
         key, roster = self._identity()
         client = MaskingClient(self.cid, rnd, params, key, roster, vector)
         client.state = state
         reply = client.handle(data)
+        out: dict[str, Any] = {"status": "ok", "round": rnd, "run_id": run.run_id, "secagg": reply}
         if stage == Stage.UNMASKING:
             clear_round_state(self.options.state_dir)
+            if "next_secagg" in content:
+                try:
+                    out.update(self.advertise_ahead(content, run, cfg))
+                except (WireError, PolicyError, ProtocolError) as exc:
+                    # this round's shares are out either way; the next round goes without us
+                    out["next_refused"] = f"{type(exc).__name__}: {exc}"
+                    log.warning("%s: refused the next round's start: %s", self.who, exc)
         else:
             masked = Stage.index(stage) >= Stage.index(Stage.MASKED_INPUT)
             save_round_state(self.options.state_dir, client.state, None if masked else vector)
-        return {"status": "ok", "round": rnd, "run_id": run.run_id, "secagg": reply}
+        return out
 
 
 def dispatch(site: Site, message_type: str, content: Mapping[str, Any]) -> dict[str, Any]:
     """Route one coordinator message to the site's handler (used by the ClientApp)."""
     if message_type == MESSAGE_SETUP:
         return site.setup(content)
+    if message_type == MESSAGE_PHASE0:
+        return site.fedddpm_phase0(content)
     category, _, action = message_type.partition(".")
     if category == "train" and action == Stage.ADVERTISE_KEYS:
         return site.train_and_advertise(content)

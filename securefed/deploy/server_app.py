@@ -12,8 +12,10 @@ key                meaning
 ``min-sites``      sites that must join before round 1 (0: ``federation.num_clients``)
 ``join-timeout``   seconds to wait for them
 ``stage-timeout``  seconds a site has to answer a masking stage before it counts as dropped
-``train-timeout``  the same for the first stage, which includes local training
+``train-timeout``  the same for the stage in which a site trains
 ``poll-interval``  seconds between two polls of the SuperLink for replies
+``advertise-``     ``true`` (default): the next round's start rides on this round's unmasking
+``ahead``          request (one message fewer per round); ``false``: five stages every round
 =================  =========================================================================
 """
 
@@ -124,7 +126,19 @@ def options_from_run_config(cfg: Mapping[str, Any], num_clients: int) -> Coordin
         join_timeout=_num(cfg, "join-timeout", 300, 1),
         stage_timeout=_num(cfg, "stage-timeout", 120, 1),
         train_timeout=_num(cfg, "train-timeout", 900, 1),
+        advertise_ahead=_flag(cfg, "advertise-ahead", True),
     )
+
+
+def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = cfg.get(key, default)
+    if isinstance(v, bool):
+        return v
+    if str(v).strip().lower() in ("true", "1", "yes"):
+        return True
+    if str(v).strip().lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"run config {key}={v!r}: expected true or false")
 
 
 @app.main()

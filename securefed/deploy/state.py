@@ -21,6 +21,7 @@ DP noise key, and the DP plan pinned at the first DP setup.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,9 +103,15 @@ def clear_round_state(state_dir: Path) -> None:
 
 
 def load_round_state(
-    state_dir: Path, client_id: int, round_id: int, params: MaskingParams
+    state_dir: Path,
+    client_id: int,
+    round_id: int,
+    params: MaskingParams | Callable[[int, int], MaskingParams],
 ) -> tuple[ClientState, np.ndarray | None]:
     """Read the state saved by :func:`save_round_state` for ``(client_id, round_id)``.
+
+    ``params``: the round's masking parameters, or ``(participants, vector_length) -> params``
+    when they depend on the round (client-level DP: the noise std is per round).
 
     Raises:
         StateError: no state, a corrupt file, or a state of another client or round.
@@ -129,10 +136,9 @@ def load_round_state(
             raise ValueError(f"stage {stage!r}")
         state = ClientState(client_id=client_id, round_id=round_id, stage=stage)
         if doc["participants"] is not None:
-            state.plan = plan_round(
-                params, round_id, [int(c) for c in doc["participants"]],
-                int(doc["vector_length"]),
-            )
+            parts, length = [int(c) for c in doc["participants"]], int(doc["vector_length"])
+            rp = params(len(parts), length) if callable(params) else params
+            state.plan = plan_round(rp, round_id, parts, length)
         for name in ("c_secret", "s_secret"):
             if doc[name] is not None:
                 setattr(
@@ -187,6 +193,8 @@ class RunRecord:
             a message of the run is refused if the file changed since.
         last_trained_round: the last round this site trained in (0: none); persisted before the
             update leaves the site; a round at or below it is refused.
+        phase0_done: FedDDPM phase 0 (local pre-training and the upload) ran in this run;
+            persisted before the upload leaves; a second phase 0 of the run is refused.
     """
 
     run_id: str
@@ -195,6 +203,7 @@ class RunRecord:
     seed: int
     experiment_sha256: str = ""
     last_trained_round: int = 0
+    phase0_done: bool = False
 
 
 @dataclass
@@ -232,6 +241,7 @@ def load_site_record(state_dir: Path) -> SiteRecord:
                 seed=int(v["seed"]),
                 experiment_sha256=str(v["experiment_sha256"]),
                 last_trained_round=int(v["last_trained_round"]),
+                phase0_done=bool(v.get("phase0_done", False)),
             )
             for k, v in doc["runs"].items()
         }
@@ -261,6 +271,7 @@ def save_site_record(state_dir: Path, record: SiteRecord) -> None:
                 "seed": r.seed,
                 "experiment_sha256": r.experiment_sha256,
                 "last_trained_round": r.last_trained_round,
+                "phase0_done": r.phase0_done,
             }
             for k, r in sorted(record.runs.items())
         },

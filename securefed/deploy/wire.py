@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "MESSAGE_PHASE0",
     "MESSAGE_SETUP",
     "PROTOCOL_VERSION",
     "WireError",
@@ -49,8 +50,11 @@ __all__ = [
     "stage_message_type",
 ]
 
-PROTOCOL_VERSION = "securefed-deploy-1"
+#: 2: the next round's keys ride on the unmasking stage; FedDDPM phase 0; client-level DP
+PROTOCOL_VERSION = "securefed-deploy-2"
 MESSAGE_SETUP = "query.setup"
+#: FedDDPM phase 0: local DP pre-training, then the site's upload (samples or its model)
+MESSAGE_PHASE0 = "train.fedddpm_phase0"
 
 
 def stage_message_type(stage: str) -> str:

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,7 @@ def build_auxiliary_set(
     derive: Any,
     progress: bool = False,
     uploads: dict[int, torch.Tensor] | None = None,
+    alloc: Sequence[int] | None = None,
 ) -> tuple[AuxiliarySet, dict[str, Any]]:
     """Phase 0 (see module docstring). Returns the auxiliary set and its metadata.
 
@@ -217,10 +219,15 @@ def build_auxiliary_set(
         uploads: filled with client id -> uploaded local model ``[D]`` when ``upload: model``
             (what the server receives individually; the run keeps it under ``received/`` for
             audits).
+        alloc: the images each of ``clients`` produces (default: ``aux_total`` split in
+            proportion to their sizes; a deployed site gets its share from the coordinator,
+            which knows every site's size).
     """
     fd = cfg.fedddpm
-    sizes = [len(c.data) for c in clients]
-    alloc = allocate_proportional(sizes, fd.aux_total)
+    if alloc is None:
+        alloc_arr = allocate_proportional([len(c.data) for c in clients], fd.aux_total)
+    else:
+        alloc_arr = np.asarray(alloc, dtype=np.int64)
     pre_cfg = cfg.client.model_copy(
         update={"local_steps": None, "local_epochs": fd.pretrain_epochs}
     )
@@ -229,7 +236,7 @@ def build_auxiliary_set(
     try:
         return _phase0(
             cfg, model, schedule, clients, init_params, num_classes, histograms, device,
-            privacy, trainer, alloc, derive, uploads,
+            privacy, trainer, alloc_arr, derive, uploads,
         )
     finally:
         trainer.cfg = saved_cfg

@@ -225,6 +225,9 @@ class FedDiffuse(StrategyWrapper):
         self._current = cid
 
     def _segments_for_update(self) -> tuple[str, ...]:
+        if self.variant != "usplit":  # the same segment for every client in every round (a
+            # deployed site runs no configure_round: it needs no assignment for these variants)
+            return ("all",) if self.variant == "full" else ("shared",)
         if self._current is None or self._current not in self._assignment:
             raise RuntimeError("FedDiffuse.client_update: set_current_client(cid) first")
         return self._assignment[self._current]

@@ -228,6 +228,8 @@ class MaskingClient:
                 "round id", f"message for round {msg.round_id}, expected {self.state.round_id}"
             )
         expected = _EXPECTED.get(self.state.stage)
+        if self.state.stage == Stage.MASKED_INPUT and not self.params.consistency_check:
+            expected = UnmaskRequest  # semi-honest protocol: no consistency stage
         if expected is None or not isinstance(msg, expected):
             raise self._error(
                 "stage",
@@ -245,6 +247,8 @@ class MaskingClient:
         else:
             if not isinstance(msg, UnmaskRequest):  # pragma: no cover - exhausted by _EXPECTED
                 raise self._error("stage", f"unexpected {type(msg).__name__}")
+            if self.state.stage == Stage.MASKED_INPUT:  # semi-honest: check U3 here, unsigned
+                self._accept_survivors(msg.survivors)
             reply = self._unmask(msg)
         self.state.stage = msg.STAGE
         return replace(reply, session=self._session).signed_bytes(self._key)
@@ -423,8 +427,13 @@ class MaskingClient:
 
     def _consistency(self, msg: ConsistencyRequest) -> ConsistencySignature:
         """Stage 3: check U3 and sign it."""
+        self._accept_survivors(msg.survivors)
+        return ConsistencySignature(msg.round_id, self.state.client_id, msg.survivors)
+
+    def _accept_survivors(self, u3: tuple[int, ...]) -> None:
+        """Check the survivor set U3 the server names (sorted, me in it, participants only,
+        no neighbour that sent me no shares, at least ``t``, connected) and keep it."""
         me, plan = self.state.client_id, self._plan
-        u3 = msg.survivors
         if list(u3) != sorted(set(u3)) or me not in u3:
             raise self._error("consistency", "survivor list unsorted, repeated or lacks me")
         if not set(u3) <= set(plan.participants):
@@ -436,7 +445,6 @@ class MaskingClient:
             )
         self._check_survivors(u3)
         self.state.survivors = tuple(u3)
-        return ConsistencySignature(msg.round_id, me, tuple(u3))
 
     def _check_survivors(self, u3: tuple[int, ...]) -> None:
         plan = self._plan
@@ -473,7 +481,10 @@ class MaskingClient:
                     signer, "signature", f"consistency signature does not verify (at client {me})"
                 ) from exc
             valid.add(signer)
-        if len(valid) < plan.threshold:
+        # the semi-honest protocol (params.consistency_check False, a site opt-in) has no
+        # signatures; the survivor set was checked by _accept_survivors, and the rule of one
+        # kind of share per peer below holds either way
+        if self.params.consistency_check and len(valid) < plan.threshold:
             raise self._error(
                 "threshold",
                 f"only {len(valid)} signatures on the survivor set, threshold {plan.threshold}",

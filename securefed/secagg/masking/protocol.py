@@ -131,7 +131,8 @@ class MaskingAggregation(AggregationProtocol):
         quantization_params(cfg.bits, cfg.clip_range, num_clients)
         # a fresh run id: no message, key or ciphertext of another run verifies in this one
         params = MaskingParams(
-            float(cfg.threshold), k, cfg.bits, float(cfg.clip_range), session=os.urandom(16)
+            float(cfg.threshold), k, cfg.bits, float(cfg.clip_range), session=os.urandom(16),
+            consistency_check=cfg.server_threat == "malicious",
         )
         if cfg.keys_dir is None:
             identities = ephemeral_identities(num_clients)
@@ -167,6 +168,11 @@ class MaskingAggregation(AggregationProtocol):
                 raise ValueError(
                     f"client {cid}: unknown dropout stage {stage!r}; one of {self.dropout_stages}"
                 )
+        if not self.params.consistency_check:  # no such stage: it drops before unmasking
+            drops = {
+                c: Stage.UNMASKING if st == Stage.CONSISTENCY_CHECK else st
+                for c, st in drops.items()
+            }
         participants = sorted(set(inputs) | set(drops))
         roster = self.identities.roster
         for cid in participants:
@@ -213,7 +219,7 @@ class MaskingAggregation(AggregationProtocol):
         down = server.start()
         server_seconds += time.process_time() - t0
         try:
-            for stage in Stage.ORDER:
+            for stage in Stage.path(params.consistency_check):
                 for cid, data in down.items():
                     if drops.get(cid) == stage or cid in offline:
                         offline.add(cid)

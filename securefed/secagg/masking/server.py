@@ -157,6 +157,7 @@ class MaskingServer:
         self._roster = roster
         self._key = signing_key
         self._session = params.session
+        self.params = params
         self._bad_holders: set[int] = set()
         self._sum = MaskAccumulator(np.zeros(vector_length, dtype=word_dtype(params.bits)))
         self._b_shares: dict[int, dict[int, int]] = {}  # owner -> {point: share}
@@ -280,8 +281,9 @@ class MaskingServer:
         else:
             raise RuntimeError(f"close_stage in stage {stage}")
         if self.state.stage != "aborted":
-            i = Stage.index(stage)
-            self.state.stage = Stage.ORDER[i + 1] if i + 1 < len(Stage.ORDER) else Stage.DONE
+            path = Stage.path(self.params.consistency_check)
+            i = path.index(stage)
+            self.state.stage = path[i + 1] if i + 1 < len(path) else Stage.DONE
         return out
 
     # ------------------------------------------------------------------------ stage handlers
@@ -383,6 +385,9 @@ class MaskingServer:
         if reason:
             raise self._abort(reason)
         state.u3 = tuple(u3)
+        if not self.params.consistency_check:  # semi-honest: ask for the shares at once
+            state.u4 = state.u3
+            return self._unmask_requests(state.u4, {})
         return self._out({u: ConsistencyRequest(state.plan.round_id, u, state.u3) for u in u3})
 
     def _on_consistency(self, cid: int, msg: ConsistencySignature) -> None:
@@ -395,7 +400,7 @@ class MaskingServer:
         state.consistency[cid] = msg.signature
 
     def _close_consistency(self) -> dict[int, bytes]:
-        state, g, t = self.state, self.state.plan.graph, self.threshold
+        state, t = self.state, self.threshold
         u4 = sorted(state.consistency)
         if len(u4) < t:
             raise self._abort(f"{len(u4)} clients signed the survivor set, threshold is {t}")
@@ -403,17 +408,26 @@ class MaskingServer:
         if reason:
             raise self._abort(reason)
         state.u4 = tuple(u4)
+        return self._unmask_requests(state.u4, state.consistency)
+
+    def _unmask_requests(
+        self, u4: tuple[int, ...], signatures: dict[int, bytes]
+    ) -> dict[int, bytes]:
+        """Each client in ``u4``: the survivor set, the dropped neighbours whose mask-key shares
+        it must reveal, and its neighbourhood's signatures on the survivor set (none in the
+        semi-honest protocol)."""
+        state, g = self.state, self.state.plan.graph
         live = set(u4)
         needed = set(self._needed_dropped)
         out: dict[int, Message] = {}
         for u in u4:
-            signers = sorted(g.closed_neighbourhood(u) & live)
+            signers = sorted(g.closed_neighbourhood(u) & live & set(signatures))
             out[u] = UnmaskRequest(
                 state.plan.round_id,
                 u,
                 state.u3,
                 tuple(sorted(g.neighbours(u) & needed)),
-                tuple((w, state.consistency[w]) for w in signers),
+                tuple((w, signatures[w]) for w in signers),
             )
         return self._out(out)
 

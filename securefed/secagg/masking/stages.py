@@ -101,6 +101,14 @@ class Stage:
     def index(cls, stage: str) -> int:
         return cls.ORDER.index(stage)
 
+    @classmethod
+    def path(cls, consistency_check: bool) -> tuple[str, ...]:
+        """The stages a round runs: all five, or without CONSISTENCY_CHECK when the server is
+        assumed honest-but-curious (:attr:`MaskingParams.consistency_check`)."""
+        if consistency_check:
+            return cls.ORDER
+        return tuple(s for s in cls.ORDER if s != cls.CONSISTENCY_CHECK)
+
 
 class ProtocolError(ValueError):
     """A message failed a check. ``str(e)`` reads ``client <id>: <check> check failed: ...``.
@@ -539,6 +547,12 @@ class MaskingParams:
             info and AEAD associated data, so nothing of one run verifies in another. (The
             neighbour graph stays a function of the round and the participants: public, and
             reproducible across runs of one seed.)
+        consistency_check: run the CONSISTENCY_CHECK stage (default; needed against a malicious
+            server, Bonawitz et al. 2017 §6). ``False`` is their semi-honest protocol: the
+            server sends the unmasking request right after the masked inputs, with no
+            signatures on the survivor set; a server that tells two groups of clients different
+            survivor sets could then collect both kinds of share of one client and unmask its
+            input, so only a server trusted to follow the protocol may be given it.
     """
 
     threshold: float
@@ -547,6 +561,7 @@ class MaskingParams:
     clip_range: float
     noise_std: float = 0.0
     session: bytes = b""
+    consistency_check: bool = True
 
 
 #: the quantisation grid is widened by this many noise standard deviations on each side
