@@ -199,8 +199,6 @@ def test_deployment_refuses_what_it_does_not_implement() -> None:
         check_deployable(_cfg(federation={"dropout_prob": 0.1}))
     with pytest.raises(DeployConfigError, match=r"feddiffuse.variant: 'usplit' .* two segments"):
         check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "usplit"}))
-    with pytest.raises(DeployConfigError, match=r"pretrain.enabled: public pre-training"):
-        check_deployable(_cfg(pretrain={"enabled": True}))
     check_deployable(_cfg())
     check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "udec"}))
 
@@ -513,6 +511,68 @@ def test_in_process_fedddpm_deployment_matches_the_simulation(
         assert (tmp_path / "site0" / "privacy_ledger.json").read_text() == before
 
 
+def test_in_process_deployment_with_public_pretraining_matches_the_simulation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pretrain.enabled`` deployed: the coordinator trains (or loads) the public model and
+    starts round 1 from it, as the simulation does; each site checked the public set against
+    its own data at setup. Before, the coordinator started from a random model."""
+    from securefed.run import run_experiment
+
+    monkeypatch.setenv("SECUREFED_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(pretrain={"enabled": True, "steps": 5, "batch_size": 32,
+                         "data": {"name": "mnist5k", "mnist5k_layout": "uci_digits",
+                                  "max_examples": 200}})
+    init_identity_keys(tmp_path / "keys", 3)
+    sites = {
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
+                                  **REHEARSAL))  # type: ignore[arg-type]
+        for i in range(3)
+    }
+    Coordinator(
+        cfg,
+        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
+        _InProcess(sites, {}),
+    ).run()
+    sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    doc = json.loads((tmp_path / "run" / "public_pretrain.json").read_text())
+    assert doc["steps"] == 5 and "each site checked" in doc["relation"]
+    # round 1 of both starts from the same public model (not the random init)
+    assert_matches_simulation(
+        cfg, tmp_path / "run", tmp_path / "sim", sim.final_params,
+        [tmp_path / f"site{i}" / "privacy_ledger.json" for i in range(3)],
+        init=torch.load(doc["cache_file"], weights_only=True)["params"],
+    )
+
+
+def test_a_site_refuses_a_public_set_that_holds_its_own_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 'public' set that contains one of the site's own images (bit for bit): the site finds
+    it at setup and refuses (the coordinator cannot check: it has no private data)."""
+    from securefed.config import dump_config
+    from securefed.data import ImageDataset
+    from securefed.federation import public_pretrain as pp
+
+    init_identity_keys(tmp_path / "keys", 1)
+    site = Site(NodeOptions(tmp_path / "site0", tmp_path / "keys", 0, partition_id=0,
+                            **REHEARSAL))  # type: ignore[arg-type]
+    cfg = _cfg(pretrain={"enabled": True})
+    own = site.load_data(cfg)
+
+    def leaky(pt: Any, shape: tuple[int, int, int]) -> ImageDataset:
+        x = torch.rand(20, *shape) * 2 - 1
+        x[7] = own.images[3]
+        return ImageDataset(x, torch.zeros(20, dtype=torch.long), 10, "leaky",
+                            tuple(str(c) for c in range(10)))
+
+    monkeypatch.setattr(pp, "load_public", leaky)
+    with pytest.raises(pp.PublicDataError, match=r"1 of 20 public images"):
+        site.setup({"version": PROTOCOL_VERSION, "run_id": "cd" * 16,
+                    "experiment": dump_config(cfg)})
+    assert not (tmp_path / "site0" / "privacy_ledger.json").exists()
+
+
 def test_a_site_refuses_fedddpm_uploads_unless_it_opted_in(tmp_path: Path) -> None:
     """FedDDPM's phase-0 upload leaves the site on its own (outside secure aggregation): the
     default policy refuses it at setup, naming the field and the node-config key."""
@@ -638,7 +698,7 @@ def _wait_status(run_dir: Path, pred: Any, timeout: float, fed: Any) -> dict[str
 
 def assert_matches_simulation(
     cfg: ExperimentConfig, run_dir: Path, sim_dir: Path, sim_final: torch.Tensor,
-    site_ledgers: list[Path], entries: int = 2,
+    site_ledgers: list[Path], entries: int = 2, init: torch.Tensor | None = None,
 ) -> None:
     """A deployed (or Flower-simulated) 2-round run equals the in-process one: the global model
     within the masking grid of both rounds, and each site's ledger equals the simulation's plan
@@ -649,7 +709,8 @@ def assert_matches_simulation(
     rows = _metrics(run_dir)
     # round 1: same start, same seeded DP noise; only the two masking grids differ
     sim1, dep1 = _ckpt_params(sim_dir, 1), _ckpt_params(run_dir, 1)
-    init = get_flat(build_model(cfg, (1, 8, 8), 10))
+    if init is None:  # the seeded initial model (public pre-training: pass the public model)
+        init = get_flat(build_model(cfg, (1, 8, 8), 10))
     tol1 = 2 * _tolerance(rows[0], init, sim1)
     assert float((dep1 - sim1).abs().max()) <= tol1
     assert float((dep1 - init).abs().max()) > 100 * tol1  # the model did move

@@ -55,13 +55,6 @@ def check_deployable(cfg: ExperimentConfig) -> None:
             "a deployment would run without them (and its audit would have none): set it to "
             "false, or audit the same experiment with `securefed run`"
         )
-    if cfg.pretrain.enabled:
-        raise DeployConfigError(
-            "pretrain.enabled: public pre-training is not run on the deployment path yet (the "
-            "coordinator would start from a random model while the simulation starts from the "
-            "public one, and only a site can check the public set against its private data); "
-            "set it to false, or start the deployment from a checkpoint of the public model"
-        )
     if cfg.fedddpm.enabled and cfg.fedddpm.upload != "samples":
         raise DeployConfigError(
             f"fedddpm.upload: {cfg.fedddpm.upload!r} (the server samples each site's uploaded "

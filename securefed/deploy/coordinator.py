@@ -346,6 +346,8 @@ class Coordinator:
         self.setup()
         cfg = self.cfg
         model = build_model(cfg, self.image_shape, self.num_classes)
+        if cfg.pretrain.enabled:
+            self._public_pretrain(model)
         self.global_params = get_flat(model)
         self.weight_scale = float(sum(s.num_examples for s in self.sites.values()))
         self.strategy = build_strategy_stack(cfg, model, self.weight_scale)
@@ -616,6 +618,32 @@ class Coordinator:
             line["server"] = server_metrics
         line["seconds"] = seconds
         return line
+
+    def _public_pretrain(self, model: Any) -> None:
+        """``pretrain.enabled``: the public model (trained here on the public set, or from the
+        cache) becomes the initial global model, as in the simulation. The coordinator holds
+        no private data: every site checked at setup that no image of its own is in the
+        public set (:func:`~securefed.federation.public_pretrain.check_disjoint`)."""
+        from securefed.diffusion import NoiseSchedule
+        from securefed.federation.public_pretrain import public_pretrain
+        from securefed.run import cache_dir, resolve_device
+
+        cfg = self.cfg
+        dev = resolve_device(cfg.device)
+        res = public_pretrain(
+            cfg, model, NoiseSchedule.from_config(cfg.diffusion), [], dev,
+            cache_dir() / "pretrain", shape=self.image_shape, num_classes=self.num_classes,
+        )
+        model.to("cpu")
+        atomic_write_json(self.options.run_dir / "public_pretrain.json", {
+            **res.meta,
+            "private_dataset": cfg.data.name,
+            "relation": (
+                f"public {cfg.pretrain.data.name!r}; each site checked at setup that none of its "
+                "images is in the public set (bit for bit at the model's shape); the public model "
+                "is trained on public data only and charged to no privacy ledger"
+            ),
+        })
 
     def _fedddpm_phase0(self, model: torch.nn.Module) -> Any:
         """FedDDPM phase 0 over the network: every site pre-trains under DP (charged to its own

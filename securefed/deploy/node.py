@@ -718,6 +718,10 @@ class Site:
         data = self.load_data(cfg)
         if len(data) == 0:
             raise NodeConfigError(f"{self.who}: no training examples")
+        if cfg.pretrain.enabled:  # the coordinator holds no private data: the site checks
+            from securefed.federation.public_pretrain import check_disjoint, load_public
+
+            check_disjoint(load_public(cfg.pretrain, data.image_shape), [data])
         pin = None
         if cfg.dp.level in ("record", "client"):
             pin = dp_plan_fields(cfg, len(data))

@@ -214,6 +214,9 @@ def public_pretrain(
     private: list[ImageDataset],
     device: torch.device,
     cache_dir: Path,
+    *,
+    shape: tuple[int, int, int] | None = None,
+    num_classes: int | None = None,
 ) -> PublicPretrainResult:
     """Load (or train and cache) the public model for ``cfg`` and load it into ``model``.
 
@@ -222,19 +225,25 @@ def public_pretrain(
         model: the run's denoiser (its weights are replaced by the public model's).
         schedule: noise schedule.
         private: the private datasets (members and holdout), checked against the public set.
+            Empty for a deployed coordinator, which holds no private data: give ``shape`` and
+            ``num_classes`` instead; every site runs :func:`check_disjoint` on its own data.
         device: where to train. cache_dir: ``<cache>/pretrain``.
 
     Raises:
         PublicDataError: the public set overlaps the private one or does not fit the model.
     """
     pt = cfg.pretrain
-    shape = private[0].image_shape
+    if private:
+        shape, num_classes = private[0].image_shape, private[0].num_classes
+    if shape is None or num_classes is None:
+        raise ValueError("public_pretrain: give the private datasets, or shape and num_classes")
     public = load_public(pt, shape)
-    check_disjoint(public, private)
-    if cfg.model.class_conditional and public.num_classes != private[0].num_classes:
+    if private:
+        check_disjoint(public, private)
+    if cfg.model.class_conditional and public.num_classes != num_classes:
         raise PublicDataError(
             f"pretrain.data.name: {pt.data.name!r} has {public.num_classes} classes, the private "
-            f"data {private[0].num_classes}; a class-conditional model needs the same classes "
+            f"data {num_classes}; a class-conditional model needs the same classes "
             "(or set model.class_conditional: false)"
         )
     fingerprint = public.fingerprint()
