@@ -385,6 +385,25 @@ def test_coordinator_recovers_a_dropped_site_in_process(tmp_path: Path) -> None:
     assert not (tmp_path / "site0" / "secagg" / "round.json").exists()  # round state cleared
 
 
+def _run_in_process(
+    tmp_path: Path, cfg: ExperimentConfig, **policy: Any
+) -> tuple[Any, dict[int, Site]]:
+    """The deployed run of ``cfg`` over the in-process transport: 3 sites (rehearsal policy plus
+    ``policy``), keys in ``tmp_path/keys``, run dir ``tmp_path/run``. Returns (result, sites)."""
+    init_identity_keys(tmp_path / "keys", 3)
+    sites = {
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
+                                  **{**REHEARSAL, **policy}))
+        for i in range(3)
+    }
+    res = Coordinator(
+        cfg,
+        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
+        _InProcess(sites, {}),
+    ).run()
+    return res, sites
+
+
 @pytest.mark.parametrize(
     ("strategy", "server_threat"),
     [("fedavg", "honest_but_curious"), ("fedprox", "malicious"), ("scaffold", "malicious"),
@@ -406,18 +425,7 @@ def test_in_process_deployment_matches_the_simulation_per_strategy(
     cfg = _cfg(strategy={"name": "fedavg" if diffuse else strategy, "mu": 0.1},
                secure_aggregation={"server_threat": server_threat},
                feddiffuse={"enabled": diffuse, "variant": strategy if diffuse else "full"})
-    init_identity_keys(tmp_path / "keys", 3)
-    sites = {
-        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
-                                  allow_honest_but_curious_server=True,
-                                  **REHEARSAL))  # type: ignore[arg-type]
-        for i in range(3)
-    }
-    res = Coordinator(
-        cfg,
-        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
-        _InProcess(sites, {}),
-    ).run()
+    res, _ = _run_in_process(tmp_path, cfg, allow_honest_but_curious_server=True)
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
     assert_matches_simulation(
@@ -465,18 +473,7 @@ def test_in_process_fedddpm_deployment_matches_the_simulation(
                         "aux_total": 24, "calibration_steps": 2, "server_batch_size": 8,
                         "aux_sampling_steps": 4, "detector_window": 1,
                         "detector_threshold": 0.5, "correction_steps": 2})
-    init_identity_keys(tmp_path / "keys", 3)
-    sites = {
-        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
-                                  allow_individual_uploads=True,
-                                  **REHEARSAL))  # type: ignore[arg-type]
-        for i in range(3)
-    }
-    res = Coordinator(
-        cfg,
-        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
-        _InProcess(sites, {}),
-    ).run()
+    res, sites = _run_in_process(tmp_path, cfg, allow_individual_uploads=True)
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
     dep_aux, meta = load_auxiliary(tmp_path / "run")
@@ -523,17 +520,7 @@ def test_in_process_deployment_with_public_pretraining_matches_the_simulation(
     cfg = _cfg(pretrain={"enabled": True, "steps": 5, "batch_size": 32,
                          "data": {"name": "mnist5k", "mnist5k_layout": "uci_digits",
                                   "max_examples": 200}})
-    init_identity_keys(tmp_path / "keys", 3)
-    sites = {
-        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
-                                  **REHEARSAL))  # type: ignore[arg-type]
-        for i in range(3)
-    }
-    Coordinator(
-        cfg,
-        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
-        _InProcess(sites, {}),
-    ).run()
+    _run_in_process(tmp_path, cfg)
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
     doc = json.loads((tmp_path / "run" / "public_pretrain.json").read_text())
     assert doc["steps"] == 5 and "each site checked" in doc["relation"]
@@ -596,17 +583,7 @@ def test_in_process_client_level_dp_deployment_matches_the_simulation(tmp_path: 
 
     cfg = _cfg(dp={"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
                    "adaptive_clipping": False, "secure_noise": True})
-    init_identity_keys(tmp_path / "keys", 3)
-    sites = {
-        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
-                                  **REHEARSAL))  # type: ignore[arg-type]
-        for i in range(3)
-    }
-    res = Coordinator(
-        cfg,
-        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
-        _InProcess(sites, {}),
-    ).run()
+    res, _ = _run_in_process(tmp_path, cfg)
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
     sim_ledger = json.loads((tmp_path / "sim" / "privacy_ledger.json").read_text())
