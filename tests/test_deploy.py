@@ -453,9 +453,12 @@ def test_in_process_deployment_matches_the_simulation_per_strategy(
             assert row["exchange"]["params_up"] == 3 * (d - local.numel() + 1)
 
 
-@pytest.mark.parametrize("variant", ["fedddpm", "fedddpm_plus"])
+@pytest.mark.parametrize(
+    ("variant", "upload"),
+    [("fedddpm", "samples"), ("fedddpm_plus", "samples"), ("fedddpm", "model")],
+)
 def test_in_process_fedddpm_deployment_matches_the_simulation(
-    tmp_path: Path, variant: str
+    tmp_path: Path, variant: str, upload: str
 ) -> None:
     """FedDDPM / FedDDPM+ deployed: phase 0 as a message (each site pre-trains under DP-SGD,
     charged to its own ledger, and uploads its share of the DP synthetic images), the uploads
@@ -469,7 +472,8 @@ def test_in_process_fedddpm_deployment_matches_the_simulation(
     from securefed.federation.auxiliary import load_auxiliary
     from securefed.run import run_experiment
 
-    cfg = _cfg(fedddpm={"enabled": True, "variant": variant, "pretrain_epochs": 1.0,
+    cfg = _cfg(fedddpm={"enabled": True, "variant": variant, "upload": upload,
+                        "pretrain_epochs": 1.0,
                         "aux_total": 24, "calibration_steps": 2, "server_batch_size": 8,
                         "aux_sampling_steps": 4, "detector_window": 1,
                         "detector_threshold": 0.5, "correction_steps": 2})
@@ -482,10 +486,17 @@ def test_in_process_fedddpm_deployment_matches_the_simulation(
     assert torch.equal(dep_aux.client, sim_aux.client)
     assert float((dep_aux.images - sim_aux.images).abs().max()) < 1e-4
     for i in range(3):
-        path = tmp_path / "run" / "received" / f"client_{i}_samples.npz"
+        if upload == "model":  # the DP model as received (the audit's `received` target)
+            path = tmp_path / "run" / "received" / f"client_{i}.pt"
+            got = torch.load(path, weights_only=True)["params"]
+            want = torch.load(tmp_path / "sim" / "received" / f"client_{i}.pt",
+                              weights_only=True)["params"]
+            assert float((got - want).abs().max()) < 1e-5
+        else:
+            path = tmp_path / "run" / "received" / f"client_{i}_samples.npz"
+            with np.load(path) as z:
+                assert z["images"].shape[0] == int((sim_aux.client == i).sum())
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        with np.load(path) as z:
-            assert z["images"].shape[0] == int((sim_aux.client == i).sum())
         # no statistic of the site's data outside DP: no pre-training loss in what it sent
         assert "pretrain_loss" not in json.dumps(meta["clients"][str(i)])
     assert_matches_simulation(

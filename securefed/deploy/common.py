@@ -55,11 +55,6 @@ def check_deployable(cfg: ExperimentConfig) -> None:
             "a deployment would run without them (and its audit would have none): set it to "
             "false, or audit the same experiment with `securefed run`"
         )
-    if cfg.fedddpm.enabled and cfg.fedddpm.upload != "samples":
-        raise DeployConfigError(
-            f"fedddpm.upload: {cfg.fedddpm.upload!r} (the server samples each site's uploaded "
-            "model) is not deployed yet; use 'samples' (each site uploads DP synthetic images)"
-        )
     if cfg.fedddpm.enabled and cfg.dp.level == "client":
         raise DeployConfigError(
             "fedddpm.enabled: FedDDPM with dp.level: client is not deployed (its phase-0 "

@@ -52,6 +52,7 @@ from securefed.deploy.wire import (
     MESSAGE_SETUP,
     PROTOCOL_VERSION,
     WireError,
+    decode_vector,
     encode_vector,
     get_bytes,
     get_int,
@@ -349,6 +350,7 @@ class Coordinator:
         if cfg.pretrain.enabled:
             self._public_pretrain(model)
         self.global_params = get_flat(model)
+        self._numel = int(self.global_params.numel())
         self.weight_scale = float(sum(s.num_examples for s in self.sites.values()))
         self.strategy = build_strategy_stack(cfg, model, self.weight_scale)
         self.params = run_masking_params(cfg, self.run_id)
@@ -678,6 +680,8 @@ class Coordinator:
         images, labels, owners = [], [], []
         per_site: dict[str, Any] = {}
         shape = tuple(self.image_shape)
+        dev = resolve_device(cfg.device)
+        schedule = NoiseSchedule.from_config(cfg.diffusion)
         for c, n in zip(cids, alloc, strict=True):
             r = replies.get(self.sites[c].node_id)
             who = f"site {c}"
@@ -687,9 +691,14 @@ class Coordinator:
                 if isinstance(r, str):
                     raise WireError(r)
                 raw = get_bytes(r, "upload", who)
-                with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-                    x = np.asarray(z["images"], dtype=np.float32)
-                    y = np.asarray(z["labels"], dtype=np.int64)
+                meta = r.get("meta", "{}")
+                facts = json.loads(meta) if isinstance(meta, str) else {}
+                if fd.upload == "model":
+                    x, y = self._sample_upload(model, schedule, dev, c, int(n), raw, facts)
+                else:
+                    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                        x = np.asarray(z["images"], dtype=np.float32)
+                        y = np.asarray(z["labels"], dtype=np.int64)
                 if x.shape != (int(n), *shape) or y.shape != (int(n),):
                     raise WireError(f"{who}: upload of shape {x.shape}, expected {(n, *shape)}")
                 if not np.all(np.isfinite(x)) or np.abs(x).max(initial=0.0) > 1.0:
@@ -701,13 +710,20 @@ class Coordinator:
                 log.warning("FedDDPM phase 0: site %d sent no usable upload: %s", c, exc)
                 continue
             # exactly what the server received individually: the audit's `received` evidence
-            atomic_write_bytes(run_dir / "received" / f"client_{c}_samples.npz", raw, mode=0o600)
+            if fd.upload == "model":  # the audit attacks received/*.pt models
+                buf = io.BytesIO()
+                torch.save({"params": decode_vector(raw, self._numel, who, "upload"),
+                            "client": c, "phase": "fedddpm upload"}, buf)
+                atomic_write_bytes(run_dir / "received" / f"client_{c}.pt", buf.getvalue(),
+                                   mode=0o600)
+            else:
+                atomic_write_bytes(run_dir / "received" / f"client_{c}_samples.npz", raw,
+                                   mode=0o600)
             images.append(torch.from_numpy(x))
             labels.append(torch.from_numpy(y))
             owners.append(torch.full((int(n),), c, dtype=torch.int64))
-            meta = r.get("meta", "{}")
             per_site[str(c)] = {
-                **(json.loads(meta) if isinstance(meta, str) else {}),
+                **facts,
                 "upload_bytes": len(raw),
                 **({"epsilon_after_phase0": float(r["epsilon"])} if "epsilon" in r else {}),
             }
@@ -722,11 +738,47 @@ class Coordinator:
         })
         self._event(stage="fedddpm_phase0", state="closed", clients=sorted(
             int(k) for k, v in per_site.items() if "failed" not in v))
-        dev = resolve_device(cfg.device)
         return fedddpm_wrapper(
-            cfg, self.strategy, model.to(dev), NoiseSchedule.from_config(cfg.diffusion), dev,
-            aux, [self.sites[c].num_examples for c in cids],
+            cfg, self.strategy, model.to(dev), schedule, dev, aux,
+            [self.sites[c].num_examples for c in cids],
         )
+
+    def _sample_upload(
+        self, model: Any, schedule: Any, dev: Any, cid: int, n: int, raw: bytes,
+        facts: Mapping[str, Any],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``fedddpm.upload: model``: ``n`` images from site ``cid``'s uploaded DP model, drawn
+        as the simulation draws them (the ``(seed, AUX_SAMPLE, 0, cid)`` stream; class-conditional:
+        the site's DP class counts); the model is restored to the initial one afterwards."""
+        from securefed.client.update import get_flat, set_flat
+        from securefed.diffusion.sampling import sample
+        from securefed.seeds import Purpose, derive_seed
+
+        cfg, fd = self.cfg, self.cfg.fedddpm
+        params = decode_vector(raw, self._numel, f"site {cid}", "upload")
+        y = None
+        if cfg.model.class_conditional:
+            counts = facts.get("class_counts")
+            if not (isinstance(counts, list) and len(counts) == self.num_classes
+                    and all(isinstance(v, int) and v >= 0 for v in counts) and sum(counts) == n):
+                raise WireError(f"site {cid}: class_counts: expected {self.num_classes} counts "
+                                f"summing to {n}, got {counts!r}")
+            y = torch.repeat_interleave(torch.arange(self.num_classes), torch.as_tensor(counts))
+        init = get_flat(model)
+        set_flat(model, params.to(dev))
+        gen = torch.Generator(device=dev).manual_seed(
+            derive_seed(cfg.seed, Purpose.AUX_SAMPLE, 0, cid)
+        )
+        try:
+            x = sample(
+                model, schedule.to(dev), n, self.image_shape, sampler=fd.aux_sampler,
+                steps=fd.aux_sampling_steps, y=None if y is None else y.to(dev), generator=gen,
+                device=dev,
+            ).cpu().clamp(-1, 1).to(torch.float32)
+        finally:
+            set_flat(model, init)
+        labels = y if y is not None else torch.zeros(n, dtype=torch.int64)
+        return x.numpy(), labels.numpy().astype(np.int64)
 
     def _start_ahead(self, rnd: int, length: int, live: set[int]) -> _Ahead | None:
         """Start round ``rnd + 1`` now, so that its RoundStart travels with round ``rnd``'s

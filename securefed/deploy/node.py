@@ -995,18 +995,26 @@ class Site:
         # persisted before the upload can leave (the ledger is charged inside phase 0)
         run.phase0_done = True
         save_site_record(self.options.state_dir, record)
+        uploads: dict[int, torch.Tensor] = {}
         aux, meta = build_auxiliary_set(
             cfg, model, NoiseSchedule.from_config(cfg.diffusion).to(dev),
             [SimClient(self.cid, data)], init, num_classes, histograms, dev,
             privacy if cfg.dp.level == "record" else None,
             trainer=build_trainer(cfg, model, dev), derive=derive_seed, alloc=[n_i],
+            uploads=uploads,
         )
-        buf = io.BytesIO()
-        np.savez(buf, images=aux.images.numpy().astype(np.float32),
-                 labels=aux.labels.numpy().astype(np.int64))
+        if cfg.fedddpm.upload == "model":  # the DP model itself; the coordinator samples it
+            from securefed.deploy.wire import encode_vector
+
+            upload = encode_vector(uploads[self.cid])
+        else:  # the DP synthetic images and their labels
+            buf = io.BytesIO()
+            np.savez(buf, images=aux.images.numpy().astype(np.float32),
+                     labels=aux.labels.numpy().astype(np.int64))
+            upload = buf.getvalue()
         mine = meta.get("clients", {}).get(str(self.cid), {})
         out: dict[str, Any] = {
-            "status": "uploaded", "round": 0, "run_id": run.run_id, "upload": buf.getvalue(),
+            "status": "uploaded", "round": 0, "run_id": run.run_id, "upload": upload,
             # public facts only: no pre-training loss (a statistic of the data outside DP)
             "meta": json.dumps({k: mine[k] for k in ("aux_images", "pretrain_steps",
                                                       "class_counts") if k in mine}),
