@@ -320,8 +320,9 @@ def _tolerance(line: Mapping[str, Any], init: torch.Tensor, new: torch.Tensor) -
     """The masking grid's bound on one round's global model, plus float32 rounding."""
     info = line["protocol_info"]
     mean_delta = float((new - init).abs().max())
-    q = quantization_tolerance(info["quantization_error_bound"], info["total_weight"],
-                               mean_delta)
+    # masking: the grid's bound on the sum; CKKS: its approximation + release rounding bound
+    bound = info.get("quantization_error_bound", info.get("error_bound"))
+    q = quantization_tolerance(bound, info["total_weight"], mean_delta)
     return q + 4 * float(torch.finfo(torch.float32).eps) * float(new.abs().max())
 
 
@@ -583,6 +584,81 @@ def test_a_site_refuses_fedddpm_uploads_unless_it_opted_in(tmp_path: Path) -> No
     with pytest.raises(PolicyError, match=r"fedddpm.enabled: .*allow-individual-uploads=true"):
         site.setup({"version": PROTOCOL_VERSION, "run_id": "ab" * 16,
                     "experiment": dump_config(cfg)})
+
+
+def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path) -> None:
+    """CKKS deployed (honest-but-curious coordinator, every site opted in): two messages a
+    round. The coordinator holds only the public context (its key folder), each site the shared
+    secret one (its own key folder, 0600); the lowest surviving site decrypts the aggregate.
+    Same models within the CKKS bound, same ledgers as the simulation; the key holder refuses
+    a second decryption of a round (a decryption oracle)."""
+    import shutil
+
+    from securefed.deploy.wire import MESSAGE_CKKS_DECRYPT
+    from securefed.run import run_experiment
+    from securefed.secagg.ckks import PUBLIC_CONTEXT_FILE, SECRET_CONTEXT_FILE, init_ckks_keys
+
+    cfg = _cfg(secure_aggregation={"protocol": "ckks", "threshold": 0.67,
+                                   "server_threat": "honest_but_curious"})
+    init_identity_keys(tmp_path / "keys", 3)
+    secret, public = init_ckks_keys(tmp_path / "ckks")
+    shutil.copy(public, tmp_path / "keys" / PUBLIC_CONTEXT_FILE)
+    site_keys = tmp_path / "site_keys"
+    shutil.copytree(tmp_path / "keys", site_keys)
+    (site_keys / "server.key").unlink()
+    (site_keys / PUBLIC_CONTEXT_FILE).unlink()
+    shutil.copy(secret, site_keys / SECRET_CONTEXT_FILE)
+    (site_keys / SECRET_CONTEXT_FILE).chmod(0o600)
+    sites = {
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", site_keys, i, partition_id=i,
+                                  allow_ckks=True, allow_honest_but_curious_server=True,
+                                  **REHEARSAL))  # type: ignore[arg-type]
+        for i in range(3)
+    }
+    sent: list[str] = []
+
+    class Recording(_InProcess):
+        def exchange(self, message_type: str, contents: Mapping[int, Mapping[str, Any]], *,
+                     timeout: float, group: str) -> dict[int, Reply]:
+            sent.append(message_type)
+            return super().exchange(message_type, contents, timeout=timeout, group=group)
+
+    res = Coordinator(
+        cfg,
+        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
+        Recording(sites, {}),
+    ).run()
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
+    assert [m["protocol"] for m in res.metrics] == ["ckks", "ckks"]
+    assert [m["protocol_info"]["key_holder"] for m in res.metrics] == [0, 0]
+    assert sent.count("train.ckks_upload") == sent.count(MESSAGE_CKKS_DECRYPT) == 2
+    sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    assert_matches_simulation(
+        cfg, tmp_path / "run", tmp_path / "sim", sim.final_params,
+        [tmp_path / f"site{i}" / "privacy_ledger.json" for i in range(3)],
+    )
+    run_id = json.loads((tmp_path / "run" / "sites.json").read_text())["run_id"]
+    with pytest.raises(PolicyError, match="already decrypted round 2"):
+        dispatch(sites[700], MESSAGE_CKKS_DECRYPT,
+                 {"round": 2, "run_id": run_id, "aggregate": b"", "length": 8,
+                  "contributors": [0, 1, 2]})
+
+
+def test_a_site_refuses_ckks_unless_it_opted_in(tmp_path: Path) -> None:
+    """CKKS shares one secret key among all sites: a site refuses it by default, naming the
+    field and the node-config key; the deployment refuses it under a malicious-server model."""
+    from securefed.config import dump_config
+
+    init_identity_keys(tmp_path / "keys", 1)
+    site = Site(NodeOptions(tmp_path / "site0", tmp_path / "keys", 0, partition_id=0,
+                            allow_honest_but_curious_server=True,
+                            **REHEARSAL))  # type: ignore[arg-type]
+    cfg = _cfg(secure_aggregation={"protocol": "ckks", "server_threat": "honest_but_curious"})
+    with pytest.raises(PolicyError, match=r"protocol: 'ckks' .*allow-ckks=true"):
+        site.setup({"version": PROTOCOL_VERSION, "run_id": "ef" * 16,
+                    "experiment": dump_config(cfg)})
+    with pytest.raises(DeployConfigError, match=r"'ckks' defends against an honest-but-curious"):
+        check_deployable(_cfg(secure_aggregation={"protocol": "ckks"}))
 
 
 def test_in_process_client_level_dp_deployment_matches_the_simulation(tmp_path: Path) -> None:

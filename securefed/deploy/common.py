@@ -33,11 +33,25 @@ def check_deployable(cfg: ExperimentConfig) -> None:
         DeployConfigError: naming the field, its value and what to use instead.
     """
     sa = cfg.secure_aggregation
-    if sa.protocol != "masking":
+    if sa.protocol == "plain":
         raise DeployConfigError(
-            f"secure_aggregation.protocol: {sa.protocol!r} is not supported on the deployment "
-            "path, which never sends an unmasked update off a site; use 'masking'"
+            "secure_aggregation.protocol: 'plain' is not supported on the deployment path, "
+            "which never sends an unmasked update off a site; use 'masking'"
         )
+    if sa.protocol == "ckks":
+        if sa.server_threat != "honest_but_curious":
+            raise DeployConfigError(
+                "secure_aggregation.protocol: 'ckks' defends against an honest-but-curious "
+                "coordinator only (with the shared secret key, a coordinator colluding with any "
+                "site decrypts every update); set secure_aggregation.server_threat: "
+                "honest_but_curious (every site must opt in), or use 'masking'"
+            )
+        if cfg.dp.level == "client" or cfg.fedddpm.enabled or cfg.feddiffuse.enabled:
+            raise DeployConfigError(
+                "secure_aggregation.protocol: 'ckks' is deployed for FedAvg / FedProx / SCAFFOLD "
+                "with record-level DP only; use 'masking' with client-level DP, FedDDPM or "
+                "FedDiffuse"
+            )
     if cfg.dp.level == "client" and cfg.dp.adaptive_clipping:
         raise DeployConfigError(
             "dp.adaptive_clipping: true moves the clip norm (and with it every site's noise) "

@@ -48,6 +48,8 @@ from securefed.deploy.common import (
 )
 from securefed.deploy.common import roster_digest as _roster_digest
 from securefed.deploy.wire import (
+    MESSAGE_CKKS_DECRYPT,
+    MESSAGE_CKKS_UPLOAD,
     MESSAGE_PHASE0,
     MESSAGE_SETUP,
     PROTOCOL_VERSION,
@@ -57,7 +59,9 @@ from securefed.deploy.wire import (
     get_bytes,
     get_int,
     get_str,
+    pack_chunks,
     stage_message_type,
+    unpack_chunks,
 )
 from securefed.io import atomic_write_json, atomic_write_text, write_jsonl
 from securefed.secagg.base import AggregationAbortedError
@@ -354,6 +358,8 @@ class Coordinator:
         self.weight_scale = float(sum(s.num_examples for s in self.sites.values()))
         self.strategy = build_strategy_stack(cfg, model, self.weight_scale)
         self.params = run_masking_params(cfg, self.run_id)
+        if cfg.secure_aggregation.protocol == "ckks":
+            self._ckks = self._ckks_server()
         if cfg.fedddpm.enabled:
             self.strategy = self._fedddpm_phase0(model)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
@@ -415,6 +421,7 @@ class Coordinator:
                 "round, which the deployment path does not run (one aggregation session)"
             )
         (cohort,) = cohorts
+        self._layout = layout
         keys = sorted(layout.vectors)
         length = int(sum(layout.vectors[k].numel() for k in keys)) + 1
         names = sorted(plan.broadcast)
@@ -431,6 +438,9 @@ class Coordinator:
         down = dict.fromkeys(plan.clients, 0)
         line: dict[str, Any] = {"round": rnd, "selected": list(plan.clients)}
 
+        if cfg.secure_aggregation.protocol == "ckks":
+            return self._run_round_ckks(rnd, plan.clients, keys, length, broadcast, names,
+                                        bcast_bytes, line, cohort)
         ahead, self._ahead = self._ahead, None
         train_stage = dict.fromkeys(plan.clients, Stage.ADVERTISE_KEYS)
         if (
@@ -815,12 +825,189 @@ class Coordinator:
 
         return round_masking_params(self.cfg, self.run_id, participants, length)
 
+    def _ckks_server(self) -> Any:
+        """The CKKS aggregator: the public-only context from the coordinator's key folder
+        (``ckks_public.ctx``; a secret key there is refused), the sites' roster keys, and the
+        coordinator's own signing key (the key holder pins it through the roster)."""
+        from securefed.secagg.ckks import PUBLIC_CONTEXT_FILE, CKKSServer, context_params
+
+        path = self.options.keys_dir / PUBLIC_CONTEXT_FILE
+        if not path.is_file():
+            raise DeployConfigError(
+                f"keys-dir: {self.options.keys_dir} has no {PUBLIC_CONTEXT_FILE}; copy the public "
+                "context written by `securefed keys init --ckks` there (the secret one goes to "
+                "the sites only)"
+            )
+        keys = {c: self._roster.client(c) for c in self.sites}
+        server = CKKSServer(path.read_bytes(), {c: k for c, k in keys.items() if k is not None},
+                            self._server_key)
+        sa = self.cfg.secure_aggregation
+        want = (sa.ckks_poly_modulus_degree, tuple(sa.ckks_coeff_mod_bit_sizes),
+                sa.ckks_scale_bits)
+        got = context_params(server.context)
+        if (got.poly_modulus_degree, tuple(got.coeff_mod_bit_sizes), got.scale_bits) != want:
+            raise DeployConfigError(
+                f"keys-dir: {PUBLIC_CONTEXT_FILE} holds CKKS parameters {got}, the experiment "
+                f"asks for {want}; provision matching keys or change the ckks_* fields"
+            )
+        return server
+
+    def _training_content(
+        self, rnd: int, cid: int, broadcast: Mapping[str, bytes], names: list[str]
+    ) -> dict[str, Any]:
+        """What a site needs to train round ``rnd``: the broadcast and the public facts."""
+        last = self._last_trained.get(cid)
+        return {
+            **broadcast,
+            "broadcast_keys": names,
+            "weight_scale": self.weight_scale,
+            "image_shape": list(self.image_shape),
+            "num_classes": self.num_classes,
+            "commit": int(last is not None and cid in self._survivors.get(last, ())),
+        }
+
+    def _run_round_ckks(
+        self, rnd: int, clients: Any, keys: list[str], length: int,
+        broadcast: Mapping[str, bytes], names: list[str], bcast_bytes: int,
+        line: dict[str, Any], cohort: str,
+    ) -> dict[str, Any]:
+        """One CKKS round (``server_threat: honest_but_curious``; every site opted in): two
+        messages. Each site trains and uploads its signed ciphertexts; the coordinator checks
+        and adds them (public context only); the lowest surviving site decrypts the signed
+        aggregate and returns the rounded sum (:mod:`securefed.secagg.ckks`)."""
+        from securefed.secagg.ckks import CKKSMessageError, ckks_error_bound, resolve_threshold
+        from securefed.strategies import CohortSum, unpack_sum
+
+        cfg, seconds = self.cfg, {}
+        dropped_at: dict[int, str] = {}
+        reasons: dict[int, str] = {}
+        trained: list[int] = []
+        exhausted: list[int] = []
+        epsilon: dict[str, float] = {}
+        up = dict.fromkeys(clients, 0)
+        down = dict.fromkeys(clients, 0)
+        server = self._ckks
+        server.begin_round(rnd, length)
+        t0 = time.perf_counter()
+        contents = {
+            self.sites[c].node_id: {
+                "round": rnd, "run_id": self.run_id, "participants": list(clients),
+                **self._training_content(rnd, c, broadcast, names),
+            }
+            for c in clients
+        }
+        for c in clients:
+            down[c] += bcast_bytes
+        replies = self.transport.exchange(
+            MESSAGE_CKKS_UPLOAD, contents, timeout=self.options.train_timeout, group=str(rnd)
+        )
+        for cid in clients:
+            r, who, reason = replies.get(self.sites[cid].node_id), f"site {cid}", None
+            try:
+                if r is None:
+                    raise WireError(f"no reply within {self.options.train_timeout:g} s")
+                if isinstance(r, str):
+                    raise WireError(r)
+                if get_int(r, "round", who) != rnd:
+                    raise WireError(f"{who}: reply for round {r.get('round')}")
+                if "epsilon" in r:
+                    epsilon[str(cid)] = round(float(r["epsilon"]), 6)
+                if r.get("status") == "budget_exhausted":
+                    exhausted.append(cid)
+                    raise WireError("privacy budget exhausted (did not train)")
+                if list(r.get("vector_keys", [])) != keys:
+                    raise WireError(f"{who}: sends vectors {r.get('vector_keys')}, expected {keys}")
+                trained.append(cid)
+                self._last_trained[cid] = rnd
+                data = get_bytes(r, "ckks", who)
+                up[cid] += len(data)
+                server.receive(cid, unpack_chunks(data, who, "ckks"))
+            except (WireError, CKKSMessageError, KeyError, TypeError, ValueError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            if reason is not None:
+                dropped_at[cid], reasons[cid] = "upload", reason
+                log.warning("round %d: site %d dropped: %s", rnd, cid, reason)
+        seconds["upload"] = round(time.perf_counter() - t0, 4)
+        line.update(trained=trained, epsilon=epsilon, budget_exhausted=exhausted,
+                    bytes_up_clients={str(c): int(v) for c, v in up.items()},
+                    bytes_down_clients={str(c): int(v) for c, v in down.items()})
+        if reasons:
+            line["dropout_reasons"] = {str(c): r for c, r in reasons.items()}
+        survivors = sorted(server.contributors)
+        need = resolve_threshold(float(cfg.secure_aggregation.threshold), len(clients))
+        if len(survivors) < need:
+            return self._abandon(line, f"{len(survivors)} sites uploaded, the threshold is "
+                                 f"{need}", dropped_at, seconds, protocol="ckks")
+        t0 = time.perf_counter()
+        aggregate = server.finish()
+        holder = survivors[0]
+        blob = pack_chunks(aggregate)
+        down[holder] += len(blob)
+        reply = self.transport.exchange(
+            MESSAGE_CKKS_DECRYPT,
+            {self.sites[holder].node_id: {"round": rnd, "run_id": self.run_id, "aggregate": blob,
+                                          "length": length, "contributors": survivors}},
+            timeout=self.options.stage_timeout, group=str(rnd),
+        ).get(self.sites[holder].node_id)
+        try:
+            if reply is None or isinstance(reply, str):
+                raise WireError(reply or "no reply from the key holder")
+            raw = get_bytes(reply, "sum", f"site {holder}")
+            if len(raw) != 8 * length:
+                raise WireError(f"key holder {holder}: sum of {len(raw)} bytes, expected "
+                                f"{8 * length}")
+            total = np.frombuffer(raw, dtype="<f8").astype(np.float64)
+            if not np.all(np.isfinite(total)):
+                raise WireError(f"key holder {holder}: the sum is not finite")
+        except WireError as exc:
+            return self._abandon(line, f"decryption by site {holder} failed: {exc}", dropped_at,
+                                 seconds, protocol="ckks")
+        up[holder] += len(raw)
+        seconds["decrypt"] = round(time.perf_counter() - t0, 4)
+        t0 = time.perf_counter()
+        sums, total_weight = unpack_sum(total, keys, {clients[0]: self._layout})
+        self.global_params = self.strategy.aggregate_cohorts(
+            rnd, self.global_params, {cohort: CohortSum(sums, total_weight, len(survivors))}
+        ).to(torch.float32)
+        seconds["server_update"] = round(time.perf_counter() - t0, 4)
+        self._survivors[rnd] = set(survivors)
+        params = server.params
+        line.update(
+            participants=survivors,
+            dropped=sorted(dropped_at),
+            dropped_at={str(c): s for c, s in sorted(dropped_at.items())},
+            bytes_up=int(sum(up.values())),
+            bytes_down=int(sum(down.values())),
+            bytes_up_clients={str(c): int(v) for c, v in up.items()},
+            bytes_down_clients={str(c): int(v) for c, v in down.items()},
+            protocol="ckks",
+            protocol_info={
+                "key_holder": holder,
+                "chunks": len(aggregate),
+                "threshold": need,
+                "error_bound": ckks_error_bound(
+                    len(survivors), float(cfg.secure_aggregation.clip_range),
+                    poly_modulus_degree=params.poly_modulus_degree,
+                    scale_bits=params.scale_bits, release_quantum=params.release_quantum,
+                ),
+                "total_weight": total_weight,
+            },
+            exchange={"params_up": len(survivors) * length,
+                      "params_down": len(clients) * len(names) * self._numel},
+            seconds=seconds,
+        )
+        server_metrics = self.strategy.round_metrics()
+        if server_metrics:
+            line["server"] = server_metrics
+        return line
+
     def _abandon(
         self,
         line: dict[str, Any],
         reason: str,
         dropped_at: Mapping[int, str],
         seconds: dict[str, float],
+        protocol: str = "masking",
     ) -> dict[str, Any]:
         log.warning("round %d abandoned: %s; the global model is unchanged", line["round"], reason)
         line.setdefault("trained", [])
@@ -830,7 +1017,7 @@ class Coordinator:
             dropped_at={str(c): s for c, s in sorted(dropped_at.items())},
             bytes_up=int(sum(line.get("bytes_up_clients", {}).values())),
             bytes_down=int(sum(line.get("bytes_down_clients", {}).values())),
-            protocol="masking",
+            protocol=protocol,
             abandoned=reason,
             seconds=seconds,
         )

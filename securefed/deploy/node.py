@@ -27,6 +27,9 @@ key                meaning
 ``allow-``         ``false`` (default): refuse ``fedddpm.enabled`` (FedDDPM phase 0 uploads
 ``individual-``    this site's DP synthetic samples, or its DP model, to the coordinator on
 ``uploads``        their own, outside secure aggregation).
+``allow-ckks``     ``false`` (default): refuse ``secure_aggregation.protocol: ckks`` (every site
+                   holds the same CKKS secret key, ``ckks_secret.ctx`` in ``keys-dir``: a
+                   coordinator colluding with any site decrypts every update).
 ``allow-honest-``  ``false`` (default): refuse ``secure_aggregation.server_threat:
 ``but-curious-``   honest_but_curious`` (the masking protocol without its consistency check,
 ``server``         one message fewer per round; safe only against a coordinator that follows
@@ -84,6 +87,8 @@ from securefed.deploy.state import (
     save_site_record,
 )
 from securefed.deploy.wire import (
+    MESSAGE_CKKS_DECRYPT,
+    MESSAGE_CKKS_UPLOAD,
     MESSAGE_PHASE0,
     MESSAGE_SETUP,
     PROTOCOL_VERSION,
@@ -194,6 +199,7 @@ class NodeOptions:
     allow_seeded_noise: bool = False
     allow_honest_but_curious_server: bool = False
     allow_individual_uploads: bool = False
+    allow_ckks: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeOptions:
@@ -205,7 +211,7 @@ class NodeOptions:
         known = {
             "state-dir", "keys-dir", "client-id", "partition-id", "data-path", "device",
             "require-dp", "max-epsilon", "min-threshold", "min-cohort", "allow-seeded-noise",
-            "allow-honest-but-curious-server", "allow-individual-uploads",
+            "allow-honest-but-curious-server", "allow-individual-uploads", "allow-ckks",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -288,6 +294,7 @@ class NodeOptions:
                 node_config, "allow-honest-but-curious-server", False
             ),
             allow_individual_uploads=_as_bool(node_config, "allow-individual-uploads", False),
+            allow_ckks=_as_bool(node_config, "allow-ckks", False),
         )
 
 
@@ -702,6 +709,15 @@ class Site:
                 f"{cfg.federation.num_clients - 1})"
             )
         check_threshold_policy(cfg, o)
+        if cfg.secure_aggregation.protocol == "ckks":
+            if not o.allow_ckks:
+                raise PolicyError(
+                    "secure_aggregation.protocol: 'ckks' gives every site the same secret key: "
+                    "a coordinator colluding with any one site decrypts every update, and one "
+                    "that deviates can use the key holder as a decryption oracle; this site "
+                    "refuses it (opt in with --node-config allow-ckks=true, or use 'masking')"
+                )
+            self._ckks_client(cfg)  # the secret context is here, 0600, with these parameters
         if cfg.fedddpm.enabled and not o.allow_individual_uploads:
             raise PolicyError(
                 f"fedddpm.enabled: FedDDPM phase 0 uploads this site's {cfg.fedddpm.upload} "
@@ -824,7 +840,7 @@ class Site:
         return params
     def _train(
         self, content: Mapping[str, Any], cfg: ExperimentConfig, record: SiteRecord,
-        run: RunRecord, rnd: int, plan: RoundPlan,
+        run: RunRecord, rnd: int, plan: RoundPlan | None,
     ) -> tuple[np.ndarray, list[str], Any, Any] | dict[str, Any]:
         """Train this site's round ``rnd`` on the broadcast in ``content`` (DP, ledger charged
         and persisted, the round recorded as trained). Returns ``(vector, vector keys, update,
@@ -887,6 +903,8 @@ class Site:
                     "epsilon": float(ledger.epsilon(self.cid))}
 
         if cfg.dp.level == "client":
+            if plan is None:  # pragma: no cover - client-level DP runs on masking only
+                raise WireError(f"{who}: client-level DP needs the round's signed start")
             noise = _client_level_layer(strategy).round_noise(
                 len(plan.participants), plan.vector_length
             )
@@ -1022,6 +1040,111 @@ class Site:
         if privacy is not None:
             out["epsilon"] = float(privacy.ledger.epsilon(self.cid))
         return out
+
+    def _ckks_client(self, cfg: ExperimentConfig) -> Any:
+        """This site's CKKS role: the shared secret context (``keys-dir/ckks_secret.ctx``,
+        0600, with the experiment's parameters) and its own roster signing key; each value it
+        encrypts is at most the modulus' capacity shared among ``num_clients`` sites."""
+        from securefed.secagg.ckks import (
+            SECRET_CONTEXT_FILE,
+            CKKSClient,
+            context_params,
+            load_ckks_context,
+        )
+
+        path = self.options.keys_dir / SECRET_CONTEXT_FILE
+        if not path.is_file():
+            raise NodeConfigError(
+                f"--node-config keys-dir: {self.options.keys_dir} has no {SECRET_CONTEXT_FILE}; "
+                "copy the secret context written by `securefed keys init --ckks` there (0600)"
+            )
+        ctx = load_ckks_context(path)
+        got = context_params(ctx)
+        sa = cfg.secure_aggregation
+        want = (sa.ckks_poly_modulus_degree, tuple(sa.ckks_coeff_mod_bit_sizes),
+                sa.ckks_scale_bits)
+        if (got.poly_modulus_degree, tuple(got.coeff_mod_bit_sizes), got.scale_bits) != want:
+            raise PolicyError(
+                f"secure_aggregation.ckks_*: the experiment asks for {want}, this site's "
+                f"{SECRET_CONTEXT_FILE} holds {got}"
+            )
+        key = self._identity()[0]
+        return CKKSClient(self.cid, ctx, key,
+                          max_abs=got.max_abs_sum() / cfg.federation.num_clients)
+
+    def ckks_upload(self, content: Mapping[str, Any]) -> dict[str, Any]:
+        """CKKS round (the site opted in): check the round (replay, cohort), train under DP
+        (charged and persisted first), then upload the signed ciphertexts of the update."""
+        from securefed.deploy.wire import pack_chunks
+
+        who = "coordinator"
+        cfg = self._experiment()
+        record = self._record()
+        run = self._current_run(record, content)
+        rnd = get_int(content, "round", who, minimum=1)
+        if rnd <= run.last_trained_round:
+            raise PolicyError(
+                f"round: {rnd} is at or below this site's last trained round "
+                f"{run.last_trained_round} of run {run.run_id}; a round is trained once"
+            )
+        parts = content.get("participants")
+        if not (isinstance(parts, list) and all(isinstance(c, int) for c in parts)
+                and parts == sorted(set(parts)) and self.cid in parts):
+            raise WireError(f"{who}: participants: a sorted list of site ids with this site")
+        if len(parts) < self.options.min_cohort:
+            raise PolicyError(
+                f"round {rnd}: a cohort of {len(parts)} sites is below this site's min-cohort "
+                f"{self.options.min_cohort} (--node-config min-cohort)"
+            )
+        trained = self._train(content, cfg, record, run, rnd, None)
+        if isinstance(trained, dict):
+            return trained
+        vector, keys, update, privacy = trained
+        chunks = self._ckks_client(cfg).encrypt_update(rnd, vector)
+        out = self._trained_reply(rnd, run, b"", keys, update, privacy)
+        del out["secagg"]
+        out["ckks"] = pack_chunks(chunks)
+        return out
+
+    def ckks_decrypt(self, content: Mapping[str, Any]) -> dict[str, Any]:
+        """CKKS key holder: decrypt the round's aggregate once, only for a round this site
+        trained in and whose sum has at least ``min-cohort`` contributors (the coordinator's
+        signature on the aggregate checked, the release rounded)."""
+        from securefed.deploy.wire import unpack_chunks
+
+        who = "coordinator"
+        record = self._record()
+        run = self._current_run(record, content)
+        cfg = self._experiment()
+        rnd = get_int(content, "round", who, minimum=1)
+        length = get_int(content, "length", who, minimum=1)
+        contributors = content.get("contributors")
+        if not (isinstance(contributors, list) and all(isinstance(c, int) for c in contributors)
+                and contributors == sorted(set(contributors))):
+            raise WireError(f"{who}: contributors: a sorted list of site ids")
+        if run.last_trained_round != rnd or self.cid not in contributors:
+            raise PolicyError(
+                f"round {rnd}: this site decrypts only the sum of the round it just trained in "
+                f"(last trained: {run.last_trained_round}) and contributed to"
+            )
+        if len(contributors) < self.options.min_cohort:
+            raise PolicyError(
+                f"round {rnd}: a sum of {len(contributors)} sites is below this site's "
+                f"min-cohort {self.options.min_cohort}; refusing to decrypt"
+            )
+        if run.last_decrypted_round >= rnd:
+            raise PolicyError(
+                f"round {rnd}: this site already decrypted round {run.last_decrypted_round}'s "
+                "aggregate; a second decryption would make it a decryption oracle"
+            )
+        run.last_decrypted_round = rnd  # persisted before anything is decrypted
+        save_site_record(self.options.state_dir, record)
+        chunks = unpack_chunks(get_bytes(content, "aggregate", who), who, "aggregate")
+        total = self._ckks_client(cfg).decrypt_aggregate(
+            rnd, length, chunks, self._identity()[1].server
+        )
+        return {"status": "ok", "round": rnd, "run_id": run.run_id,
+                "sum": total.astype("<f8").tobytes()}
 
     def train_and_advertise(self, content: Mapping[str, Any]) -> dict[str, Any]:
         """Stage ``advertise_keys``: check the round against the site's policy, train locally
@@ -1164,6 +1287,10 @@ def dispatch(site: Site, message_type: str, content: Mapping[str, Any]) -> dict[
         return site.setup(content)
     if message_type == MESSAGE_PHASE0:
         return site.fedddpm_phase0(content)
+    if message_type == MESSAGE_CKKS_UPLOAD:
+        return site.ckks_upload(content)
+    if message_type == MESSAGE_CKKS_DECRYPT:
+        return site.ckks_decrypt(content)
     category, _, action = message_type.partition(".")
     if category == "train" and action == Stage.ADVERTISE_KEYS:
         return site.train_and_advertise(content)

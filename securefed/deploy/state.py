@@ -195,6 +195,8 @@ class RunRecord:
             update leaves the site; a round at or below it is refused.
         phase0_done: FedDDPM phase 0 (local pre-training and the upload) ran in this run;
             persisted before the upload leaves; a second phase 0 of the run is refused.
+        last_decrypted_round: CKKS key holder: the last round whose aggregate this site
+            decrypted; a second decryption for a round (a decryption oracle) is refused.
     """
 
     run_id: str
@@ -204,6 +206,7 @@ class RunRecord:
     experiment_sha256: str = ""
     last_trained_round: int = 0
     phase0_done: bool = False
+    last_decrypted_round: int = 0
 
 
 @dataclass
@@ -242,6 +245,7 @@ def load_site_record(state_dir: Path) -> SiteRecord:
                 experiment_sha256=str(v["experiment_sha256"]),
                 last_trained_round=int(v["last_trained_round"]),
                 phase0_done=bool(v.get("phase0_done", False)),
+                last_decrypted_round=int(v.get("last_decrypted_round", 0)),
             )
             for k, v in doc["runs"].items()
         }
@@ -272,6 +276,7 @@ def save_site_record(state_dir: Path, record: SiteRecord) -> None:
                 "experiment_sha256": r.experiment_sha256,
                 "last_trained_round": r.last_trained_round,
                 "phase0_done": r.phase0_done,
+                "last_decrypted_round": r.last_decrypted_round,
             }
             for k, r in sorted(record.runs.items())
         },

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "MESSAGE_CKKS_DECRYPT",
+    "MESSAGE_CKKS_UPLOAD",
     "MESSAGE_PHASE0",
     "MESSAGE_SETUP",
     "PROTOCOL_VERSION",
@@ -47,7 +49,9 @@ __all__ = [
     "get_float",
     "get_int",
     "get_str",
+    "pack_chunks",
     "stage_message_type",
+    "unpack_chunks",
 ]
 
 #: 2: the next round's keys ride on the unmasking stage; FedDDPM phase 0; client-level DP
@@ -55,6 +59,30 @@ PROTOCOL_VERSION = "securefed-deploy-2"
 MESSAGE_SETUP = "query.setup"
 #: FedDDPM phase 0: local DP pre-training, then the site's upload (samples or its model)
 MESSAGE_PHASE0 = "train.fedddpm_phase0"
+#: CKKS (honest-but-curious coordinator, sites opted in): train + encrypted upload; decryption
+#: of the round's aggregate by its key holder
+MESSAGE_CKKS_UPLOAD = "train.ckks_upload"
+MESSAGE_CKKS_DECRYPT = "train.ckks_decrypt"
+
+
+def pack_chunks(chunks: list[bytes]) -> bytes:
+    """Several byte strings as one: each as a 4-byte big-endian length, then its bytes."""
+    return b"".join(len(c).to_bytes(4, "big") + c for c in chunks)
+
+
+def unpack_chunks(data: bytes, who: str, field: str, limit: int = 4096) -> list[bytes]:
+    """Inverse of :func:`pack_chunks` (at most ``limit`` chunks, every length checked)."""
+    out: list[bytes] = []
+    i = 0
+    while i < len(data):
+        if len(out) >= limit or i + 4 > len(data):
+            raise WireError(f"{who}: {field}: malformed chunk list")
+        n = int.from_bytes(data[i : i + 4], "big")
+        if i + 4 + n > len(data):
+            raise WireError(f"{who}: {field}: a chunk runs past the end")
+        out.append(bytes(data[i + 4 : i + 4 + n]))
+        i += 4 + n
+    return out
 
 
 def stage_message_type(stage: str) -> str:
