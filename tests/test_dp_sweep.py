@@ -39,9 +39,17 @@ def test_seed_overrides_the_run_seed_and_names_the_run_dir(
     assert seen[1][0].dp.level == "none"
 
 
-def test_lever_config_changes_only_the_fine_tuning_lr() -> None:
+@pytest.mark.parametrize(
+    ("name", "section", "key", "value"),
+    [
+        ("lr1e3", "client", "lr", 0.001),
+        ("b128", "client", "batch_size", 128),
+        ("k4", "dp", "noise_multiplicity", 4),
+    ],
+)
+def test_each_lever_config_changes_one_knob(name: str, section: str, key: str, value: Any) -> None:
     base = load_config(ROOT / "experiments" / "dp_sweep_pretrain.yaml")
-    lr = load_config(ROOT / "experiments" / "dp_sweep_pretrain_lr1e3.yaml")
-    assert lr.client.lr == 0.001 and base.client.lr == 0.002
-    same = lr.model_copy(update={"client": base.client, "name": base.name})
+    lever = load_config(ROOT / "experiments" / f"dp_sweep_pretrain_{name}.yaml")
+    assert getattr(getattr(lever, section), key) == value != getattr(getattr(base, section), key)
+    same = lever.model_copy(update={section: getattr(base, section), "name": base.name})
     assert same == base
