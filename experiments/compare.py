@@ -2,7 +2,7 @@
 without DP, and the four FedDiffuse variants, over partitions and seeds.
 
     python experiments/compare.py [--seeds 0 1 2] [--partitions iid dir0.5 dir0.1]
-                                  [--methods fedavg fedddpm ...] [--scale full|small|tiny]
+                                  [--methods fedavg fedddpm ...] [--scale full|small|tiny|hetero]
                                   [--out runs/compare] [--readme README.md]
 
 Every run is a normal securefed run directory under ``OUT/<scale>/<partition>/<method>/seed<k>``;
