@@ -2,7 +2,7 @@
 without DP, and the four FedDiffuse variants, over partitions and seeds.
 
     python experiments/compare.py [--seeds 0 1 2] [--partitions iid dir0.5 dir0.1]
-                                  [--methods fedavg fedddpm ...] [--scale full|small|tiny]
+                                  [--methods fedavg fedddpm ...] [--scale full|small|tiny|hetero]
                                   [--out runs/compare] [--readme README.md]
 
 Every run is a normal securefed run directory under ``OUT/<scale>/<partition>/<method>/seed<k>``;
@@ -67,6 +67,22 @@ METHODS: dict[str, dict[str, Any]] = {
                                             "server_optimizer_state": "fresh"}},
     "fedddpm_plus_pre30": {"fedddpm": {"enabled": True, "variant": "fedddpm_plus",
                                        "pretrain_epochs": 30}},
+    # FedDDPM+ with a detector that can fire within the hetero regime's 4 rounds: the aux-holdout
+    # loss is compared over ONE round and a drop under 5% counts as slow learning (the default
+    # window 2 / 2% needs a plateau the 4 rounds never reach: README, FedDDPM+). One-shot
+    # correction of 60 server steps (c160: FedDDPM pre30_f10's whole 4 x 40 budget at once)
+    "fedddpm_plus_pre30_w1": {"fedddpm": {"enabled": True, "variant": "fedddpm_plus",
+                                          "pretrain_epochs": 30, "detector_window": 1,
+                                          "detector_threshold": 0.05}},
+    "fedddpm_plus_pre30_w1c160": {"fedddpm": {"enabled": True, "variant": "fedddpm_plus",
+                                              "pretrain_epochs": 30, "detector_window": 1,
+                                              "detector_threshold": 0.05,
+                                              "correction_steps": 160}},
+    # calibration-budget ablation (server examples per round as a fraction of the clients')
+    "fedddpm_pre30_f05": {"fedddpm": {"enabled": True, "variant": "fedddpm",
+                                      "pretrain_epochs": 30, "calibration_fraction": 0.05}},
+    "fedddpm_pre30_f20": {"fedddpm": {"enabled": True, "variant": "fedddpm",
+                                      "pretrain_epochs": 30, "calibration_fraction": 0.2}},
     # FedAvg at FedDDPM's client compute in the hetero regime: 4 x 74 local steps = the 4 x 40
     # federated steps plus fedddpm_pre30's 1,352 phase-0 steps spread over rounds (2,960 / 10)
     "fedavg_eq74": {"client": {"local_steps": 74}},
@@ -76,14 +92,41 @@ METHODS: dict[str, dict[str, Any]] = {
                                          "pretrain_epochs": 30, "calibration_fraction": 0.1},
                              "dp": True},
     "fedddpm_plus_dp": {**_PLUS, "dp": True},
+    # under DP from a PUBLIC pre-trained start (``pretrain:``, mnist5k in the UCI layout, the
+    # quickstart's 600 central steps, cached): the global model AND every phase-0 local model
+    # start from the public model; fewer phase-0 epochs may suffice from that start
+    "fedavg_pub_dp": {"pub": True, "dp": True},
+    "fedddpm_pre30_f10_pub_dp": {"fedddpm": {"enabled": True, "variant": "fedddpm",
+                                             "pretrain_epochs": 30, "calibration_fraction": 0.1},
+                                 "pub": True, "dp": True},
+    "fedddpm_pre10_f10_pub_dp": {"fedddpm": {"enabled": True, "variant": "fedddpm",
+                                             "pretrain_epochs": 10, "calibration_fraction": 0.1},
+                                 "pub": True, "dp": True},
+    "fedddpm_plus_pre30_w1_pub_dp": {"fedddpm": {"enabled": True, "variant": "fedddpm_plus",
+                                                 "pretrain_epochs": 30, "detector_window": 1,
+                                                 "detector_threshold": 0.05},
+                                     "pub": True, "dp": True},
+    "fedddpm_pre3_f10_pub_dp": {"fedddpm": {"enabled": True, "variant": "fedddpm",
+                                            "pretrain_epochs": 3, "calibration_fraction": 0.1},
+                                "pub": True, "dp": True},
     "feddiffuse_full": {"feddiffuse": {"enabled": True, "variant": "full"}},
     "feddiffuse_usplit": {"feddiffuse": {"enabled": True, "variant": "usplit"}},
     "feddiffuse_udec": {"feddiffuse": {"enabled": True, "variant": "udec"}},
     "feddiffuse_ulatdec": {"feddiffuse": {"enabled": True, "variant": "ulatdec"}},
 }
 DEFAULT_METHODS = [
-    m for m in METHODS if m != "fedavg_dp" and "pre30" not in m
+    m for m in METHODS if m != "fedavg_dp" and "pre30" not in m and "_pub" not in m
 ]
+
+#: the public pre-training of the ``*_pub*`` methods: the quickstart's (same model, same cache
+#: key), so one cached public model serves every seed and method
+PUBLIC_PRETRAIN: dict[str, Any] = {
+    "enabled": True,
+    "data": {"name": "mnist5k", "mnist5k_layout": "uci_digits"},
+    "steps": 600,
+    "batch_size": 128,
+    "lr": 0.002,
+}
 
 #: rounds, local steps, FID samples, FID every k rounds. ``full`` is the 90-minute grid: its
 #: 102 runs measured 2026-12-01 on 2 cores with ``--jobs 2`` (README, comparison). At 10 x 8 the
@@ -139,6 +182,8 @@ def build_raw(
         n = raw["federation"]["num_clients"]
         raw = _merge(raw, {"partition": {"kind": "iid"}, "federation": {"num_clients": 1},
                            "client": {"local_steps": sc["local_steps"] * n}})
+    if spec.pop("pub", False):
+        raw = _merge(raw, {"pretrain": PUBLIC_PRETRAIN})
     if spec.pop("dp", False):
         raw = _merge(raw, yaml.safe_load((ROOT / "experiments" / "compare_dp.yaml").read_text()))
     return _merge(raw, spec)

@@ -29,13 +29,16 @@ def _label(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:g}"
 
 
-def run_point(out: Path, eps: float, config: Path) -> Path:
-    """Run (or reuse) one sweep point; returns its run directory."""
-    run_dir = out / f"eps_{_label(eps)}"
+def run_point(out: Path, eps: float, config: Path, seed: int | None = None) -> Path:
+    """Run (or reuse) one sweep point; returns its run directory (``seed`` overrides the
+    config's run seed; the run directory is then ``eps_<e>_s<seed>``)."""
+    run_dir = out / point_dir(eps, seed)
     if (run_dir / "report.md").exists():
         print(f"[dp_sweep] epsilon={_label(eps)}: reusing {run_dir}")
         return run_dir
     overrides: dict[str, Any] = {"name": f"dp_sweep_eps_{_label(eps)}"}
+    if seed is not None:
+        overrides["seed"] = seed
     if math.isinf(eps):
         overrides["dp.level"] = "none"
     else:
@@ -46,6 +49,11 @@ def run_point(out: Path, eps: float, config: Path) -> Path:
     run_experiment(cfg, run_dir)
     print(f"[dp_sweep] epsilon={_label(eps)}: {time.perf_counter() - t0:.0f} s", flush=True)
     return run_dir
+
+
+def point_dir(eps: float, seed: int | None = None) -> str:
+    """``eps_<e>`` (the config's seed) or ``eps_<e>_s<seed>``."""
+    return f"eps_{_label(eps)}" + ("" if seed is None else f"_s{seed}")
 
 
 def summarise(run_dir: Path) -> dict[str, Any]:
@@ -129,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--summary-only", action="store_true", help="only tabulate finished runs under --out"
     )
+    ap.add_argument(
+        "--seed", type=int, default=None,
+        help="run seed (default: the config's); run directories become eps_<e>_s<seed>",
+    )
     args = ap.parse_args(argv)
     try:
         epsilons = [math.inf if e == "inf" else float(e) for e in args.epsilons]
@@ -139,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     points: dict[float, dict[str, Any]] = {}
     for eps in epsilons:
-        run_dir = args.out / f"eps_{_label(eps)}"
+        run_dir = args.out / point_dir(eps, args.seed)
         if not args.summary_only:
-            run_dir = run_point(args.out, eps, args.config)
+            run_dir = run_point(args.out, eps, args.config, args.seed)
         if (run_dir / "metrics.jsonl").exists():
             points[eps] = summarise(run_dir)
     if not points:

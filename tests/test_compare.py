@@ -43,6 +43,7 @@ def test_every_cell_of_the_grid_is_a_valid_config_with_equal_client_steps(compar
             if cfg.dp.level == "record":
                 assert cfg.dp.target_epsilon == 10
             assert cfg.fedddpm.enabled == method.startswith("fedddpm")
+            assert cfg.pretrain.enabled == ("_pub" in method)
             assert cfg.feddiffuse.enabled == method.startswith("feddiffuse")
             if method.startswith("fedddpm"):
                 want = "fedddpm_plus" if "plus" in method else "fedddpm"
@@ -123,3 +124,50 @@ def test_readme_block_is_replaced_and_a_missing_block_refused(compare: Any,
     with pytest.raises(SystemExit, match="compare:begin"):
         compare.update_readme(other, "x")
     assert other.read_text() == "no block"
+
+
+def test_public_start_methods_share_the_quickstarts_public_model(compare: Any) -> None:
+    import yaml
+
+    quick = yaml.safe_load((ROOT / "experiments" / "quickstart.yaml").read_text())
+    fa = parse_config(compare.build_raw("fedavg_pub_dp", "shards1", 0, "hetero"))
+    fd = parse_config(compare.build_raw("fedddpm_pre10_f10_pub_dp", "shards1", 2, "hetero"))
+    plain = parse_config(compare.build_raw("fedavg_dp", "shards1", 0, "hetero"))
+    for cfg in (fa, fd):
+        assert cfg.pretrain.enabled and cfg.dp.level == "record" and cfg.dp.target_epsilon == 10
+        assert cfg.pretrain.data.name == "mnist5k" and cfg.pretrain.data.name != cfg.data.name
+        for k in ("steps", "batch_size", "lr"):  # the quickstart's public pre-training
+            assert getattr(cfg.pretrain, k) == quick["pretrain"][k]
+    # the public start is the ONLY difference from the plain DP arm
+    assert fa.model_copy(update={"pretrain": plain.pretrain, "name": plain.name}) == plain
+    assert fd.fedddpm.pretrain_epochs == 10 and fd.fedddpm.calibration_fraction == 0.1
+
+
+def test_calibration_budget_ablation_changes_only_the_fraction(compare: Any) -> None:
+    ref = parse_config(compare.build_raw("fedddpm_pre30_f10", "shards1", 0, "hetero")).fedddpm
+    for name, f in (("fedddpm_pre30_f05", 0.05), ("fedddpm_pre30_f20", 0.2)):
+        fd = parse_config(compare.build_raw(name, "shards1", 0, "hetero")).fedddpm
+        assert fd.calibration_fraction == f
+        assert fd.model_copy(update={"calibration_fraction": 0.1}) == ref
+
+
+def test_fedddpm_plus_w1_detector_fires_within_the_hetero_rounds(compare: Any) -> None:
+    """The aux-holdout losses FedDDPM+ measured on shards1 seed 0 (hetero, rounds 1-4): the
+    default detector (window 2, 2%) never fires on them, the ``_w1`` one (window 1, 5%) fires
+    once at round 3; neither fires while the loss drops by >= 10% a round."""
+    from securefed.strategies.fedddpm_plus import SlowLearningDetector, drive
+
+    measured = [0.215412, 0.175866, 0.169497, 0.164199]
+    steady = [1.0, 0.9, 0.8, 0.7]
+
+    def fired(method: str, losses: list[float]) -> list[bool]:
+        fd = parse_config(compare.build_raw(method, "shards1", 0, "hetero")).fedddpm
+        det = SlowLearningDetector(fd.detector_window, fd.detector_threshold, fd.max_corrections)
+        return [d.fire for d in drive(det, losses)]
+
+    assert fired("fedddpm_plus_pre30", measured) == [False] * 4
+    assert fired("fedddpm_plus_pre30_w1", measured) == [False, False, True, False]
+    assert fired("fedddpm_plus_pre30_w1", steady) == [False] * 4
+    assert fired("fedddpm_plus_pre30_w1c160", measured) == [False, False, True, False]
+    c160 = parse_config(compare.build_raw("fedddpm_plus_pre30_w1c160", "shards1", 0, "hetero"))
+    assert c160.fedddpm.correction_steps == 160  # fedddpm_pre30_f10's 4 x 40 server steps

@@ -209,6 +209,28 @@ def test_calibration_zero_run_equals_plain_fedavg_run(tmp_path: Path) -> None:
     assert all(r["server"]["server_steps"] == 0 for r in wrapped.metrics)
 
 
+def test_fedddpm_plus_that_never_fires_is_plain_fedavg(tmp_path: Path) -> None:
+    """FedDDPM+ without a correction changes nothing: phase 0 restores the initial model, the
+    detector's aux-holdout evaluation touches neither the global model, the EMA nor any seed
+    stream, so the final and evaluated parameters are bit-identical to FedAvg's (the hetero
+    FedDDPM+ vs FedAvg gap in the README came from comparing runs of different code versions)."""
+    plain = run_experiment(
+        tiny_config(federation__rounds=2, strategy__ema_decay=0.5), tmp_path / "a",
+        progress=False, write_report=False,
+    )
+    plus = run_experiment(
+        tiny_config(**_fd(fedddpm__variant="fedddpm_plus", fedddpm__detector_window=5,
+                          strategy__ema_decay=0.5)),
+        tmp_path / "b", progress=False, write_report=False,
+    )
+    assert torch.equal(plain.final_params, plus.final_params)
+    assert all(r["server"]["server_steps"] == 0 for r in plus.metrics)
+    assert all(not r["server"]["detector"]["fired"] for r in plus.metrics)
+    for a, b in zip(plain.metrics, plus.metrics, strict=True):
+        assert a["mean_local_loss"] == b["mean_local_loss"]
+        assert a.get("holdout_loss") == b.get("holdout_loss")  # the EMA model, evaluated
+
+
 def test_pretrain_is_charged_and_planned(tmp_path: Path) -> None:
     dp = {"dp__level": "record", "dp__target_epsilon": 8.0, "dp__secure_noise": False}
     res = run_experiment(
