@@ -103,16 +103,24 @@ def run_variant(
     )
     st = AuditSettings(**{"progress": False, "seed": seed, **audit})
     rep = run_audit(run_dir, [load_threat_model("external_released_model")], st)
-    eps = rep.epsilon
     true_eps = (
         float("inf") if sigma == 0 else epsilon_of([(sigma, q, steps)], st.audit_delta, "prv")
     )
+    return _row(rep, name, seed, sigma, sigma_claimed, true_eps, train_s)
+
+
+def _row(
+    rep: Any, name: str, seed: int, used: float, claimed: float, true_eps: float,
+    train_s: float, **extra: Any,
+) -> dict[str, Any]:
+    """One table row from an audit report (``extra``: level-specific columns)."""
+    eps = rep.epsilon
     dp = next(c for c in rep.criteria if c.id == "dp-holds")
     return {
         "variant": name,
         "seed": seed,
-        "sigma_used": sigma,
-        "sigma_claimed": sigma_claimed,
+        "sigma_used": used,
+        "sigma_claimed": claimed,
         "claimed_eps_ledger_delta": eps.get("accountant_ledger"),
         "accountant_eps_audit_delta": eps.get("accountant"),
         "true_eps_audit_delta": true_eps,
@@ -120,6 +128,7 @@ def run_variant(
         "ceiling": eps.get("ceiling"),
         "eps_est": eps.get("eps_est"),
         "v_r": f"{eps['one_run']['v']}/{eps['one_run']['r']}",
+        **extra,
         "dp_holds": dp.outcome,
         "audit": "PASS" if rep.passed else "FAIL",
         "failed": sorted(c.id for c in rep.criteria if not c.passed),
@@ -192,29 +201,9 @@ def run_client_variant(
         float("inf") if z_used == 0
         else epsilon_of([(z_used, 1.0, max(1, k_max))], st.audit_delta, "prv")
     )
-    dp = next(c for c in rep.criteria if c.id == "dp-holds")
     cos = (best.get("andrew_cosine") or {}).get("eps_est")
-    return {
-        "level": "client",
-        "variant": name,
-        "seed": seed,
-        "sigma_used": z_used,
-        "sigma_claimed": z_claimed,
-        "claimed_eps_ledger_delta": eps.get("accountant_ledger"),
-        "accountant_eps_audit_delta": eps.get("accountant"),
-        "true_eps_audit_delta": true_eps,
-        "eps_lb": eps.get("eps_lb"),
-        "ceiling": eps.get("ceiling"),
-        "eps_est": eps.get("eps_est"),
-        "cosine_est": cos,
-        "v_r": f"{eps['one_run']['v']}/{eps['one_run']['r']}",
-        "participations_max": k_max,
-        "dp_holds": dp.outcome,
-        "audit": "PASS" if rep.passed else "FAIL",
-        "failed": sorted(c.id for c in rep.criteria if not c.passed),
-        "train_s": round(train_s, 1),
-        "audit_s": round(rep.seconds, 1),
-    }
+    return {"level": "client", **_row(rep, name, seed, z_used, z_claimed, true_eps, train_s,
+                                      cosine_est=cos, participations_max=k_max)}
 
 
 def table(rows: list[dict[str, Any]]) -> str:

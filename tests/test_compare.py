@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from securefed.config import parse_config
+from tests.experiment_scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def compare() -> Any:
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments" / "compare.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["compare"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("compare")
 
 
 def test_every_cell_of_the_grid_is_a_valid_config_with_equal_client_steps(compare: Any) -> None:

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from securefed.config import load_config
+from tests.experiment_scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def sweep() -> Any:
-    spec = importlib.util.spec_from_file_location("dp_sweep", ROOT / "experiments" / "dp_sweep.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dp_sweep"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("dp_sweep")
 
 
 def test_seed_overrides_the_run_seed_and_names_the_run_dir(
