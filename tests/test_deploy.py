@@ -586,6 +586,43 @@ def test_a_site_refuses_fedddpm_uploads_unless_it_opted_in(tmp_path: Path) -> No
                     "experiment": dump_config(cfg)})
 
 
+def test_in_process_adaptive_clipping_deployment(tmp_path: Path) -> None:
+    """Client-level DP with adaptive clipping deployed: the coordinator moves the clip norm by
+    the noised unclipped count; each site takes the round's norm from the broadcast (recorded
+    when the round starts), checks the clip-bit scale against its own plan, noises at that
+    norm and charges the same multiplier as the simulation (the charge does not depend on the
+    norm). Keys ahead are off (the next norm follows this round's sum)."""
+    from securefed.run import run_experiment
+
+    cfg = _cfg(federation={"rounds": 3},
+               dp={"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
+                   "adaptive_clipping": True, "secure_noise": True})
+    res, sites = _run_in_process(tmp_path, cfg)
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 3
+    run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    sim_ledger = json.loads((tmp_path / "sim" / "privacy_ledger.json").read_text())
+    keep = ("phase", "round", "steps", "sample_rate")
+    for i in range(3):
+        led = json.loads((tmp_path / f"site{i}" / "privacy_ledger.json").read_text())
+        mine = [e for e in sim_ledger["entries"] if e["client_id"] == i]
+        assert [{k: e[k] for k in keep} for e in led["entries"]] == [
+            {k: e[k] for k in keep} for e in mine
+        ]
+        # the multiplier is the same whatever the norm (up to float rounding of S / S)
+        assert [e["noise_multiplier"] for e in led["entries"]] == pytest.approx(
+            [e["noise_multiplier"] for e in mine], rel=1e-9)
+    # the clip norm moved, and every site planned each round at the norm the coordinator used
+    clips = [float(torch.load(tmp_path / "run" / "checkpoints" / f"round_{r:04d}.pt",
+                              weights_only=True)["strategy"]["client_dp_clip"][0])
+             for r in (1, 2)]
+    assert clips[0] != 0.5
+    for site in sites.values():
+        runs = json.loads((site.options.state_dir / "site_runs.json").read_text())["runs"]
+        (rec,) = runs.values()
+        assert rec["round_clips"] == {"2": pytest.approx(clips[0], rel=1e-6),
+                                      "3": pytest.approx(clips[1], rel=1e-6)}
+
+
 def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path) -> None:
     """CKKS deployed (honest-but-curious coordinator, every site opted in): two messages a
     round. The coordinator holds only the public context (its key folder), each site the shared

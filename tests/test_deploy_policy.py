@@ -318,6 +318,33 @@ def test_client_level_site_refuses_a_clip_norm_above_its_plan(tmp_path: Path) ->
         assert _ledger(site) == []
 
 
+def test_adaptive_clipping_site_refuses_an_inflated_clip_bit_scale(tmp_path: Path) -> None:
+    """Adaptive clipping: the site takes the clip norm from the broadcast (its noise scales
+    with it) but recomputes the clip bit's scale beta itself; a coordinator that inflates beta
+    10x (the bit would then carry more than the noise was planned for) is refused."""
+    import torch
+
+    from securefed.deploy.wire import decode_vector, encode_vector
+
+    def inflate(message_type: str, node: int, content: Mapping[str, Any]) -> dict[str, Any]:
+        if "broadcast.clip" in content:
+            s, beta = (float(v) for v in decode_vector(content["broadcast.clip"], 2, "t", "c"))
+            return {**content, "broadcast.clip": encode_vector(torch.tensor([s, 10 * beta]))}
+        return dict(content)
+
+    sites = _sites(tmp_path, 3)
+    net = _Net(sites, on_send=inflate)
+    cfg = _cfg(dp={"level": "client", "max_update_norm": 0.5, "adaptive_clipping": True})
+    coord = _coordinator(cfg, tmp_path, net)
+    coord.start()
+    line = coord.run_round(1)
+    assert line["participants"] == [] and "abandoned" in line
+    for cid in (0, 1, 2):
+        assert "differs from this site's plan" in line["dropout_reasons"][str(cid)]
+    for site in sites.values():
+        assert _ledger(site) == []
+
+
 # ------------------------------------------------------------------------ 4. DP plan pinned
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import secrets
 from pathlib import Path
+from typing import Any
 
 from securefed.config import ExperimentConfig
 from securefed.secagg.keys import ROSTER_FILE
@@ -14,6 +15,7 @@ from securefed.secagg.masking.stages import MaskingParams
 __all__ = [
     "DeployConfigError",
     "check_deployable",
+    "client_level_layer",
     "masking_params",
     "new_run_id",
     "roster_digest",
@@ -52,12 +54,6 @@ def check_deployable(cfg: ExperimentConfig) -> None:
                 "with record-level DP only; use 'masking' with client-level DP, FedDDPM or "
                 "FedDiffuse"
             )
-    if cfg.dp.level == "client" and cfg.dp.adaptive_clipping:
-        raise DeployConfigError(
-            "dp.adaptive_clipping: true moves the clip norm (and with it every site's noise) "
-            "by the coordinator's estimate each round, which a site cannot pin before it trains; "
-            "use fixed clipping (adaptive_clipping: false, dp.max_update_norm) when deployed"
-        )
     if cfg.federation.dropout_prob != 0:
         raise DeployConfigError(
             f"federation.dropout_prob: {cfg.federation.dropout_prob} simulates dropouts; a "
@@ -129,14 +125,30 @@ def roster_digest(keys_dir: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def client_level_layer(strategy: Any) -> Any:
+    """The DP-FedAvg layer (:class:`~securefed.privacy.client_level.ClientLevelDP`) of a
+    strategy stack (``dp.level: client``)."""
+    from securefed.privacy.client_level import ClientLevelDP
+
+    layer = strategy
+    while not isinstance(layer, ClientLevelDP):
+        layer = getattr(layer, "base", None)
+        if layer is None:  # pragma: no cover - build_strategy_stack wraps it
+            raise TypeError("dp.level client: the strategy stack has no ClientLevelDP layer")
+    return layer
+
+
 def round_masking_params(
-    cfg: ExperimentConfig, run_id: str, participants: int, vector_length: int
+    cfg: ExperimentConfig, run_id: str, participants: int, vector_length: int,
+    clip: float | None = None,
 ) -> MaskingParams:
     """The masking parameters of one round: :func:`run_masking_params`, plus, with client-level
     DP, the std of the distributed discrete Gaussian noise the round's sum carries (which sets
     each participant's share and widens the grid): the fixed-clipping noise plan of
     :meth:`~securefed.privacy.client_level.ClientLevelDP.round_noise` for ``participants`` and
-    the packed length ``vector_length``."""
+    the packed length ``vector_length``; with adaptive clipping, at the round's clip norm
+    ``clip`` (the coordinator's estimate, broadcast with the round; the noise scales with it, so
+    the multiplier each participation is charged does not depend on it)."""
     params = run_masking_params(cfg, run_id)
     if cfg.dp.level != "client":
         return params
@@ -144,5 +156,7 @@ def round_masking_params(
     from securefed.strategies import build_strategy
 
     plan = client_level_dp(cfg, build_strategy(cfg.strategy, cfg.federation.num_clients))
+    if clip is not None:
+        plan.clip = float(clip)
     noise = plan.round_noise(participants, vector_length)
     return dataclasses.replace(params, noise_std=float(noise.std))

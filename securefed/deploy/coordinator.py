@@ -801,6 +801,8 @@ class Coordinator:
         cfg = self.cfg
         if not self.options.advertise_ahead or rnd >= cfg.federation.rounds:
             return None
+        if cfg.dp.level == "client" and cfg.dp.adaptive_clipping:
+            return None  # the next round's clip norm (and noise) follows this round's sum
         # the selection every strategy's configure_round makes (it runs again, unchanged, when
         # the round starts; a different cohort then just starts the round afresh)
         rng = np.random.default_rng(derive_seed(cfg.seed, Purpose.SELECT, rnd + 1))
@@ -820,10 +822,17 @@ class Coordinator:
         return _Ahead(rnd + 1, tuple(nxt), length, server, server.start())
 
     def _round_params(self, participants: int, length: int) -> Any:
-        """The round's masking parameters (with client-level DP, its noise std)."""
+        """The round's masking parameters (with client-level DP, its noise std; with adaptive
+        clipping at the clip norm this round broadcasts)."""
         from securefed.deploy.common import round_masking_params
 
-        return round_masking_params(self.cfg, self.run_id, participants, length)
+        clip = None
+        if self.cfg.dp.level == "client" and self.cfg.dp.adaptive_clipping:
+            from securefed.deploy.common import client_level_layer
+
+            # as the sites read it off the wire (float32): the same noise plan, the same grid
+            clip = float(np.float32(client_level_layer(self.strategy).clip))
+        return round_masking_params(self.cfg, self.run_id, participants, length, clip)
 
     def _ckks_server(self) -> Any:
         """The CKKS aggregator: the public-only context from the coordinator's key folder

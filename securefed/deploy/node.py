@@ -73,6 +73,7 @@ from securefed.config import ConfigError, ExperimentConfig, dump_config, parse_c
 from securefed.deploy.common import (
     DeployConfigError,
     check_deployable,
+    client_level_layer,
     roster_digest,
     round_masking_params,
     run_masking_params,
@@ -349,6 +350,9 @@ def dp_plan_fields(cfg: ExperimentConfig, num_examples: int) -> dict[str, Any]:
         fields.update({
             "dp.max_update_norm": dp.max_update_norm,
             "dp.adaptive_clipping": dp.adaptive_clipping,
+            "dp.target_unclipped_quantile": dp.target_unclipped_quantile,
+            "dp.clip_learning_rate": dp.clip_learning_rate,
+            "dp.clipped_count_stddev": dp.clipped_count_stddev,
             "federation.num_clients": fed.num_clients,
             "federation.fraction_fit": fed.fraction_fit,
             "federation.min_fit_clients": fed.min_fit_clients,
@@ -442,19 +446,7 @@ def check_round_policy(plan: RoundPlan, options: NodeOptions) -> None:
         )
 
 
-def _client_level_layer(strategy: Any) -> Any:
-    """The DP-FedAvg layer of a strategy stack (``dp.level: client``)."""
-    from securefed.privacy.client_level import ClientLevelDP
-
-    layer = strategy
-    while not isinstance(layer, ClientLevelDP):
-        layer = getattr(layer, "base", None)
-        if layer is None:  # pragma: no cover - build_strategy_stack wraps it
-            raise TypeError("dp.level client: the strategy stack has no ClientLevelDP layer")
-    return layer
-
-
-def _check_clip(broadcast: Mapping[str, Any], noise: Any, rnd: int) -> None:
+def _check_clip(broadcast: Mapping[str, Any], noise: Any, rnd: int, rel: float = 0.0) -> None:
     """Refuse a round whose broadcast clip norm (or clip-bit scale) is not the site's own plan:
     a larger norm would let an update of that size through at the noise the site planned."""
     import numpy as np
@@ -462,7 +454,9 @@ def _check_clip(broadcast: Mapping[str, Any], noise: Any, rnd: int) -> None:
     got = [float(v) for v in broadcast["clip"]] if "clip" in broadcast else None
     # the wire carries float32: compare at that precision
     want = [float(np.float32(noise.clip)), float(np.float32(noise.bit_scale))]
-    if got != want:
+    if got is None or len(got) != 2 or any(
+        abs(g - w) > rel * abs(w) for g, w in zip(got, want, strict=True)
+    ):
         raise PolicyError(
             f"round {rnd}: broadcast clip {got} differs from this site's plan {want} "
             "(dp.max_update_norm of the experiment it pinned); refusing to train"
@@ -797,7 +791,8 @@ class Site:
         return dict(state)
 
     def _round_start(
-        self, opening: bytes, rnd: int, run: RunRecord, cfg: ExperimentConfig
+        self, opening: bytes, rnd: int, run: RunRecord, cfg: ExperimentConfig,
+        clip: float | None = None,
     ) -> tuple[RoundPlan, Any]:
         """Check a :class:`RoundStart` before anything is spent on its round: addressed to this
         site for round ``rnd``, signed by the server under this run, above the site's last
@@ -824,7 +819,7 @@ class Site:
             )
         try:
             params = round_masking_params(
-                cfg, run.run_id, len(start.participants), start.vector_length
+                cfg, run.run_id, len(start.participants), start.vector_length, clip
             )
             plan = plan_round(params, rnd, start.participants, start.vector_length)
         except ValueError as exc:
@@ -832,12 +827,29 @@ class Site:
         check_round_policy(plan, self.options)
         return plan, params
 
-    def _round_params(self, cfg: ExperimentConfig, run: RunRecord) -> Any:
-        """``(participants, vector_length) -> MaskingParams`` of this run's rounds."""
+    def _round_params(self, cfg: ExperimentConfig, run: RunRecord, rnd: int) -> Any:
+        """``(participants, vector_length) -> MaskingParams`` of round ``rnd`` (with adaptive
+        clipping: at the clip norm recorded when the round started)."""
+        clip = run.round_clips.get(rnd)
+
         def params(participants: int, length: int) -> Any:
-            return round_masking_params(cfg, run.run_id, participants, length)
+            return round_masking_params(cfg, run.run_id, participants, length, clip)
 
         return params
+
+    def _adaptive_clip(self, cfg: ExperimentConfig, content: Mapping[str, Any]) -> float | None:
+        """Client-level DP with adaptive clipping: the round's clip norm ``S`` from the
+        broadcast (``broadcast.clip = [S, beta]``; the site checks beta against its own plan
+        when it trains). Any finite ``S > 0`` keeps the site's guarantee: its noise scales with
+        ``S``, so the multiplier it is charged does not change."""
+        if cfg.dp.level != "client" or not cfg.dp.adaptive_clipping:
+            return None
+        clip = decode_vector(get_bytes(content, "broadcast.clip", "coordinator"), 2,
+                             "coordinator", "broadcast.clip")
+        s = float(clip[0])
+        if not (s > 0 and s < float("inf")):
+            raise WireError(f"coordinator: broadcast.clip: clip norm {s} is not a positive number")
+        return s
     def _train(
         self, content: Mapping[str, Any], cfg: ExperimentConfig, record: SiteRecord,
         run: RunRecord, rnd: int, plan: RoundPlan | None,
@@ -905,11 +917,13 @@ class Site:
         if cfg.dp.level == "client":
             if plan is None:  # pragma: no cover - client-level DP runs on masking only
                 raise WireError(f"{who}: client-level DP needs the round's signed start")
-            noise = _client_level_layer(strategy).round_noise(
-                len(plan.participants), plan.vector_length
-            )
-            _check_clip(broadcast, noise, rnd)
-            _client_level_layer(strategy).current = noise
+            layer = client_level_layer(strategy)
+            if cfg.dp.adaptive_clipping:  # this round's S (recorded at its start)
+                layer.clip = run.round_clips[rnd]
+            noise = layer.round_noise(len(plan.participants), plan.vector_length)
+            # adaptive: S is the broadcast's own; beta is recomputed here (float32 on the wire)
+            _check_clip(broadcast, noise, rnd, rel=1e-6 if cfg.dp.adaptive_clipping else 0.0)
+            client_level_layer(strategy).current = noise
             steps, z, q = 1, noise.charged_multiplier, 1.0
         else:
             steps = local_steps_for(cfg.client, len(data))
@@ -1158,7 +1172,11 @@ class Site:
         run = self._current_run(record, content)
         rnd = get_int(content, "round", who, minimum=1)
         opening = get_bytes(content, "secagg", who)
-        plan, params = self._round_start(opening, rnd, run, cfg)
+        clip = self._adaptive_clip(cfg, content)
+        plan, params = self._round_start(opening, rnd, run, cfg, clip)
+        if clip is not None:  # the round's noise plan at its later stages
+            run.round_clips[rnd] = clip
+            save_site_record(self.options.state_dir, record)
         trained = self._train(content, cfg, record, run, rnd, plan)
         if isinstance(trained, dict):
             return trained
@@ -1179,6 +1197,8 @@ class Site:
         from securefed.secagg.masking.client import MaskingClient
 
         who = "coordinator"
+        if cfg.dp.level == "client" and cfg.dp.adaptive_clipping:
+            raise WireError(f"{who}: a round start ahead of its clip norm (adaptive clipping)")
         nrnd = get_int(content, "next_round", who, minimum=1)
         opening = get_bytes(content, "next_secagg", who)
         _plan, params = self._round_start(opening, nrnd, run, cfg)
@@ -1200,7 +1220,7 @@ class Site:
         run = self._current_run(record, content)
         rnd = get_int(content, "round", who, minimum=1)
         state, stored = load_round_state(
-            self.options.state_dir, self.cid, rnd, self._round_params(cfg, run)
+            self.options.state_dir, self.cid, rnd, self._round_params(cfg, run, rnd)
         )
         if state.stage != Stage.ADVERTISE_KEYS or stored is not None or state.plan is None:
             raise WireError(
@@ -1217,7 +1237,7 @@ class Site:
         if isinstance(trained, dict):
             return trained
         vector, keys, update, privacy = trained
-        params = self._round_params(cfg, run)(
+        params = self._round_params(cfg, run, rnd)(
             len(state.plan.participants), state.plan.vector_length
         )
         key, roster = self._identity()
@@ -1255,10 +1275,10 @@ class Site:
                     f"{self.options.min_cohort} (--node-config min-cohort); refusing to unmask"
                 )
         state, vector = load_round_state(
-            self.options.state_dir, self.cid, rnd, self._round_params(cfg, run)
+            self.options.state_dir, self.cid, rnd, self._round_params(cfg, run, rnd)
         )
         if state.plan is not None:
-            params = self._round_params(cfg, run)(
+            params = self._round_params(cfg, run, rnd)(
                 len(state.plan.participants), state.plan.vector_length
             )
         key, roster = self._identity()

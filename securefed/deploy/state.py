@@ -197,6 +197,9 @@ class RunRecord:
             persisted before the upload leaves; a second phase 0 of the run is refused.
         last_decrypted_round: CKKS key holder: the last round whose aggregate this site
             decrypted; a second decryption for a round (a decryption oracle) is refused.
+        round_clips: client-level DP with adaptive clipping: round -> the clip norm broadcast
+            with that round's start (its noise plan at every later stage of the round); the
+            last two rounds are kept.
     """
 
     run_id: str
@@ -207,6 +210,7 @@ class RunRecord:
     last_trained_round: int = 0
     phase0_done: bool = False
     last_decrypted_round: int = 0
+    round_clips: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -246,6 +250,7 @@ def load_site_record(state_dir: Path) -> SiteRecord:
                 last_trained_round=int(v["last_trained_round"]),
                 phase0_done=bool(v.get("phase0_done", False)),
                 last_decrypted_round=int(v.get("last_decrypted_round", 0)),
+                round_clips={int(r): float(c) for r, c in v.get("round_clips", {}).items()},
             )
             for k, v in doc["runs"].items()
         }
@@ -277,6 +282,7 @@ def save_site_record(state_dir: Path, record: SiteRecord) -> None:
                 "last_trained_round": r.last_trained_round,
                 "phase0_done": r.phase0_done,
                 "last_decrypted_round": r.last_decrypted_round,
+                "round_clips": {str(k): c for k, c in sorted(r.round_clips.items())[-2:]},
             }
             for k, r in sorted(record.runs.items())
         },
