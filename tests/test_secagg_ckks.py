@@ -505,3 +505,39 @@ def test_other_parameters_work() -> None:
     err = np.max(np.abs(res.total - inputs[0] - inputs[1]))
     assert err <= proto.error_bound(2, 1.0)
     assert err > 1e-6  # 2^20 scale: visibly noisier than 2^40
+
+
+def test_a_deployment_binds_its_run_id_into_every_signature(ctx: ts.Context) -> None:
+    """Attack: replay a previous run's round-1 upload (validly signed by the site) in a new
+    run's round 1. With the run id bound into the signed payload (a deployment's ``session``),
+    the server of the new run refuses it; the same run accepts it, and the key holder refuses
+    an aggregate signed for another run."""
+    key = Ed25519PrivateKey.generate()
+    server_key = Ed25519PrivateKey.generate()
+    old, new = os.urandom(16), os.urandom(16)
+    x = np.linspace(-0.5, 0.5, 10)
+    upload = CKKSClient(0, ctx, key, session=old).encrypt_update(1, x)
+
+    def server(session: bytes) -> CKKSServer:
+        s = CKKSServer(public_context_bytes(ctx), {0: key.public_key()}, server_key,
+                       session=session)
+        s.begin_round(1, x.shape[0])
+        return s
+
+    with pytest.raises(CKKSMessageError, match="client 0: signature"):
+        server(new).receive(0, upload)
+    same = server(old)
+    same.receive(0, upload)
+    aggregate = same.finish()
+    got = CKKSClient(0, ctx, key, session=old).decrypt_aggregate(
+        1, x.shape[0], aggregate, server_key.public_key()
+    )
+    assert np.max(np.abs(got - x)) < 1e-4
+    with pytest.raises(CKKSMessageError, match="server: signature"):
+        CKKSClient(0, ctx, key, session=new).decrypt_aggregate(
+            1, x.shape[0], aggregate, server_key.public_key()
+        )
+    # without a session (the in-process protocol) the payload is the old one
+    plain = CKKSClient(0, ctx, key).encrypt_update(1, x)
+    with pytest.raises(CKKSMessageError, match="signature"):
+        server(old).receive(0, plain)

@@ -849,7 +849,7 @@ class Coordinator:
             )
         keys = {c: self._roster.client(c) for c in self.sites}
         server = CKKSServer(path.read_bytes(), {c: k for c, k in keys.items() if k is not None},
-                            self._server_key)
+                            self._server_key, session=bytes.fromhex(self.run_id))
         sa = self.cfg.secure_aggregation
         want = (sa.ckks_poly_modulus_degree, tuple(sa.ckks_coeff_mod_bit_sizes),
                 sa.ckks_scale_bits)

@@ -1055,7 +1055,7 @@ class Site:
             out["epsilon"] = float(privacy.ledger.epsilon(self.cid))
         return out
 
-    def _ckks_client(self, cfg: ExperimentConfig) -> Any:
+    def _ckks_client(self, cfg: ExperimentConfig, run_id: str = "") -> Any:
         """This site's CKKS role: the shared secret context (``keys-dir/ckks_secret.ctx``,
         0600, with the experiment's parameters) and its own roster signing key; each value it
         encrypts is at most the modulus' capacity shared among ``num_clients`` sites."""
@@ -1084,7 +1084,8 @@ class Site:
             )
         key = self._identity()[0]
         return CKKSClient(self.cid, ctx, key,
-                          max_abs=got.max_abs_sum() / cfg.federation.num_clients)
+                          max_abs=got.max_abs_sum() / cfg.federation.num_clients,
+                          session=bytes.fromhex(run_id))  # every signature names the run
 
     def ckks_upload(self, content: Mapping[str, Any]) -> dict[str, Any]:
         """CKKS round (the site opted in): check the round (replay, cohort), train under DP
@@ -1114,7 +1115,7 @@ class Site:
         if isinstance(trained, dict):
             return trained
         vector, keys, update, privacy = trained
-        chunks = self._ckks_client(cfg).encrypt_update(rnd, vector)
+        chunks = self._ckks_client(cfg, run.run_id).encrypt_update(rnd, vector)
         out = self._trained_reply(rnd, run, b"", keys, update, privacy)
         del out["secagg"]
         out["ckks"] = pack_chunks(chunks)
@@ -1154,7 +1155,7 @@ class Site:
         run.last_decrypted_round = rnd  # persisted before anything is decrypted
         save_site_record(self.options.state_dir, record)
         chunks = unpack_chunks(get_bytes(content, "aggregate", who), who, "aggregate")
-        total = self._ckks_client(cfg).decrypt_aggregate(
+        total = self._ckks_client(cfg, run.run_id).decrypt_aggregate(
             rnd, length, chunks, self._identity()[1].server
         )
         return {"status": "ok", "round": rnd, "run_id": run.run_id,

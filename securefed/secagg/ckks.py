@@ -500,17 +500,24 @@ class MessageHeader:
         )
 
 
-def _signed_payload(header: bytes, ciphertext: bytes) -> bytes:
-    return DOMAIN + header + hashlib.sha256(ciphertext).digest()
+def _signed_payload(header: bytes, ciphertext: bytes, session: bytes = b"") -> bytes:
+    # a deployment binds its run id (``session``) into every signature: a message of one run
+    # does not verify in another; the in-process protocol signs without one
+    run = b"run" + struct.pack(">H", len(session)) + session if session else b""
+    return DOMAIN + run + header + hashlib.sha256(ciphertext).digest()
 
 
-def pack_message(header: MessageHeader, ciphertext: bytes, key: Ed25519PrivateKey) -> bytes:
-    """``header || ciphertext || Ed25519(DOMAIN || header || SHA-256(ciphertext))``."""
+def pack_message(
+    header: MessageHeader, ciphertext: bytes, key: Ed25519PrivateKey, session: bytes = b""
+) -> bytes:
+    """``header || ciphertext || Ed25519(DOMAIN [|| run id] || header || SHA-256(ciphertext))``."""
     head = header.pack()
-    return head + ciphertext + key.sign(_signed_payload(head, ciphertext))
+    return head + ciphertext + key.sign(_signed_payload(head, ciphertext, session))
 
 
-def unpack_message(message: bytes, sender: int | str) -> tuple[MessageHeader, bytes, bytes, bytes]:
+def unpack_message(
+    message: bytes, sender: int | str, session: bytes = b""
+) -> tuple[MessageHeader, bytes, bytes, bytes]:
     """Split a message into (header, ciphertext, signature, signed payload). No signature check.
 
     Raises:
@@ -532,7 +539,7 @@ def unpack_message(message: bytes, sender: int | str) -> tuple[MessageHeader, by
     ct = message[HEADER_BYTES:-SIGNATURE_BYTES]
     sig = message[-SIGNATURE_BYTES:]
     header = MessageHeader(kind, rnd, snd, idx, count, length, fp)
-    return header, ct, sig, _signed_payload(head, ct)
+    return header, ct, sig, _signed_payload(head, ct, session)
 
 
 def _verify(
@@ -605,10 +612,12 @@ class CKKSClient:
         signing_key: Ed25519PrivateKey,
         *,
         max_abs: float | None = None,
+        session: bytes = b"",
     ) -> None:
         """
         Args:
             client_id: this client's id (bound into every message).
+            session: a deployment's run id, bound into every signature (default: none).
             context: the shared secret CKKS context.
             signing_key: this client's Ed25519 identity key.
             max_abs: largest |value| this client may encrypt; None:
@@ -625,6 +634,7 @@ class CKKSClient:
         self.fingerprint = context_fingerprint(context)
         self.max_abs = self.params.max_abs_sum() if max_abs is None else max_abs
         self._key = signing_key
+        self._session = bytes(session)
 
     @property
     def verify_key(self) -> Ed25519PublicKey:
@@ -662,7 +672,7 @@ class CKKSClient:
                 vec.shape[0],
                 self.fingerprint,
             )
-            out.append(pack_message(header, ct, self._key))
+            out.append(pack_message(header, ct, self._key, self._session))
         return out
 
     def decrypt_aggregate(
@@ -685,7 +695,7 @@ class CKKSClient:
         out = np.empty(length, dtype=np.float64)
         seen: set[int] = set()
         for msg in messages:
-            header, ct, sig, payload = unpack_message(msg, "server")
+            header, ct, sig, payload = unpack_message(msg, "server", self._session)
             if header.sender != SERVER_SENDER:
                 raise CKKSMessageError(
                     "server", "sender", f"aggregate claims sender {header.sender}"
@@ -731,8 +741,11 @@ class CKKSServer:
         public_context: bytes,
         verify_keys: Mapping[int, Ed25519PublicKey],
         signing_key: Ed25519PrivateKey,
+        *,
+        session: bytes = b"",
     ) -> None:
-        """Load the server context from public bytes.
+        """Load the server context from public bytes (``session``: a deployment's run id,
+        bound into every signature it checks or makes).
 
         Raises:
             CKKSContextError: the bytes are not a context, or they contain a secret key.
@@ -751,6 +764,7 @@ class CKKSServer:
         self.fingerprint = context_fingerprint(ctx)
         self._verify_keys = dict(verify_keys)
         self._key = signing_key
+        self._session = bytes(session)
         self._round: int | None = None
         self._length = 0
         self._acc: list[ts.CKKSVector] = []
@@ -802,7 +816,7 @@ class CKKSServer:
             )
         chunks: dict[int, ts.CKKSVector] = {}
         for msg in messages:
-            header, ct, sig, payload = unpack_message(msg, client_id)
+            header, ct, sig, payload = unpack_message(msg, client_id, self._session)
             if header.sender != client_id:
                 raise CKKSMessageError(
                     client_id,
@@ -882,7 +896,7 @@ class CKKSServer:
                 self._length,
                 self.fingerprint,
             )
-            out.append(pack_message(header, vec.serialize(), self._key))
+            out.append(pack_message(header, vec.serialize(), self._key, self._session))
         self._acc = []
         return out
 
