@@ -56,12 +56,18 @@ def test_flower_simulation_runtime_matches_the_in_process_simulation(tmp_path: P
     from securefed.run import run_experiment
 
     # the sites' default floors (min-threshold 2/3, min-cohort 3): t = 3 of 3; seeded noise is
-    # the sites' own opt-in (a rehearsal), so both paths draw the same noise
-    cfg = _cfg(secure_aggregation={"threshold": 0.67})
+    # the sites' own opt-in (a rehearsal), so both paths draw the same noise. FedDDPM: phase 0
+    # travels as its own Flower message (the sites opt in to the upload), then the masking
+    # stages with the next round's keys on the unmasking stage
+    cfg = _cfg(secure_aggregation={"threshold": 0.67},
+               fedddpm={"enabled": True, "variant": "fedddpm", "pretrain_epochs": 1.0,
+                        "aux_total": 24, "calibration_steps": 2, "server_batch_size": 8,
+                        "aux_sampling_steps": 4})
     exp = _write_cfg(tmp_path / "experiment.yaml", cfg)
     run_dir = tmp_path / "flower-sim"
     fed = FlowerSimulation(tmp_path / "fed", 3, ray_cpus=min(2, os.cpu_count() or 1),
-                           site_config={"allow-seeded-noise": True})
+                           site_config={"allow-seeded-noise": True,
+                                        "allow-individual-uploads": True})
     t0 = time.monotonic()
     try:
         fed.start()
@@ -85,8 +91,10 @@ def test_flower_simulation_runtime_matches_the_in_process_simulation(tmp_path: P
     # simulation's entries for it
     assert_matches_simulation(
         cfg, run_dir, tmp_path / "sim", sim.final_params,
-        [fed.site_state_dir(i) / "privacy_ledger.json" for i in range(3)],
+        [fed.site_state_dir(i) / "privacy_ledger.json" for i in range(3)], entries=3,
     )
+    assert sorted(p.name for p in (run_dir / "received").iterdir()) == [
+        f"client_{i}_samples.npz" for i in range(3)]
     print("flower simulation timing:", json.dumps({
         "flower_sim_total_s": round(flower_seconds, 1),
         "flower_sim_round_s": [r["seconds"]["round_total"] for r in rows],
@@ -103,3 +111,21 @@ def test_flower_sim_cli_refuses_a_used_run_directory(tmp_path: Path) -> None:
     (out / "metrics.jsonl").write_text("{}\n")
     assert main(["flower-sim", str(exp), "--out", str(out)]) == 2
     assert (out / "metrics.jsonl").read_text() == "{}\n"  # nothing written over
+
+
+def test_the_client_app_handles_every_message_the_coordinator_sends() -> None:
+    """A message type without a ClientApp handler fails at a real site (the in-process tests
+    call the site handlers directly, so they would not notice)."""
+    from securefed.deploy.client_app import app
+    from securefed.deploy.wire import (
+        MESSAGE_CKKS_DECRYPT,
+        MESSAGE_CKKS_UPLOAD,
+        MESSAGE_PHASE0,
+        MESSAGE_SETUP,
+        stage_message_type,
+    )
+    from securefed.secagg.masking.stages import Stage
+
+    sent = {MESSAGE_SETUP, MESSAGE_PHASE0, MESSAGE_CKKS_UPLOAD, MESSAGE_CKKS_DECRYPT,
+            *(stage_message_type(s) for s in Stage.ORDER)}
+    assert sent <= set(app._registered_funcs)

@@ -17,6 +17,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from securefed.deploy.wire import MESSAGE_CKKS_DECRYPT, MESSAGE_CKKS_UPLOAD, MESSAGE_PHASE0
 from securefed.secagg.masking.stages import Stage
 
 __all__ = ["app"]
@@ -73,5 +74,9 @@ def _register(stage: str) -> None:
     app.train(stage)(handler)
 
 
-for _stage in Stage.ORDER:
+# every train.* message the coordinator sends: the masking stages, FedDDPM's phase 0 and the
+# two CKKS messages (a message type without a handler would fail at the site)
+for _stage in (*Stage.ORDER, *(m.partition(".")[2] for m in (
+    MESSAGE_PHASE0, MESSAGE_CKKS_UPLOAD, MESSAGE_CKKS_DECRYPT
+))):
     _register(_stage)
