@@ -12,6 +12,7 @@ Run directory::
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -245,15 +246,22 @@ def client_level_multiplier(cfg: ExperimentConfig) -> float:
     at, calibrated once from ``target_epsilon`` for :func:`client_level_schedule` (or
     ``dp.noise_multiplier``). A deployed site and its coordinator compute it each from the
     experiment, as the simulation does."""
-    from securefed.privacy import calibrate_noise_multiplier
-
     dp = cfg.dp
     if dp.noise_multiplier is not None:
         return float(dp.noise_multiplier)
     if dp.target_epsilon is None:  # pragma: no cover - excluded by DPConfig validation
         raise ValueError("dp.target_epsilon: required when noise_multiplier is unset")
     planned, delta = client_level_schedule(cfg)
-    return float(calibrate_noise_multiplier(dp.target_epsilon, delta, 1.0, planned, dp.accountant))
+    return _calibrated(float(dp.target_epsilon), delta, planned, dp.accountant)
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrated(target_epsilon: float, delta: float, steps: int, accountant: str) -> float:
+    """The accountant's bisection, once per plan (a deployed site and coordinator recompute the
+    round's noise plan at every stage)."""
+    from securefed.privacy import calibrate_noise_multiplier
+
+    return float(calibrate_noise_multiplier(target_epsilon, delta, 1.0, steps, accountant))
 
 
 def build_client_level_privacy(

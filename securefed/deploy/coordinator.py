@@ -492,15 +492,7 @@ class Coordinator:
                     "round": rnd, "stage": stage, "run_id": self.run_id, "secagg": outgoing[cid]
                 }
                 if stage == train_stage[cid]:
-                    last = self._last_trained.get(cid)
-                    c.update(broadcast)
-                    c.update(
-                        broadcast_keys=names,
-                        weight_scale=self.weight_scale,
-                        image_shape=list(self.image_shape),
-                        num_classes=self.num_classes,
-                        commit=int(last is not None and cid in self._survivors.get(last, ())),
-                    )
+                    c.update(self._training_content(cid, broadcast, names))
                     down[cid] += bcast_bytes
                 if ahead_next is not None and cid in ahead_next.outgoing:
                     c.update(next_round=rnd + 1, next_secagg=ahead_next.outgoing[cid])
@@ -862,9 +854,9 @@ class Coordinator:
         return server
 
     def _training_content(
-        self, rnd: int, cid: int, broadcast: Mapping[str, bytes], names: list[str]
+        self, cid: int, broadcast: Mapping[str, bytes], names: list[str]
     ) -> dict[str, Any]:
-        """What a site needs to train round ``rnd``: the broadcast and the public facts."""
+        """What site ``cid`` needs to train: the broadcast and the public facts."""
         last = self._last_trained.get(cid)
         return {
             **broadcast,
@@ -901,7 +893,7 @@ class Coordinator:
         contents = {
             self.sites[c].node_id: {
                 "round": rnd, "run_id": self.run_id, "participants": list(clients),
-                **self._training_content(rnd, c, broadcast, names),
+                **self._training_content(c, broadcast, names),
             }
             for c in clients
         }

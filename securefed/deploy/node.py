@@ -446,6 +446,16 @@ def check_round_policy(plan: RoundPlan, options: NodeOptions) -> None:
         )
 
 
+def _refuse_trained(run: RunRecord, rnd: int) -> None:
+    """Replay: a round at or below the site's last trained round of the run is refused."""
+    if rnd <= run.last_trained_round:
+        raise PolicyError(
+            f"round: {rnd} is at or below this site's last trained round "
+            f"{run.last_trained_round} of run {run.run_id}; a round is trained once (two "
+            "sums of one round over different cohorts would reveal a site's update)"
+        )
+
+
 def _check_clip(broadcast: Mapping[str, Any], noise: Any, rnd: int, rel: float = 0.0) -> None:
     """Refuse a round whose broadcast clip norm (or clip-bit scale) is not the site's own plan:
     a larger norm would let an update of that size through at the noise the site planned."""
@@ -800,12 +810,7 @@ class Site:
         masking parameters (with client-level DP: the noise this site plans for the round)."""
         params = run_masking_params(cfg, run.run_id)
         who = "coordinator"
-        if rnd <= run.last_trained_round:
-            raise PolicyError(
-                f"round: {rnd} is at or below this site's last trained round "
-                f"{run.last_trained_round} of run {run.run_id}; a round is trained once (two "
-                "sums of one round over different cohorts would reveal a site's update)"
-            )
+        _refuse_trained(run, rnd)
         start = decode_message(opening, self.cid, params.session)
         if not (
             isinstance(start, RoundStart) and start.round_id == rnd and start.recipient == self.cid
@@ -870,6 +875,7 @@ class Site:
         from securefed.strategies import pack_update
 
         who = "coordinator"
+        _refuse_trained(run, rnd)  # every path that trains passes here
         self._commit_previous(content)
         scale = content.get("weight_scale")
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
@@ -1097,11 +1103,6 @@ class Site:
         record = self._record()
         run = self._current_run(record, content)
         rnd = get_int(content, "round", who, minimum=1)
-        if rnd <= run.last_trained_round:
-            raise PolicyError(
-                f"round: {rnd} is at or below this site's last trained round "
-                f"{run.last_trained_round} of run {run.run_id}; a round is trained once"
-            )
         parts = content.get("participants")
         if not (isinstance(parts, list) and all(isinstance(c, int) for c in parts)
                 and parts == sorted(set(parts)) and self.cid in parts):
@@ -1227,11 +1228,6 @@ class Site:
             raise WireError(
                 f"{who}: a training key broadcast for round {rnd}, but this site's round state "
                 f"is at stage {state.stage!r}; it trains a round once"
-            )
-        if rnd <= run.last_trained_round:
-            raise PolicyError(
-                f"round: {rnd} is at or below this site's last trained round "
-                f"{run.last_trained_round} of run {run.run_id}; a round is trained once"
             )
         check_round_policy(state.plan, self.options)
         trained = self._train(content, cfg, record, run, rnd, state.plan)

@@ -67,6 +67,39 @@ _ROUNDS_DIR = "gradient_rounds"
 _PURPOSE_DRAW, _PURPOSE_SAMPLE = 1, 2
 
 
+def _save_secret(
+    canary_dir: str | Path, name: str, key: bytes, arrays: dict[str, np.ndarray],
+    meta: dict[str, object],
+) -> Path:
+    """The canary key, ``<name>.npz`` and ``<name>.json`` under ``canary_dir`` (0700), each
+    written atomically with mode 0600: audit-only secrets."""
+    d = Path(canary_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o700)
+    atomic_write_bytes(d / CANARY_KEY_FILENAME, key, mode=0o600)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy stubs: allow_pickle kw
+    atomic_write_bytes(d / f"{name}.npz", buf.getvalue(), mode=0o600)
+    atomic_write_json(
+        d / f"{name}.json",
+        {**meta, "note": "audit-only secrets: never release with the model"},
+        mode=0o600,
+    )
+    return d
+
+
+def _load_secret(
+    canary_dir: str | Path, name: str
+) -> tuple[bytes, dict[str, np.ndarray]] | None:
+    """Inverse of :func:`_save_secret`: ``(key, arrays)``, or None when there is no set."""
+    d = Path(canary_dir)
+    if not (d / f"{name}.npz").exists():
+        return None
+    key = (d / CANARY_KEY_FILENAME).read_bytes()
+    with np.load(d / f"{name}.npz", allow_pickle=False) as z:
+        return key, {k: z[k] for k in z.files}
+
+
 def canary_uniforms(key: bytes, n: int) -> np.ndarray:
     """``n`` uniforms on [0, 1) (53-bit grid) from the ChaCha20 keystream of ``key``."""
     if n <= 0:
@@ -155,41 +188,20 @@ class GradientCanaries:
 
     def save(self, canary_dir: str | Path, clip: float) -> Path:
         """Write the key, the canaries and their metadata under ``canary_dir`` (all 0600)."""
-        d = Path(canary_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        d.chmod(0o700)
-        atomic_write_bytes(d / CANARY_KEY_FILENAME, self.key, mode=0o600)
-        buf = io.BytesIO()
-        np.savez(
-            buf,
-            param_index=self.param_index,
-            offset=self.offset,
-            signs=self.signs,
-            included=self.included,
-            clients=self.clients,
+        return _save_secret(
+            canary_dir, "gradient", self.key,
+            {"param_index": self.param_index, "offset": self.offset, "signs": self.signs,
+             "included": self.included, "clients": self.clients},
+            {"m": len(self), "included": int(self.included.sum()), "clip": float(clip),
+             "kind": "dirac gradient canaries (white-box, record-level DP-SGD)"},
         )
-        atomic_write_bytes(d / "gradient.npz", buf.getvalue(), mode=0o600)
-        atomic_write_json(
-            d / "gradient.json",
-            {
-                "m": len(self),
-                "included": int(self.included.sum()),
-                "clip": float(clip),
-                "kind": "dirac gradient canaries (white-box, record-level DP-SGD)",
-                "note": "audit-only secrets: never release with the model",
-            },
-            mode=0o600,
-        )
-        return d
 
     @classmethod
     def load(cls, canary_dir: str | Path) -> GradientCanaries | None:
-        d = Path(canary_dir)
-        if not (d / "gradient.npz").exists():
+        loaded = _load_secret(canary_dir, "gradient")
+        if loaded is None:
             return None
-        key = (d / CANARY_KEY_FILENAME).read_bytes()
-        with np.load(d / "gradient.npz", allow_pickle=False) as z:
-            arrs = {k: z[k] for k in z.files}
+        key, arrs = loaded
         return cls(
             arrs["param_index"].astype(np.int64),
             arrs["offset"].astype(np.int64),
@@ -415,34 +427,21 @@ class CanaryClients:
         return cls(g.param_index, g.offset, flat, g.signs, g.included, g.key)
 
     def save(self, canary_dir: str | Path) -> Path:
-        d = Path(canary_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        d.chmod(0o700)
-        atomic_write_bytes(d / CANARY_KEY_FILENAME, self.key, mode=0o600)
-        buf = io.BytesIO()
-        np.savez(buf, param_index=self.param_index, offset=self.offset, flat=self.flat,
-                 signs=self.signs, included=self.included)
-        atomic_write_bytes(d / "clients.npz", buf.getvalue(), mode=0o600)
-        atomic_write_json(
-            d / "clients.json",
-            {
-                "m": len(self),
-                "included": int(self.included.sum()),
-                "kind": "dirac canary clients (white-box, client-level DP-FedAvg)",
-                "note": "audit-only secrets: never release with the model",
-            },
-            mode=0o600,
+        return _save_secret(
+            canary_dir, "clients", self.key,
+            {"param_index": self.param_index, "offset": self.offset, "flat": self.flat,
+             "signs": self.signs, "included": self.included},
+            {"m": len(self), "included": int(self.included.sum()),
+             "kind": "dirac canary clients (white-box, client-level DP-FedAvg)"},
         )
-        return d
 
     @classmethod
     def load(cls, canary_dir: str | Path) -> CanaryClients | None:
         d = Path(canary_dir)
-        if not (d / "clients.npz").exists():
+        loaded = _load_secret(d, "clients")
+        if loaded is None:
             return None
-        key = (d / CANARY_KEY_FILENAME).read_bytes()
-        with np.load(d / "clients.npz", allow_pickle=False) as z:
-            a = {k: z[k] for k in z.files}
+        key, a = loaded
         sizes = {a[k].shape for k in ("param_index", "offset", "flat", "signs", "included")}
         if len(sizes) != 1:
             raise ValueError(f"{d / 'clients.npz'}: arrays of different lengths (corrupt file)")
