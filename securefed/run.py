@@ -36,12 +36,18 @@ from securefed.data import (
 )
 from securefed.diffusion import NoiseSchedule, UNet, sample
 from securefed.federation.checkpoint import CheckpointError, load_latest
-from securefed.federation.simulation import PrivacyContext, SimClient, Simulation
+from securefed.federation.engine import RoundEngine
+from securefed.federation.record import RoundRecord, read_records
+from securefed.federation.simulation import (
+    InProcessClients,
+    PrivacyContext,
+    SimClient,
+    SimulationEvaluation,
+)
 from securefed.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    read_jsonl,
     write_jsonl,
 )
 from securefed.report.grid import save_grid
@@ -460,39 +466,36 @@ def run_experiment(
             privacy.canaries = CanaryClients.create_or_load(
                 privacy.canary_dir, model, cfg.canaries.m
             )
-    sim = Simulation(
-        cfg,
-        model,
-        schedule,
-        clients,
-        data.holdout,
-        strategy,
-        protocol,
-        dev,
-        evaluate_quality=quality,
-        on_samples=write_samples,
-        progress=progress,
-        privacy=privacy,
+    transport = InProcessClients(
+        cfg, model, schedule, clients, protocol, dev, progress=progress, privacy=privacy
     )
+    evaluation = SimulationEvaluation(
+        cfg, clients, data.holdout, model, schedule, dev,
+        evaluate_quality=quality, on_samples=write_samples,
+    )
+    engine = RoundEngine(cfg, strategy, transport, get_flat(model), evaluate=evaluation)
 
     if cfg.feddiffuse.enabled:
-        sim.strategy = _wrap_feddiffuse(cfg, model, sim.strategy)
+        engine.strategy = _wrap_feddiffuse(cfg, model, engine.strategy)
     if cfg.fedddpm.enabled:
-        sim.strategy = _wrap_fedddpm(cfg, run_dir, sim, data, privacy, resume, progress)
+        engine.strategy = _wrap_fedddpm(
+            cfg, run_dir, engine, transport, data, privacy, resume, progress
+        )
 
     metrics_path = run_dir / "metrics.jsonl"
     ckpt_dir = run_dir / "checkpoints"
+    rows: list[RoundRecord]
     if resume:
         ckpt = load_latest(ckpt_dir)
-        sim.restore(ckpt)
+        engine.restore(ckpt)
         if privacy is not None and privacy.level == "record":
             # charges of rounds after the checkpoint are KEPT (their updates may have left); a
             # replayed round is free only if it reproduces the recorded digest of the released
             # update, else it is retrained with fresh noise and charged again. Client-level
             # noise is drawn from os.urandom inside the protocol: never replayed, always kept.
             privacy.ledger.reopen_after(ckpt.round)
-        rows = [r for r in read_jsonl(metrics_path) if int(r["round"]) <= ckpt.round]
-        write_jsonl(metrics_path, rows)  # drop lines of rounds after the checkpoint
+        rows = [r for r in read_records(metrics_path) if r.round <= ckpt.round]
+        write_jsonl(metrics_path, [r.to_json() for r in rows])  # drop rounds after the checkpoint
         log.info("resumed %s after round %d", run_dir, ckpt.round)
     else:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
@@ -521,57 +524,43 @@ def run_experiment(
         if cfg.evaluation.fid_at_start or cfg.pretrain.enabled:
             # with public pre-training, round 0 IS the public-only model: always measured
             t0 = time.perf_counter()
-            line: dict[str, Any] = {"round": 0, "holdout_loss": sim.holdout_loss(get_flat(model))}
-            if cfg.pretrain.enabled:
-                line["public_only"] = True
-            write_samples(0, get_flat(model))
+            start = get_flat(model)
+            extra: dict[str, Any] = {"public_only": True} if cfg.pretrain.enabled else {}
+            loss = evaluation.holdout_loss(start)
+            write_samples(0, start)
             if cfg.evaluation.fid:
-                line.update(quality(0, get_flat(model)))
-            line["seconds"] = {"fid": round(time.perf_counter() - t0, 4)}
-            rows.append(line)
-        write_jsonl(metrics_path, rows)
+                extra.update(quality(0, start))
+            rows.append(
+                RoundRecord(round=0, holdout_loss=loss, evaluation=extra).with_seconds(
+                    fid=time.perf_counter() - t0
+                )
+            )
+        write_jsonl(metrics_path, [r.to_json() for r in rows])
 
     rounds = cfg.federation.rounds
     last = rounds if stop_after_round is None else min(rounds, stop_after_round)
     meta = {"name": cfg.name, "parameters": num_params(model)}
-    bar = tqdm(total=rounds, initial=sim.round, desc="rounds", disable=not progress, unit="round")
-    stop_reason = None
-    for rnd in range(sim.round + 1, last + 1):
-        if not sim.can_continue():
-            stop_reason = (
-                f"every client's privacy budget (dp.target_epsilon={cfg.dp.target_epsilon}) is "
-                f"exhausted after round {sim.round}; the run ends here"
-            )
-            log.warning(stop_reason)
-            break
-        t0 = time.perf_counter()
-        line = sim.run_round(rnd)
-        line["seconds"]["round_total"] = round(time.perf_counter() - t0, 4)
-        rows.append(line)
-        # metrics first, checkpoint second: a crash between them replays this round on resume
-        write_jsonl(metrics_path, rows)
-        if rnd % cfg.checkpoint.every == 0 or rnd == last:
-            tc = time.perf_counter()
-            sim.save(ckpt_dir, meta)
-            line["seconds"]["checkpoint"] = round(time.perf_counter() - tc, 4)
-            write_jsonl(metrics_path, rows)
+    bar = tqdm(
+        total=rounds, initial=engine.round, desc="rounds", disable=not progress, unit="round"
+    )
+
+    def on_round(record: RoundRecord) -> None:
         bar.update(1)
-        bar.set_postfix_str(_postfix(line))
+        bar.set_postfix_str(_postfix(record))
+
+    stop_reason = engine.run(run_dir, rows, meta, last=last, on_round=on_round)
     bar.close()
 
-    finished = sim.round >= rounds or stop_reason is not None
-    if stop_reason is not None:
-        atomic_write_json(run_dir / "stopped.json", {"round": sim.round, "reason": stop_reason})
-        if sim.round > 0:
-            tc = time.perf_counter()
-            sim.save(ckpt_dir, meta)
-            log.info("final checkpoint in %.2f s", time.perf_counter() - tc)
+    finished = engine.round >= rounds or stop_reason is not None
     if write_report and finished:
         from securefed.report import write_run_report
 
         write_run_report(run_dir)
-    log.info("run %s: %d rounds in %.1f s", run_dir, sim.round, time.perf_counter() - t_start)
-    return RunResult(run_dir, sim.round, sim.global_params.clone(), rows, finished)
+    log.info("run %s: %d rounds in %.1f s", run_dir, engine.round, time.perf_counter() - t_start)
+    return RunResult(
+        run_dir, engine.round, engine.global_params.clone(), [r.to_json() for r in rows],
+        finished,
+    )
 
 
 def _public_pretrain(
@@ -642,7 +631,8 @@ def _wrap_feddiffuse(cfg: ExperimentConfig, model: UNet, base: Strategy) -> Stra
 def _wrap_fedddpm(
     cfg: ExperimentConfig,
     run_dir: Path,
-    sim: Simulation,
+    engine: RoundEngine,
+    sim: InProcessClients,
     data: PreparedData,
     privacy: PrivacyContext | None,
     resume: bool,
@@ -665,7 +655,7 @@ def _wrap_fedddpm(
         log.info("resume: reloaded the auxiliary set (%d images) from %s", len(aux), run_dir)
     else:
         t0 = time.perf_counter()
-        init = sim.global_params.clone()
+        init = engine.global_params.clone()
         uploads: dict[int, torch.Tensor] = {}
         aux, meta = build_auxiliary_set(
             cfg, sim.model, sim.schedule, sim.clients, init, data.members.num_classes,
@@ -683,7 +673,7 @@ def _wrap_fedddpm(
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         save_auxiliary(run_dir, aux, meta)
     return fedddpm_wrapper(
-        cfg, sim.strategy, sim.model, sim.schedule, sim.device, aux,
+        cfg, engine.strategy, sim.model, sim.schedule, sim.device, aux,
         [len(c.data) for c in sim.clients],
     )
 
@@ -724,12 +714,12 @@ def fedddpm_wrapper(
     return FedDDPM(base, fd, calibrator, client_examples_per_round=client_examples)
 
 
-def _postfix(line: dict[str, Any]) -> str:
+def _postfix(record: RoundRecord) -> str:
     parts = []
-    if line.get("mean_local_loss") is not None:
-        parts.append(f"loss={line['mean_local_loss']:.4f}")
-    if "holdout_loss" in line:
-        parts.append(f"holdout={line['holdout_loss']:.4f}")
-    if "fid" in line:
-        parts.append(f"fid={line['fid']:.2f}")
+    if record.mean_local_loss is not None:
+        parts.append(f"loss={record.mean_local_loss:.4f}")
+    if record.holdout_loss is not None:
+        parts.append(f"holdout={record.holdout_loss:.4f}")
+    if record.fid is not None:
+        parts.append(f"fid={record.fid:.2f}")
     return " ".join(parts)

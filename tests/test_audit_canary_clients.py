@@ -166,17 +166,17 @@ class _Killed(Exception):
 def _killed_after_round_3(cfg: Any, run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run until round 3 has trained, aggregated and written its canary file and metrics, and
     kill it just before round 3's checkpoint: the released checkpoint is round 2."""
-    from securefed.federation.simulation import Simulation
+    from securefed.federation.engine import RoundEngine
 
-    orig = Simulation.save
+    orig = RoundEngine.save
 
-    def save(self: Simulation, ckpt_dir: Path, meta: Any) -> None:
+    def save(self: RoundEngine, ckpt_dir: Path, meta: Any) -> None:
         if self.round == 3:
             raise _Killed
         orig(self, ckpt_dir, meta)
 
     with monkeypatch.context() as mp:
-        mp.setattr(Simulation, "save", save)
+        mp.setattr(RoundEngine, "save", save)
         with pytest.raises(_Killed):
             run_experiment(cfg, run, progress=False, write_report=False)
 

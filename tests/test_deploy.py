@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from securefed.client.runtime import local_round
+from securefed.client.runtime import build_trainer, local_round
 from securefed.config import ExperimentConfig, parse_config
 from securefed.deploy.common import DeployConfigError, check_deployable, masking_params
 from securefed.deploy.coordinator import (
@@ -39,12 +39,12 @@ from securefed.deploy.node import (
     NodeOptions,
     PolicyError,
     Site,
-    build_trainer,
     dispatch,
 )
 from securefed.deploy.state import StateError, load_round_state, save_round_state
 from securefed.deploy.tls import load_supernode_public_key, write_tls_material
 from securefed.deploy.wire import PROTOCOL_VERSION, WireError, decode_vector, encode_vector
+from securefed.diffusion import NoiseSchedule
 from securefed.secagg.keys import init_identity_keys, load_identities
 from securefed.secagg.masking.client import MaskingClient
 from securefed.secagg.masking.server import MaskingServer
@@ -303,7 +303,11 @@ def _expected_round_one(
             init = get_flat(model)
         privacy = build_privacy(cfg, work / f"re{cid}", [SimClient(cid, data)], resume=False)
         out = local_round(
-            cfg, strategy, build_trainer(cfg, model, torch.device("cpu")), cid, data,
+            cfg, strategy,
+            build_trainer(
+                cfg, model, NoiseSchedule.from_config(cfg.diffusion), torch.device("cpu")
+            ),
+            cid, data,
             strategy.broadcast(init), {}, 1, privacy,
         )
         assert out is not None

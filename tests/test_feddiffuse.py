@@ -155,7 +155,7 @@ def test_resume_keeps_local_parts_exact(tmp_path: Path) -> None:
 
 
 def test_personal_quality_reports_mean_and_worst(tmp_path: Path) -> None:
-    from securefed.federation.simulation import Simulation
+    from securefed.federation.simulation import SimulationEvaluation
 
     fids = {0: 10.0, 1: 30.0, 2: 20.0}
 
@@ -164,7 +164,7 @@ def test_personal_quality_reports_mean_and_worst(tmp_path: Path) -> None:
             c = int(p[0])
             return {"fid": fids[c], "precision": 0.1 * c, "note": "x"}
 
-    out = Simulation._personal_quality(
+    out = SimulationEvaluation._personal_quality(
         _S(), 1, {c: torch.tensor([float(c)]) for c in fids}  # type: ignore[arg-type]
     )
     assert out["fid"] == pytest.approx(20.0) and out["fid_worst"] == 30.0

@@ -20,9 +20,27 @@ if TYPE_CHECKING:
     from securefed.client.trainer import LocalResult
     from securefed.config import ExperimentConfig
     from securefed.data import ImageDataset
+    from securefed.diffusion import NoiseSchedule
     from securefed.strategies import ClientUpdate, Strategy
 
-__all__ = ["local_round"]
+__all__ = ["build_trainer", "local_round"]
+
+
+def build_trainer(
+    cfg: ExperimentConfig, model: torch.nn.Module, schedule: NoiseSchedule, device: torch.device
+) -> Any:
+    """The client trainer for ``cfg`` (one choice for every transport): DP-SGD
+    (:class:`~securefed.client.dp.DPLocalTrainer`) when ``dp.level: record``, else the plain
+    :class:`~securefed.client.trainer.LocalTrainer` (client-level DP clips and noises the update,
+    not the steps)."""
+    from securefed.client.trainer import LocalTrainer
+
+    conditional = cfg.model.class_conditional
+    if cfg.dp.level == "record":
+        from securefed.client.dp import DPLocalTrainer
+
+        return DPLocalTrainer(model, schedule, cfg.client, cfg.dp, device, conditional)
+    return LocalTrainer(model, schedule, cfg.client, device, conditional)
 
 
 def local_round(

@@ -1,12 +1,15 @@
-"""The coordinator (ServerApp side): the simulation's round, with each masking stage a
-network round-trip to the sites.
+"""The coordinator (ServerApp side): the round engine's deployed transport, each masking stage
+a network round-trip to the sites.
 
-The round mirrors :meth:`securefed.federation.simulation.Simulation.run_round`: the same
-``Strategy.configure_round`` with the same ``(seed, round)`` stream selects the sites and builds
-the broadcast; each selected site trains locally (on its own machine, see
+There is one round loop, :class:`~securefed.federation.engine.RoundEngine`; the
+:class:`Coordinator` is its :class:`~securefed.federation.engine.ClientTransport` for a Flower
+deployment, as :class:`~securefed.federation.simulation.InProcessClients` is for the simulation.
+The engine's ``Strategy.configure_round`` with the same ``(seed, round)`` stream selects the
+sites and builds the broadcast; each selected site trains locally (on its own machine, through
+the same client runtime :func:`securefed.client.runtime.local_round`, see
 :mod:`securefed.deploy.node`); the masking server
-(:class:`~securefed.secagg.masking.server.MaskingServer`) runs the five stages, one message per
-site and stage; only the SUM reaches ``Strategy.aggregate_cohorts``.
+(:class:`~securefed.secagg.masking.server.MaskingServer`) runs its stages, one message per
+site and stage; only the SUM goes back to the engine and ``Strategy.aggregate_cohorts``.
 
 Every run has a fresh run id (:func:`~securefed.deploy.common.new_run_id`), sent at setup and
 with every message; the masking protocol binds it into every signature, key derivation and AEAD
@@ -21,8 +24,8 @@ stage closes (e.g. a secret that no ``t`` of the returned Shamir shares reconstr
 round too; it never ends the run. Wrong shares that the robust reconstruction could correct are
 blamed on the sites that returned them (``protocol_info.bad_share_holders``).
 
-The transport is abstract (:class:`Transport`): :mod:`securefed.deploy.server_app` implements
-it over Flower's ``Grid``; tests may implement it in-process.
+How messages reach the sites is abstract (:class:`Transport`): :mod:`securefed.deploy.server_app`
+implements it over Flower's ``Grid``; tests may implement it in-process.
 """
 
 from __future__ import annotations
@@ -63,9 +66,12 @@ from securefed.deploy.wire import (
     stage_message_type,
     unpack_chunks,
 )
-from securefed.io import atomic_write_json, atomic_write_text, write_jsonl
+from securefed.federation.engine import ClientRound, ClientTransport, RoundEngine
+from securefed.federation.record import RoundRecord
+from securefed.io import atomic_write_json, atomic_write_text
 from securefed.secagg.base import AggregationAbortedError
 from securefed.secagg.masking.stages import ProtocolError, Stage
+from securefed.strategies import Strategy
 
 __all__ = [
     "Coordinator",
@@ -166,8 +172,9 @@ class _Ahead:
         return len(data)
 
 
-class Coordinator:
-    """Runs an experiment over a :class:`Transport`.
+class Coordinator(ClientTransport):
+    """Runs an experiment over a :class:`Transport`: the round engine's deployed
+    :class:`~securefed.federation.engine.ClientTransport`.
 
     Args:
         cfg: the experiment (sent to every site at setup; the sites validate it themselves).
@@ -199,6 +206,8 @@ class Coordinator:
         self._last_trained: dict[int, int] = {}  # client -> last round it trained in
         self._survivors: dict[int, set[int]] = {}  # round -> clients whose update was used
         self._ahead: _Ahead | None = None  # the next round, started with this round's unmask
+        self._exhausted: set[int] = set()  # sites that reported an exhausted budget
+        self.engine: RoundEngine  # built by start()
 
     # ------------------------------------------------------------------ helpers
     def _event(self, **values: Any) -> None:
@@ -302,38 +311,26 @@ class Coordinator:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> DeployResult:
-        """Setup, then every configured round; fills the run directory."""
-        from securefed.federation.checkpoint import save_checkpoint
-
+        """Setup, then every configured round through the round engine (the simulation's loop:
+        metrics, checkpoints every ``checkpoint.every`` rounds, the budget stop rule)."""
         meta = self.start()
-        cfg, run_dir = self.cfg, self.options.run_dir
-        rows: list[dict[str, Any]] = []
-        for rnd in range(1, cfg.federation.rounds + 1):
-            t0 = time.perf_counter()
-            line = self.run_round(rnd)
-            line["seconds"]["round_total"] = round(time.perf_counter() - t0, 4)
-            rows.append(line)
-            write_jsonl(run_dir / "metrics.jsonl", rows)
-            from securefed.federation.checkpoint import Checkpoint
+        rows: list[RoundRecord] = []
+        self.engine.run(self.options.run_dir, rows, meta)
+        self._event(stage="finished", round=self.engine.round)
+        return DeployResult(
+            self.options.run_dir, self.engine.round, self.global_params.clone(),
+            [r.to_json() for r in rows],
+        )
 
-            save_checkpoint(
-                run_dir / "checkpoints",
-                Checkpoint(
-                    round=rnd,
-                    global_params=self.global_params.clone(),
-                    strategy=self.strategy.state_dict(),
-                    clients={},  # private client state stays on the sites
-                    meta=meta,
-                ),
-                cfg.checkpoint.keep_last,
-            )
-            if line.get("budget_exhausted") and set(line["budget_exhausted"]) >= set(self.sites):
-                reason = f"every site's privacy budget is exhausted after round {rnd - 1}"
-                atomic_write_json(run_dir / "stopped.json", {"round": rnd, "reason": reason})
-                log.warning(reason)
-                break
-        self._event(stage="finished", round=len(rows))
-        return DeployResult(run_dir, len(rows), self.global_params.clone(), rows)
+    @property
+    def strategy(self) -> Strategy:
+        """The server rule (owned by the engine)."""
+        return self.engine.strategy
+
+    @property
+    def global_params(self) -> torch.Tensor:
+        """``[D]`` the current global model (owned by the engine)."""
+        return self.engine.global_params
 
     def start(self) -> dict[str, Any]:
         """Create the run directory, run setup, build the model and strategy; returns the
@@ -353,15 +350,16 @@ class Coordinator:
         model = build_model(cfg, self.image_shape, self.num_classes)
         if cfg.pretrain.enabled:
             self._public_pretrain(model)
-        self.global_params = get_flat(model)
-        self._numel = int(self.global_params.numel())
         self.weight_scale = float(sum(s.num_examples for s in self.sites.values()))
-        self.strategy = build_strategy_stack(cfg, model, self.weight_scale)
+        self.engine = RoundEngine(
+            cfg, build_strategy_stack(cfg, model, self.weight_scale), self, get_flat(model)
+        )
+        self._numel = int(self.global_params.numel())
         self.params = run_masking_params(cfg, self.run_id)
         if cfg.secure_aggregation.protocol == "ckks":
             self._ckks = self._ckks_server()
         if cfg.fedddpm.enabled:
-            self.strategy = self._fedddpm_phase0(model)
+            self.engine.strategy = self._fedddpm_phase0(model)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         atomic_write_json(
             run_dir / "model.json",
@@ -391,30 +389,41 @@ class Coordinator:
         return {"name": cfg.name, "parameters": num_params(model), "deployment": "flower"}
 
     def run_round(self, rnd: int) -> dict[str, Any]:
-        """One round over the network; returns its ``metrics.jsonl`` line."""
+        """One round of the engine over the network (after :meth:`start`); returns its
+        ``metrics.jsonl`` line. :meth:`run` runs every round through the same engine."""
+        return self.engine.run_round(rnd).to_json()
+
+    # ------------------------------------------------------------------ ClientTransport
+    def client_ids(self) -> list[int]:
+        return sorted(self.sites)
+
+    def commit(self, rnd: int, participants: list[int]) -> None:
+        """The sites learn it with their next round's training message (``commit``)."""
+        self._survivors[rnd] = set(participants)
+
+    def can_continue(self, next_round: int, strategy: Any) -> str | None:
+        if self._exhausted and self._exhausted >= set(self.sites):
+            return f"every site's privacy budget is exhausted after round {next_round - 1}"
+        return None
+
+    def run_clients(
+        self, rnd: int, plan: Any, strategy: Any, rng: np.random.Generator
+    ) -> ClientRound:
+        """Round ``rnd``'s stages over the network: every selected site trains at its training
+        stage (on its own machine) and the masking (or CKKS) protocol returns only the sum."""
         from securefed.secagg.masking.quantize import quantization_error_bound
         from securefed.secagg.masking.server import MaskingServer
-        from securefed.seeds import Purpose, derive_seed
         from securefed.strategies import CohortSum, unpack_sum
 
         cfg = self.cfg
-        rng = np.random.default_rng(derive_seed(cfg.seed, Purpose.SELECT, rnd))
-        plan = self.strategy.configure_round(
-            rnd,
-            self.global_params,
-            sorted(self.sites),
-            cfg.federation.fraction_fit,
-            cfg.federation.min_fit_clients,
-            rng,
-        )
         # the vector layout every selected site will send: the strategy's client hook applied
         # to the broadcast itself (no client data; only the names and sizes are used)
-        self.strategy.set_current_client(plan.clients[0])
-        layout = self.strategy.client_update(
+        strategy.set_current_client(plan.clients[0])
+        layout = strategy.client_update(
             plan.broadcast, plan.broadcast["params"], 1, 1, cfg.client.lr, {},
             mean_grad=torch.zeros_like(plan.broadcast["params"]),
         )
-        cohorts = self.strategy.upload_cohorts(rnd, dict.fromkeys(plan.clients, layout))
+        cohorts = strategy.upload_cohorts(rnd, dict.fromkeys(plan.clients, layout))
         if len(cohorts) != 1:
             raise DeployConfigError(
                 f"strategy.name: {cfg.strategy.name!r} uploads in {len(cohorts)} cohorts a "
@@ -427,6 +436,9 @@ class Coordinator:
         names = sorted(plan.broadcast)
         broadcast = {f"broadcast.{n}": encode_vector(plan.broadcast[n]) for n in names}
         bcast_bytes = sum(len(b) for b in broadcast.values())
+        if cfg.secure_aggregation.protocol == "ckks":
+            return self._run_round_ckks(rnd, plan.clients, keys, length, broadcast, names,
+                                        bcast_bytes, cohort)
 
         seconds: dict[str, float] = {}
         dropped_at: dict[int, str] = {}
@@ -436,11 +448,6 @@ class Coordinator:
         epsilon: dict[str, float] = {}
         up = dict.fromkeys(plan.clients, 0)
         down = dict.fromkeys(plan.clients, 0)
-        line: dict[str, Any] = {"round": rnd, "selected": list(plan.clients)}
-
-        if cfg.secure_aggregation.protocol == "ckks":
-            return self._run_round_ckks(rnd, plan.clients, keys, length, broadcast, names,
-                                        bcast_bytes, line, cohort)
         ahead, self._ahead = self._ahead, None
         train_stage = dict.fromkeys(plan.clients, Stage.ADVERTISE_KEYS)
         if (
@@ -466,7 +473,7 @@ class Coordinator:
                     self._roster, self._server_key, record_view=False,
                 )
             except ValueError as exc:
-                return self._abandon(line, f"round {rnd} cannot run: {exc}", dropped_at, seconds)
+                return self._abandon(f"round {rnd} cannot run: {exc}", "masking")
             outgoing = server.start()
             skip, failed_ahead = set(), {}
         live = set(plan.clients)
@@ -564,64 +571,48 @@ class Coordinator:
             if aborted is not None:
                 break
 
-        line["trained"] = trained
-        if cfg.dp.level in ("record", "client"):
-            line["epsilon"] = epsilon
-            line["budget_exhausted"] = exhausted
-        line["bytes_up_clients"] = {str(c): int(v) for c, v in up.items()}
-        line["bytes_down_clients"] = {str(c): int(v) for c, v in down.items()}
-        if reasons:
-            line["dropout_reasons"] = {str(c): r for c, r in reasons.items()}
-        out = server.output
-        if aborted is not None or out is None:
-            reason = aborted or "secure aggregation ended without a result"
-            return self._abandon(line, reason, dropped_at, seconds)
-
-        t0 = time.perf_counter()
-        stand_in = {plan.clients[0]: layout}  # unpack_sum reads only the vector sizes
-        sums, total_weight = unpack_sum(out.total, keys, stand_in)
-        self.global_params = self.strategy.aggregate_cohorts(
-            rnd, self.global_params, {cohort: CohortSum(sums, total_weight, len(out.survivors))}
-        ).to(torch.float32)
-        seconds["server_update"] = round(time.perf_counter() - t0, 4)
-        self._survivors[rnd] = set(out.survivors)
-        if out.bad_share_holders:
+        self._exhausted.update(exhausted)
+        dp = cfg.dp.level in ("record", "client")
+        out = ClientRound(
+            sums={}, trained=trained, participants=[], dropped=sorted(dropped_at),
+            protocol="masking", bytes_up=int(sum(up.values())),
+            bytes_down=int(sum(down.values())),
+            epsilon=epsilon if dp else None, budget_exhausted=exhausted if dp else None,
+            transport=_site_facts(dropped_at, reasons, up, down), seconds=seconds,
+        )
+        result = server.output
+        if aborted is not None or result is None:
+            out.abandoned = aborted or "secure aggregation ended without a result"
+            return out
+        sums, total_weight = unpack_sum(result.total, keys, {plan.clients[0]: layout})
+        out.sums = {cohort: CohortSum(sums, total_weight, len(result.survivors))}
+        out.participants = sorted(result.survivors)
+        if result.bad_share_holders:
             log.warning(
                 "round %d: sites %s returned wrong Shamir shares (corrected from the others')",
-                rnd, list(out.bad_share_holders),
+                rnd, list(result.bad_share_holders),
             )
         splan = server.state.plan
-        late = sorted(c for c in out.survivors if c in dropped_at)
-        line.update(
-            participants=sorted(out.survivors),
-            dropped=sorted(dropped_at),
-            dropped_at={str(c): s for c, s in sorted(dropped_at.items())},
-            bytes_up=int(sum(up.values())),
-            bytes_down=int(sum(down.values())),
-            protocol="masking",
-            protocol_info={
-                "dropouts_recovered": len(out.recovered),
-                "recovered_clients": list(out.recovered),
-                "threshold": splan.threshold,
-                "neighbours": "all" if splan.graph.complete else splan.graph.degree,
-                "pruned": list(out.pruned),
-                "late_dropouts": late,
-                "bad_share_holders": list(out.bad_share_holders),
-                "bits": self.params.bits,
-                "quantization_error_bound": quantization_error_bound(
-                    splan.quant, len(out.survivors)
-                ),
-                "total_weight": total_weight,
-            },
-            exchange={"params_up": len(out.survivors) * length,
-                      "params_down": len(plan.clients) * len(names) * int(
-                          plan.broadcast[names[0]].numel())},
-        )
-        server_metrics = self.strategy.round_metrics()
-        if server_metrics:
-            line["server"] = server_metrics
-        line["seconds"] = seconds
-        return line
+        out.protocol_info = {
+            "dropouts_recovered": len(result.recovered),
+            "recovered_clients": list(result.recovered),
+            "threshold": splan.threshold,
+            "neighbours": "all" if splan.graph.complete else splan.graph.degree,
+            "pruned": list(result.pruned),
+            "late_dropouts": sorted(c for c in result.survivors if c in dropped_at),
+            "bad_share_holders": list(result.bad_share_holders),
+            "bits": self.params.bits,
+            "quantization_error_bound": quantization_error_bound(
+                splan.quant, len(result.survivors)
+            ),
+            "total_weight": total_weight,
+        }
+        out.exchange = {
+            "params_up": len(result.survivors) * length,
+            "params_down": len(plan.clients) * len(names) * int(
+                plan.broadcast[names[0]].numel()),
+        }
+        return out
 
     def _public_pretrain(self, model: Any) -> None:
         """``pretrain.enabled``: the public model (trained here on the public set, or from the
@@ -870,8 +861,8 @@ class Coordinator:
     def _run_round_ckks(
         self, rnd: int, clients: Any, keys: list[str], length: int,
         broadcast: Mapping[str, bytes], names: list[str], bcast_bytes: int,
-        line: dict[str, Any], cohort: str,
-    ) -> dict[str, Any]:
+        cohort: str,
+    ) -> ClientRound:
         """One CKKS round (``server_threat: honest_but_curious``; every site opted in): two
         messages. Each site trains and uploads its signed ciphertexts; the coordinator checks
         and adds them (public context only); the lowest surviving site decrypts the signed
@@ -929,16 +920,22 @@ class Coordinator:
                 dropped_at[cid], reasons[cid] = "upload", reason
                 log.warning("round %d: site %d dropped: %s", rnd, cid, reason)
         seconds["upload"] = round(time.perf_counter() - t0, 4)
-        line.update(trained=trained, epsilon=epsilon, budget_exhausted=exhausted,
-                    bytes_up_clients={str(c): int(v) for c, v in up.items()},
-                    bytes_down_clients={str(c): int(v) for c, v in down.items()})
-        if reasons:
-            line["dropout_reasons"] = {str(c): r for c, r in reasons.items()}
+        self._exhausted.update(exhausted)
+        out = ClientRound(
+            sums={}, trained=trained, participants=[], dropped=sorted(dropped_at),
+            protocol="ckks", epsilon=epsilon, budget_exhausted=exhausted, seconds=seconds,
+        )
+
+        def finish(abandoned: str | None = None) -> ClientRound:
+            out.bytes_up, out.bytes_down = int(sum(up.values())), int(sum(down.values()))
+            out.transport = _site_facts(dropped_at, reasons, up, down)
+            out.abandoned = abandoned
+            return out
+
         survivors = sorted(server.contributors)
         need = resolve_threshold(float(cfg.secure_aggregation.threshold), len(clients))
         if len(survivors) < need:
-            return self._abandon(line, f"{len(survivors)} sites uploaded, the threshold is "
-                                 f"{need}", dropped_at, seconds, protocol="ckks")
+            return finish(f"{len(survivors)} sites uploaded, the threshold is {need}")
         t0 = time.perf_counter()
         aggregate = server.finish()
         holder = survivors[0]
@@ -961,69 +958,47 @@ class Coordinator:
             if not np.all(np.isfinite(total)):
                 raise WireError(f"key holder {holder}: the sum is not finite")
         except WireError as exc:
-            return self._abandon(line, f"decryption by site {holder} failed: {exc}", dropped_at,
-                                 seconds, protocol="ckks")
+            return finish(f"decryption by site {holder} failed: {exc}")
         up[holder] += len(raw)
         seconds["decrypt"] = round(time.perf_counter() - t0, 4)
-        t0 = time.perf_counter()
         sums, total_weight = unpack_sum(total, keys, {clients[0]: self._layout})
-        self.global_params = self.strategy.aggregate_cohorts(
-            rnd, self.global_params, {cohort: CohortSum(sums, total_weight, len(survivors))}
-        ).to(torch.float32)
-        seconds["server_update"] = round(time.perf_counter() - t0, 4)
-        self._survivors[rnd] = set(survivors)
+        out.sums = {cohort: CohortSum(sums, total_weight, len(survivors))}
+        out.participants = survivors
         params = server.params
-        line.update(
-            participants=survivors,
-            dropped=sorted(dropped_at),
-            dropped_at={str(c): s for c, s in sorted(dropped_at.items())},
-            bytes_up=int(sum(up.values())),
-            bytes_down=int(sum(down.values())),
-            bytes_up_clients={str(c): int(v) for c, v in up.items()},
-            bytes_down_clients={str(c): int(v) for c, v in down.items()},
-            protocol="ckks",
-            protocol_info={
-                "key_holder": holder,
-                "chunks": len(aggregate),
-                "threshold": need,
-                "error_bound": ckks_error_bound(
-                    len(survivors), float(cfg.secure_aggregation.clip_range),
-                    poly_modulus_degree=params.poly_modulus_degree,
-                    scale_bits=params.scale_bits, release_quantum=params.release_quantum,
-                ),
-                "total_weight": total_weight,
-            },
-            exchange={"params_up": len(survivors) * length,
-                      "params_down": len(clients) * len(names) * self._numel},
-            seconds=seconds,
-        )
-        server_metrics = self.strategy.round_metrics()
-        if server_metrics:
-            line["server"] = server_metrics
-        return line
+        out.protocol_info = {
+            "key_holder": holder,
+            "chunks": len(aggregate),
+            "threshold": need,
+            "error_bound": ckks_error_bound(
+                len(survivors), float(cfg.secure_aggregation.clip_range),
+                poly_modulus_degree=params.poly_modulus_degree,
+                scale_bits=params.scale_bits, release_quantum=params.release_quantum,
+            ),
+            "total_weight": total_weight,
+        }
+        out.exchange = {"params_up": len(survivors) * length,
+                        "params_down": len(clients) * len(names) * self._numel}
+        return finish()
 
-    def _abandon(
-        self,
-        line: dict[str, Any],
-        reason: str,
-        dropped_at: Mapping[int, str],
-        seconds: dict[str, float],
-        protocol: str = "masking",
-    ) -> dict[str, Any]:
-        log.warning("round %d abandoned: %s; the global model is unchanged", line["round"], reason)
-        line.setdefault("trained", [])
-        line.update(
-            participants=[],
-            dropped=sorted(dropped_at),
-            dropped_at={str(c): s for c, s in sorted(dropped_at.items())},
-            bytes_up=int(sum(line.get("bytes_up_clients", {}).values())),
-            bytes_down=int(sum(line.get("bytes_down_clients", {}).values())),
-            protocol=protocol,
-            abandoned=reason,
-            seconds=seconds,
-        )
-        return line
+    def _abandon(self, reason: str, protocol: str) -> ClientRound:
+        """A round that could not start: nothing was sent."""
+        return ClientRound(sums={}, trained=[], participants=[], dropped=[], protocol=protocol,
+                           abandoned=reason)
 
+
+def _site_facts(
+    dropped_at: Mapping[int, str], reasons: Mapping[int, str], up: Mapping[int, int],
+    down: Mapping[int, int],
+) -> dict[str, Any]:
+    """The deployment's per-site facts of a round (``RoundRecord.transport``)."""
+    out: dict[str, Any] = {
+        "dropped_at": {str(c): st for c, st in sorted(dropped_at.items())},
+        "bytes_up_clients": {str(c): int(v) for c, v in up.items()},
+        "bytes_down_clients": {str(c): int(v) for c, v in down.items()},
+    }
+    if reasons:
+        out["dropout_reasons"] = {str(c): r for c, r in reasons.items()}
+    return out
 
 
 def quantization_tolerance(

@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from securefed.client.runtime import build_trainer
 from securefed.config import ConfigError, ExperimentConfig, dump_config, parse_config
 from securefed.deploy.common import (
     DeployConfigError,
@@ -297,21 +298,6 @@ class NodeOptions:
             allow_individual_uploads=_as_bool(node_config, "allow-individual-uploads", False),
             allow_ckks=_as_bool(node_config, "allow-ckks", False),
         )
-
-
-def build_trainer(cfg: ExperimentConfig, model: torch.nn.Module, device: torch.device) -> Any:
-    """The simulation's trainer for this config (DP-SGD when ``dp.level: record``)."""
-    from securefed.client import LocalTrainer
-    from securefed.diffusion import NoiseSchedule
-
-    schedule = NoiseSchedule.from_config(cfg.diffusion)
-    if cfg.dp.level == "record":
-        from securefed.client.dp import DPLocalTrainer
-
-        return DPLocalTrainer(
-            model, schedule, cfg.client, cfg.dp, device, cfg.model.class_conditional
-        )
-    return LocalTrainer(model, schedule, cfg.client, device, cfg.model.class_conditional)
 
 
 def dp_plan_fields(cfg: ExperimentConfig, num_examples: int) -> dict[str, Any]:
@@ -871,6 +857,7 @@ class Site:
         from securefed.client.runtime import local_round
         from securefed.client.trainer import local_steps_for
         from securefed.client.update import num_params
+        from securefed.diffusion import NoiseSchedule
         from securefed.run import build_model, build_strategy_stack, resolve_device
         from securefed.strategies import pack_update
 
@@ -939,7 +926,7 @@ class Site:
             self.cid, steps, noise_multiplier=z, sample_rate=q
         ):
             return exhausted(privacy.ledger)  # its next round would exceed target_epsilon
-        trainer = build_trainer(cfg, model, dev)
+        trainer = build_trainer(cfg, model, NoiseSchedule.from_config(cfg.diffusion), dev)
         client_state = self._client_state()
         local = local_round(
             cfg, strategy, trainer, self.cid, data, broadcast, client_state, rnd, privacy
@@ -1034,11 +1021,11 @@ class Site:
         run.phase0_done = True
         save_site_record(self.options.state_dir, record)
         uploads: dict[int, torch.Tensor] = {}
+        schedule = NoiseSchedule.from_config(cfg.diffusion).to(dev)
         aux, meta = build_auxiliary_set(
-            cfg, model, NoiseSchedule.from_config(cfg.diffusion).to(dev),
-            [SimClient(self.cid, data)], init, num_classes, histograms, dev,
+            cfg, model, schedule, [SimClient(self.cid, data)], init, num_classes, histograms, dev,
             privacy if cfg.dp.level == "record" else None,
-            trainer=build_trainer(cfg, model, dev), derive=derive_seed, alloc=[n_i],
+            trainer=build_trainer(cfg, model, schedule, dev), derive=derive_seed, alloc=[n_i],
             uploads=uploads,
         )
         if cfg.fedddpm.upload == "model":  # the DP model itself; the coordinator samples it

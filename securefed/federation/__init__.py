@@ -1,4 +1,4 @@
-"""Federation drivers: the in-process simulation (deployment lives in ``securefed.deploy``)."""
+"""The round engine and its in-process transport (the Flower transport is ``securefed.deploy``)."""
 
 from securefed.federation.checkpoint import (
     Checkpoint,
@@ -6,16 +6,23 @@ from securefed.federation.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from securefed.federation.simulation import RoundRecord, SimClient, Simulation
+from securefed.federation.engine import ClientRound, ClientTransport, RoundEngine
+from securefed.federation.record import RoundRecord, read_records
+from securefed.federation.simulation import InProcessClients, SimClient, SimulationEvaluation
 from securefed.seeds import derive_seed
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "ClientRound",
+    "ClientTransport",
+    "InProcessClients",
+    "RoundEngine",
     "RoundRecord",
     "SimClient",
-    "Simulation",
+    "SimulationEvaluation",
     "derive_seed",
     "load_latest",
+    "read_records",
     "save_checkpoint",
 ]

@@ -1,4 +1,8 @@
-"""In-process federated round loop with dropouts, checkpoints and exact resume.
+"""The in-process transport of the round engine: simulated clients, dropouts, exact resume.
+
+:class:`InProcessClients` is the :class:`~securefed.federation.engine.ClientTransport` of a
+simulation (the Flower deployment is the other one); :class:`SimulationEvaluation` is its
+per-round evaluation. The round loop itself is :class:`~securefed.federation.engine.RoundEngine`.
 
 Roles are kept apart: each :class:`SimClient` owns only its own examples and private state; the
 server side (strategy + aggregation protocol) receives only the protocol's SUM. Every public random
@@ -22,17 +26,16 @@ import torch
 from tqdm.auto import tqdm
 
 from securefed.client import LocalTrainer, local_steps_for, set_flat
-from securefed.client.runtime import local_round
-from securefed.client.update import get_flat
+from securefed.client.runtime import build_trainer, local_round
 from securefed.config import ExperimentConfig
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule, diffusion_loss
-from securefed.federation.checkpoint import Checkpoint, save_checkpoint
+from securefed.federation.engine import ClientRound, ClientTransport
 from securefed.secagg import AggregationAbortedError, AggregationProtocol
 from securefed.seeds import Purpose, derive_seed
-from securefed.strategies import CohortSum, Strategy, pack_update, unpack_sum
+from securefed.strategies import CohortSum, RoundPlan, Strategy, pack_update, unpack_sum
 
-__all__ = ["PrivacyContext", "RoundRecord", "SimClient", "Simulation"]
+__all__ = ["InProcessClients", "PrivacyContext", "SimClient", "SimulationEvaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -74,26 +77,23 @@ class PrivacyContext:
     canary_dir: Path | None = None
 
 
-@dataclass(frozen=True)
-class RoundRecord:
-    """One line of ``metrics.jsonl``."""
+class InProcessClients(ClientTransport):
+    """The simulation's transport: every client in this process, the protocol run in-process.
 
-    values: dict[str, Any]
-
-
-class Simulation:
-    """Drives rounds: plan -> local training -> secure sum -> strategy -> evaluate -> checkpoint.
+    Dropouts are simulated from the round's public selection stream (``federation.dropout_prob``:
+    a client drops at a uniformly chosen protocol stage); a DP client whose next round would
+    exceed its budget does not train. Each client's local step is
+    :func:`securefed.client.runtime.local_round` (the deployment's sites run the same).
 
     Args:
         cfg: the experiment.
         model: the denoiser (one instance, reloaded per client).
         schedule: noise schedule.
         clients: the simulated clients, ids 0..K-1.
-        holdout: non-member examples (never reach a client): eval loss and FID reference.
-        strategy: server rule. protocol: aggregation protocol.
+        protocol: the aggregation protocol.
         device: where training runs.
-        evaluate_quality: callable(round, params) -> dict of quality metrics (FID ...), or None.
-        on_samples: callable(round, params) -> None that writes a sample grid, or None.
+        progress: show a progress bar of local steps.
+        privacy: the DP state of the clients, or None.
     """
 
     def __init__(
@@ -102,13 +102,9 @@ class Simulation:
         model: torch.nn.Module,
         schedule: NoiseSchedule,
         clients: list[SimClient],
-        holdout: ImageDataset,
-        strategy: Strategy,
         protocol: AggregationProtocol,
         device: torch.device,
         *,
-        evaluate_quality: Callable[[int, torch.Tensor], dict[str, Any]] | None = None,
-        on_samples: Callable[[int, torch.Tensor], None] | None = None,
         progress: bool = True,
         privacy: PrivacyContext | None = None,
     ) -> None:
@@ -116,88 +112,36 @@ class Simulation:
         self.model = model
         self.schedule = schedule.to(device)
         self.clients = clients
-        self.holdout = holdout
-        self.strategy = strategy
         self.protocol = protocol
         self.device = device
-        self.evaluate_quality = evaluate_quality
-        self.on_samples = on_samples
         self.progress = progress
-        self.conditional = cfg.model.class_conditional
         self.privacy = privacy
-        self.trainer: LocalTrainer
-        if privacy is not None and privacy.level == "record":
-            from securefed.client.dp import DPLocalTrainer
-
-            self.trainer = DPLocalTrainer(
-                model, schedule, cfg.client, cfg.dp, device, self.conditional
-            )
-        else:
-            self.trainer = LocalTrainer(model, schedule, cfg.client, device, self.conditional)
-        self.global_params = get_flat(model)
-        self.round = 0
+        # the one trainer choice (DP-SGD for dp.level record); privacy None means no DP here
+        self.trainer: LocalTrainer = build_trainer(cfg, model, schedule, device)
+        self._pending: dict[int, dict[str, torch.Tensor]] = {}
         self._canary_eps_cache: dict[tuple[float, ...], float] = {}
 
-    # ------------------------------------------------------------------ state
-    def checkpoint(self, meta: Mapping[str, Any]) -> Checkpoint:
-        return Checkpoint(
-            round=self.round,
-            global_params=self.global_params.clone(),
-            strategy=self.strategy.state_dict(),
-            clients={c.cid: dict(c.state) for c in self.clients if c.state},
-            meta=dict(meta),
-        )
+    def client_ids(self) -> list[int]:
+        return [c.cid for c in self.clients]
 
-    def restore(self, ckpt: Checkpoint) -> None:
-        if ckpt.global_params.shape != self.global_params.shape:
-            raise ValueError(
-                f"checkpoint has {ckpt.global_params.numel()} parameters, the configured model "
-                f"has {self.global_params.numel()}: the config changed since the checkpoint"
-            )
-        self.round = ckpt.round
-        self.global_params = ckpt.global_params.clone()
-        self.strategy.load_state_dict(ckpt.strategy)
+    def client_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {c.cid: dict(c.state) for c in self.clients}
+
+    def load_client_states(self, states: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         for c in self.clients:
-            c.state = dict(ckpt.clients.get(c.cid, {}))
+            c.state = dict(states.get(c.cid, {}))
 
-    # ------------------------------------------------------------------ evaluation
-    def holdout_loss(self, params: torch.Tensor) -> float:
-        """Mean denoising loss of ``params`` on a fixed holdout slice with fixed noise."""
-        n = min(len(self.holdout), self.cfg.evaluation.holdout_loss_examples)
-        x0 = self.holdout.images[:n].to(self.device)
-        y = self.holdout.labels[:n].to(self.device) if self.conditional else None
-        gen = torch.Generator(device=self.device).manual_seed(
-            derive_seed(self.cfg.seed, Purpose.EVAL_LOSS)
-        )
-        set_flat(self.model, params)
-        self.model.eval()
-        with torch.no_grad():
-            losses = [
-                diffusion_loss(
-                    self.model,
-                    self.schedule,
-                    x0[i : i + 256],
-                    None if y is None else y[i : i + 256],
-                    generator=gen,
-                )
-                for i in range(0, n, 256)
-            ]
-        return float(torch.cat(losses).mean())
+    def commit(self, rnd: int, participants: list[int]) -> None:
+        for cid in sorted(participants):  # private state commits only if the update was used
+            self.clients[cid].state.update(self._pending.pop(cid, {}))
+        self._pending.clear()
 
     # ------------------------------------------------------------------ one round
-    def run_round(self, rnd: int) -> dict[str, Any]:
-        """Run round ``rnd`` (1-based) and return its metrics line."""
+    def run_clients(
+        self, rnd: int, plan: RoundPlan, strategy: Strategy, rng: np.random.Generator
+    ) -> ClientRound:
         cfg = self.cfg
         seconds: dict[str, float] = {}
-        rng = np.random.default_rng(derive_seed(cfg.seed, Purpose.SELECT, rnd))
-        plan = self.strategy.configure_round(
-            rnd,
-            self.global_params,
-            [c.cid for c in self.clients],
-            cfg.federation.fraction_fit,
-            cfg.federation.min_fit_clients,
-            rng,
-        )
         stages = self.protocol.dropout_stages
         dropouts: dict[int, str] = {}
         for cid in plan.clients:
@@ -207,7 +151,7 @@ class Simulation:
         if self.privacy is not None:
             ledger = self.privacy.ledger
             for cid in plan.clients:
-                if cid not in dropouts and self._would_exceed(cid, rnd):
+                if cid not in dropouts and self._would_exceed(strategy, cid, rnd):
                     # its next round would exceed target_epsilon: it does not train at all
                     ledger.mark_exhausted(cid, rnd)
                     exhausted.append(cid)
@@ -239,7 +183,7 @@ class Simulation:
                     cfg.dp.max_grad_norm,
                 )
             out = local_round(
-                cfg, self.strategy, self.trainer, cid, client.data, plan.broadcast,
+                cfg, strategy, self.trainer, cid, client.data, plan.broadcast,
                 client.state, rnd, self.privacy, progress=bar, canaries=hook,
             )
             if out is None:  # a replayed round whose fresh-noise retrain exceeds its budget
@@ -257,30 +201,17 @@ class Simulation:
         record_canaries = self.privacy is not None and self.privacy.level == "record"
         if canaries is not None and record_canaries and self.privacy and self.privacy.canary_dir:
             canaries.commit(self.privacy.canary_dir, rnd, canary_scores)  # audit-only, 0600
-        canary_round = self._canary_clients_round(rnd, len(plan.clients))
+        canary_round = self._canary_clients_round(strategy, rnd, len(plan.clients))
         seconds["train"] = time.perf_counter() - t0
 
         # ---- secure aggregation: only the SUM reaches the strategy (one protocol session per
         # upload cohort: clients of a cohort send the same vector keys; normally one cohort)
         t0 = time.perf_counter()
-        cohorts = self.strategy.upload_cohorts(rnd, updates) if updates else {}
+        cohorts = strategy.upload_cohorts(rnd, updates) if updates else {}
         down_numel = {
-            cid: self.strategy.download_numel(plan.broadcast, self.clients[cid].state)
+            cid: strategy.download_numel(plan.broadcast, self.clients[cid].state)
             for cid in plan.clients
         }
-        down_bytes = 4 * sum(down_numel.values())
-        line: dict[str, Any] = {
-            "round": rnd,
-            "selected": list(plan.clients),
-            "trained": trainers,
-            "mean_local_loss": float(np.mean(losses)) if losses else None,
-        }
-        if self.privacy is not None:
-            line["epsilon"] = {
-                str(c.cid): round(float(self.privacy.ledger.epsilon(c.cid)), 6)
-                for c in self.clients
-            }
-            line["budget_exhausted"] = exhausted
         aborted: list[str] = []
         results: dict[str, CohortSum] = {}
         survivors: set[int] = set()
@@ -299,7 +230,7 @@ class Simulation:
             try:
                 noise = None
                 if self.privacy is not None and self.privacy.level == "client":
-                    noise = self._client_dp().current_noise()
+                    noise = _client_dp(strategy).current_noise()
                 agg = self.protocol.aggregate(rnd, inputs, drops, noise=noise)
             except AggregationAbortedError as exc:
                 aborted.append(f"{name}: {exc}" if len(cohorts) > 1 else str(exc))
@@ -322,62 +253,191 @@ class Simulation:
         if canary_round is not None:
             canary_round.commit()  # audit-only, 0600; a replayed round rewrites its file
         seconds["aggregate"] = time.perf_counter() - t0
+        self._pending = {cid: dict(updates[cid].new_state) for cid in survivors}
 
+        result_round = ClientRound(
+            sums=results,
+            trained=trainers,
+            participants=sorted(survivors),
+            dropped=sorted(dropouts),
+            protocol=self.protocol.name,
+            mean_local_loss=float(np.mean(losses)) if losses else None,
+            exchange={
+                "params_up": int(params_up),
+                "params_down": int(sum(down_numel.values())),
+            },
+            seconds=seconds,
+        )
+        if self.privacy is not None:
+            result_round.epsilon = {
+                str(c.cid): round(float(self.privacy.ledger.epsilon(c.cid)), 6)
+                for c in self.clients
+            }
+            result_round.budget_exhausted = exhausted
+        down_bytes = 4 * sum(down_numel.values())
         if results:
-            t0 = time.perf_counter()
-            self.global_params = self.strategy.aggregate_cohorts(
-                rnd, self.global_params, results
-            ).to(torch.float32)
-            seconds["server_update"] = time.perf_counter() - t0
-            for cid in sorted(survivors):  # private state commits only if the update was used
-                self.clients[cid].state.update(updates[cid].new_state)
-            line.update(
-                participants=sorted(survivors),
-                dropped=sorted(dropouts),
-                bytes_up=up_bytes,
-                bytes_down=int(down_bytes + proto_down),
-                protocol=self.protocol.name,
-                protocol_info=infos["all"] if set(infos) == {"all"} else infos,
-            )
+            result_round.bytes_up = up_bytes
+            result_round.bytes_down = int(down_bytes + proto_down)
+            result_round.protocol_info = infos["all"] if set(infos) == {"all"} else infos
             if aborted:
-                line["cohorts_abandoned"] = aborted
+                result_round.transport["cohorts_abandoned"] = aborted
             if self.privacy is not None and self.privacy.level == "client" and agg is not None:
-                line["client_dp"] = self._client_dp().round_summary(agg.info)
-            server = self.strategy.round_metrics()
-            if server:
-                line["server"] = server
+                result_round.transport["client_dp"] = _client_dp(strategy).round_summary(agg.info)
         else:
-            reason = "; ".join(aborted) or "every selected client dropped out"
-            log.warning("round %d abandoned: %s; the global model is unchanged", rnd, reason)
-            line.update(
-                participants=[],
-                dropped=sorted(dropouts),
-                bytes_up=0,
-                bytes_down=int(down_bytes),
-                protocol=self.protocol.name,
-                abandoned=reason,
-            )
-        line["exchange"] = {
-            "params_up": int(params_up),
-            "params_down": int(sum(down_numel.values())),
-        }
-        self.round = rnd
+            result_round.bytes_down = int(down_bytes)
+            result_round.abandoned = "; ".join(aborted) or "every selected client dropped out"
+        return result_round
 
-        # ---- evaluation on schedule
-        ev = cfg.evaluation
-        last = rnd == cfg.federation.rounds
-        eval_params = self.strategy.eval_params(self.global_params)
-        personal = self.personal_models()
+    def _canary_clients_round(self, strategy: Strategy, rnd: int, selected: int) -> Any:
+        """The round's canary clients (``dp.level: client`` with ``canaries.enabled``), sampled
+        at the real clients' rate ``selected / num_clients`` under the same budget rule, or
+        None (:class:`~securefed.privacy.canaries.ClientCanaryRound`)."""
+        pc = self.privacy
+        if pc is None or pc.level != "client" or pc.canaries is None or pc.canary_dir is None:
+            return None
+        from securefed.privacy.canaries import ClientCanaryRound
+
+        plan = pc.ledger.get_plan(self.clients[0].cid)
+        cur = _client_dp(strategy).current
+        return ClientCanaryRound(
+            pc.canaries, pc.canary_dir, rnd, selected / max(1, len(self.clients)), cur.clip,
+            cur.charged_multiplier, plan.target_epsilon, plan.delta, plan.accountant,
+            self._canary_eps_cache,
+        )
+
+    def _would_exceed(self, strategy: Strategy, cid: int, rnd: int | None = None) -> bool:
+        """Would the client's next round take its epsilon over the target?"""
+        if self.privacy is None:
+            return False
+        ledger = self.privacy.ledger
+        if self.privacy.level == "record" and rnd is not None:
+            if ledger.charges_for(cid, "round", rnd):
+                # a resumed replay of a charged round: an exact replay costs nothing; a differing
+                # one is checked before its fresh-noise retrain (train_private_charged)
+                return False
+        if self.privacy.level == "client":
+            return bool(
+                ledger.would_exceed(
+                    cid, 1, noise_multiplier=_client_dp(strategy).current_charge(),
+                    sample_rate=1.0,
+                )
+            )
+        steps = local_steps_for(self.cfg.client, len(self.clients[cid].data))
+        return bool(ledger.would_exceed(cid, steps))
+
+    def can_continue(self, next_round: int, strategy: Strategy) -> str | None:
+        """None while some client can afford round ``next_round`` (DP), else the reason."""
+        if self.privacy is None:
+            return None
+        if self.privacy.level == "client":
+            # the charge per participation is the calibrated z at the worst-case survivors
+            z = _client_dp(strategy).z
+            ok = any(
+                not self.privacy.ledger.would_exceed(
+                    c.cid, 1, noise_multiplier=z, sample_rate=1.0
+                )
+                for c in self.clients
+            )
+        else:
+            ok = any(not self._would_exceed(strategy, c.cid, next_round) for c in self.clients)
+        if ok:
+            return None
+        return (
+            f"every client's privacy budget (dp.target_epsilon={self.cfg.dp.target_epsilon}) is "
+            f"exhausted after round {next_round - 1}; the run ends here"
+        )
+
+
+class SimulationEvaluation:
+    """The simulation's per-round evaluation (:data:`~securefed.federation.engine.Evaluation`):
+    holdout denoising loss every ``evaluation.every`` rounds (and the last), a sample grid, and
+    FID etc. every ``evaluation.fid_every`` rounds (and the last). A strategy with client-local
+    parts (FedDiffuse UDEC/ULATDEC) is evaluated per client on its composed model.
+
+    Args:
+        cfg: the experiment. clients: the transport's clients (their private state composes a
+            personalised model). holdout: non-member examples (never reach a client).
+        model / schedule / device: for the loss.
+        evaluate_quality: ``(round, params) -> dict`` of quality metrics (FID ...), or None.
+        on_samples: ``(round, params) -> None`` that writes a sample grid, or None.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        clients: list[SimClient],
+        holdout: ImageDataset,
+        model: torch.nn.Module,
+        schedule: NoiseSchedule,
+        device: torch.device,
+        *,
+        evaluate_quality: Callable[[int, torch.Tensor], dict[str, Any]] | None = None,
+        on_samples: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clients = clients
+        self.holdout = holdout
+        self.model = model
+        self.schedule = schedule.to(device)
+        self.device = device
+        self.evaluate_quality = evaluate_quality
+        self.on_samples = on_samples
+
+    def holdout_loss(self, params: torch.Tensor) -> float:
+        """Mean denoising loss of ``params`` on a fixed holdout slice with fixed noise."""
+        n = min(len(self.holdout), self.cfg.evaluation.holdout_loss_examples)
+        x0 = self.holdout.images[:n].to(self.device)
+        y = (
+            self.holdout.labels[:n].to(self.device) if self.cfg.model.class_conditional else None
+        )
+        gen = torch.Generator(device=self.device).manual_seed(
+            derive_seed(self.cfg.seed, Purpose.EVAL_LOSS)
+        )
+        set_flat(self.model, params)
+        self.model.eval()
+        with torch.no_grad():
+            losses = [
+                diffusion_loss(
+                    self.model,
+                    self.schedule,
+                    x0[i : i + 256],
+                    None if y is None else y[i : i + 256],
+                    generator=gen,
+                )
+                for i in range(0, n, 256)
+            ]
+        return float(torch.cat(losses).mean())
+
+    def personal_models(
+        self, strategy: Strategy, global_params: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
+        """Client id -> its composed ``[D]`` model when the strategy keeps client-local parts
+        (FedDiffuse UDEC/ULATDEC); empty when there is one global model."""
+        out = {}
+        for c in self.clients:
+            p = strategy.personal_params(global_params, c.state)
+            if p is not None:
+                out[c.cid] = p
+        return out
+
+    def __call__(
+        self, rnd: int, global_params: torch.Tensor, strategy: Strategy, last: bool
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        ev = self.cfg.evaluation
+        values: dict[str, Any] = {}
+        seconds: dict[str, float] = {}
+        eval_params = strategy.eval_params(global_params)
+        personal = self.personal_models(strategy, global_params)
         if personal:  # no single global model: each client's composed model is evaluated
             eval_params = personal[min(personal)]
         if rnd % ev.every == 0 or last:
             t0 = time.perf_counter()
             if personal:
                 per = {c: self.holdout_loss(p) for c, p in personal.items()}
-                line["holdout_loss"] = float(np.mean(list(per.values())))
-                line["holdout_loss_clients"] = {str(c): v for c, v in per.items()}
+                values["holdout_loss"] = float(np.mean(list(per.values())))
+                values["holdout_loss_clients"] = {str(c): v for c, v in per.items()}
             else:
-                line["holdout_loss"] = self.holdout_loss(eval_params)
+                values["holdout_loss"] = self.holdout_loss(eval_params)
             seconds["eval_loss"] = time.perf_counter() - t0
             if self.on_samples is not None:
                 t0 = time.perf_counter()
@@ -387,22 +447,11 @@ class Simulation:
         if ev.fid and fid_due and self.evaluate_quality is not None:
             t0 = time.perf_counter()
             if personal:
-                line.update(self._personal_quality(rnd, personal))
+                values.update(self._personal_quality(rnd, personal))
             else:
-                line.update(self.evaluate_quality(rnd, eval_params))
+                values.update(self.evaluate_quality(rnd, eval_params))
             seconds["fid"] = time.perf_counter() - t0
-        line["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
-        return line
-
-    def personal_models(self) -> dict[int, torch.Tensor]:
-        """Client id -> its composed ``[D]`` model when the strategy keeps client-local parts
-        (FedDiffuse UDEC/ULATDEC); empty when there is one global model."""
-        out = {}
-        for c in self.clients:
-            p = self.strategy.personal_params(self.global_params, c.state)
-            if p is not None:
-                out[c.cid] = p
-        return out
+        return values, seconds
 
     def _personal_quality(self, rnd: int, personal: Mapping[int, torch.Tensor]) -> dict[str, Any]:
         """FID etc. of every client's composed model: means, worst FID, per-client values."""
@@ -421,66 +470,13 @@ class Simulation:
             out["fid_clients"] = fids
         return out
 
-    def _canary_clients_round(self, rnd: int, selected: int) -> Any:
-        """The round's canary clients (``dp.level: client`` with ``canaries.enabled``), sampled
-        at the real clients' rate ``selected / num_clients`` under the same budget rule, or
-        None (:class:`~securefed.privacy.canaries.ClientCanaryRound`)."""
-        pc = self.privacy
-        if pc is None or pc.level != "client" or pc.canaries is None or pc.canary_dir is None:
-            return None
-        from securefed.privacy.canaries import ClientCanaryRound
 
-        plan = pc.ledger.get_plan(self.clients[0].cid)
-        cur = self._client_dp().current
-        return ClientCanaryRound(
-            pc.canaries, pc.canary_dir, rnd, selected / max(1, len(self.clients)), cur.clip,
-            cur.charged_multiplier, plan.target_epsilon, plan.delta, plan.accountant,
-            self._canary_eps_cache,
-        )
+def _client_dp(strategy: Strategy) -> Any:
+    from securefed.privacy.client_level import ClientLevelDP
 
-    def _client_dp(self) -> Any:
-        from securefed.privacy.client_level import ClientLevelDP
-
-        if not isinstance(self.strategy, ClientLevelDP):  # pragma: no cover - wiring error
-            raise TypeError("dp.level client needs a ClientLevelDP strategy")
-        return self.strategy
-
-    def _would_exceed(self, cid: int, rnd: int | None = None) -> bool:
-        """Would the client's next round take its epsilon over the target?"""
-        if self.privacy is None:
-            return False
-        ledger = self.privacy.ledger
-        if self.privacy.level == "record" and rnd is not None:
-            if ledger.charges_for(cid, "round", rnd):
-                # a resumed replay of a charged round: an exact replay costs nothing; a differing
-                # one is checked before its fresh-noise retrain (train_private_charged)
-                return False
-        if self.privacy.level == "client":
-            return bool(
-                ledger.would_exceed(
-                    cid, 1, noise_multiplier=self._client_dp().current_charge(), sample_rate=1.0
-                )
-            )
-        steps = local_steps_for(self.cfg.client, len(self.clients[cid].data))
-        return bool(ledger.would_exceed(cid, steps))
-
-    def can_continue(self) -> bool:
-        """False when DP is on and no client can afford another round."""
-        if self.privacy is None:
-            return True
-        if self.privacy.level == "client":
-            # the charge per participation is the calibrated z at the worst-case survivors
-            z = self._client_dp().z
-            return any(
-                not self.privacy.ledger.would_exceed(
-                    c.cid, 1, noise_multiplier=z, sample_rate=1.0
-                )
-                for c in self.clients
-            )
-        return any(not self._would_exceed(c.cid, self.round + 1) for c in self.clients)
-
-    def save(self, ckpt_dir: Path, meta: Mapping[str, Any]) -> None:
-        save_checkpoint(ckpt_dir, self.checkpoint(meta), self.cfg.checkpoint.keep_last)
+    if not isinstance(strategy, ClientLevelDP):  # pragma: no cover - wiring error
+        raise TypeError("dp.level client needs a ClientLevelDP strategy")
+    return strategy
 
 
 def _block(members: Mapping[int, Any], keys: list[str], key: str) -> tuple[int, int]:

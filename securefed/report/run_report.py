@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
-from securefed.io import atomic_write_bytes, atomic_write_text, read_jsonl
+from securefed.federation.record import RoundRecord, read_records
+from securefed.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "plot_epsilon",
@@ -31,13 +32,13 @@ def _save_fig(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> Path:
+def plot_training_curves(rows: list[RoundRecord], path: Path) -> Path:
     """Loss (local and holdout) per round, and FID per round when measured."""
-    has_fid = any("fid" in r for r in rows)
+    has_fid = any(r.fid is not None for r in rows)
     fig, axes = plt.subplots(1, 2 if has_fid else 1, figsize=(10 if has_fid else 5.5, 3.6))
     ax_loss = axes[0] if has_fid else axes
-    tr = [(r["round"], r["mean_local_loss"]) for r in rows if r.get("mean_local_loss") is not None]
-    ho = [(r["round"], r["holdout_loss"]) for r in rows if "holdout_loss" in r]
+    tr = [(r.round, r.mean_local_loss) for r in rows if r.mean_local_loss is not None]
+    ho = [(r.round, r.holdout_loss) for r in rows if r.holdout_loss is not None]
     if tr:
         ax_loss.plot(*zip(*tr, strict=True), marker=".", label="mean local loss (members)")
     if ho:
@@ -48,7 +49,7 @@ def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> Path:
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
     if has_fid:
-        fid = [(r["round"], r["fid"]) for r in rows if "fid" in r]
+        fid = [(r.round, r.fid) for r in rows if r.fid is not None]
         axes[1].plot(*zip(*fid, strict=True), marker="o", color="tab:red")
         axes[1].set_xlabel("round")
         axes[1].set_ylabel("domain FID vs holdout")
@@ -80,13 +81,13 @@ def plot_label_histogram(hist: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def plot_epsilon(rows: list[dict[str, Any]], target: float | None, path: Path) -> Path:
+def plot_epsilon(rows: list[RoundRecord], target: float | None, path: Path) -> Path:
     """Epsilon spent by each client after each round (the privacy ledger over time)."""
-    eps_rows = [r for r in rows if "epsilon" in r]
-    clients = sorted({c for r in eps_rows for c in r["epsilon"]}, key=int)
+    eps = [(r.round, r.epsilon) for r in rows if r.epsilon is not None]
+    clients = sorted({c for _, e in eps for c in e}, key=int)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for c in clients:
-        pts = [(r["round"], r["epsilon"][c]) for r in eps_rows if c in r["epsilon"]]
+        pts = [(rnd, e[c]) for rnd, e in eps if c in e]
         ax.plot(*zip(*pts, strict=True), marker=".", label=f"client {c}")
     if target is not None:
         ax.axhline(target, color="black", linestyle="--", label="target epsilon")
@@ -117,8 +118,8 @@ def write_run_report(run_dir: str | Path) -> Path:
             f"{run_dir} has no config.yaml: it is not a securefed run directory"
         )
     cfg = yaml.safe_load(cfg_path.read_text())
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    train_rows = [r for r in rows if r["round"] > 0]
+    rows = read_records(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if r.round > 0]
     lines = [f"# Run report: {cfg.get('name', run_dir.name)}", ""]
     data, fed = cfg["data"], cfg["federation"]
     part, strat = cfg["partition"], cfg["strategy"]
@@ -138,12 +139,12 @@ def write_run_report(run_dir: str | Path) -> Path:
         + " |",
         f"| strategy | {strat['name']} (server lr {strat['server_lr']}) |",
         f"| secure aggregation | {sec.get('protocol', 'plain')} |",
-        f"| rounds completed | {train_rows[-1]['round'] if train_rows else 0} of {fed['rounds']} |",
+        f"| rounds completed | {train_rows[-1].round if train_rows else 0} of {fed['rounds']} |",
         f"| model parameters | {model_info.get('parameters', '-')} |",
         "",
     ]
-    final = train_rows[-1] if train_rows else {}
-    if final:
+    final = train_rows[-1] if train_rows else None
+    if final is not None:
         lines += ["## Final round", ""]
         keys = [
             "holdout_loss",
@@ -154,12 +155,13 @@ def write_run_report(run_dir: str | Path) -> Path:
             "feature_net_accuracy",
         ]
         lines += ["| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {_fmt(final.get(k))} |" for k in keys if k in final]
-        start = next((r for r in rows if r["round"] == 0), None)
-        if start and "fid" in start and "fid" in final:
+        values = {"holdout_loss": final.holdout_loss, **final.evaluation}
+        lines += [f"| {k} | {_fmt(values[k])} |" for k in keys if values.get(k) is not None]
+        start = next((r for r in rows if r.round == 0), None)
+        if start is not None and start.fid is not None and final.fid is not None:
             lines.append(
-                f"| FID untrained -> final | {start['fid']:.3g} -> {final['fid']:.3g} "
-                f"(ratio {final['fid'] / start['fid']:.3f}) |"
+                f"| FID untrained -> final | {start.fid:.3g} -> {final.fid:.3g} "
+                f"(ratio {final.fid / start.fid:.3f}) |"
             )
         lines.append("")
     samples = sorted((run_dir / "samples").glob("round_*.png"))
@@ -176,7 +178,7 @@ def write_run_report(run_dir: str | Path) -> Path:
         plot_training_curves(rows, run_dir / "curves.png")
         lines += ["## Training curves", "", "![curves](curves.png)", ""]
     dp = cfg.get("dp", {})
-    if any("epsilon" in r for r in rows):
+    if any(r.epsilon is not None for r in rows):
         plot_epsilon(rows, dp.get("target_epsilon"), run_dir / "privacy.png")
         lines += [
             "## Differential privacy",
@@ -209,14 +211,14 @@ def write_run_report(run_dir: str | Path) -> Path:
         plot_label_histogram(json.loads(hist_path.read_text()), run_dir / "label_histogram.png")
         lines += ["## Data partition", "", "![label histogram](label_histogram.png)", ""]
     if train_rows:
-        up = sum(r.get("bytes_up", 0) for r in train_rows)
-        down = sum(r.get("bytes_down", 0) for r in train_rows)
-        dropped = sum(len(r.get("dropped", [])) for r in train_rows)
-        abandoned = sum(1 for r in train_rows if r.get("abandoned"))
+        up = sum(r.bytes_up or 0 for r in train_rows)
+        down = sum(r.bytes_down or 0 for r in train_rows)
+        dropped = sum(len(r.dropped or []) for r in train_rows)
+        abandoned = sum(1 for r in train_rows if r.abandoned)
         recovered = sum(
-            int(r.get("protocol_info", {}).get("dropouts_recovered", 0)) for r in train_rows
+            int((r.protocol_info or {}).get("dropouts_recovered", 0)) for r in train_rows
         )
-        uploads = sum(len(r.get("participants", [])) for r in train_rows) or 1
+        uploads = sum(len(r.participants or []) for r in train_rows) or 1
         proto = sec.get("protocol", "plain")
         lines += [
             "## Secure aggregation and communication",
@@ -245,12 +247,10 @@ def write_run_report(run_dir: str | Path) -> Path:
             "| --- | --- | --- | --- | --- | --- |",
         ]
         for r in rows:
-            secs = r.get("seconds", {})
-            total = secs.get("round_total", sum(secs.values()))
             lines.append(
-                f"| {r['round']} | {len(r.get('participants', []))} | "
-                f"{_fmt(r.get('mean_local_loss'))} | {_fmt(r.get('holdout_loss'))} | "
-                f"{_fmt(r.get('fid'))} | {total:.1f} |"
+                f"| {r.round} | {len(r.participants or [])} | "
+                f"{_fmt(r.mean_local_loss)} | {_fmt(r.holdout_loss)} | "
+                f"{_fmt(r.fid)} | {r.total_seconds:.1f} |"
             )
         lines.append("")
     from securefed.audit.report import audit_section  # `securefed audit` wrote audit/
@@ -261,7 +261,7 @@ def write_run_report(run_dir: str | Path) -> Path:
     return out
 
 
-def _first_screen(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+def _first_screen(run_dir: Path, cfg: dict[str, Any], rows: list[RoundRecord]) -> list[str]:
     """Final samples next to real holdout images, one sentence on what was learned and at what
     privacy cost, and (with public pre-training) the public/private relation and the
     public-only model's FID next to the federated result."""
@@ -276,13 +276,14 @@ def _first_screen(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]]
             f"![holdout]({holdout.relative_to(run_dir)}) |",
             "",
         ]
-    train = [r for r in rows if r["round"] > 0]
-    start = next((r for r in rows if r["round"] == 0), None)
-    final = train[-1] if train else {}
+    train = [r for r in rows if r.round > 0]
+    start = next((r for r in rows if r.round == 0), None)
+    final = train[-1] if train else RoundRecord(round=0)
+    start_fid = None if start is None else start.fid
     public = None
     if (run_dir / "public_pretrain.json").exists():
         public = json.loads((run_dir / "public_pretrain.json").read_text())
-    eps = final.get("epsilon") or {}
+    eps = final.epsilon or {}
     dp = cfg.get("dp", {})
     if dp.get("level") == "record" and eps:
         cost = (f"at a record-level privacy cost of epsilon <= {max(eps.values()):.2f} per client "
@@ -291,25 +292,26 @@ def _first_screen(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]]
         cost = f"under client-level DP (target epsilon {dp.get('target_epsilon')})"
     else:
         cost = "**without differential privacy**"
-    if "fid" in final:
+    if final.fid is not None:
         what = "the public-only model" if public else "the untrained model"
-        before = f"domain FID {start['fid']:.2f} ({what}) -> " if start and "fid" in start else ""
-        prec = f", precision {final['precision']:.2f}" if final.get("precision") is not None else ""
+        before = f"domain FID {start_fid:.2f} ({what}) -> " if start_fid is not None else ""
+        precision = final.evaluation.get("precision")
+        prec = f", precision {precision:.2f}" if precision is not None else ""
         out += [
-            f"**What was learned:** {before}{final['fid']:.2f}{prec} against the real holdout "
-            f"after {final['round']} federated rounds on {cfg['federation']['num_clients']} "
+            f"**What was learned:** {before}{final.fid:.2f}{prec} against the real holdout "
+            f"after {final.round} federated rounds on {cfg['federation']['num_clients']} "
             f"clients, {cost}.",
             "",
         ]
     if public:
         verdict = ""
-        if start and "fid" in start and "fid" in final:
+        if start_fid is not None and final.fid is not None:
             verdict = (
                 " Federated DP fine-tuning improved on the public-only model "
-                f"({start['fid']:.2f} -> {final['fid']:.2f})."
-                if final["fid"] < start["fid"]
+                f"({start_fid:.2f} -> {final.fid:.2f})."
+                if final.fid < start_fid
                 else " **Federated fine-tuning did NOT improve on the public-only model** "
-                f"({start['fid']:.2f} -> {final['fid']:.2f})."
+                f"({start_fid:.2f} -> {final.fid:.2f})."
             )
         layout = f", layout {public['layout']}" if public.get("layout") else ""
         out += [
@@ -323,7 +325,7 @@ def _first_screen(run_dir: Path, cfg: dict[str, Any], rows: list[dict[str, Any]]
 
 
 def _fedddpm_section(
-    run_dir: Path, cfg: dict[str, Any], train_rows: list[dict[str, Any]]
+    run_dir: Path, cfg: dict[str, Any], train_rows: list[RoundRecord]
 ) -> list[str]:
     """FedDDPM auxiliary-set grid + per-round server compute; FedDiffuse exchange totals."""
     lines: list[str] = []
@@ -347,7 +349,7 @@ def _fedddpm_section(
         if (aux_dir / "grid.png").exists():
             lines += ["![auxiliary set](auxiliary/grid.png)", ""]
     server = [
-        (r["round"], r["server"]) for r in train_rows if "server_steps" in r.get("server", {})
+        (r.round, r.server) for r in train_rows if r.server and "server_steps" in r.server
     ]
     if server:
         total = server[-1][1].get("server_steps_total", 0)
@@ -365,7 +367,7 @@ def _fedddpm_section(
                 f"{server[-1][1]['server_steps_saved_vs_fedddpm']}",
             ]
         lines.append("")
-    ex = [r["exchange"] for r in train_rows if "exchange" in r]
+    ex = [r.exchange for r in train_rows if r.exchange is not None]
     if ex and cfg.get("feddiffuse", {}).get("enabled"):
         up = sum(e["params_up"] for e in ex)
         down = sum(e["params_down"] for e in ex)
@@ -376,7 +378,10 @@ def _fedddpm_section(
             f"total ({(up + down) / len(ex):.0f} per round).",
             "",
         ]
-        worst = [r.get("fid_worst") for r in train_rows if r.get("fid_worst") is not None]
+        worst = [
+            r.evaluation["fid_worst"] for r in train_rows
+            if r.evaluation.get("fid_worst") is not None
+        ]
         if worst:
             lines += [f"Worst client FID (final): {worst[-1]:.3g}.", ""]
     return lines
