@@ -34,8 +34,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow
 
+## ruff, and the layer contracts of .importlinter (imports go downward only)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check securefed tests experiments
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy securefed

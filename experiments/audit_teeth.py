@@ -82,9 +82,9 @@ def run_variant(
     from securefed.audit.harness import train_model, write_run_dir
     from securefed.audit.runner import AuditSettings, run_audit
     from securefed.audit.threats import load_threat_model
+    from securefed.builders import prepare_data
     from securefed.client.dp import sample_rate_for
     from securefed.privacy import calibrate_noise_multiplier, epsilon_of
-    from securefed.run import prepare_data
 
     t0 = time.perf_counter()
     claimed = CLAIMED[name]

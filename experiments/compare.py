@@ -216,8 +216,8 @@ def aux_quality(run_dir: Path) -> dict[str, float] | None:
     npz = run_dir / "auxiliary" / "auxiliary.npz"
     if not npz.exists():
         return None
+    from securefed.builders import cache_dir, prepare_data
     from securefed.metrics import SampleEvaluator
-    from securefed.run import cache_dir, prepare_data
 
     cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
     data = prepare_data(cfg)

@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from securefed.artefacts.rundir import RunDir, released_params
+
 __all__ = ["main"]
 
 
@@ -30,7 +32,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume is not None:
         run_dir = Path(args.resume)
-        saved = run_dir / "config.yaml"
+        saved = RunDir(run_dir).config
         if args.config is not None and Path(args.config).resolve() != saved.resolve():
             # a CONFIG given with --resume must equal the saved one (checked in run_experiment)
             cfg = load_config(args.config)
@@ -147,7 +149,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     tms = [load_threat_model(n) for n in args.threat_model]
     report = run_audit(args.run_dir, tms, settings)
     out = write_audit(report)
-    if (Path(args.run_dir) / "metrics.jsonl").exists():
+    if RunDir(args.run_dir).metrics.exists():
         from securefed.report import write_run_report
 
         write_run_report(args.run_dir)
@@ -187,23 +189,23 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from securefed.client.update import set_flat
+    from securefed.artefacts.checkpoint import load_latest
+    from securefed.artefacts.grid import save_grid
+    from securefed.builders import build_model, resolve_device
     from securefed.config import load_config
     from securefed.diffusion import NoiseSchedule, sample
-    from securefed.federation.checkpoint import load_latest
-    from securefed.report.grid import save_grid
-    from securefed.run import build_model, resolve_device
+    from securefed.diffusion.params import set_flat
 
     run_dir = Path(args.run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    info = json.loads((run_dir / "model.json").read_text())
-    hist = json.loads((run_dir / "label_histogram.json").read_text())
+    cfg = load_config(RunDir(run_dir).config)
+    info = json.loads(RunDir(run_dir).model_info.read_text())
+    hist = json.loads(RunDir(run_dir).label_histogram.read_text())
     shape = tuple(info["image_shape"])
     num_classes = int(hist["num_classes"])
     dev = resolve_device(args.device or cfg.device)
     model = build_model(cfg, (shape[0], shape[1], shape[2]), num_classes).to(dev)
-    ckpt = load_latest(run_dir / "checkpoints")
-    params = ckpt.strategy.get("ema", ckpt.global_params)
+    ckpt = load_latest(RunDir(run_dir).checkpoints)
+    params = released_params(ckpt.strategy, ckpt.global_params)
     set_flat(model, params)
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     y = None
@@ -268,7 +270,7 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         from securefed.privacy import PrivacyLedger
 
-        path = Path(args.run_dir) / "privacy_ledger.json"
+        path = RunDir(args.run_dir).ledger
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} does not exist: the run did not use record-level DP (dp.level: record)"
@@ -456,12 +458,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from securefed.artefacts.checkpoint import CheckpointError
     from securefed.audit.attacks import AttackError
     from securefed.audit.threats import ThreatModelError
     from securefed.config import ConfigError
     from securefed.data import DatasetError, PartitionError
     from securefed.deploy.simulation_runtime import SimulationRuntimeError
-    from securefed.federation.checkpoint import CheckpointError
 
     try:
         return int(args.func(args))

@@ -10,7 +10,7 @@ sub-stream of a derived seed is ``derive_seed(derived, Purpose.X)``.
 These seeds are PUBLIC (``cfg.seed`` is written in ``config.yaml`` and sent to every site): they
 may drive model initialisation, client selection, evaluation noise, diffusion (t, eps) draws and
 the like, but never anything whose secrecy a privacy claim assumes. DP noise and DP-SGD's Poisson
-sampling come from a CSPRNG keyed by a secret (``securefed.privacy.secure_noise``).
+sampling come from a CSPRNG keyed by a secret (``securefed.noise.secure_noise``).
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ from securefed.audit.attacks import (
 )
 from securefed.audit.harness import train_model
 from securefed.audit.metrics import roc_auc
-from securefed.client.update import set_flat
+from securefed.builders import build_model, prepare_data
 from securefed.diffusion import NoiseSchedule
-from securefed.run import build_model, prepare_data
+from securefed.diffusion.params import set_flat
 from tests.test_audit_helpers import audit_config
 
 

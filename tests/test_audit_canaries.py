@@ -18,7 +18,7 @@ from tests.test_audit_helpers import audit_config
 
 
 def _model() -> torch.nn.Module:
-    from securefed.run import build_model
+    from securefed.builders import build_model
 
     cfg = audit_config(64, 0.5)
     return build_model(cfg, (1, 8, 8), 10)
@@ -90,9 +90,9 @@ def lying_and_honest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     test's 3.0 (3.10 with the fixed key below, but 2.71-3.43 over 11 fresh keys, 3 of them
     < 3.0), so any change to the training's numerics or the key could flip the test; at
     m = 1000 it was 3.91-4.73 over 12 keys (ceiling 5.42)."""
+    from securefed.builders import prepare_data
     from securefed.client.dp import sample_rate_for
     from securefed.privacy import calibrate_noise_multiplier
-    from securefed.run import prepare_data
 
     cfg = audit_config(
         512, 0.5, batch_size=64,

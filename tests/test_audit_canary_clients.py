@@ -47,7 +47,7 @@ def _raw(**over: Any) -> dict[str, Any]:
 
 
 def _model() -> torch.nn.Module:
-    from securefed.run import build_model
+    from securefed.builders import build_model
 
     return build_model(parse_config(_raw()), (1, 8, 8), 10)
 

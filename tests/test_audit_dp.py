@@ -28,7 +28,7 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         batch_size=32,
         dp={"level": "record", "target_epsilon": 1.0, "delta": DELTA, "secure_noise": False},
     )
-    from securefed.run import prepare_data
+    from securefed.builders import prepare_data
 
     data = prepare_data(cfg)
     assert len(data.members) == 128 and len(data.holdout) == 224

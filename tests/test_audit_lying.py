@@ -10,10 +10,10 @@ import pytest
 
 from securefed.audit.canaries import draw_canaries, load_canaries
 from securefed.audit.harness import train_model, write_run_dir
+from securefed.builders import prepare_data
 from securefed.cli import main
 from securefed.client.dp import sample_rate_for
 from securefed.privacy import calibrate_noise_multiplier
-from securefed.run import prepare_data
 from tests.test_audit_helpers import audit_config
 
 STEPS = 300
@@ -104,9 +104,9 @@ def test_received_models_copied_synthetic_data_and_missing_defences(lying_run: P
     import numpy as np
     import torch
 
+    from securefed.artefacts.checkpoint import load_latest
     from securefed.audit.runner import AuditSettings, run_audit
     from securefed.audit.threats import load_threat_model
-    from securefed.federation.checkpoint import load_latest
 
     params = load_latest(lying_run / "checkpoints").global_params
     (lying_run / "received").mkdir(exist_ok=True)

@@ -39,7 +39,7 @@ def _tm(tmp: Path, criteria: list[dict[str, Any]], **extra: Any) -> Path:
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """48 members, 48 holdout, a barely trained non-DP model (chance-level attacks)."""
     cfg = audit_config(96, 0.5)
-    from securefed.run import prepare_data
+    from securefed.builders import prepare_data
 
     data = prepare_data(cfg)
     trained = train_model(cfg, data.members, steps=2, seed=0)
@@ -54,7 +54,7 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         400, 0.5, dp={"level": "record", "delta": 1e-5, "secure_noise": False,
                       "noise_multiplier": 2.0}
     )
-    from securefed.run import prepare_data
+    from securefed.builders import prepare_data
 
     data = prepare_data(cfg)
     trained = train_model(cfg, data.members, steps=4, seed=0, noise_multiplier=2.0)
@@ -276,7 +276,7 @@ def test_named_target_that_is_missing_fails(small_run: Path, tmp_path: Path) -> 
     # the uploads present: attacked, no missing-target row
     import torch
 
-    from securefed.federation.checkpoint import load_latest
+    from securefed.artefacts.checkpoint import load_latest
 
     (run / "received").mkdir()
     torch.save({"params": load_latest(run / "checkpoints").global_params},

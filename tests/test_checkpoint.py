@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from securefed.federation.checkpoint import (
+from securefed.artefacts.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_latest,

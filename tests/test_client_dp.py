@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from securefed.config import ConfigError, DPConfig, SecureAggregationConfig, StrategyConfig
+from securefed.noise.discrete_gaussian import ddg_tau, discrete_gaussian
 from securefed.privacy import PrivacyLedger, epsilon_of
 from securefed.privacy.client_level import (
     ClientLevelDP,
@@ -20,7 +21,6 @@ from securefed.privacy.client_level import (
     geometric_clip_update,
     update_noise_multiplier,
 )
-from securefed.privacy.discrete_gaussian import ddg_tau, discrete_gaussian
 from securefed.run import run_experiment
 from securefed.secagg import DistributedNoise, PlainAggregation
 from securefed.secagg.masking import MaskingAggregation

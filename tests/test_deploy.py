@@ -286,9 +286,9 @@ def _expected_round_one(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Round 1 recomputed in this process from the survivors' own data: the FedAvg of their
     updates (exact sums, no masking). Returns (initial, expected next global, total weight)."""
-    from securefed.client.update import get_flat
+    from securefed.builders import build_model, build_privacy
+    from securefed.diffusion.params import get_flat
     from securefed.federation.simulation import SimClient
-    from securefed.run import build_model, build_privacy
     from securefed.strategies import build_strategy
 
     strategy = build_strategy(cfg.strategy, cfg.federation.num_clients, weight_scale=weight_scale)
@@ -739,8 +739,8 @@ def test_in_process_client_level_dp_deployment_matches_the_simulation(tmp_path: 
         assert 0 < gap <= rnd * 8 * std / 3 + 1e-3, (rnd, gap, std)
     # the deployed sites' shares add up to the planned noise: round 1's update is the mean of
     # three clipped deltas (norm <= 0.5 over 10k coordinates: ~0.005 each) plus N(0, (std/3)^2)
-    from securefed.client.update import get_flat
-    from securefed.run import build_model
+    from securefed.builders import build_model
+    from securefed.diffusion.params import get_flat
 
     init = get_flat(build_model(cfg, (1, 8, 8), 10))
     for where in ("run", "sim"):
@@ -808,8 +808,8 @@ def assert_matches_simulation(
     """A deployed (or Flower-simulated) 2-round run equals the in-process one: the global model
     within the masking grid of both rounds, and each site's ledger equals the simulation's plan
     and charges for that client (the released updates' digests aside)."""
-    from securefed.client.update import get_flat
-    from securefed.run import build_model
+    from securefed.builders import build_model
+    from securefed.diffusion.params import get_flat
 
     rows = _metrics(run_dir)
     # round 1: same start, same seeded DP noise; only the two masking grids differ

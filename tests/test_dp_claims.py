@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 import securefed
 from securefed.client.dp import dp_row_losses, poisson_batches, sampling_source_of
-from securefed.client.update import get_flat
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule, UNet
 from securefed.diffusion.loss import diffusion_loss_from_draws, draw_timesteps_and_noise
+from securefed.diffusion.params import get_flat
+from securefed.noise.secure_noise import SecureGaussian
 from securefed.privacy import PrivacyLedger
-from securefed.privacy.secure_noise import SecureGaussian
 from securefed.seeds import Purpose, derive_seed
 from securefed.strategies.base import LocalObjective
 from tests.conftest import tiny_config
@@ -292,7 +292,7 @@ def _crash_after_round_2(tmp_path: Path, tamper: bool) -> tuple[Path, torch.Tens
     before its checkpoint (latest.json back at round 1). ``tamper``: the recorded digests of
     round 2 do not match what this machine replays (as after a CUDA -> CPU or thread-count
     change). Returns the run dir and the round-2 global model of the first attempt."""
-    from securefed.federation.checkpoint import load_latest
+    from securefed.artefacts.checkpoint import load_latest
     from securefed.io import atomic_write_json, sha256_file
     from securefed.run import run_experiment
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from securefed.federation.checkpoint import load_latest
+from securefed.artefacts.checkpoint import load_latest
 from securefed.federation.engine import ClientRound, ClientTransport, RoundEngine
 from securefed.federation.record import EVALUATION_KEYS, RoundRecord, read_records
 from securefed.strategies import CohortSum, RoundPlan, Strategy, build_strategy

@@ -12,9 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from securefed.builders import prepare_data
 from securefed.config import ConfigError, FedDDPMConfig, StrategyConfig
 from securefed.privacy import PrivacyLedger
-from securefed.run import prepare_data, run_experiment
+from securefed.run import run_experiment
 from securefed.strategies import FedAvg, Scaffold
 from securefed.strategies.fedddpm import CalibrationResult, FedDDPM, allocate_proportional
 from securefed.strategies.fedddpm_plus import (
@@ -300,8 +301,8 @@ def test_resume_is_exact_and_reloads_the_aux_set(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- persistent server optimizer
 def _real_calibrator(state: str, seed: int = 0) -> Any:
+    from securefed.builders import build_model
     from securefed.diffusion import NoiseSchedule
-    from securefed.run import build_model
     from securefed.seeds import Purpose, derive_seed
     from securefed.strategies.fedddpm import ServerCalibrator, split_holdout
 
@@ -320,7 +321,7 @@ def _real_calibrator(state: str, seed: int = 0) -> Any:
 
 
 def test_persistent_server_optimizer_state_resumes_exactly() -> None:
-    from securefed.client.update import get_flat
+    from securefed.diffusion.params import get_flat
 
     a = _real_calibrator("persistent")
     p0 = get_flat(a.model).clone()
@@ -364,7 +365,7 @@ def test_calibration_budget_as_a_fraction_of_client_compute() -> None:
 
 
 def test_resume_with_persistent_server_optimizer_is_exact(tmp_path: Path) -> None:
-    from securefed.federation.checkpoint import load_latest
+    from securefed.artefacts.checkpoint import load_latest
 
     kw = _fd(federation__rounds=3, fedddpm__calibration_fraction=0.5)
     full = run_experiment(tiny_config(**kw), tmp_path / "full", progress=False,

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import securefed.run as run_mod
-from securefed.client.update import param_slices
+from securefed.builders import build_model, prepare_data
 from securefed.config import ConfigError
-from securefed.run import build_model, prepare_data, run_experiment
+from securefed.diffusion.params import param_slices
+from securefed.run import run_experiment
 from securefed.secagg import AggregationProtocol, build_protocol
 from securefed.secagg.base import AggregationResult
 from securefed.strategies.feddiffuse import group_indices, pair_clients, shared_groups

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from securefed.client.update import get_flat
+from securefed.builders import build_model, prepare_data
 from securefed.config import ConfigError
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule
+from securefed.diffusion.params import get_flat
 from securefed.federation.public_pretrain import (
     PublicDataError,
     check_disjoint,
@@ -20,7 +21,7 @@ from securefed.federation.public_pretrain import (
 )
 from securefed.io import read_jsonl
 from securefed.privacy import PrivacyLedger
-from securefed.run import build_model, prepare_data, run_experiment
+from securefed.run import run_experiment
 from tests.conftest import tiny_config
 
 _PT: dict[str, Any] = {

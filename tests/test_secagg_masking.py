@@ -735,8 +735,8 @@ def test_messages_keys_and_ciphertexts_of_another_run_fail() -> None:
     ciphertexts, derived keys and commitments differ between runs."""
     from cryptography.exceptions import InvalidTag
 
+    from securefed.noise.prg import derive_key
     from securefed.secagg.masking.client import b_commitment, decrypt_shares, encrypt_shares
-    from securefed.secagg.masking.prg import derive_key
 
     ids = ephemeral_identities(3)
     old = MaskingParams(1.0, None, 32, 1.0, session=b"\x01" * 16)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-import securefed.privacy.secure_noise as sn
+import securefed.noise.secure_noise as sn
 from securefed.privacy import (
     InsecureNoiseWarning,
     SecureGaussian,

@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
+from securefed.artefacts.checkpoint import CheckpointError
+from securefed.builders import prepare_data
 from securefed.cli import main
-from securefed.federation.checkpoint import CheckpointError
-from securefed.run import prepare_data, run_experiment
+from securefed.run import run_experiment
 from tests.conftest import tiny_config, tiny_raw
 
 

@@ -156,10 +156,10 @@ def _scaffold_local_run(optimizer: str, control: str, momentum: float = 0.0):
     """One real local run of a tiny UNet on digits under a SCAFFOLD correction: returns
     (strategy, broadcast, trainer result, client state, lr)."""
     from securefed.client import LocalTrainer
-    from securefed.client.update import get_flat
     from securefed.config import ClientConfig
     from securefed.data.datasets import load_dataset
     from securefed.diffusion import NoiseSchedule, UNet
+    from securefed.diffusion.params import get_flat
     from tests.conftest import tiny_config
 
     cfg = tiny_config()

@@ -29,13 +29,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from securefed.builders import build_model, prepare_data
     from securefed.client.dp import DPLocalTrainer, sample_rate_for
-    from securefed.client.update import get_flat
     from securefed.config import load_config
     from securefed.diffusion import NoiseSchedule
+    from securefed.diffusion.params import get_flat
     from securefed.privacy import SecureGaussian
     from securefed.privacy.canaries import GradientCanaries
-    from securefed.run import build_model, prepare_data
     from securefed.strategies.base import LocalObjective
 
     torch.set_num_threads(args.threads)

@@ -13,7 +13,7 @@ shape, ``UNet(cfg, 1, 8)``) on the DDPM loss, for each batch size, with four met
 - ``securefed``: :func:`~securefed.privacy.dp_step.dp_sgd_step` (one backward, book-keeping
   clipped sum; Bu et al. 2023), noise from a seeded ``torch.Generator``;
 - ``securefed-secure``: the same step with the noise a DP run actually uses
-  (:class:`~securefed.privacy.secure_noise.SecureGaussian`: AES-256-CTR, Box-Muller in float64,
+  (:class:`~securefed.noise.secure_noise.SecureGaussian`: AES-256-CTR, Box-Muller in float64,
   four normals per coordinate against floating-point attacks), i.e. the full DP step.
 
 No optimizer step is included (it is the same for all methods), so the ratios are upper bounds
@@ -142,7 +142,7 @@ def _make_step(method: str, batch: int, k: int) -> Callable[[], None]:
         return step
 
     if method in ("securefed", "securefed-secure"):
-        from securefed.privacy.secure_noise import SecureGaussian
+        from securefed.noise.secure_noise import SecureGaussian
 
         src = noise if method == "securefed" else SecureGaussian(bytes(32))
 
@@ -196,7 +196,7 @@ def _memory(method: str, batch: int, k: int, threads: int, steps: int) -> tuple[
 
 def _secure_noise_ms(numel_shapes: list[tuple[int, ...]], repeats: int) -> float | None:
     try:
-        from securefed.privacy.secure_noise import SecureGaussian
+        from securefed.noise.secure_noise import SecureGaussian
     except ImportError:
         return None
     src = SecureGaussian(bytes(32))
@@ -218,7 +218,7 @@ def _profile(batch: int, k: int, repeats: int) -> list[tuple[str, float]]:
     """Median ms per phase of one plain step and one DP step with secure noise (see module doc)."""
     from collections import defaultdict
 
-    from securefed.privacy.secure_noise import SecureGaussian
+    from securefed.noise.secure_noise import SecureGaussian
 
     torch.manual_seed(0)
     model = UNet(ModelConfig(), 1, 8)

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from securefed.builders import build_model, prepare_data, resolve_device
 from securefed.client.trainer import local_steps_for, make_optimizer
 from securefed.config import load_config
 from securefed.diffusion import NoiseSchedule, diffusion_loss
-from securefed.run import build_model, prepare_data, resolve_device, run_experiment
+from securefed.run import run_experiment
 
 
 def bare_step_seconds(cfg, device: torch.device, repeats: int = 20) -> float:

@@ -67,9 +67,9 @@ def run_audit_experiment(
     from securefed.audit.report import write_audit
     from securefed.audit.runner import AuditSettings, run_audit
     from securefed.audit.threats import load_threat_model
+    from securefed.builders import prepare_data
     from securefed.client.dp import sample_rate_for
     from securefed.privacy import calibrate_noise_multiplier
-    from securefed.run import prepare_data
 
     spec = yaml.safe_load(Path(spec_path).read_text())
     for key in ("base", "steps", "variants", "threat_models"):

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from securefed.artefacts.rundir import RunDir
 from securefed.audit.canaries import CanarySet, insert_canaries, save_canaries
 from securefed.config import ExperimentConfig, dump_config
 from securefed.data import ImageDataset
@@ -81,12 +82,12 @@ def train_model(
     """
     from tqdm.auto import tqdm
 
+    from securefed.builders import build_model
     from securefed.client.dp import DPLocalTrainer, sample_rate_for
     from securefed.client.trainer import LocalTrainer
-    from securefed.client.update import get_flat
     from securefed.diffusion import NoiseSchedule
+    from securefed.diffusion.params import get_flat
     from securefed.privacy import SecureGaussian, TorchGaussian
-    from securefed.run import build_model
     from securefed.strategies.base import LocalObjective
 
     dev = device or torch.device("cpu")
@@ -161,10 +162,10 @@ def write_run_dir(
     used) and ``delta`` (default ``cfg.dp.delta``, else ``1 / (10 n)``). Passing a LARGER
     multiplier than the one used writes a ledger that lies.
     """
-    from securefed.client.update import num_params
-    from securefed.federation.checkpoint import Checkpoint, save_checkpoint
+    from securefed.artefacts.checkpoint import Checkpoint, save_checkpoint
+    from securefed.builders import build_model
+    from securefed.diffusion.params import num_params
     from securefed.privacy import PrivacyLedger, default_delta
-    from securefed.run import build_model
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -182,14 +183,14 @@ def write_run_dir(
             )
         }
     )
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    atomic_write_text(RunDir(run_dir).config, dump_config(cfg))
     model = build_model(cfg, trained.data.image_shape, trained.data.num_classes)
     atomic_write_json(
-        run_dir / "model.json",
+        RunDir(run_dir).model_info,
         {"parameters": num_params(model), "image_shape": list(trained.data.image_shape)},
     )
     atomic_write_json(
-        run_dir / "label_histogram.json",
+        RunDir(run_dir).label_histogram,
         {
             "num_classes": trained.data.num_classes,
             "class_names": list(trained.data.class_names),
@@ -200,14 +201,14 @@ def write_run_dir(
         },
     )
     save_checkpoint(
-        run_dir / "checkpoints",
+        RunDir(run_dir).checkpoints,
         Checkpoint(1, trained.params.clone(), {}, {}, {"harness": True}),
     )
     if canaries is not None:
         save_canaries(run_dir, canaries)
     if trained.gradient_canaries is not None:
-        trained.gradient_canaries.save(run_dir / "canaries", cfg.dp.max_grad_norm)
-        trained.gradient_canaries.commit(run_dir / "canaries", 1, trained.gradient_scores)
+        trained.gradient_canaries.save(RunDir(run_dir).canaries, cfg.dp.max_grad_norm)
+        trained.gradient_canaries.commit(RunDir(run_dir).canaries, 1, trained.gradient_scores)
     if cfg.dp.level == "record":
         sigma = ledger_noise_multiplier
         if sigma is None:
@@ -217,7 +218,7 @@ def write_run_dir(
                 "write_run_dir: a record-level DP ledger needs a positive noise multiplier; "
                 "pass ledger_noise_multiplier"
             )
-        ledger = PrivacyLedger(run_dir / "privacy_ledger.json")
+        ledger = PrivacyLedger(RunDir(run_dir).ledger)
         ledger.plan(
             0,
             noise_multiplier=sigma,

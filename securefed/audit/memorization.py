@@ -193,7 +193,7 @@ def closest_pairs_grid(
     path: str | Path,
 ) -> Path:
     """PNG grid: each row is (synthetic image, its nearest training image), closest first."""
-    from securefed.report.grid import save_grid
+    from securefed.artefacts.grid import save_grid
 
     if not pairs:
         raise ValueError("closest_pairs_grid: no pairs to draw")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from securefed.artefacts.rundir import RunDir
 from securefed.audit.attacks import ATTACKS, AttackContext, build_attack
 from securefed.audit.epsilon import (
     clopper_pearson_audit,
@@ -340,7 +341,7 @@ def _missing_targets(tm: ThreatModel, run: AuditRun, st: AuditSettings) -> list[
 def _accountant_at(run: AuditRun, delta: float) -> float:
     """The accountant's epsilon at ``delta``, recomputed from the ledger's history (worst
     client); inf without DP."""
-    path = Path(run.run_dir) / "privacy_ledger.json"
+    path = RunDir(Path(run.run_dir)).ledger
     if run.cfg.dp.level == "none" or not path.exists():
         return float("inf")
     from securefed.privacy import PrivacyLedger, epsilon_of
@@ -361,7 +362,7 @@ def _canary_clients_accountant_at(run: AuditRun, delta: float) -> float | None:
     from securefed.privacy import epsilon_of
 
     accountant: str = run.cfg.dp.accountant
-    path = Path(run.run_dir) / "privacy_ledger.json"
+    path = RunDir(Path(run.run_dir)).ledger
     if path.exists():
         from securefed.privacy import PrivacyLedger
 

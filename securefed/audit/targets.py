@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from securefed.artefacts.rundir import RunDir, released_params
 from securefed.audit.canaries import CanarySet, load_canaries
 from securefed.config import ExperimentConfig, load_config
 from securefed.data import ImageDataset
@@ -89,8 +90,8 @@ class AuditRun:
 
     def model(self, params: torch.Tensor) -> nn.Module:
         """A fresh UNet of the run's architecture holding ``params`` ``[D]`` (eval mode)."""
-        from securefed.client.update import set_flat
-        from securefed.run import build_model
+        from securefed.builders import build_model
+        from securefed.diffusion.params import set_flat
 
         m = build_model(self.cfg, self.members.image_shape, self.members.num_classes)
         m = m.to(self.device)
@@ -107,7 +108,7 @@ class AuditRun:
 
 
 def _ledger(run_dir: Path, cfg: ExperimentConfig) -> Ledger:
-    path = run_dir / "privacy_ledger.json"
+    path = RunDir(run_dir).ledger
     if cfg.dp.level == "none" or not path.exists():
         return Ledger(float("inf"), 0.0, cfg.dp.level)
     from securefed.privacy import PrivacyLedger
@@ -140,25 +141,25 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
     Raises:
         FileNotFoundError: not a run directory, or it has no checkpoint.
     """
-    from securefed.federation.checkpoint import load_latest
-    from securefed.run import build_model, prepare_data
+    from securefed.artefacts.checkpoint import load_latest
+    from securefed.builders import build_model, prepare_data
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
+    if not RunDir(run_dir).config.exists():
         raise FileNotFoundError(
             f"{run_dir} has no config.yaml: it is not a securefed run directory"
         )
-    if not (run_dir / "checkpoints" / "latest.json").exists():
+    if not (RunDir(run_dir).checkpoints / "latest.json").exists():
         raise FileNotFoundError(
             f"{run_dir}/checkpoints/latest.json is missing: the run has no model to audit yet"
         )
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(RunDir(run_dir).config)
     dev = device or torch.device("cpu")
     data = prepare_data(cfg)
-    ckpt = load_latest(run_dir / "checkpoints")
-    released = ckpt.strategy.get("ema", ckpt.global_params).to(torch.float32)
+    ckpt = load_latest(RunDir(run_dir).checkpoints)
+    released = released_params(ckpt.strategy, ckpt.global_params)
     received: dict[str, torch.Tensor] = {}
-    rdir = run_dir / "received"
+    rdir = RunDir(run_dir).received
     if rdir.is_dir():
         for p in sorted(rdir.glob("*.pt")):
             v = _load_vector(p)
@@ -167,7 +168,7 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
     client_models: dict[int, torch.Tensor] = {}
     fd = getattr(cfg, "feddiffuse", None)
     if fd is not None and getattr(fd, "enabled", False):
-        from securefed.client.update import param_slices
+        from securefed.diffusion.params import param_slices
         from securefed.strategies.feddiffuse import group_indices, shared_groups
 
         model = build_model(cfg, data.members.image_shape, data.members.num_classes)
@@ -185,7 +186,7 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
     canary_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     from securefed.privacy.canaries import load_gradient_scores
 
-    got = load_gradient_scores(run_dir / "canaries", int(ckpt.round))
+    got = load_gradient_scores(RunDir(run_dir).canaries, int(ckpt.round))
     if got is not None:
         gc, scores, rounds = got
         if rounds:
@@ -200,7 +201,7 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
     canary_cosines: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     from securefed.privacy.canaries import load_client_scores
 
-    cc = load_client_scores(run_dir / "canaries", int(ckpt.round))
+    cc = load_client_scores(RunDir(run_dir).canaries, int(ckpt.round))
     if cc is not None and cc.rounds:
         name = (
             f"{len(cc.canaries)} white-box canary clients ({int(cc.canaries.included.sum())} "
@@ -262,7 +263,7 @@ def find_synthetic(
     """Synthetic images stored under ``auxiliary/`` (``.npz``: key ``images`` or the first image
     array; ``.pt``: a tensor or a mapping with ``images``), as ``[N, C, H, W]`` in [-1, 1];
     None when there are none."""
-    d = run_dir / "auxiliary"
+    d = RunDir(run_dir).auxiliary
     if not d.is_dir():
         return None
     for p in sorted(d.iterdir()):
@@ -314,19 +315,19 @@ def make_shadow_trainer(run: AuditRun, steps: int | None = None, progress: bool 
     :class:`~securefed.client.dp.DPLocalTrainer` at the ledger's noise multiplier for
     record-level DP runs (attacker-side noise from a seeded torch generator).
     """
+    from securefed.builders import build_model
     from securefed.client.dp import DPLocalTrainer
     from securefed.client.trainer import LocalTrainer, local_steps_for
-    from securefed.client.update import get_flat
+    from securefed.diffusion.params import get_flat
     from securefed.privacy import InsecureNoiseWarning, TorchGaussian
-    from securefed.run import build_model
     from securefed.strategies.base import LocalObjective
 
     cfg = run.cfg
     sigma = None
-    if cfg.dp.level == "record" and (run.run_dir / "privacy_ledger.json").exists():
+    if cfg.dp.level == "record" and RunDir(run.run_dir).ledger.exists():
         from securefed.privacy import PrivacyLedger
 
-        led = PrivacyLedger.load(run.run_dir / "privacy_ledger.json")
+        led = PrivacyLedger.load(RunDir(run.run_dir).ledger)
         if led.clients:
             sigma = float(led.get_plan(led.clients[0]).noise_multiplier)
 

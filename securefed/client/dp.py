@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from securefed.client.trainer import LocalResult, LocalTrainer, _split_like, local_steps_for
-from securefed.client.update import get_flat, set_flat
 from securefed.config import ClientConfig, DPConfig
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule
 from securefed.diffusion.loss import diffusion_loss_from_draws, draw_timesteps_and_noise
-from securefed.privacy.secure_noise import UniformSource
+from securefed.diffusion.params import get_flat, set_flat
+from securefed.noise.secure_noise import UniformSource
 from securefed.seeds import Purpose, derive_seed
 from securefed.strategies.base import LocalObjective
 
@@ -308,7 +308,7 @@ def train_private_charged(
         if ledger.would_exceed(client_id, result.steps, noise_multiplier=noise_multiplier,
                                sample_rate=q):
             return None
-        from securefed.privacy.secure_noise import SecureGaussian
+        from securefed.noise.secure_noise import SecureGaussian
 
         if canaries is not None:  # the discarded attempt's canary scores are not the release's
             canaries.restart()

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from securefed.client.update import get_flat, set_flat
 from securefed.config import ClientConfig
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule, diffusion_loss
+from securefed.diffusion.params import get_flat, set_flat
 from securefed.seeds import Purpose, derive_seed
 from securefed.strategies.base import LocalObjective
 

@@ -152,7 +152,7 @@ def round_masking_params(
     params = run_masking_params(cfg, run_id)
     if cfg.dp.level != "client":
         return params
-    from securefed.run import client_level_dp
+    from securefed.builders import client_level_dp
     from securefed.strategies import build_strategy
 
     plan = client_level_dp(cfg, build_strategy(cfg.strategy, cfg.federation.num_clients))

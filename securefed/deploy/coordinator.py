@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from securefed.artefacts.rundir import RunDir
 from securefed.config import ExperimentConfig, dump_config
 from securefed.deploy.common import (
     DeployConfigError,
@@ -212,7 +213,7 @@ class Coordinator(ClientTransport):
     # ------------------------------------------------------------------ helpers
     def _event(self, **values: Any) -> None:
         values["time"] = time.time()
-        atomic_write_json(self.options.run_dir / "status.json", values)
+        atomic_write_json(RunDir(self.options.run_dir).status, values)
         if self.on_event is not None:
             self.on_event(values)
 
@@ -335,8 +336,8 @@ class Coordinator(ClientTransport):
     def start(self) -> dict[str, Any]:
         """Create the run directory, run setup, build the model and strategy; returns the
         checkpoint metadata. :meth:`run_round` may be called after it."""
-        from securefed.client.update import get_flat, num_params
-        from securefed.run import build_model, build_strategy_stack
+        from securefed.builders import build_model, build_strategy_stack
+        from securefed.diffusion.params import get_flat, num_params
 
         run_dir = self.options.run_dir
         own = {"status.json", "coordinator.log"}  # written by the ServerApp before the run
@@ -360,9 +361,9 @@ class Coordinator(ClientTransport):
             self._ckks = self._ckks_server()
         if cfg.fedddpm.enabled:
             self.engine.strategy = self._fedddpm_phase0(model)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        atomic_write_text(RunDir(run_dir).config, dump_config(cfg))
         atomic_write_json(
-            run_dir / "model.json",
+            RunDir(run_dir).model_info,
             {
                 "parameters": num_params(model),
                 "groups": {k: len(v) for k, v in model.parameter_groups().items()},
@@ -371,12 +372,12 @@ class Coordinator(ClientTransport):
         )
         # what `securefed sample RUN_DIR` needs; the label counts themselves stay at the sites
         atomic_write_json(
-            run_dir / "label_histogram.json",
+            RunDir(run_dir).label_histogram,
             {"num_classes": self.num_classes, "class_names": [], "counts": [],
              "members": int(self.weight_scale), "holdout": 0},
         )
         atomic_write_json(
-            run_dir / "sites.json",
+            RunDir(run_dir).sites,
             {
                 "sites": {
                     str(c): {"node_id": s.node_id, "num_examples": s.num_examples}
@@ -619,9 +620,9 @@ class Coordinator(ClientTransport):
         cache) becomes the initial global model, as in the simulation. The coordinator holds
         no private data: every site checked at setup that no image of its own is in the
         public set (:func:`~securefed.federation.public_pretrain.check_disjoint`)."""
+        from securefed.builders import cache_dir, resolve_device
         from securefed.diffusion import NoiseSchedule
         from securefed.federation.public_pretrain import public_pretrain
-        from securefed.run import cache_dir, resolve_device
 
         cfg = self.cfg
         dev = resolve_device(cfg.device)
@@ -630,7 +631,7 @@ class Coordinator(ClientTransport):
             cache_dir() / "pretrain", shape=self.image_shape, num_classes=self.num_classes,
         )
         model.to("cpu")
-        atomic_write_json(self.options.run_dir / "public_pretrain.json", {
+        atomic_write_json(RunDir(self.options.run_dir).public_pretrain, {
             **res.meta,
             "private_dataset": cfg.data.name,
             "relation": (
@@ -648,10 +649,10 @@ class Coordinator(ClientTransport):
         (``auxiliary/``) the server calibrates on. Returns the FedDDPM / FedDDPM+ strategy."""
         import io
 
+        from securefed.builders import fedddpm_wrapper, resolve_device
         from securefed.diffusion import NoiseSchedule
         from securefed.federation.auxiliary import AuxiliarySet, save_auxiliary
         from securefed.io import atomic_write_bytes
-        from securefed.run import fedddpm_wrapper, resolve_device
         from securefed.strategies.fedddpm import allocate_proportional
 
         cfg, fd, run_dir = self.cfg, self.cfg.fedddpm, self.options.run_dir
@@ -707,10 +708,10 @@ class Coordinator(ClientTransport):
                 buf = io.BytesIO()
                 torch.save({"params": decode_vector(raw, self._numel, who, "upload"),
                             "client": c, "phase": "fedddpm upload"}, buf)
-                atomic_write_bytes(run_dir / "received" / f"client_{c}.pt", buf.getvalue(),
+                atomic_write_bytes(RunDir(run_dir).received_upload(c), buf.getvalue(),
                                    mode=0o600)
             else:
-                atomic_write_bytes(run_dir / "received" / f"client_{c}_samples.npz", raw,
+                atomic_write_bytes(RunDir(run_dir).received / f"client_{c}_samples.npz", raw,
                                    mode=0o600)
             images.append(torch.from_numpy(x))
             labels.append(torch.from_numpy(y))
@@ -743,7 +744,7 @@ class Coordinator(ClientTransport):
         """``fedddpm.upload: model``: ``n`` images from site ``cid``'s uploaded DP model, drawn
         as the simulation draws them (the ``(seed, AUX_SAMPLE, 0, cid)`` stream; class-conditional:
         the site's DP class counts); the model is restored to the initial one afterwards."""
-        from securefed.client.update import get_flat, set_flat
+        from securefed.diffusion.params import get_flat, set_flat
         from securefed.diffusion.sampling import sample
         from securefed.seeds import Purpose, derive_seed
 

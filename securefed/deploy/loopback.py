@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from securefed.artefacts.rundir import RunDir
 from securefed.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["APP_DIR", "LoopbackFederation", "RunEndedEarly", "config_pairs", "end_session",
@@ -117,7 +118,7 @@ def wait_for_finished(
         RunEndedEarly: ``popen`` (``flwr run``) exited without the run finishing.
         TimeoutError: not finished within ``timeout`` seconds.
     """
-    status = Path(run_dir) / "status.json"
+    status = RunDir(Path(run_dir)).status
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}
     while time.monotonic() < deadline:

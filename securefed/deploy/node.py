@@ -537,7 +537,7 @@ class Site:
                 )
             data_cfg = cfg.data.model_copy(update={"name": "image_folder", "root": o.data_path})
             return load_dataset(data_cfg)
-        from securefed.run import prepare_data
+        from securefed.builders import prepare_data
 
         prepared = prepare_data(cfg)
         pid = o.partition_id if o.partition_id is not None else self.cid
@@ -584,8 +584,8 @@ class Site:
     def _privacy(self, cfg: ExperimentConfig, data: ImageDataset) -> Any | None:
         if cfg.dp.level not in ("record", "client"):
             return None
+        from securefed.builders import build_client_level_privacy, build_privacy
         from securefed.federation.simulation import SimClient
-        from securefed.run import build_client_level_privacy, build_privacy
         from securefed.strategies import build_strategy
 
         ledger = self.options.state_dir / "privacy_ledger.json"
@@ -853,12 +853,12 @@ class Site:
         experiment it pinned; the round's cohort and length from the signed round start),
         refuses a broadcast clip norm other than its own, and charges that plan's worst-case
         multiplier before the update leaves (its masking client adds the noise share)."""
+        from securefed.builders import build_model, build_strategy_stack, resolve_device
         from securefed.client.dp import sample_rate_for
         from securefed.client.runtime import local_round
         from securefed.client.trainer import local_steps_for
-        from securefed.client.update import num_params
         from securefed.diffusion import NoiseSchedule
-        from securefed.run import build_model, build_strategy_stack, resolve_device
+        from securefed.diffusion.params import num_params
         from securefed.strategies import pack_update
 
         who = "coordinator"
@@ -978,10 +978,10 @@ class Site:
 
         import numpy as np
 
+        from securefed.builders import build_model, resolve_device
         from securefed.diffusion import NoiseSchedule
         from securefed.federation.auxiliary import build_auxiliary_set
         from securefed.federation.simulation import SimClient
-        from securefed.run import build_model, resolve_device
         from securefed.seeds import derive_seed
 
         who = "coordinator"
@@ -1009,7 +1009,7 @@ class Site:
             _check_dp_pin(record.dp_plan, dp_plan_fields(cfg, len(data)), "phase 0")
         dev = resolve_device(self.options.device)
         model = build_model(cfg, (shape[0], shape[1], shape[2]), num_classes).to(dev)
-        from securefed.client.update import num_params
+        from securefed.diffusion.params import num_params
 
         init = decode_vector(get_bytes(content, "broadcast.params", who), num_params(model), who,
                              "broadcast.params")

@@ -266,10 +266,6 @@ class SiteWorker:
         first task arrives."""
         import torch  # noqa: F401
 
-        import securefed.client.dp
-        import securefed.deploy.client_app
-        import securefed.deploy.node
-        import securefed.run  # noqa: F401
 
     def serve_forever(self, max_tasks: int | None = None) -> None:
         """Acquire and serve tasks until :meth:`stop` (or ``max_tasks`` served)."""

@@ -1,19 +1,11 @@
 """The round engine and its in-process transport (the Flower transport is ``securefed.deploy``)."""
 
-from securefed.federation.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    load_latest,
-    save_checkpoint,
-)
 from securefed.federation.engine import ClientRound, ClientTransport, RoundEngine
 from securefed.federation.record import RoundRecord, read_records
 from securefed.federation.simulation import InProcessClients, SimClient, SimulationEvaluation
 from securefed.seeds import derive_seed
 
 __all__ = [
-    "Checkpoint",
-    "CheckpointError",
     "ClientRound",
     "ClientTransport",
     "InProcessClients",
@@ -22,7 +14,5 @@ __all__ = [
     "SimClient",
     "SimulationEvaluation",
     "derive_seed",
-    "load_latest",
     "read_records",
-    "save_checkpoint",
 ]

@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from securefed.artefacts.grid import save_grid
 from securefed.client import LocalTrainer, local_steps_for
-from securefed.client.update import num_params
 from securefed.config import ExperimentConfig
 from securefed.diffusion import NoiseSchedule, sample
+from securefed.diffusion.params import num_params
 from securefed.io import atomic_write_bytes, atomic_write_json, sha256_file
-from securefed.report.grid import save_grid
 from securefed.seeds import Purpose
 from securefed.strategies import LocalObjective
 from securefed.strategies.fedddpm import allocate_proportional

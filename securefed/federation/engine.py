@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from securefed.artefacts.checkpoint import Checkpoint, save_checkpoint
+from securefed.artefacts.rundir import RunDir
 from securefed.config import ExperimentConfig
-from securefed.federation.checkpoint import Checkpoint, save_checkpoint
 from securefed.federation.record import RoundRecord
 from securefed.io import atomic_write_json, write_jsonl
 from securefed.seeds import Purpose, derive_seed
@@ -248,12 +249,13 @@ class RoundEngine:
         checkpointed and the reason is returned (else None)."""
         cfg = self.cfg
         last = cfg.federation.rounds if last is None else min(last, cfg.federation.rounds)
-        metrics_path, ckpt_dir = run_dir / "metrics.jsonl", run_dir / "checkpoints"
+        rd = RunDir(run_dir)
+        metrics_path, ckpt_dir = rd.metrics, rd.checkpoints
         for rnd in range(self.round + 1, last + 1):
             stop = self.transport.can_continue(rnd, self.strategy)
             if stop is not None:
                 log.warning(stop)
-                atomic_write_json(run_dir / "stopped.json", {"round": self.round, "reason": stop})
+                atomic_write_json(rd.stopped, {"round": self.round, "reason": stop})
                 if self.round > 0:
                     self.save(ckpt_dir, meta)
                 return stop

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from securefed.client.update import get_flat, set_flat
 from securefed.config import DataConfig, ExperimentConfig, PublicPretrainConfig
 from securefed.data import ImageDataset, load_dataset
 from securefed.diffusion import NoiseSchedule, UNet, diffusion_loss
+from securefed.diffusion.params import get_flat, set_flat
 from securefed.io import atomic_write_bytes
 from securefed.seeds import Purpose, derive_seed
 

@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+from securefed.noise.secure_noise import (
+    NOISE_KEY_FILENAME,
+    InsecureNoiseWarning,
+    NoiseSource,
+    SecureGaussian,
+    TorchGaussian,
+    derive_key,
+    dp_round_key,
+    load_or_create_run_key,
+    make_noise_source,
+)
 from securefed.privacy.accountant import (
     ACCOUNTANTS,
     History,
@@ -23,17 +34,6 @@ from securefed.privacy.opacus_engine import (
     clip_factors,
     make_private_module,
     opacus_dp_step,
-)
-from securefed.privacy.secure_noise import (
-    NOISE_KEY_FILENAME,
-    InsecureNoiseWarning,
-    NoiseSource,
-    SecureGaussian,
-    TorchGaussian,
-    derive_key,
-    dp_round_key,
-    load_or_create_run_key,
-    make_noise_source,
 )
 
 __all__ = [

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from torch import nn
 
 from securefed.io import atomic_write_bytes, atomic_write_json
-from securefed.privacy.secure_noise import derive_key
+from securefed.noise.secure_noise import derive_key
 
 __all__ = [
     "CANARY_KEY_FILENAME",
@@ -348,7 +348,7 @@ _CLIENT_ROUNDS_DIR = "client_rounds"
 
 
 def _flat_positions(model: nn.Module, param_index: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """``[m]`` positions in the model's flat ``[D]`` vector (:func:`~securefed.client.update.
+    """``[m]`` positions in the model's flat ``[D]`` vector (:func:`~securefed.diffusion.params.
     get_flat`: every parameter, ``model.parameters()`` order) of canaries addressed as
     (trainable-parameter index, offset)."""
     all_params = list(model.parameters())

@@ -44,6 +44,7 @@ import torch
 
 from securefed.config import DPConfig, SecureAggregationConfig
 from securefed.secagg.base import DistributedNoise
+from securefed.secagg.guarantees import encoding_sensitivity, min_survivors
 from securefed.strategies.base import (
     ClientUpdate,
     RoundPlan,
@@ -184,14 +185,8 @@ class ClientLevelDP(StrategyWrapper):
         return max(participants / 20.0, 0.5 * z_target / math.sqrt(1.0 - 1.0 / 1.05**2))
 
     def min_survivors(self, participants: int) -> int:
-        if self.secagg.protocol == "plain":
-            return participants  # the trusted server adds the whole noise itself
-        from securefed.secagg.masking.graph import effective_degree
-        from securefed.secagg.masking.stages import resolve_threshold
-
-        k = None if self.secagg.neighbours == "all" else int(self.secagg.neighbours)
-        size = participants if k is None else effective_degree(k, participants) + 1
-        return min(participants, resolve_threshold(float(self.secagg.threshold), size))
+        """The protocol's worst-case survivors (``secagg.guarantees.min_survivors``)."""
+        return min_survivors(self.secagg, participants)
 
     def round_noise(self, participants: int, vector_length: int) -> RoundNoise:
         """The noise plan of a round with ``participants`` clients and packed length ``D``."""
@@ -225,13 +220,7 @@ class ClientLevelDP(StrategyWrapper):
         )
 
     def _encoding_sensitivity(self, std: float, m: int, length: int) -> float:
-        if self.secagg.protocol != "masking":
-            return 0.0
-        from securefed.secagg.masking.quantize import quantization_params
-        from securefed.secagg.masking.stages import NOISE_HEADROOM
-
-        q = quantization_params(self.secagg.bits, self.secagg.clip_range + NOISE_HEADROOM * std, m)
-        return 2.0 * math.sqrt(length) * q.step
+        return encoding_sensitivity(self.secagg, std, m, length)
 
     def _current(self) -> RoundNoise:
         if self.current is None:

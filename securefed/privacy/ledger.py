@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from securefed.artefacts.rundir import LEDGER_FILE
 from securefed.io import atomic_write_json
 from securefed.privacy.accountant import (
     ACCOUNTANTS,
@@ -57,7 +58,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LEDGER_FILENAME = "privacy_ledger.json"
+LEDGER_FILENAME = LEDGER_FILE
 _FORMAT = "securefed-privacy-ledger"
 _VERSION = 1
 
@@ -524,7 +525,7 @@ class PrivacyLedger:
         entries is exact, with no double count and no lost charge, ONLY because replay
         regenerates the same randomness: same data, same Poisson batches and diffusion draws
         (seeded), and bit-identical DP noise (the noise key is derived per client-round from the
-        persisted run key, :func:`securefed.privacy.secure_noise.derive_key`). A replayed update
+        persisted run key, :func:`securefed.noise.secure_noise.derive_key`). A replayed update
         is then identical to the one that may have been released, and releasing the same value
         twice reveals nothing more than releasing it once.
 

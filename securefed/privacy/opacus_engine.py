@@ -31,8 +31,8 @@ from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from securefed.noise.secure_noise import NoiseSource
 from securefed.privacy.dp_step import draw_noise
-from securefed.privacy.secure_noise import NoiseSource
 
 __all__ = [
     "DPModelError",
@@ -173,7 +173,7 @@ def opacus_dp_step(
         expected_batch_size: ``q * n`` (Poisson rate times dataset size), > 0.
         max_grad_norm: clipping norm ``C`` > 0.
         noise_multiplier: ``sigma`` >= 0 (0 only for tests: no privacy).
-        noise_source: e.g. :class:`~securefed.privacy.secure_noise.SecureGaussian`; called once
+        noise_source: e.g. :class:`~securefed.noise.secure_noise.SecureGaussian`; called once
             per trainable parameter, in ``gsm.parameters()`` order, with ``std = sigma * C``.
         group_size: ``K`` >= 1.
 

@@ -1,6 +1,5 @@
-"""Run reports: sample grids, training/FID curves, partition histograms, report.md."""
+"""Run reports: training/FID curves, partition histograms, the audit section, report.md."""
 
-from securefed.report.grid import save_grid, to_grid_image
 from securefed.report.run_report import (
     plot_label_histogram,
     plot_training_curves,
@@ -10,7 +9,5 @@ from securefed.report.run_report import (
 __all__ = [
     "plot_label_histogram",
     "plot_training_curves",
-    "save_grid",
-    "to_grid_image",
     "write_run_report",
 ]

@@ -14,8 +14,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
+from securefed.artefacts.rundir import RunDir
 from securefed.federation.record import RoundRecord, read_records
 from securefed.io import atomic_write_bytes, atomic_write_text
+from securefed.report.audit_section import audit_section
 
 __all__ = [
     "plot_epsilon",
@@ -112,21 +114,21 @@ def _fmt(v: Any, nd: int = 4) -> str:
 def write_run_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` (+ ``curves.png``, ``label_histogram.png``) for a run directory."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = RunDir(run_dir).config
     if not cfg_path.exists():
         raise FileNotFoundError(
             f"{run_dir} has no config.yaml: it is not a securefed run directory"
         )
     cfg = yaml.safe_load(cfg_path.read_text())
-    rows = read_records(run_dir / "metrics.jsonl")
+    rows = read_records(RunDir(run_dir).metrics)
     train_rows = [r for r in rows if r.round > 0]
     lines = [f"# Run report: {cfg.get('name', run_dir.name)}", ""]
     data, fed = cfg["data"], cfg["federation"]
     part, strat = cfg["partition"], cfg["strategy"]
     sec = cfg.get("secure_aggregation", {})
     model_info = {}
-    if (run_dir / "model.json").exists():
-        model_info = json.loads((run_dir / "model.json").read_text())
+    if RunDir(run_dir).model_info.exists():
+        model_info = json.loads(RunDir(run_dir).model_info.read_text())
     lines += _first_screen(run_dir, cfg, rows)
     lines += [
         "| setting | value |",
@@ -164,7 +166,7 @@ def write_run_report(run_dir: str | Path) -> Path:
                 f"(ratio {final.fid / start.fid:.3f}) |"
             )
         lines.append("")
-    samples = sorted((run_dir / "samples").glob("round_*.png"))
+    samples = sorted(RunDir(run_dir).samples.glob("round_*.png"))
     if samples:
         lines += [
             "## Samples",
@@ -197,16 +199,16 @@ def write_run_report(run_dir: str | Path) -> Path:
             "![epsilon per round](privacy.png)",
             "",
         ]
-        ledger_path = run_dir / "privacy_ledger.json"
+        ledger_path = RunDir(run_dir).ledger
         if ledger_path.exists():
             from securefed.privacy import PrivacyLedger
 
             lines += ["```", PrivacyLedger.load(ledger_path).table(), "```", ""]
     lines += _fedddpm_section(run_dir, cfg, train_rows)
-    stopped = run_dir / "stopped.json"
+    stopped = RunDir(run_dir).stopped
     if stopped.exists():
         lines += [f"**Stopped early:** {json.loads(stopped.read_text())['reason']}", ""]
-    hist_path = run_dir / "label_histogram.json"
+    hist_path = RunDir(run_dir).label_histogram
     if hist_path.exists():
         plot_label_histogram(json.loads(hist_path.read_text()), run_dir / "label_histogram.png")
         lines += ["## Data partition", "", "![label histogram](label_histogram.png)", ""]
@@ -253,10 +255,9 @@ def write_run_report(run_dir: str | Path) -> Path:
                 f"{_fmt(r.fid)} | {r.total_seconds:.1f} |"
             )
         lines.append("")
-    from securefed.audit.report import audit_section  # `securefed audit` wrote audit/
 
     lines += audit_section(run_dir)
-    out = run_dir / "report.md"
+    out = RunDir(run_dir).report
     atomic_write_text(out, "\n".join(lines))
     return out
 
@@ -266,8 +267,8 @@ def _first_screen(run_dir: Path, cfg: dict[str, Any], rows: list[RoundRecord]) -
     privacy cost, and (with public pre-training) the public/private relation and the
     public-only model's FID next to the federated result."""
     out: list[str] = []
-    samples = sorted((run_dir / "samples").glob("round_*.png"))
-    holdout = run_dir / "samples" / "holdout.png"
+    samples = sorted(RunDir(run_dir).samples.glob("round_*.png"))
+    holdout = RunDir(run_dir).holdout_grid
     if samples and holdout.exists():
         out += [
             f"| final samples ({samples[-1].stem}) | real holdout images (never trained on) |",
@@ -281,8 +282,8 @@ def _first_screen(run_dir: Path, cfg: dict[str, Any], rows: list[RoundRecord]) -
     final = train[-1] if train else RoundRecord(round=0)
     start_fid = None if start is None else start.fid
     public = None
-    if (run_dir / "public_pretrain.json").exists():
-        public = json.loads((run_dir / "public_pretrain.json").read_text())
+    if RunDir(run_dir).public_pretrain.exists():
+        public = json.loads(RunDir(run_dir).public_pretrain.read_text())
     eps = final.epsilon or {}
     dp = cfg.get("dp", {})
     if dp.get("level") == "record" and eps:
@@ -329,7 +330,7 @@ def _fedddpm_section(
 ) -> list[str]:
     """FedDDPM auxiliary-set grid + per-round server compute; FedDiffuse exchange totals."""
     lines: list[str] = []
-    aux_dir = run_dir / "auxiliary"
+    aux_dir = RunDir(run_dir).auxiliary
     fd = cfg.get("fedddpm", {})
     if (aux_dir / "meta.json").exists():
         meta = json.loads((aux_dir / "meta.json").read_text())

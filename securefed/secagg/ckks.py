@@ -1170,7 +1170,7 @@ class CKKSAggregation(AggregationProtocol):
         for c in survivors:
             t0 = time.process_time()
             if noise is not None and noise.std > 0:
-                from securefed.privacy.secure_noise import SecureGaussian
+                from securefed.noise.secure_noise import SecureGaussian
 
                 share = SecureGaussian().normal((length,), noise.share_std(), dtype=torch.float64)
                 live[c] = live[c] + share.numpy()

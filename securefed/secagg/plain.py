@@ -63,7 +63,7 @@ class PlainAggregation(AggregationProtocol):
             total += np.asarray(live[c], dtype=np.float32).astype(np.float64)
         info: dict[str, object] = {}
         if noise is not None and noise.std > 0 and survivors:
-            from securefed.privacy.secure_noise import SecureGaussian
+            from securefed.noise.secure_noise import SecureGaussian
 
             total += SecureGaussian().normal((length,), noise.std, dtype=torch.float64).numpy()
             info = {"noise_std_total": noise.std, "encoding_sensitivity": 0.0}

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from securefed.client.update import get_flat, set_flat
 from securefed.config import FedDDPMConfig
 from securefed.diffusion import NoiseSchedule, diffusion_loss
+from securefed.diffusion.params import get_flat, set_flat
 from securefed.strategies.base import (
     CohortSum,
     Strategy,

@@ -2,8 +2,8 @@
 
 Folder by role: :mod:`.client` and :mod:`.server` are transport-agnostic state machines (bytes
 in, bytes out), :mod:`.protocol` drives them in-process, :mod:`.stages` holds the stage names,
-messages and per-party state, and :mod:`.shamir`, :mod:`.prg`, :mod:`.quantize`, :mod:`.graph`
-are the pure building blocks.
+messages and per-party state, and :mod:`.shamir`, :mod:`.quantize`, :mod:`.graph` and
+:mod:`~securefed.noise.prg` are the pure building blocks.
 """
 
 from __future__ import annotations

@@ -30,15 +30,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from securefed.secagg.keys import Roster
-from securefed.secagg.masking import shamir
-from securefed.secagg.masking.prg import (
+from securefed.noise.prg import (
     MaskAccumulator,
     agreed_key,
     mask_sign,
     self_mask_key,
     session_prefix,
 )
+from securefed.secagg.keys import Roster
+from securefed.secagg.masking import shamir
 from securefed.secagg.masking.quantize import encode_words, quantize, reduce_words
 from securefed.secagg.masking.stages import (
     PUBLIC_KEY_BYTES,
@@ -405,7 +405,7 @@ class MaskingClient:
             raise self._error("finite", str(exc)) from exc
         self._input = None  # the plaintext is not kept past this point
         if self.params.noise_std > 0:  # client-level DP share, in the integer domain
-            from securefed.privacy.discrete_gaussian import discrete_gaussian
+            from securefed.noise.discrete_gaussian import discrete_gaussian
 
             share = self.params.noise_std / plan.quant.step / len(plan.participants) ** 0.5
             noise = discrete_gaussian(share, words.shape[0])

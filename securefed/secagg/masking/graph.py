@@ -9,10 +9,10 @@
 
 The random order is *public* randomness of the round, so every party derives the same graph
 without a message: ``seed = SHA-256(DOMAIN / graph || round id || sorted client ids)`` keys the
-AES-256-CTR keystream of :mod:`.prg`, and the ring order is the clients sorted by a 64-bit key
-read from it (a uniform permutation; ties, probability < n^2 / 2^64, break by id). An odd k with
-an odd number of clients admits no k-regular graph: k is then raised to k + 1. ``k >= n - 1``
-gives the complete graph.
+AES-256-CTR keystream of :mod:`~securefed.noise.prg`, and the ring order is the clients sorted
+by a 64-bit key read from it (a uniform permutation; ties, probability < n^2 / 2^64, break by
+id). An odd k with an odd number of clients admits no k-regular graph: k is then raised to
+k + 1. ``k >= n - 1`` gives the complete graph.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from securefed.secagg.masking.prg import DOMAIN, keystream
+from securefed.noise.prg import DOMAIN, keystream
 
 __all__ = ["NeighbourGraph", "build_graph", "effective_degree", "round_seed"]
 

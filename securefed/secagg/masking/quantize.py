@@ -7,7 +7,8 @@ clients that may be summed. The sum of ``n`` grid values is then at most ``n * L
 masked sum, computed mod ``2^bits``, never wraps around, so the unmasked sum is exact in the grid.
 
 Rounding onto the grid is stochastic (``floor(y + u)``, ``u ~ U[0, 1)``), which is unbiased:
-``E[q] = y``. The uniforms come from the AES-256-CTR keystream of :mod:`.prg`, keyed by 32 bytes
+``E[q] = y``. The uniforms come from the AES-256-CTR keystream of :mod:`~securefed.noise.prg`,
+keyed by 32 bytes
 the caller draws from the operating system's CSPRNG (:func:`os.urandom`), never from numpy's
 generators: the rounding noise is part of what the server sees through the sum, and a CSPRNG
 keeps it unpredictable.
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from securefed.secagg.masking.prg import uniform01
+from securefed.noise.prg import uniform01
 
 __all__ = [
     "MIN_LEVELS",

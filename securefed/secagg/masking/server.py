@@ -34,11 +34,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from securefed.noise.prg import MaskAccumulator, agreed_key, mask_sign, self_mask_key
 from securefed.secagg.base import AggregationAbortedError
 from securefed.secagg.keys import Roster
 from securefed.secagg.masking import shamir
 from securefed.secagg.masking.client import b_commitment
-from securefed.secagg.masking.prg import MaskAccumulator, agreed_key, mask_sign, self_mask_key
 from securefed.secagg.masking.quantize import (
     decode_words,
     dequantize_sum,

@@ -42,9 +42,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from securefed.noise.prg import session_prefix
 from securefed.secagg.base import AggregationAbortedError
 from securefed.secagg.masking.graph import NeighbourGraph, build_graph
-from securefed.secagg.masking.prg import session_prefix
 from securefed.secagg.masking.quantize import QuantizationParams, quantization_params
 
 __all__ = [

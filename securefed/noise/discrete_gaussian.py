@@ -12,7 +12,7 @@ Privacy", NeurIPS, Algorithm 3), vectorised: propose from the discrete Laplace w
 ``t = floor(sigma) + 1`` and accept ``y`` with probability
 ``exp(-(|y| - sigma^2 / t)^2 / (2 sigma^2))``. The discrete Laplace is the difference of two
 i.i.d. geometric variables, drawn by inversion. All uniforms come from the AES-256-CTR keystream
-of :func:`securefed.secagg.masking.prg.uniform01` under a key from :func:`os.urandom` (never
+of :func:`securefed.noise.prg.uniform01` under a key from :func:`os.urandom` (never
 from numpy's generators). The acceptance test and the inversion are computed in float64, as in
 most deployed implementations (the exact rational-arithmetic sampler of the paper is far too
 slow for ``10^6`` coordinates in Python); the float error is below ``2^-40`` in probability per
@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from securefed.secagg.masking.prg import uniform01
+from securefed.noise.prg import uniform01
 
 __all__ = ["ddg_tau", "discrete_gaussian"]
 

@@ -70,6 +70,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from securefed.artefacts.rundir import NOISE_KEY_FILE
 from securefed.io import atomic_write_bytes
 
 __all__ = [
@@ -92,7 +93,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
-NOISE_KEY_FILENAME = "dp_noise.key"
+NOISE_KEY_FILENAME = NOISE_KEY_FILE
 _KDF_INFO = b"securefed/privacy/noise/v1"
 #: normals summed per output (Holohan & Braghin 2021 with n = 2, as in Opacus)
 _DRAWS = 4
