@@ -205,7 +205,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     dev = resolve_device(args.device or cfg.device)
     model = build_model(cfg, (shape[0], shape[1], shape[2]), num_classes).to(dev)
     ckpt = load_latest(RunDir(run_dir).checkpoints)
-    params = released_params(ckpt.strategy, ckpt.global_params)
+    params = released_params(ckpt)
     set_flat(model, params)
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     y = None

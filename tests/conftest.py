@@ -56,3 +56,10 @@ def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path / "cache"
     monkeypatch.setenv("SECUREFED_CACHE", str(d))
     return d
+
+
+def one_cohort(sums: dict[str, torch.Tensor], total_weight: float, n: int) -> dict[str, Any]:
+    """The single upload cohort ``"all"`` a strategy's ``aggregate`` receives."""
+    from securefed.strategies import CohortSum
+
+    return {"all": CohortSum(sums, total_weight, n)}

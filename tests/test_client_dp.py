@@ -25,7 +25,7 @@ from securefed.run import run_experiment
 from securefed.secagg import DistributedNoise, PlainAggregation
 from securefed.secagg.masking import MaskingAggregation
 from securefed.strategies import build_strategy
-from tests.conftest import tiny_config
+from tests.conftest import one_cohort, tiny_config
 
 # ----------------------------------------------------------------------------- pure maths
 
@@ -148,13 +148,14 @@ def test_wrapper_sends_clipped_unweighted_deltas_and_adapts_clip() -> None:
     plan = w.configure_round(1, g, list(range(5)), 1.0, 1, np.random.default_rng(0))
     assert plan.clients == (0, 1, 2, 3, 4)
     ups = [
-        w.client_update(plan.broadcast, g + float(k), 10 * (k + 1), 5, 0.01, {}) for k in range(5)
+        w.client.client_update(k, plan.broadcast, g + float(k), 10 * (k + 1), 5, 0.01, {})
+        for k in range(5)
     ]
     for u in ups:
         assert u.weight == 1.0
         assert float(u.vectors["delta"].norm()) <= 0.5 + 1e-6
     sums = {k: sum(u.vectors[k].double() for u in ups) for k in ups[0].vectors}
-    new = w.aggregate(1, g, sums, 5.0, 5)
+    new = w.aggregate(1, g, one_cohort(sums, 5.0, 5))
     assert torch.allclose(new, sums["delta"].float() / 5)
     # only client 0 (delta 0) was unclipped: fraction 0.2 < 0.5, so S grows
     assert w.last_unclipped_fraction == pytest.approx(0.2)

@@ -49,6 +49,7 @@ from securefed.secagg.keys import init_identity_keys, load_identities
 from securefed.secagg.masking.client import MaskingClient
 from securefed.secagg.masking.server import MaskingServer
 from securefed.secagg.masking.stages import Stage
+from tests.conftest import one_cohort
 
 RAW: dict[str, Any] = {
     "name": "deploy-test",
@@ -316,7 +317,8 @@ def _expected_round_one(
             sums[k] = sums.get(k, torch.zeros(v.numel(), dtype=torch.float64)) + v.double()
         total_weight += update.weight
     assert init is not None
-    nxt = strategy.aggregate(1, init, sums, total_weight, len(survivors)).to(torch.float32)
+    nxt = strategy.aggregate(1, init, one_cohort(sums, total_weight, len(survivors)))
+    nxt = nxt.to(torch.float32)
     return init, nxt, total_weight
 
 

@@ -123,7 +123,7 @@ def test_both_transports_are_client_transports_of_the_one_engine() -> None:
     for cls in (InProcessClients, Coordinator):
         assert issubclass(cls, ClientTransport)
         src = inspect.getsource(cls)
-        assert "configure_round(" not in src and "aggregate_cohorts(" not in src, cls
+        assert "configure_round(" not in src and "strategy.aggregate(" not in src, cls
     import securefed.run as run
 
     assert "RoundEngine(" in inspect.getsource(run.run_experiment)

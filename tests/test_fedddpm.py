@@ -24,7 +24,9 @@ from securefed.strategies.fedddpm_plus import (
     drive,
     relative_improvement,
 )
-from tests.conftest import tiny_config
+from tests.conftest import one_cohort, tiny_config
+
+D64 = torch.float64
 
 
 def _fd(**kw: Any) -> dict[str, Any]:
@@ -120,8 +122,8 @@ def test_wrapper_with_zero_calibration_steps_is_the_base_aggregation(base_cls: A
         if base_cls is Scaffold:
             sums["control_delta"] = _sums(7, 100 + rnd)["delta"]
             plain.broadcast(x_a), wrapped.broadcast(x_b)
-        x_a = plain.aggregate(rnd, x_a, sums, 0.8, 3)
-        x_b = wrapped.aggregate(rnd, x_b, sums, 0.8, 3)
+        x_a = plain.aggregate(rnd, x_a, one_cohort(sums, 0.8, 3))
+        x_b = wrapped.aggregate(rnd, x_b, one_cohort(sums, 0.8, 3))
         assert torch.equal(x_a, x_b)
         assert torch.equal(plain.eval_params(x_a), wrapped.eval_params(x_b))
     assert cal.calls == [] and wrapped.round_metrics()["server_steps_total"] == 0
@@ -131,12 +133,12 @@ def test_wrapper_calibrates_every_round_and_keeps_ema_consistent() -> None:
     scfg = StrategyConfig(ema_decay=0.5)
     cal = _ScriptedCalibrator([])
     w = FedDDPM(FedAvg(scfg, 3), FedDDPMConfig(enabled=True, calibration_steps=7), cal)  # type: ignore[arg-type]
-    x = w.aggregate(1, torch.zeros(4), {"delta": torch.ones(4, dtype=torch.float64)}, 1.0, 2)
+    x = w.aggregate(1, torch.zeros(4), one_cohort({"delta": torch.ones(4, dtype=D64)}, 1.0, 2))
     x = x.float()
     assert torch.allclose(x, torch.full((4,), 2.0))  # base step (+1) then the calibration (+1)
     assert cal.calls == [(1, 7)]
     assert torch.allclose(w.eval_params(x).float(), x)  # EMA starts at the calibrated model
-    x = w.aggregate(2, x, {"delta": torch.zeros(4, dtype=torch.float64)}, 1.0, 2).float()
+    x = w.aggregate(2, x, one_cohort({"delta": torch.zeros(4, dtype=D64)}, 1.0, 2)).float()
     assert cal.calls == [(1, 7), (2, 7)] and w.round_metrics()["server_steps_total"] == 14
     assert torch.allclose(w.eval_params(x).float(), torch.full((4,), 2.5))  # 0.5*2 + 0.5*3
 
@@ -153,7 +155,7 @@ def test_fedddpm_plus_corrects_only_when_the_detector_fires() -> None:
     x = torch.zeros(3)
     infos = []
     for rnd in range(1, 8):
-        x = w.aggregate(rnd, x, {"delta": torch.zeros(3, dtype=torch.float64)}, 1.0, 2)
+        x = w.aggregate(rnd, x, one_cohort({"delta": torch.zeros(3, dtype=D64)}, 1.0, 2))
         infos.append(w.round_metrics())
     assert cal.calls == [(4, 11), (6, 11)]
     fired = [bool(i["detector"]["fired"]) for i in infos]  # type: ignore[index]
@@ -356,7 +358,7 @@ def test_calibration_budget_as_a_fraction_of_client_compute() -> None:
     assert w.steps_per_round == 10  # 0.25 x 640 examples / 16 per server step
     x = torch.zeros(3)
     for rnd in (1, 2):
-        x = w.aggregate(rnd, x, {"delta": torch.zeros(3, dtype=torch.float64)}, 1.0, 2)
+        x = w.aggregate(rnd, x, one_cohort({"delta": torch.zeros(3, dtype=D64)}, 1.0, 2))
     assert cal.calls == [(1, 10), (2, 10)]
     m = w.round_metrics()
     assert m["server_examples_total"] == 320 and m["server_vs_client_examples"] == 0.25

@@ -36,6 +36,8 @@ class Checkpoint:
         strategy: strategy state (server momentum, EMA, SCAFFOLD control variate).
         clients: client id -> its private persistent state (e.g. SCAFFOLD ``c_i``).
         meta: small JSON-able facts (config hash, format version, counters).
+        released: ``[D]`` float32 parameters the run releases at this round (the strategy's
+            ``eval_params``: the EMA when kept), or None for the global model.
     """
 
     round: int
@@ -43,6 +45,7 @@ class Checkpoint:
     strategy: dict[str, torch.Tensor]
     clients: dict[int, dict[str, torch.Tensor]]
     meta: dict[str, Any]
+    released: torch.Tensor | None = None
 
 
 def save_checkpoint(ckpt_dir: Path, ckpt: Checkpoint, keep_last: int = 2) -> Path:
@@ -56,6 +59,8 @@ def save_checkpoint(ckpt_dir: Path, ckpt: Checkpoint, keep_last: int = 2) -> Pat
         "clients": {str(k): dict(v) for k, v in ckpt.clients.items()},
         "meta_json": json.dumps(ckpt.meta, sort_keys=True),
     }
+    if ckpt.released is not None:
+        payload["released"] = ckpt.released.detach().to(torch.float32).contiguous()
     buf = io.BytesIO()
     torch.save(payload, buf)
     name = f"round_{ckpt.round:04d}.pt"
@@ -104,4 +109,5 @@ def load_latest(ckpt_dir: Path) -> Checkpoint:
         strategy=dict(raw["strategy"]),
         clients={int(k): dict(v) for k, v in raw["clients"].items()},
         meta=json.loads(raw["meta_json"]),
+        released=raw.get("released"),
     )

@@ -27,12 +27,12 @@ the report all release that.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from securefed.artefacts.checkpoint import Checkpoint
 
 __all__ = ["LEDGER_FILE", "NOISE_KEY_FILE", "RunDir", "released_params"]
 
@@ -42,12 +42,11 @@ LEDGER_FILE = "privacy_ledger.json"
 NOISE_KEY_FILE = "dp_noise.key"
 
 
-def released_params(strategy_state: Mapping[str, Any], global_params: torch.Tensor) -> torch.Tensor:
-    """``[D]`` float32: the parameters a run releases, from its checkpointed strategy state
-    (the EMA when the strategy keeps one, as FedAvg with ``strategy.ema`` does) and global
-    model."""
-    ema = strategy_state.get("ema")
-    chosen = ema if isinstance(ema, torch.Tensor) else global_params
+def released_params(ckpt: Checkpoint) -> torch.Tensor:
+    """``[D]`` float32: the parameters a run releases at a checkpoint: what the strategy
+    evaluates (its ``eval_params``: the EMA when kept), recorded by the round engine in the
+    checkpoint, else the global model."""
+    chosen = ckpt.released if ckpt.released is not None else ckpt.global_params
     return chosen.detach().to(torch.float32)
 
 

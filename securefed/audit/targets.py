@@ -157,7 +157,7 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
     dev = device or torch.device("cpu")
     data = prepare_data(cfg)
     ckpt = load_latest(RunDir(run_dir).checkpoints)
-    released = released_params(ckpt.strategy, ckpt.global_params)
+    released = released_params(ckpt)
     received: dict[str, torch.Tensor] = {}
     rdir = RunDir(run_dir).received
     if rdir.is_dir():

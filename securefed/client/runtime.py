@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from securefed.config import ExperimentConfig
     from securefed.data import ImageDataset
     from securefed.diffusion import NoiseSchedule
-    from securefed.strategies import ClientUpdate, Strategy
+    from securefed.strategies import ClientPolicy, ClientUpdate
 
 __all__ = ["build_trainer", "local_round"]
 
@@ -45,7 +45,7 @@ def build_trainer(
 
 def local_round(
     cfg: ExperimentConfig,
-    strategy: Strategy,
+    policy: ClientPolicy,
     trainer: Any,
     cid: int,
     data: ImageDataset,
@@ -56,6 +56,7 @@ def local_round(
     *,
     progress: object | None = None,
     canaries: Any | None = None,
+    client_level_charge: float | None = None,
 ) -> tuple[ClientUpdate, LocalResult] | None:
     """Client ``cid``'s local training and update of round ``rnd``.
 
@@ -65,10 +66,11 @@ def local_round(
     - ``dp.level: record``: DP-SGD, charged and persisted at the noise multiplier and sample rate
       actually used BEFORE this returns (so before the update can leave the client); a replay of
       an already charged round is free only if it reproduces the released update's digest;
-    - ``dp.level: client``: one participation charged at the strategy's current worst-case
-      multiplier (sample rate 1), persisted before this returns.
+    - ``dp.level: client``: one participation charged at ``client_level_charge`` (the round
+      noise plan's worst-case multiplier, sample rate 1), persisted before this returns.
 
     Args:
+        policy: the strategy's client role (:attr:`Strategy.client`).
         broadcast: the round's broadcast vectors (name -> ``[D]``).
         client_state: the client's private persistent state (read; the new state is in the
             returned update and is committed by the caller only if the update was used).
@@ -81,9 +83,8 @@ def local_round(
         replayed round whose fresh-noise retrain its budget cannot pay for); the caller marks
         it exhausted.
     """
-    strategy.set_current_client(cid)
-    start = strategy.start_params(broadcast, client_state)
-    objective = strategy.local_objective(broadcast, client_state)
+    start = policy.start_params(cid, broadcast, client_state)
+    objective = policy.local_objective(cid, broadcast, client_state)
     seed = derive_seed(cfg.seed, Purpose.TRAIN, rnd, cid)
     if privacy is not None and privacy.level == "record":
         from securefed.client.dp import DPLocalTrainer, train_private_charged
@@ -99,16 +100,16 @@ def local_round(
             return None
     else:
         result = trainer.train(data, start, objective, seed=seed, progress=progress)
-    update = strategy.client_update(
-        broadcast, result.params, result.num_examples, result.steps, cfg.client.lr, client_state,
-        result.mean_grad,
+    update = policy.client_update(
+        cid, broadcast, result.params, result.num_examples, result.steps, cfg.client.lr,
+        client_state, result.mean_grad,
     )
     if privacy is not None and privacy.level == "client":
-        charge = getattr(strategy, "current_charge", None)
-        if charge is None:  # pragma: no cover - wiring error
-            raise TypeError("dp.level client needs a ClientLevelDP strategy")
+        if client_level_charge is None:  # pragma: no cover - wiring error
+            raise TypeError("dp.level client: pass the round's client_level_charge")
         # one participation, charged (and persisted) before the upload
         privacy.ledger.charge(
-            cid, phase="round", round=rnd, steps=1, noise_multiplier=charge(), sample_rate=1.0
+            cid, phase="round", round=rnd, steps=1, noise_multiplier=client_level_charge,
+            sample_rate=1.0,
         )
     return update, result

@@ -9,7 +9,7 @@ sites and builds the broadcast; each selected site trains locally (on its own ma
 the same client runtime :func:`securefed.client.runtime.local_round`, see
 :mod:`securefed.deploy.node`); the masking server
 (:class:`~securefed.secagg.masking.server.MaskingServer`) runs its stages, one message per
-site and stage; only the SUM goes back to the engine and ``Strategy.aggregate_cohorts``.
+site and stage; only the SUM goes back to the engine and ``Strategy.aggregate``.
 
 Every run has a fresh run id (:func:`~securefed.deploy.common.new_run_id`), sent at setup and
 with every message; the masking protocol binds it into every signature, key derivation and AEAD
@@ -419,9 +419,8 @@ class Coordinator(ClientTransport):
         cfg = self.cfg
         # the vector layout every selected site will send: the strategy's client hook applied
         # to the broadcast itself (no client data; only the names and sizes are used)
-        strategy.set_current_client(plan.clients[0])
-        layout = strategy.client_update(
-            plan.broadcast, plan.broadcast["params"], 1, 1, cfg.client.lr, {},
+        layout = strategy.client.client_update(
+            plan.clients[0], plan.broadcast, plan.broadcast["params"], 1, 1, cfg.client.lr, {},
             mean_grad=torch.zeros_like(plan.broadcast["params"]),
         )
         cohorts = strategy.upload_cohorts(rnd, dict.fromkeys(plan.clients, layout))

@@ -929,7 +929,8 @@ class Site:
         trainer = build_trainer(cfg, model, NoiseSchedule.from_config(cfg.diffusion), dev)
         client_state = self._client_state()
         local = local_round(
-            cfg, strategy, trainer, self.cid, data, broadcast, client_state, rnd, privacy
+            cfg, strategy.client, trainer, self.cid, data, broadcast, client_state, rnd, privacy,
+            client_level_charge=z if cfg.dp.level == "client" else None,
         )
         if local is None:  # a replayed round whose fresh-noise retrain exceeds the budget
             if privacy is None:  # pragma: no cover - local_round returns None only under DP

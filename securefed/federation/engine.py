@@ -18,7 +18,7 @@ A round, for both transports::
 
     plan    = strategy.configure_round(rnd, params, clients, fraction, min, rng(seed, SELECT, rnd))
     outcome = transport.run_clients(rnd, plan, strategy, rng)      # train + secure sum
-    params  = strategy.aggregate_cohorts(rnd, params, outcome.sums) # if any cohort survived
+    params  = strategy.aggregate(rnd, params, outcome.sums)         # if any cohort survived
     transport.commit(rnd, outcome.participants)                    # private state is kept
     record  = RoundRecord(... + evaluate(rnd, params))             # metrics.jsonl line
 """
@@ -167,7 +167,7 @@ class RoundEngine:
         server = None
         if out.sums:
             t0 = time.perf_counter()
-            self.global_params = self.strategy.aggregate_cohorts(
+            self.global_params = self.strategy.aggregate(
                 rnd, self.global_params, out.sums
             ).to(torch.float32)
             seconds["server_update"] = time.perf_counter() - t0
@@ -214,6 +214,7 @@ class RoundEngine:
             strategy=self.strategy.state_dict(),
             clients={c: dict(s) for c, s in self.transport.client_states().items() if s},
             meta=dict(meta),
+            released=self.strategy.eval_params(self.global_params).clone(),
         )
 
     def restore(self, ckpt: Checkpoint) -> None:

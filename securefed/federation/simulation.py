@@ -172,6 +172,9 @@ class InProcessClients(ClientTransport):
             disable=not self.progress,
             unit="step",
         )
+        charge = None
+        if self.privacy is not None and self.privacy.level == "client":
+            charge = _client_dp(strategy).current_charge()
         for cid in list(trainers):
             client = self.clients[cid]
             hook = None
@@ -183,8 +186,9 @@ class InProcessClients(ClientTransport):
                     cfg.dp.max_grad_norm,
                 )
             out = local_round(
-                cfg, strategy, self.trainer, cid, client.data, plan.broadcast,
+                cfg, strategy.client, self.trainer, cid, client.data, plan.broadcast,
                 client.state, rnd, self.privacy, progress=bar, canaries=hook,
+                client_level_charge=charge,
             )
             if out is None:  # a replayed round whose fresh-noise retrain exceeds its budget
                 if self.privacy is not None:
@@ -209,7 +213,7 @@ class InProcessClients(ClientTransport):
         t0 = time.perf_counter()
         cohorts = strategy.upload_cohorts(rnd, updates) if updates else {}
         down_numel = {
-            cid: strategy.download_numel(plan.broadcast, self.clients[cid].state)
+            cid: strategy.client.download_numel(cid, plan.broadcast, self.clients[cid].state)
             for cid in plan.clients
         }
         aborted: list[str] = []

@@ -46,14 +46,19 @@ from securefed.config import DPConfig, SecureAggregationConfig
 from securefed.secagg.base import DistributedNoise
 from securefed.secagg.guarantees import encoding_sensitivity, min_survivors
 from securefed.strategies.base import (
+    ClientPolicy,
+    ClientPolicyWrapper,
     ClientUpdate,
+    CohortSum,
     RoundPlan,
     Strategy,
     StrategyWrapper,
+    only_cohort,
 )
 
 __all__ = [
     "ClientLevelDP",
+    "ClientLevelDPClient",
     "RoundNoise",
     "clip_update",
     "effective_noise_multiplier",
@@ -157,6 +162,9 @@ class ClientLevelDP(StrategyWrapper):
             the accountant is charged per participation).
     """
 
+    name = "client_dp"
+    layer = "client_dp"
+
     def __init__(
         self,
         base: Strategy,
@@ -164,9 +172,8 @@ class ClientLevelDP(StrategyWrapper):
         secagg: SecureAggregationConfig,
         noise_multiplier: float,
     ) -> None:
-        super().__init__(base)
-        self.name = f"{base.name}+client_dp"  # type: ignore[misc]
         self.dp = dp
+        super().__init__(base)
         self.secagg = secagg
         self.z = float(noise_multiplier)
         self.clip = float(dp.max_update_norm)
@@ -277,8 +284,45 @@ class ClientLevelDP(StrategyWrapper):
         )
         return RoundPlan(round=plan.round, clients=plan.clients, broadcast=broadcast)
 
+    def aggregate(
+        self, rnd: int, global_params: torch.Tensor, results: Mapping[str, CohortSum]
+    ) -> torch.Tensor:
+        r = only_cohort(rnd, results)
+        sums, num_contributors = r.sums, r.num_contributors
+        mean = sums["delta"].to(torch.float32) / num_contributors
+        new = self.server_opt.step(global_params, mean)
+        bit_scale = self.current.bit_scale if self.current is not None else 0.0
+        if self.dp.adaptive_clipping and "unclipped" in sums and bit_scale > 0:
+            frac = float(sums["unclipped"].reshape(-1)[0]) / bit_scale / num_contributors + 0.5
+            self.last_unclipped_fraction = frac
+            self.clip = geometric_clip_update(
+                self.clip, frac, self.dp.target_unclipped_quantile, self.dp.clip_learning_rate
+            )
+        return new
+
+    def own_state(self) -> dict[str, torch.Tensor]:
+        return {"clip": torch.tensor([self.clip], dtype=torch.float64)}
+
+    def load_own_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if "clip" in state:
+            self.clip = float(state["clip"][0])
+
+    def make_client_policy(self) -> ClientPolicy:
+        return ClientLevelDPClient(self.base.client, self.dp.adaptive_clipping)
+
+
+class ClientLevelDPClient(ClientPolicyWrapper):
+    """The client of DP-FedAvg: it trains as its base policy says, then uploads its delta
+    clipped to the round's broadcast clip norm (unweighted) and, with adaptive clipping, its
+    centred, scaled clip bit. Its noise share is added by the aggregation protocol."""
+
+    def __init__(self, base: ClientPolicy, adaptive: bool) -> None:
+        super().__init__(base)
+        self.adaptive = adaptive
+
     def client_update(
         self,
+        cid: int,
         broadcast: Mapping[str, torch.Tensor],
         local_params: torch.Tensor,
         num_examples: int,
@@ -294,41 +338,7 @@ class ClientLevelDP(StrategyWrapper):
         delta = local_params.to(torch.float32) - broadcast["params"]
         clipped, norm = clip_update(delta, clip)
         vectors: dict[str, torch.Tensor] = {"delta": clipped}
-        if self.dp.adaptive_clipping:
+        if self.adaptive:
             bit = (1.0 if norm <= clip else 0.0) - 0.5
             vectors["unclipped"] = torch.tensor([bit * bit_scale], dtype=torch.float32)
         return ClientUpdate(vectors=vectors, weight=1.0)
-
-    def aggregate(
-        self,
-        rnd: int,
-        global_params: torch.Tensor,
-        sums: Mapping[str, torch.Tensor],
-        total_weight: float,
-        num_contributors: int,
-    ) -> torch.Tensor:
-        if num_contributors <= 0:
-            raise ValueError(f"round {rnd}: nothing to aggregate")
-        mean = sums["delta"].to(torch.float32) / num_contributors
-        new = self.base.apply_server_update(global_params, mean)
-        bit_scale = self.current.bit_scale if self.current is not None else 0.0
-        if self.dp.adaptive_clipping and "unclipped" in sums and bit_scale > 0:
-            frac = float(sums["unclipped"].reshape(-1)[0]) / bit_scale / num_contributors + 0.5
-            self.last_unclipped_fraction = frac
-            self.clip = geometric_clip_update(
-                self.clip, frac, self.dp.target_unclipped_quantile, self.dp.clip_learning_rate
-            )
-        return new
-
-    def eval_params(self, global_params: torch.Tensor) -> torch.Tensor:
-        return self.base.eval_params(global_params)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = dict(self.base.state_dict())
-        out["client_dp_clip"] = torch.tensor([self.clip], dtype=torch.float64)
-        return out
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.base.load_state_dict({k: v for k, v in state.items() if k != "client_dp_clip"})
-        if "client_dp_clip" in state:
-            self.clip = float(state["client_dp_clip"][0])

@@ -1,13 +1,17 @@
-"""Federated strategies: plan rounds, aggregate SUMS of client contributions."""
+"""Federated strategies: the server role (plan rounds, aggregate SUMS), the client role
+(ClientPolicy) and the server optimizer (lr, momentum, EMA)."""
 
 from __future__ import annotations
 
 from securefed.config import StrategyConfig
 from securefed.strategies.base import (
+    ClientPolicy,
+    ClientPolicyWrapper,
     ClientUpdate,
     CohortSum,
     LocalObjective,
     RoundPlan,
+    ServerOptimizer,
     Strategy,
     StrategyWrapper,
     pack_update,
@@ -20,6 +24,8 @@ from securefed.strategies.scaffold import Scaffold
 
 __all__ = [
     "STRATEGIES",
+    "ClientPolicy",
+    "ClientPolicyWrapper",
     "ClientUpdate",
     "CohortSum",
     "FedAvg",
@@ -27,6 +33,7 @@ __all__ = [
     "LocalObjective",
     "RoundPlan",
     "Scaffold",
+    "ServerOptimizer",
     "Strategy",
     "StrategyWrapper",
     "build_strategy",

@@ -1,4 +1,6 @@
-"""The Strategy ABC: plan a round, say what each client contributes, aggregate a SUM.
+"""Strategies, split by role: the server part (:class:`Strategy`: plan, aggregate a SUM, state),
+the client part (:class:`ClientPolicy`: start params, local objective, update; the client passed
+explicitly) and the server optimizer (:class:`ServerOptimizer`: lr, momentum, EMA).
 
 Strategies never see an individual client's update: the aggregation protocol hands them only
 the per-key sums of the clients' contribution vectors and the summed weight. Everything a client
@@ -19,12 +21,16 @@ import torch
 from securefed.config import StrategyConfig
 
 __all__ = [
+    "ClientPolicy",
+    "ClientPolicyWrapper",
     "ClientUpdate",
     "CohortSum",
     "LocalObjective",
     "RoundPlan",
+    "ServerOptimizer",
     "Strategy",
     "StrategyWrapper",
+    "only_cohort",
     "pack_update",
     "sample_clients",
     "unpack_sum",
@@ -109,13 +115,200 @@ def sample_clients(
     return tuple(sorted(int(c) for c in chosen))
 
 
-class Strategy(ABC):
-    """Server-side federated optimisation rule.
+class ServerOptimizer:
+    """The server's update rule of every strategy: learning rate, momentum and EMA.
 
-    Subclasses implement :meth:`aggregate`; the other hooks have FedAvg defaults.
-    ``weight_scale`` normalises client weights (``n_i / weight_scale``; the run uses the total
-    member count) so every summed value, the summed weight included, stays within [-1, 1]: the
-    range that secure aggregation quantises.
+    ``x <- x + server_lr * m`` with ``m = mean_delta`` or, with ``strategy.server_momentum``
+    ``beta``, ``m <- beta m + mean_delta`` (FedAvgM, Hsu et al. 2019); then the EMA of the
+    global model ``e <- d e + (1 - d) x`` when ``strategy.ema_decay`` ``d > 0`` (``e = x`` at its
+    first step). The EMA is what a run releases (:meth:`released`).
+    """
+
+    def __init__(self, cfg: StrategyConfig) -> None:
+        self.cfg = cfg
+        self.momentum: torch.Tensor | None = None
+        self.ema: torch.Tensor | None = None
+        self._ema_started = False  # the last step initialised the EMA
+
+    def step(self, global_params: torch.Tensor, mean_delta: torch.Tensor) -> torch.Tensor:
+        """``[D]`` next global model from the round's mean delta ``[D]``."""
+        m = mean_delta
+        if self.cfg.server_momentum > 0:
+            if self.momentum is None:
+                self.momentum = torch.zeros_like(mean_delta)
+            self.momentum = self.cfg.server_momentum * self.momentum + mean_delta
+            m = self.momentum
+        new = global_params + self.cfg.server_lr * m
+        self._ema_started = False
+        if self.cfg.ema_decay > 0:
+            if self.ema is None:
+                self.ema = new.clone()
+                self._ema_started = True
+            else:
+                self.ema = self.cfg.ema_decay * self.ema + (1 - self.cfg.ema_decay) * new
+        return new
+
+    def replace_last_step(self, stepped: torch.Tensor, replacement: torch.Tensor) -> None:
+        """A server-side correction replaced the model the last :meth:`step` returned
+        (``stepped``) by ``replacement`` (FedDDPM's calibration): the EMA becomes what it would
+        have been had the step produced ``replacement``: ``e += (1 - d)(replacement - stepped)``,
+        or ``e = replacement`` when that step initialised it."""
+        if self.ema is None or self.cfg.ema_decay <= 0:
+            return
+        if self._ema_started:
+            self.ema = replacement.clone()
+        else:
+            self.ema = self.ema + (1 - self.cfg.ema_decay) * (replacement - stepped)
+
+    def released(self, global_params: torch.Tensor) -> torch.Tensor:
+        """The parameters to evaluate, sample from and release: the EMA when kept."""
+        return self.ema if self.ema is not None else global_params
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.momentum is not None:
+            out["momentum"] = self.momentum
+        if self.ema is not None:
+            out["ema"] = self.ema
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.momentum = state.get("momentum")
+        self.ema = state.get("ema")
+
+
+class ClientPolicy:
+    """The client role of a strategy: what a client does with a round's broadcast.
+
+    The client is passed explicitly to every hook (there is no cursor). The default is FedAvg's
+    client: start from the global model, the plain local objective, and upload the weighted
+    model delta ``w_i (local - global)`` with ``w_i = n_i / weight_scale``.
+
+    Args:
+        weight_scale: normalises client weights so that every summed value (the summed weight
+            included) stays within [-1, 1], the range secure aggregation quantises.
+    """
+
+    def __init__(self, weight_scale: float = 1.0) -> None:
+        if weight_scale <= 0:
+            raise ValueError(f"weight_scale must be > 0, got {weight_scale}")
+        self.weight_scale = float(weight_scale)
+
+    def start_params(
+        self, cid: int, broadcast: Mapping[str, torch.Tensor],
+        client_state: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """``[D]`` parameters client ``cid`` starts local training from (default: the global
+        model; FedDiffuse composes the shared groups with the client's own local groups)."""
+        return broadcast["params"]
+
+    def local_objective(
+        self, cid: int, broadcast: Mapping[str, torch.Tensor],
+        client_state: Mapping[str, torch.Tensor],
+    ) -> LocalObjective:
+        """How client ``cid``'s local optimisation is modified (FedProx, SCAFFOLD)."""
+        return LocalObjective()
+
+    def client_update(
+        self,
+        cid: int,
+        broadcast: Mapping[str, torch.Tensor],
+        local_params: torch.Tensor,
+        num_examples: int,
+        local_steps: int,
+        lr: float,
+        client_state: Mapping[str, torch.Tensor],
+        mean_grad: torch.Tensor | None = None,
+    ) -> ClientUpdate:
+        """Client ``cid``'s contribution after local training to ``local_params`` ``[D]``.
+
+        ``mean_grad`` (``[D]``) is ``LocalResult.mean_grad``, present when
+        :meth:`local_objective` asked for it (SCAFFOLD); other policies ignore it."""
+        weight = num_examples / self.weight_scale
+        delta = (local_params - broadcast["params"]) * weight
+        return ClientUpdate(vectors={"delta": delta}, weight=weight)
+
+    def download_numel(
+        self, cid: int, broadcast: Mapping[str, torch.Tensor],
+        client_state: Mapping[str, torch.Tensor],
+    ) -> int:
+        """Scalars the server sends client ``cid`` in the broadcast (for the byte count)."""
+        return sum(int(v.numel()) for v in broadcast.values())
+
+
+class ClientPolicyWrapper(ClientPolicy):
+    """A client policy around a ``base`` policy: every hook delegates to ``base`` unless the
+    subclass overrides it (``tests/test_strategies.py`` enumerates the hooks)."""
+
+    def __init__(self, base: ClientPolicy) -> None:
+        super().__init__(base.weight_scale)
+        self.base = base
+
+    def start_params(
+        self, cid: int, broadcast: Mapping[str, torch.Tensor],
+        client_state: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        return self.base.start_params(cid, broadcast, client_state)
+
+    def local_objective(
+        self, cid: int, broadcast: Mapping[str, torch.Tensor],
+        client_state: Mapping[str, torch.Tensor],
+    ) -> LocalObjective:
+        return self.base.local_objective(cid, broadcast, client_state)
+
+    def client_update(
+        self,
+        cid: int,
+        broadcast: Mapping[str, torch.Tensor],
+        local_params: torch.Tensor,
+        num_examples: int,
+        local_steps: int,
+        lr: float,
+        client_state: Mapping[str, torch.Tensor],
+        mean_grad: torch.Tensor | None = None,
+    ) -> ClientUpdate:
+        return self.base.client_update(
+            cid, broadcast, local_params, num_examples, local_steps, lr, client_state, mean_grad
+        )
+
+    def download_numel(
+        self, cid: int, broadcast: Mapping[str, torch.Tensor],
+        client_state: Mapping[str, torch.Tensor],
+    ) -> int:
+        return self.base.download_numel(cid, broadcast, client_state)
+
+
+def only_cohort(rnd: int, results: Mapping[str, CohortSum]) -> CohortSum:
+    """The single upload cohort ``"all"`` of a strategy whose clients all send the same vectors."""
+    if set(results) != {"all"}:
+        raise ValueError(
+            f"round {rnd}: expected the single upload cohort 'all', got {sorted(results)}"
+        )
+    r = results["all"]
+    if r.total_weight <= 0 or r.num_contributors == 0:
+        raise ValueError(f"round {rnd}: nothing to aggregate (total weight {r.total_weight})")
+    return r
+
+
+def _namespaced(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def _strip(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+
+
+class Strategy(ABC):
+    """The server role of a federated optimisation rule: plan a round, aggregate the SUMS.
+
+    Its client role is :attr:`client` (a :class:`ClientPolicy`): the engine and the server see
+    only this class, a client (in-process or a deployed site) only the policy. The server
+    update rule (lr, momentum, EMA) is :attr:`server_opt`. Subclasses implement
+    :meth:`aggregate`; the other hooks have FedAvg defaults.
+
+    State dicts are namespaced per layer: ``server.*`` (the optimizer), ``<name>.*`` (the
+    strategy's own state, :meth:`own_state`); a wrapper nests its base under ``base.*``.
     """
 
     name: ClassVar[str]
@@ -126,10 +319,14 @@ class Strategy(ABC):
         self.cfg = cfg
         self.num_clients = num_clients
         self.weight_scale = float(weight_scale)
-        self._momentum: torch.Tensor | None = None
-        self.ema: torch.Tensor | None = None
+        self.server_opt = ServerOptimizer(cfg)
+        self.client: ClientPolicy = self.make_client_policy()
 
-    # ----------------------------------------------------------------- planning (server)
+    def make_client_policy(self) -> ClientPolicy:
+        """The client role (default: FedAvg's weighted delta)."""
+        return ClientPolicy(self.weight_scale)
+
+    # ----------------------------------------------------------------- planning
     def configure_round(
         self,
         rnd: int,
@@ -144,62 +341,10 @@ class Strategy(ABC):
         return RoundPlan(round=rnd, clients=clients, broadcast=self.broadcast(global_params))
 
     def broadcast(self, global_params: torch.Tensor) -> dict[str, torch.Tensor]:
+        """name -> ``[D]`` tensors every selected client receives (``"params"`` always)."""
         return {"params": global_params}
 
-    # ----------------------------------------------------------------- client side
-    def set_current_client(self, cid: int) -> None:
-        """Called before a client's hooks run (strategies whose clients send different parts
-        need the id; default: nothing)."""
-        return None
-
-    def start_params(
-        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """``[D]`` parameters a client starts local training from (default: the global model;
-        FedDiffuse composes the shared groups with the client's own local groups)."""
-        return broadcast["params"]
-
-    def download_numel(
-        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
-    ) -> int:
-        """Scalars the server sends this client in the broadcast (for the byte count)."""
-        return sum(int(v.numel()) for v in broadcast.values())
-
-    def local_objective(
-        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
-    ) -> LocalObjective:
-        return LocalObjective()
-
-    def client_update(
-        self,
-        broadcast: Mapping[str, torch.Tensor],
-        local_params: torch.Tensor,
-        num_examples: int,
-        local_steps: int,
-        lr: float,
-        client_state: Mapping[str, torch.Tensor],
-        mean_grad: torch.Tensor | None = None,
-    ) -> ClientUpdate:
-        """Default: weighted model delta ``w_i * (local - global)`` with ``w_i = n_i / scale``.
-
-        ``mean_grad`` (``[D]``) is ``LocalResult.mean_grad``, present when the strategy's
-        ``local_objective`` asked for it (SCAFFOLD); other strategies ignore it."""
-        weight = num_examples / self.weight_scale
-        delta = (local_params - broadcast["params"]) * weight
-        return ClientUpdate(vectors={"delta": delta}, weight=weight)
-
-    # ----------------------------------------------------------------- aggregation (server)
-    @abstractmethod
-    def aggregate(
-        self,
-        rnd: int,
-        global_params: torch.Tensor,
-        sums: Mapping[str, torch.Tensor],
-        total_weight: float,
-        num_contributors: int,
-    ) -> torch.Tensor:
-        """Next global ``[D]`` parameters from the SUMS of the contributors' vectors."""
-
+    # ----------------------------------------------------------------- aggregation
     def upload_cohorts(
         self, rnd: int, updates: Mapping[int, ClientUpdate]
     ) -> dict[str, dict[int, ClientUpdate]]:
@@ -207,17 +352,21 @@ class Strategy(ABC):
         session sums each cohort. Default: one cohort ``"all"``."""
         return {"all": dict(updates)}
 
-    def aggregate_cohorts(
+    @abstractmethod
+    def aggregate(
         self, rnd: int, global_params: torch.Tensor, results: Mapping[str, CohortSum]
     ) -> torch.Tensor:
-        """Next global model from the cohorts that completed (default: :meth:`aggregate` of the
-        single cohort ``"all"``)."""
-        r = results["all"]
-        return self.aggregate(rnd, global_params, r.sums, r.total_weight, r.num_contributors)
+        """Next global ``[D]`` parameters from the SUMS of the cohorts that completed (never an
+        individual update)."""
 
     def round_metrics(self) -> dict[str, object]:
         """Server-side facts of the last aggregation for ``metrics.jsonl`` (default: none)."""
         return {}
+
+    # ----------------------------------------------------------------- what is evaluated
+    def eval_params(self, global_params: torch.Tensor) -> torch.Tensor:
+        """Parameters to evaluate, sample from and release (the EMA when enabled)."""
+        return self.server_opt.released(global_params)
 
     def personal_params(
         self, global_params: torch.Tensor, client_state: Mapping[str, torch.Tensor]
@@ -226,55 +375,43 @@ class Strategy(ABC):
         and ULATDEC), else None."""
         return None
 
-    def apply_server_update(
-        self, global_params: torch.Tensor, mean_delta: torch.Tensor
-    ) -> torch.Tensor:
-        """``x <- x + server_lr * m`` with optional server momentum (FedAvgM, Hsu et al. 2019),
-        then update the EMA of the global model if configured."""
-        step = mean_delta
-        if self.cfg.server_momentum > 0:
-            if self._momentum is None:
-                self._momentum = torch.zeros_like(mean_delta)
-            self._momentum = self.cfg.server_momentum * self._momentum + mean_delta
-            step = self._momentum
-        new = global_params + self.cfg.server_lr * step
-        if self.cfg.ema_decay > 0:
-            if self.ema is None:
-                self.ema = new.clone()
-            else:
-                self.ema = self.cfg.ema_decay * self.ema + (1 - self.cfg.ema_decay) * new
-        return new
-
-    def eval_params(self, global_params: torch.Tensor) -> torch.Tensor:
-        """Parameters to evaluate and sample from (the EMA when enabled)."""
-        return self.ema if self.ema is not None else global_params
-
     # ----------------------------------------------------------------- persistence
+    def own_state(self) -> dict[str, torch.Tensor]:
+        """The strategy's own state beyond the server optimizer (SCAFFOLD: ``control``)."""
+        return {}
+
+    def load_own_state(self, state: Mapping[str, torch.Tensor]) -> None:  # noqa: B027
+        """Restore :meth:`own_state` (default: nothing to restore)."""
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        if self._momentum is not None:
-            out["momentum"] = self._momentum
-        if self.ema is not None:
-            out["ema"] = self.ema
-        return out
+        return {
+            **_namespaced("server", self.server_opt.state_dict()),
+            **_namespaced(self.name, self.own_state()),
+        }
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self._momentum = state.get("momentum")
-        self.ema = state.get("ema")
+        self.server_opt.load_state_dict(_strip("server", state))
+        self.load_own_state(_strip(self.name, state))
 
 
 class StrategyWrapper(Strategy):
     """A strategy that adds behaviour around a ``base`` strategy (Flower's DP-wrapper pattern).
 
-    Every client-side and planning hook delegates to ``base``; subclasses override only what
-    they change (FedDDPM: server calibration; FedDiffuse: partial exchange; client-level DP:
-    clipping and noise). ``aggregate`` stays abstract: a wrapper must say what it does with the
-    sums, even if that is ``self.base.aggregate(...)``.
+    Every hook delegates to ``base`` unless the subclass overrides it, the server optimizer and
+    the client policy included (a test enumerates the hooks, so a new hook cannot be silently
+    lost under a wrapper). Its state is ``<layer>.*`` (its own) plus ``base.*``.
     """
 
+    #: the wrapper's namespace in state dicts
+    layer: ClassVar[str] = "wrapper"
+
     def __init__(self, base: Strategy) -> None:
-        super().__init__(base.cfg, base.num_clients, base.weight_scale)
         self.base = base
+        super().__init__(base.cfg, base.num_clients, base.weight_scale)
+        self.server_opt = base.server_opt  # one optimizer: the base's
+
+    def make_client_policy(self) -> ClientPolicy:
+        return self.base.client
 
     def configure_round(
         self,
@@ -290,27 +427,42 @@ class StrategyWrapper(Strategy):
     def broadcast(self, global_params: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.base.broadcast(global_params)
 
-    def local_objective(
-        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
-    ) -> LocalObjective:
-        return self.base.local_objective(broadcast, client_state)
+    def upload_cohorts(
+        self, rnd: int, updates: Mapping[int, ClientUpdate]
+    ) -> dict[str, dict[int, ClientUpdate]]:
+        return self.base.upload_cohorts(rnd, updates)
 
-    def client_update(
-        self,
-        broadcast: Mapping[str, torch.Tensor],
-        local_params: torch.Tensor,
-        num_examples: int,
-        local_steps: int,
-        lr: float,
-        client_state: Mapping[str, torch.Tensor],
-        mean_grad: torch.Tensor | None = None,
-    ) -> ClientUpdate:
-        return self.base.client_update(
-            broadcast, local_params, num_examples, local_steps, lr, client_state, mean_grad
-        )
+    def aggregate(
+        self, rnd: int, global_params: torch.Tensor, results: Mapping[str, CohortSum]
+    ) -> torch.Tensor:
+        return self.base.aggregate(rnd, global_params, results)
+
+    def round_metrics(self) -> dict[str, object]:
+        return self.base.round_metrics()
 
     def eval_params(self, global_params: torch.Tensor) -> torch.Tensor:
         return self.base.eval_params(global_params)
+
+    def personal_params(
+        self, global_params: torch.Tensor, client_state: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        return self.base.personal_params(global_params, client_state)
+
+    def own_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_own_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            **_namespaced(self.layer, self.own_state()),
+            **_namespaced("base", self.base.state_dict()),
+        }
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.load_own_state(_strip(self.layer, state))
+        self.base.load_state_dict(_strip("base", state))
 
 
 def pack_update(

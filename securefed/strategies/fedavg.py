@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from securefed.strategies.base import Strategy
+from securefed.strategies.base import CohortSum, Strategy, only_cohort
 
 __all__ = ["FedAvg"]
 
@@ -17,13 +17,7 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     def aggregate(
-        self,
-        rnd: int,
-        global_params: torch.Tensor,
-        sums: Mapping[str, torch.Tensor],
-        total_weight: float,
-        num_contributors: int,
+        self, rnd: int, global_params: torch.Tensor, results: Mapping[str, CohortSum]
     ) -> torch.Tensor:
-        if total_weight <= 0 or num_contributors == 0:
-            raise ValueError(f"round {rnd}: nothing to aggregate (total weight {total_weight})")
-        return self.apply_server_update(global_params, sums["delta"] / total_weight)
+        r = only_cohort(rnd, results)
+        return self.server_opt.step(global_params, r.sums["delta"] / r.total_weight)

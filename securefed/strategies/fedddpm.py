@@ -272,6 +272,7 @@ class FedDDPM(StrategyWrapper):
     """
 
     name = "fedddpm"
+    layer = "fedddpm"
 
     def __init__(
         self,
@@ -287,7 +288,6 @@ class FedDDPM(StrategyWrapper):
         self.server_seconds_total = 0.0
         self.rounds_aggregated = 0
         self._last: dict[str, object] = {}
-        self._ema_fresh = False
         self.client_examples_per_round = client_examples_per_round
         if cfg.calibration_fraction is not None and not client_examples_per_round:
             raise ValueError(
@@ -320,26 +320,13 @@ class FedDDPM(StrategyWrapper):
         return out
 
     # ------------------------------------------------------------------ delegation
-    # configure_round, broadcast, local_objective, client_update, eval_params: StrategyWrapper
+    # every other hook (planning, the client policy, eval_params): StrategyWrapper
 
     # ------------------------------------------------------------------ server
     def aggregate(
-        self,
-        rnd: int,
-        global_params: torch.Tensor,
-        sums: Mapping[str, torch.Tensor],
-        total_weight: float,
-        num_contributors: int,
-    ) -> torch.Tensor:
-        self._ema_fresh = self.base.ema is None
-        new = self.base.aggregate(rnd, global_params, sums, total_weight, num_contributors)
-        return self.after_aggregation(rnd, new)
-
-    def aggregate_cohorts(
         self, rnd: int, global_params: torch.Tensor, results: Mapping[str, CohortSum]
     ) -> torch.Tensor:
-        self._ema_fresh = self.base.ema is None
-        new = self.base.aggregate_cohorts(rnd, global_params, results)
+        new = self.base.aggregate(rnd, global_params, results)
         return self.after_aggregation(rnd, new)
 
     def after_aggregation(self, rnd: int, new: torch.Tensor) -> torch.Tensor:
@@ -359,18 +346,12 @@ class FedDDPM(StrategyWrapper):
         return out
 
     def _commit(self, new: torch.Tensor, res: CalibrationResult) -> torch.Tensor:
-        """Account the steps and keep the base strategy's EMA consistent with the calibrated
-        model: ``ema = d ema_prev + (1 - d) new`` becomes the value it would have had with the
-        calibrated ``new'``, i.e. ``ema += (1 - d) (new' - new)``; an EMA initialised this
-        round (``ema = new``) becomes ``new'``."""
+        """Account the steps and keep the server optimizer's EMA consistent with the calibrated
+        model (:meth:`~securefed.strategies.base.ServerOptimizer.replace_last_step`)."""
         self.server_steps_total += res.steps
         self.server_seconds_total += res.seconds
         calibrated = res.params.to(new.dtype)
-        if self.base.ema is not None and self.cfg.ema_decay > 0:
-            if self._ema_fresh:
-                self.base.ema = calibrated.clone()
-            else:
-                self.base.ema = self.base.ema + (1 - self.cfg.ema_decay) * (calibrated - new)
+        self.server_opt.replace_last_step(new, calibrated)
         return calibrated
 
     def round_metrics(self) -> dict[str, object]:
@@ -382,24 +363,24 @@ class FedDDPM(StrategyWrapper):
         }
 
     # ------------------------------------------------------------------ persistence
-    _OPT = "fedddpm.opt."
+    _OPT = "opt."
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = dict(self.base.state_dict())
-        out["fedddpm.server_steps_total"] = torch.tensor(self.server_steps_total)
-        out["fedddpm.server_seconds_total"] = torch.tensor(self.server_seconds_total)
-        out["fedddpm.rounds_aggregated"] = torch.tensor(self.rounds_aggregated)
+    def own_state(self) -> dict[str, torch.Tensor]:
+        out = {
+            "server_steps_total": torch.tensor(self.server_steps_total),
+            "server_seconds_total": torch.tensor(self.server_seconds_total),
+            "rounds_aggregated": torch.tensor(self.rounds_aggregated),
+        }
         for k, v in self.calibrator.optimizer_state().items():
             out[self._OPT + k] = v
         return out
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.base.load_state_dict({k: v for k, v in state.items() if not k.startswith("fedddpm")})
-        if "fedddpm.server_steps_total" in state:
-            self.server_steps_total = int(state["fedddpm.server_steps_total"])
-            self.server_seconds_total = float(state["fedddpm.server_seconds_total"])
-        if "fedddpm.rounds_aggregated" in state:
-            self.rounds_aggregated = int(state["fedddpm.rounds_aggregated"])
+    def load_own_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if "server_steps_total" in state:
+            self.server_steps_total = int(state["server_steps_total"])
+            self.server_seconds_total = float(state["server_seconds_total"])
+        if "rounds_aggregated" in state:
+            self.rounds_aggregated = int(state["rounds_aggregated"])
         self.calibrator.load_optimizer_state(
             {k[len(self._OPT):]: v for k, v in state.items() if k.startswith(self._OPT)}
         )

@@ -161,17 +161,17 @@ class FedDDPMPlus(FedDDPM):
         self._last = info
         return out
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = super().state_dict()
+    def own_state(self) -> dict[str, torch.Tensor]:
+        out = super().own_state()
         for k, v in self.detector.state().items():
-            out[f"fedddpm.detector.{k}"] = v
-        out["fedddpm.rounds_seen"] = torch.tensor(self.rounds_seen)
+            out[f"detector.{k}"] = v
+        out["rounds_seen"] = torch.tensor(self.rounds_seen)
         return out
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        super().load_state_dict(state)
-        pre = "fedddpm.detector."
+    def load_own_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        super().load_own_state(state)
+        pre = "detector."
         det = {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}
         if det:
             self.detector.load(det)
-            self.rounds_seen = int(state["fedddpm.rounds_seen"])
+            self.rounds_seen = int(state["rounds_seen"])

@@ -26,6 +26,8 @@ import torch
 
 from securefed.config import FedDiffuseConfig
 from securefed.strategies.base import (
+    ClientPolicy,
+    ClientPolicyWrapper,
     ClientUpdate,
     CohortSum,
     RoundPlan,
@@ -33,7 +35,14 @@ from securefed.strategies.base import (
     StrategyWrapper,
 )
 
-__all__ = ["SEGMENTS", "FedDiffuse", "group_indices", "pair_clients", "shared_groups"]
+__all__ = [
+    "SEGMENTS",
+    "FedDiffuse",
+    "FedDiffuseClient",
+    "group_indices",
+    "pair_clients",
+    "shared_groups",
+]
 
 #: the segments a client can send (each one protocol session in USPLIT)
 SEGMENTS: dict[str, tuple[str, ...]] = {
@@ -99,6 +108,7 @@ class FedDiffuse(StrategyWrapper):
     """
 
     name = "feddiffuse"
+    layer = "feddiffuse"
 
     def __init__(
         self,
@@ -132,7 +142,6 @@ class FedDiffuse(StrategyWrapper):
         self._derive = derive
         self._purpose = purpose
         self._assignment: dict[int, tuple[str, ...]] = {}
-        self._current: int | None = None
 
     @property
     def personalized(self) -> bool:
@@ -169,10 +178,10 @@ class FedDiffuse(StrategyWrapper):
             return self.shared_idx
         return self.segment_idx[seg]
 
-    def broadcast(self, global_params: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.base.broadcast(global_params)
+    # ------------------------------------------------------------------ the clients' view
+    def make_client_policy(self) -> ClientPolicy:
+        return FedDiffuseClient(self.base.client, self)
 
-    # ------------------------------------------------------------------ client side
     def compose(self, global_params: torch.Tensor, local: torch.Tensor | None) -> torch.Tensor:
         """``[D]`` model: the global shared groups with the client's local groups (if any)."""
         if local is None or self.local_idx.numel() == 0:
@@ -181,56 +190,17 @@ class FedDiffuse(StrategyWrapper):
         out[self.local_idx] = local.to(out.dtype)
         return out
 
-    def start_params(
-        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor:
-        return self.compose(broadcast["params"], client_state.get(_LOCAL))
-
-    def download_numel(
-        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
-    ) -> int:
-        """UDEC/ULATDEC: only the shared groups once the client holds its local groups (the
-        first contact downloads the whole initial model)."""
-        if self.personalized and _LOCAL in client_state:
-            return int(self.shared_idx.numel())
-        return sum(int(v.numel()) for v in broadcast.values())
-
-    def client_update(
-        self,
-        broadcast: Mapping[str, torch.Tensor],
-        local_params: torch.Tensor,
-        num_examples: int,
-        local_steps: int,
-        lr: float,
-        client_state: Mapping[str, torch.Tensor],
-        mean_grad: torch.Tensor | None = None,
-    ) -> ClientUpdate:
-        """Only the vectors of the segments this client shares; local groups go to new_state."""
-        start = self.start_params(broadcast, client_state)
-        inner = self.base.client_update(
-            {**broadcast, "params": start}, local_params, num_examples, local_steps, lr,
-            client_state, mean_grad,
-        )
-        if set(inner.vectors) != {"delta"}:  # pragma: no cover - excluded by config validation
-            raise TypeError(f"FedDiffuse wraps delta-only strategies, got {sorted(inner.vectors)}")
-        delta = inner.vectors["delta"]
-        cid_segments = self._segments_for_update()
-        vectors = {f"delta.{s}": delta[self._segment_index(s)] for s in cid_segments}
-        new_state = dict(inner.new_state)
-        if self.personalized:
-            new_state[_LOCAL] = local_params[self.local_idx].clone()
-        return ClientUpdate(vectors=vectors, weight=inner.weight, new_state=new_state)
-
-    def set_current_client(self, cid: int) -> None:
-        self._current = cid
-
-    def _segments_for_update(self) -> tuple[str, ...]:
+    def segments_for_update(self, cid: int) -> tuple[str, ...]:
+        """The segments client ``cid`` uploads this round (the plan's public assignment)."""
         if self.variant != "usplit":  # the same segment for every client in every round (a
             # deployed site runs no configure_round: it needs no assignment for these variants)
             return ("all",) if self.variant == "full" else ("shared",)
-        if self._current is None or self._current not in self._assignment:
-            raise RuntimeError("FedDiffuse.client_update: set_current_client(cid) first")
-        return self._assignment[self._current]
+        if cid not in self._assignment:
+            raise RuntimeError(
+                f"FedDiffuse usplit: client {cid} is not in this round's plan (configure_round "
+                "assigns the segments)"
+            )
+        return self._assignment[cid]
 
     # ------------------------------------------------------------------ server side
     def upload_cohorts(
@@ -247,11 +217,11 @@ class FedDiffuse(StrategyWrapper):
                 )
         return cohorts
 
-    def aggregate_cohorts(
+    def aggregate(
         self, rnd: int, global_params: torch.Tensor, results: Mapping[str, CohortSum]
     ) -> torch.Tensor:
         """Each segment: weighted mean of its senders' deltas; groups nobody sent (or kept
-        local) get a zero delta; then the base server update (server lr, momentum, EMA)."""
+        local) get a zero delta; then the base's server update (server lr, momentum, EMA)."""
         if not results:
             raise ValueError(f"round {rnd}: nothing to aggregate")
         mean = torch.zeros(global_params.numel(), dtype=torch.float64)
@@ -261,23 +231,7 @@ class FedDiffuse(StrategyWrapper):
             mean[self._segment_index(seg)] = r.sums[f"delta.{seg}"].to(torch.float64) / (
                 r.total_weight
             )
-        return self.base.apply_server_update(global_params, mean)
-
-    def aggregate(
-        self,
-        rnd: int,
-        global_params: torch.Tensor,
-        sums: Mapping[str, torch.Tensor],
-        total_weight: float,
-        num_contributors: int,
-    ) -> torch.Tensor:
-        seg = next(iter(sums)).split(".", 1)[1]
-        return self.aggregate_cohorts(
-            rnd, global_params, {seg: CohortSum(sums, total_weight, num_contributors)}
-        )
-
-    def eval_params(self, global_params: torch.Tensor) -> torch.Tensor:
-        return self.base.eval_params(global_params)
+        return self.server_opt.step(global_params, mean)
 
     def personal_params(
         self, global_params: torch.Tensor, client_state: Mapping[str, torch.Tensor]
@@ -294,8 +248,57 @@ class FedDiffuse(StrategyWrapper):
             }
         }
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.base.state_dict()
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.base.load_state_dict(state)
+class FedDiffuseClient(ClientPolicyWrapper):
+    """FedDiffuse's client: it trains the composed model (shared groups from the server, its
+    local groups from its own state) and uploads only the segments it shares this round; its
+    local groups go to its private state."""
+
+    def __init__(self, base: ClientPolicy, fd: FedDiffuse) -> None:
+        super().__init__(base)
+        self.fd = fd
+
+    def start_params(
+        self, cid: int, broadcast: Mapping[str, torch.Tensor],
+        client_state: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        return self.fd.compose(broadcast["params"], client_state.get(_LOCAL))
+
+    def download_numel(
+        self, cid: int, broadcast: Mapping[str, torch.Tensor],
+        client_state: Mapping[str, torch.Tensor],
+    ) -> int:
+        """UDEC/ULATDEC: only the shared groups once the client holds its local groups (the
+        first contact downloads the whole initial model)."""
+        if self.fd.personalized and _LOCAL in client_state:
+            return int(self.fd.shared_idx.numel())
+        return sum(int(v.numel()) for v in broadcast.values())
+
+    def client_update(
+        self,
+        cid: int,
+        broadcast: Mapping[str, torch.Tensor],
+        local_params: torch.Tensor,
+        num_examples: int,
+        local_steps: int,
+        lr: float,
+        client_state: Mapping[str, torch.Tensor],
+        mean_grad: torch.Tensor | None = None,
+    ) -> ClientUpdate:
+        """Only the vectors of the segments this client shares; local groups go to new_state."""
+        start = self.start_params(cid, broadcast, client_state)
+        inner = self.base.client_update(
+            cid, {**broadcast, "params": start}, local_params, num_examples, local_steps, lr,
+            client_state, mean_grad,
+        )
+        if set(inner.vectors) != {"delta"}:  # pragma: no cover - excluded by config validation
+            raise TypeError(f"FedDiffuse wraps delta-only strategies, got {sorted(inner.vectors)}")
+        delta = inner.vectors["delta"]
+        vectors = {
+            f"delta.{s}": delta[self.fd._segment_index(s)]
+            for s in self.fd.segments_for_update(cid)
+        }
+        new_state = dict(inner.new_state)
+        if self.fd.personalized:
+            new_state[_LOCAL] = local_params[self.fd.local_idx].clone()
+        return ClientUpdate(vectors=vectors, weight=inner.weight, new_state=new_state)

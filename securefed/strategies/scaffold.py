@@ -27,9 +27,16 @@ from collections.abc import Mapping
 import torch
 
 from securefed.config import StrategyConfig
-from securefed.strategies.base import ClientUpdate, LocalObjective, Strategy
+from securefed.strategies.base import (
+    ClientPolicy,
+    ClientUpdate,
+    CohortSum,
+    LocalObjective,
+    Strategy,
+    only_cohort,
+)
 
-__all__ = ["Scaffold", "scaffold_control_update"]
+__all__ = ["Scaffold", "ScaffoldClient", "scaffold_control_update"]
 
 
 def scaffold_control_update(
@@ -44,20 +51,17 @@ def scaffold_control_update(
     return c_i - c + (x - y) / (steps * lr)
 
 
-class Scaffold(Strategy):
-    name = "scaffold"
+class ScaffoldClient(ClientPolicy):
+    """SCAFFOLD's client: the corrected local step and the new control variate ``c_i``."""
 
-    def __init__(self, cfg: StrategyConfig, num_clients: int, weight_scale: float = 1.0) -> None:
-        super().__init__(cfg, num_clients, weight_scale)
-        self.control: torch.Tensor | None = None  # server control variate c, [D]
-
-    def broadcast(self, global_params: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.control is None:
-            self.control = torch.zeros_like(global_params)
-        return {"params": global_params, "control": self.control}
+    def __init__(self, cfg: StrategyConfig, num_clients: int, weight_scale: float) -> None:
+        super().__init__(weight_scale)
+        self.cfg = cfg
+        self.num_clients = num_clients
 
     def local_objective(
-        self, broadcast: Mapping[str, torch.Tensor], client_state: Mapping[str, torch.Tensor]
+        self, cid: int, broadcast: Mapping[str, torch.Tensor],
+        client_state: Mapping[str, torch.Tensor],
     ) -> LocalObjective:
         c = broadcast["control"]
         c_i = client_state.get("control", torch.zeros_like(c))
@@ -67,6 +71,7 @@ class Scaffold(Strategy):
 
     def client_update(
         self,
+        cid: int,
         broadcast: Mapping[str, torch.Tensor],
         local_params: torch.Tensor,
         num_examples: int,
@@ -96,27 +101,36 @@ class Scaffold(Strategy):
             new_state={"control": c_new},
         )
 
-    def aggregate(
-        self,
-        rnd: int,
-        global_params: torch.Tensor,
-        sums: Mapping[str, torch.Tensor],
-        total_weight: float,
-        num_contributors: int,
-    ) -> torch.Tensor:
-        if total_weight <= 0 or num_contributors == 0:
-            raise ValueError(f"round {rnd}: nothing to aggregate (total weight {total_weight})")
+
+
+class Scaffold(Strategy):
+    """SCAFFOLD's server: the control variate ``c`` updated from the SUM of ``c_i`` changes."""
+
+    name = "scaffold"
+
+    def __init__(self, cfg: StrategyConfig, num_clients: int, weight_scale: float = 1.0) -> None:
+        super().__init__(cfg, num_clients, weight_scale)
+        self.control: torch.Tensor | None = None  # server control variate c, [D]
+
+    def make_client_policy(self) -> ClientPolicy:
+        return ScaffoldClient(self.cfg, self.num_clients, self.weight_scale)
+
+    def broadcast(self, global_params: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.control is None:
             self.control = torch.zeros_like(global_params)
-        self.control = self.control + sums["control_delta"]
-        return self.apply_server_update(global_params, sums["delta"] / total_weight)
+        return {"params": global_params, "control": self.control}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = super().state_dict()
-        if self.control is not None:
-            out["control"] = self.control
-        return out
+    def aggregate(
+        self, rnd: int, global_params: torch.Tensor, results: Mapping[str, CohortSum]
+    ) -> torch.Tensor:
+        r = only_cohort(rnd, results)
+        if self.control is None:
+            self.control = torch.zeros_like(global_params)
+        self.control = self.control + r.sums["control_delta"]
+        return self.server_opt.step(global_params, r.sums["delta"] / r.total_weight)
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        super().load_state_dict(state)
+    def own_state(self) -> dict[str, torch.Tensor]:
+        return {} if self.control is None else {"control": self.control}
+
+    def load_own_state(self, state: Mapping[str, torch.Tensor]) -> None:
         self.control = state.get("control")
