@@ -70,7 +70,7 @@ from securefed.federation.engine import ClientRound, ClientTransport, RoundEngin
 from securefed.federation.record import RoundRecord
 from securefed.io import atomic_write_json, atomic_write_text
 from securefed.secagg.base import AggregationAbortedError
-from securefed.secagg.masking.stages import ProtocolError, Stage
+from securefed.secagg.masking.messages import ProtocolError, Stage
 from securefed.strategies import Strategy
 
 __all__ = [

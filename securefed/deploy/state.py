@@ -31,7 +31,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from securefed.io import atomic_write_text
-from securefed.secagg.masking.stages import ClientState, MaskingParams, Stage, plan_round
+from securefed.secagg.masking.messages import Stage
+from securefed.secagg.masking.plan import MaskingParams, plan_round
+from securefed.secagg.masking.state import ClientState
 
 __all__ = [
     "SITE_FILE",

@@ -187,7 +187,7 @@ class ClientLevelDP(StrategyWrapper):
         if self.secagg.protocol == "plain":
             return participants  # the trusted server adds the whole noise itself
         from securefed.secagg.masking.graph import effective_degree
-        from securefed.secagg.masking.stages import resolve_threshold
+        from securefed.secagg.masking.plan import resolve_threshold
 
         k = None if self.secagg.neighbours == "all" else int(self.secagg.neighbours)
         size = participants if k is None else effective_degree(k, participants) + 1
@@ -227,8 +227,8 @@ class ClientLevelDP(StrategyWrapper):
     def _encoding_sensitivity(self, std: float, m: int, length: int) -> float:
         if self.secagg.protocol != "masking":
             return 0.0
+        from securefed.secagg.masking.plan import NOISE_HEADROOM
         from securefed.secagg.masking.quantize import quantization_params
-        from securefed.secagg.masking.stages import NOISE_HEADROOM
 
         q = quantization_params(self.secagg.bits, self.secagg.clip_range + NOISE_HEADROOM * std, m)
         return 2.0 * math.sqrt(length) * q.step
