@@ -47,8 +47,8 @@ from securefed.deploy.wire import PROTOCOL_VERSION, WireError, decode_vector, en
 from securefed.diffusion import NoiseSchedule
 from securefed.secagg.keys import init_identity_keys, load_identities
 from securefed.secagg.masking.client import MaskingClient
+from securefed.secagg.masking.messages import Stage
 from securefed.secagg.masking.server import MaskingServer
-from securefed.secagg.masking.stages import Stage
 from tests.conftest import one_cohort
 
 RAW: dict[str, Any] = {

@@ -20,7 +20,7 @@ import pytest
 
 from securefed.deploy.coordinator import Coordinator, CoordinatorOptions
 from securefed.deploy.node import PolicyError
-from securefed.secagg.masking.stages import Stage
+from securefed.secagg.masking.messages import Stage
 from tests.test_deploy_policy import _cfg, _ledger, _Net, _setup_content, _sites, deliver
 
 UNMASK = f"train.{Stage.UNMASKING}"

@@ -25,7 +25,7 @@ from securefed.deploy.node import NodeOptions, PolicyError, Site, dispatch
 from securefed.deploy.wire import PROTOCOL_VERSION
 from securefed.secagg.keys import init_identity_keys, load_identities
 from securefed.secagg.masking import shamir
-from securefed.secagg.masking.stages import RoundStart, Stage, UnmaskShares, decode_message
+from securefed.secagg.masking.messages import RoundStart, Stage, UnmaskShares, decode_message
 
 RAW: dict[str, Any] = {
     "name": "policy-test",

@@ -124,7 +124,7 @@ def test_the_client_app_handles_every_message_the_coordinator_sends() -> None:
         MESSAGE_SETUP,
         stage_message_type,
     )
-    from securefed.secagg.masking.stages import Stage
+    from securefed.secagg.masking.messages import Stage
 
     sent = {MESSAGE_SETUP, MESSAGE_PHASE0, MESSAGE_CKKS_UPLOAD, MESSAGE_CKKS_DECRYPT,
             *(stage_message_type(s) for s in Stage.ORDER)}

@@ -32,18 +32,18 @@ from securefed.secagg.masking import (
     resolve_threshold,
     shamir,
 )
-from securefed.secagg.masking.quantize import (
-    decode_words,
-    dequantize_sum,
-    encode_words,
-    quantize,
-)
-from securefed.secagg.masking.stages import (
+from securefed.secagg.masking.messages import (
     AdvertiseKeys,
     MaskedInput,
     ShareBroadcast,
     UnmaskRequest,
     UnmaskShares,
+)
+from securefed.secagg.masking.quantize import (
+    decode_words,
+    dequantize_sum,
+    encode_words,
+    quantize,
 )
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from securefed.deploy.wire import MESSAGE_CKKS_DECRYPT, MESSAGE_CKKS_UPLOAD, MESSAGE_PHASE0
-from securefed.secagg.masking.stages import Stage
+from securefed.secagg.masking.messages import Stage
 
 __all__ = ["app"]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from securefed.config import ExperimentConfig
 from securefed.secagg.keys import ROSTER_FILE
-from securefed.secagg.masking.stages import MaskingParams
+from securefed.secagg.masking.plan import MaskingParams
 
 __all__ = [
     "DeployConfigError",

@@ -71,7 +71,7 @@ from securefed.federation.engine import ClientRound, ClientTransport, RoundEngin
 from securefed.federation.record import RoundRecord
 from securefed.io import atomic_write_json, atomic_write_text
 from securefed.secagg.base import AggregationAbortedError
-from securefed.secagg.masking.stages import ProtocolError, Stage
+from securefed.secagg.masking.messages import ProtocolError, Stage
 from securefed.strategies import Strategy
 
 __all__ = [
@@ -867,7 +867,8 @@ class Coordinator(ClientTransport):
         messages. Each site trains and uploads its signed ciphertexts; the coordinator checks
         and adds them (public context only); the lowest surviving site decrypts the signed
         aggregate and returns the rounded sum (:mod:`securefed.secagg.ckks`)."""
-        from securefed.secagg.ckks import CKKSMessageError, ckks_error_bound, resolve_threshold
+        from securefed.secagg.base import resolve_threshold
+        from securefed.secagg.ckks import CKKSMessageError, ckks_error_bound
         from securefed.strategies import CohortSum, unpack_sum
 
         cfg, seconds = self.cfg, {}
@@ -933,7 +934,10 @@ class Coordinator(ClientTransport):
             return out
 
         survivors = sorted(server.contributors)
-        need = resolve_threshold(float(cfg.secure_aggregation.threshold), len(clients))
+        try:
+            need = resolve_threshold(float(cfg.secure_aggregation.threshold), len(clients))
+        except ValueError as exc:  # a count above this round's sites: fail closed
+            return finish(str(exc))
         if len(survivors) < need:
             return finish(f"{len(survivors)} sites uploaded, the threshold is {need}")
         t0 = time.perf_counter()

@@ -101,17 +101,16 @@ from securefed.deploy.wire import (
     get_str,
 )
 from securefed.io import atomic_write_bytes, atomic_write_text
-from securefed.secagg.masking.stages import (
+from securefed.secagg.masking.messages import (
     ConsistencyRequest,
     ProtocolError,
-    RoundPlan,
     RoundStart,
     Stage,
     UnmaskRequest,
     decode_message,
-    plan_round,
     verify_encoded,
 )
+from securefed.secagg.masking.plan import RoundPlan, plan_round
 
 if TYPE_CHECKING:  # torch, data and strategies load only in the stages that train
     import numpy as np
@@ -368,8 +367,8 @@ def check_threshold_policy(cfg: ExperimentConfig, options: NodeOptions) -> None:
     Raises:
         PolicyError: naming the experiment field and the node-config key.
     """
+    from securefed.secagg.base import resolve_threshold
     from securefed.secagg.masking.graph import effective_degree
-    from securefed.secagg.masking.stages import resolve_threshold
 
     sa, fed = cfg.secure_aggregation, cfg.federation
     if sa.server_threat != "malicious" and not options.allow_honest_but_curious_server:

@@ -9,7 +9,7 @@ JSON (no pickle), written atomically with mode 0600, never sent anywhere. It is 
 the round ends (unmasking answered) and replaced when a new round starts.
 
 The public round plan (graph, threshold, grid) is not stored: it is re-derived from the round's
-participants and vector length with :func:`~securefed.secagg.masking.stages.plan_round`, exactly
+participants and vector length with :func:`~securefed.secagg.masking.plan.plan_round`, exactly
 as the client derived it at the first stage.
 
 The site's run registry (``<state-dir>/site_runs.json``, :class:`SiteRecord`) outlives rounds
@@ -31,7 +31,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from securefed.io import atomic_write_text
-from securefed.secagg.masking.stages import ClientState, MaskingParams, Stage, plan_round
+from securefed.secagg.masking.messages import Stage
+from securefed.secagg.masking.plan import MaskingParams, plan_round
+from securefed.secagg.masking.state import ClientState
 
 __all__ = [
     "SITE_FILE",

@@ -7,6 +7,7 @@ only the sum over surviving clients (plus accounting). Strategies never see an i
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ __all__ = [
     "AggregationProtocol",
     "AggregationResult",
     "DistributedNoise",
+    "resolve_threshold",
 ]
 
 
@@ -27,6 +29,35 @@ class AggregationAbortedError(RuntimeError):
 
     Raised fail-closed: nothing about any individual input has been revealed.
     """
+
+
+
+def resolve_threshold(threshold: float, size: int) -> int:
+    """The minimum number of survivors ``t`` of a group of ``size`` clients (the one meaning of
+    ``secure_aggregation.threshold`` for every protocol).
+
+    A fraction ``f`` in (0, 1] gives ``ceil(f * size)`` clamped to ``[2, size]``; a count
+    (``> 1``) is used as is. Masking takes ``size`` = a client's closed neighbourhood (the whole
+    round in SecAgg, the k + 1 share holders in SecAgg+); CKKS the round's selected clients.
+
+    Raises:
+        ValueError: a non-integer count, or a count above ``size`` (names the config field).
+    """
+    if threshold <= 0:
+        raise ValueError(f"secure_aggregation.threshold: must be > 0, got {threshold}")
+    if threshold <= 1:
+        t = math.ceil(threshold * size - 1e-9)
+        return max(2, min(t, size))
+    if threshold != int(threshold):
+        raise ValueError(f"secure_aggregation.threshold: a count must be an integer: {threshold}")
+    t = int(threshold)
+    if t > size:
+        raise ValueError(
+            f"secure_aggregation.threshold: t={t} exceeds the {size} clients it is taken over "
+            "(a round's clients, or a SecAgg+ neighbourhood of share holders); lower it or use "
+            "a fraction"
+        )
+    return t
 
 
 @dataclass(frozen=True)

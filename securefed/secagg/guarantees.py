@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 
 from securefed.config import SecureAggregationConfig
+from securefed.secagg.base import resolve_threshold
 from securefed.secagg.masking.graph import effective_degree
+from securefed.secagg.masking.plan import NOISE_HEADROOM
 from securefed.secagg.masking.quantize import quantization_params
-from securefed.secagg.masking.stages import NOISE_HEADROOM, resolve_threshold
 
 __all__ = ["encoding_sensitivity", "min_survivors"]
 

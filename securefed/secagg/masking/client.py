@@ -39,20 +39,16 @@ from securefed.noise.prg import (
 )
 from securefed.secagg.keys import Roster
 from securefed.secagg.masking import shamir
-from securefed.secagg.masking.quantize import encode_words, quantize, reduce_words
-from securefed.secagg.masking.stages import (
+from securefed.secagg.masking.messages import (
     PUBLIC_KEY_BYTES,
     SERVER_MESSAGES,
     AdvertiseKeys,
-    ClientState,
     ConsistencyRequest,
     ConsistencySignature,
     KeyBroadcast,
     MaskedInput,
-    MaskingParams,
     Message,
     ProtocolError,
-    RoundPlan,
     RoundStart,
     ShareBroadcast,
     ShareKeys,
@@ -61,9 +57,11 @@ from securefed.secagg.masking.stages import (
     UnmaskShares,
     consistency_payload,
     decode_message,
-    plan_round,
     verify_encoded,
 )
+from securefed.secagg.masking.plan import MaskingParams, RoundPlan, plan_round
+from securefed.secagg.masking.quantize import encode_words, quantize, reduce_words
+from securefed.secagg.masking.state import ClientState
 
 __all__ = [
     "SHARE_PLAINTEXT_BYTES",

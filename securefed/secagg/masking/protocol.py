@@ -35,7 +35,7 @@ Threat model (what the masks protect, and under which assumptions):
   randomness is public and derived from the round id and the participant ids, so a server that
   chooses who participates can influence it; a trusted beacon would remove that.
 - In-process, a :class:`ProtocolError` ends the round: it is re-raised as
-  :class:`~.stages.ProtocolAbort`, which is also an ``AggregationAbortedError``, so the round
+  :class:`~.messages.ProtocolAbort`, which is also an ``AggregationAbortedError``, so the round
   loop abandons the round rather than the run. The server changes no state before a message
   passes its checks, so a deployment may instead treat the offending client as dropped. A wrong
   Shamir share at unmasking does not end the round when enough correct shares remain
@@ -58,20 +58,15 @@ from securefed.secagg.base import (
     AggregationProtocol,
     AggregationResult,
     DistributedNoise,
+    resolve_threshold,
 )
 from securefed.secagg.keys import Identities, ephemeral_identities, load_identities
 from securefed.secagg.masking.client import MaskingClient
 from securefed.secagg.masking.graph import effective_degree
+from securefed.secagg.masking.messages import ProtocolAbort, ProtocolError, Stage
+from securefed.secagg.masking.plan import MaskingParams, plan_round
 from securefed.secagg.masking.quantize import quantization_error_bound, quantization_params
 from securefed.secagg.masking.server import MaskingServer, ServerView
-from securefed.secagg.masking.stages import (
-    MaskingParams,
-    ProtocolAbort,
-    ProtocolError,
-    Stage,
-    plan_round,
-    resolve_threshold,
-)
 from securefed.secagg.plain import validate_inputs
 
 __all__ = ["Intercept", "MaskingAggregation"]
@@ -154,7 +149,7 @@ class MaskingAggregation(AggregationProtocol):
         """Run one round in-process; see the module docstring for dropout semantics.
 
         With ``noise`` (client-level DP), every participant adds a discrete Gaussian share in the
-        integer domain before masking (see :class:`~.stages.MaskingParams`); ``info`` reports the
+        integer domain before masking (see :class:`~.plan.MaskingParams`); ``info`` reports the
         std the survivors' shares add up to and the sensitivity added by stochastic rounding
         (``sqrt(D)`` grid steps, Kairouz et al. 2021 §4), both in input units.
 

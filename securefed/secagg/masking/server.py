@@ -39,13 +39,7 @@ from securefed.secagg.base import AggregationAbortedError
 from securefed.secagg.keys import Roster
 from securefed.secagg.masking import shamir
 from securefed.secagg.masking.client import b_commitment
-from securefed.secagg.masking.quantize import (
-    decode_words,
-    dequantize_sum,
-    reduce_words,
-    word_dtype,
-)
-from securefed.secagg.masking.stages import (
+from securefed.secagg.masking.messages import (
     CLIENT_MESSAGES,
     PUBLIC_KEY_BYTES,
     AdvertiseKeys,
@@ -53,20 +47,25 @@ from securefed.secagg.masking.stages import (
     ConsistencySignature,
     KeyBroadcast,
     MaskedInput,
-    MaskingParams,
     Message,
     ProtocolError,
     RoundStart,
-    ServerState,
     ShareBroadcast,
     ShareKeys,
     Stage,
     UnmaskRequest,
     UnmaskShares,
     decode_message,
-    plan_round,
     verify_encoded,
 )
+from securefed.secagg.masking.plan import MaskingParams, plan_round
+from securefed.secagg.masking.quantize import (
+    decode_words,
+    dequantize_sum,
+    reduce_words,
+    word_dtype,
+)
+from securefed.secagg.masking.state import ServerState
 
 __all__ = ["MaskingServer", "ReceivedMessage", "ServerOutput", "ServerView"]
 

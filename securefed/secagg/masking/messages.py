@@ -1,4 +1,4 @@
-"""Stages, messages and per-party state of the masking protocol (SecAgg / SecAgg+).
+"""Stage names, errors and the signed wire messages of the masking protocol (SecAgg / SecAgg+).
 
 The stages follow Bonawitz et al. 2017 (Fig. 4/5, "Practical Secure Aggregation for
 Privacy-Preserving Machine Learning"), with the neighbour graph of Bell et al. 2020 (SecAgg+):
@@ -23,16 +23,17 @@ fields as big-endian u64 / length-prefixed bytes, then a 64-byte Ed25519 signatu
 signs what it sends (its key is in the roster), so a flipped bit anywhere fails a signature, an
 AEAD tag or the parser.
 
-Run binding: the run id (:attr:`MaskingParams.session`, agreed at setup, fresh per run) is not
-sent in the messages; it is part of what every signature covers, of every HKDF ``info`` and of
-every AEAD associated data. A message, a key or a ciphertext of one run is therefore useless in
-another: a previous run's round-1 ``AdvertiseKeys`` fails the signature check in a new run's
-round 1.
+Run binding: the run id (:attr:`.plan.MaskingParams.session`, agreed at setup, fresh per run)
+is not sent in the messages; it is part of what every signature covers, of every HKDF ``info``
+and of every AEAD associated data. A message, a key or a ciphertext of one run is therefore
+useless in another: a previous run's round-1 ``AdvertiseKeys`` fails the signature check in a
+new run's round 1.
+
+The public round parameters and plan are in :mod:`.plan`, the per-party state in :mod:`.state`.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -40,29 +41,24 @@ from typing import ClassVar, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from securefed.noise.prg import session_prefix
 from securefed.secagg.base import AggregationAbortedError
-from securefed.secagg.masking.graph import NeighbourGraph, build_graph
-from securefed.secagg.masking.quantize import QuantizationParams, quantization_params
 
 __all__ = [
     "CLIENT_MESSAGES",
+    "PUBLIC_KEY_BYTES",
     "SERVER_MESSAGES",
+    "SIGNATURE_BYTES",
     "AdvertiseKeys",
-    "ClientState",
     "ConsistencyRequest",
     "ConsistencySignature",
     "KeyBroadcast",
     "MaskedInput",
-    "MaskingParams",
     "Message",
     "ProtocolAbort",
     "ProtocolError",
-    "RoundPlan",
     "RoundStart",
-    "ServerState",
     "ShareBroadcast",
     "ShareKeys",
     "Stage",
@@ -70,8 +66,6 @@ __all__ = [
     "UnmaskShares",
     "consistency_payload",
     "decode_message",
-    "plan_round",
-    "resolve_threshold",
     "verify_encoded",
 ]
 
@@ -523,152 +517,3 @@ def consistency_payload(
     return ConsistencySignature(
         round_id, signer, tuple(survivors), session=bytes(session)
     ).signed_payload()
-
-
-# ------------------------------------------------------------------------ parameters, plan
-
-
-@dataclass(frozen=True)
-class MaskingParams:
-    """Public protocol parameters every party is configured with (not sent on the wire).
-
-    Attributes:
-        threshold: a count (>= 2) or a fraction in (0, 1] of the neighbourhood size.
-        neighbours: k of the k-regular graph, or None for the complete graph.
-        bits: ring Z_{2^bits} of the masked sum.
-        clip_range: inputs are clipped to [-clip_range, clip_range].
-        noise_std: client-level DP: std of the noise the round's sum carries when every
-            participant contributes (0: none). Each client adds a discrete Gaussian share
-            ``N_Z(0, (noise_std / step)^2 / n)`` in grid units after quantisation (Kairouz et al.
-            2021); the grid is widened by :data:`NOISE_HEADROOM` ``* noise_std`` so that the
-            noisy sum cannot wrap mod ``2^bits`` (except with probability below ``10^-32`` per
-            coordinate).
-        session: the run id (agreed at setup, fresh per run): bound into every signature, HKDF
-            info and AEAD associated data, so nothing of one run verifies in another. (The
-            neighbour graph stays a function of the round and the participants: public, and
-            reproducible across runs of one seed.)
-        consistency_check: run the CONSISTENCY_CHECK stage (default; needed against a malicious
-            server, Bonawitz et al. 2017 §6). ``False`` is their semi-honest protocol: the
-            server sends the unmasking request right after the masked inputs, with no
-            signatures on the survivor set; a server that tells two groups of clients different
-            survivor sets could then collect both kinds of share of one client and unmask its
-            input, so only a server trusted to follow the protocol may be given it.
-    """
-
-    threshold: float
-    neighbours: int | None
-    bits: int
-    clip_range: float
-    noise_std: float = 0.0
-    session: bytes = b""
-    consistency_check: bool = True
-
-
-#: the quantisation grid is widened by this many noise standard deviations on each side
-NOISE_HEADROOM = 12.0
-
-
-def resolve_threshold(threshold: float, neighbourhood: int) -> int:
-    """Shamir threshold ``t`` for a closed neighbourhood of ``neighbourhood`` clients.
-
-    A fraction ``f`` in (0, 1] gives ``ceil(f * size)`` clamped to ``[2, size]``; a count is used
-    as is. In SecAgg (complete graph) the neighbourhood is the whole round; in SecAgg+ it is the
-    k + 1 clients of ``N[u]`` that hold u's shares, so ``t`` is relative to k + 1.
-
-    Raises:
-        ValueError: a count above the neighbourhood size, or below 2 (names the config field).
-    """
-    if threshold <= 0:
-        raise ValueError(f"secure_aggregation.threshold: must be > 0, got {threshold}")
-    if threshold <= 1:
-        t = math.ceil(threshold * neighbourhood - 1e-9)
-        return max(2, min(t, neighbourhood))
-    if threshold != int(threshold):
-        raise ValueError(f"secure_aggregation.threshold: a count must be an integer: {threshold}")
-    t = int(threshold)
-    if t > neighbourhood:
-        raise ValueError(
-            f"secure_aggregation.threshold: t={t} exceeds the {neighbourhood} clients of a "
-            "neighbourhood (share holders); lower it or use a fraction"
-        )
-    return t
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """Everything public about one round that every party derives identically."""
-
-    round_id: int
-    participants: tuple[int, ...]
-    vector_length: int
-    graph: NeighbourGraph
-    threshold: int
-    quant: QuantizationParams
-
-
-def plan_round(
-    params: MaskingParams, round_id: int, participants: Sequence[int], vector_length: int
-) -> RoundPlan:
-    """Derive the round's graph, threshold and quantisation grid from public data.
-
-    Raises:
-        ValueError: a threshold or bit width that cannot work for this round.
-    """
-    ids = tuple(sorted(set(participants)))
-    if len(ids) != len(participants):
-        raise ValueError("participants must be distinct")
-    graph = build_graph(round_id, ids, params.neighbours)
-    t = resolve_threshold(params.threshold, graph.neighbourhood_size)
-    clip = params.clip_range + NOISE_HEADROOM * params.noise_std
-    quant = quantization_params(params.bits, clip, len(ids))
-    return RoundPlan(round_id, ids, int(vector_length), graph, t, quant)
-
-
-# ---------------------------------------------------------------------------- party state
-
-
-@dataclass
-class ClientState:
-    """One client's protocol state (Bonawitz et al. 2017, Fig. 4, client side).
-
-    ``stage`` is the stage the client is in: it has answered the server message that opens it.
-    Secrets (``c_secret``, ``s_secret``, ``b_seed``) never leave this object except as Shamir
-    shares under AEAD; the input vector is dropped as soon as the masked input is built.
-    """
-
-    client_id: int
-    round_id: int
-    stage: str | None = None
-    plan: RoundPlan | None = None
-    c_secret: X25519PrivateKey | None = None
-    s_secret: X25519PrivateKey | None = None
-    peer_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # U1 neighbours
-    share_keys: dict[int, bytes] = field(default_factory=dict)  # AEAD key per peer
-    b_seed: bytes | None = None
-    held_shares: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # v -> (b, s)
-    masked_with: tuple[int, ...] = ()  # U2 neighbours
-    survivors: tuple[int, ...] | None = None  # the U3 this client signed
-    revealed_b: set[int] = field(default_factory=set)
-    revealed_s: set[int] = field(default_factory=set)
-
-
-@dataclass
-class ServerState:
-    """The server's protocol state (Bonawitz et al. 2017, Fig. 4, server side).
-
-    It only ever holds masked vectors folded into one running sum, never an individual input.
-    """
-
-    plan: RoundPlan
-    stage: str = Stage.ADVERTISE_KEYS
-    advertised: dict[int, AdvertiseKeys] = field(default_factory=dict)  # U1
-    advertised_raw: dict[int, bytes] = field(default_factory=dict)
-    shared: dict[int, ShareKeys] = field(default_factory=dict)  # U2
-    u1: tuple[int, ...] = ()
-    u2: tuple[int, ...] = ()
-    u3: tuple[int, ...] = ()
-    u4: tuple[int, ...] = ()
-    masked_from: list[int] = field(default_factory=list)
-    consistency: dict[int, bytes] = field(default_factory=dict)
-    unmask: dict[int, UnmaskShares] = field(default_factory=dict)
-    pruned: set[int] = field(default_factory=set)
