@@ -178,7 +178,7 @@ def build_privacy(
         # 0600, 32 bytes; anyone holding it can regenerate the noise: never release it
         # the same key on resume: a replay either reproduces the released update's digest or
         # is discarded and retrained with a fresh key (client.dp.train_private_charged)
-        run_key = load_or_create_run_key(run_dir / "secrets" / "dp_noise.key")
+        run_key = load_or_create_run_key(RunDir(run_dir).noise_key)
 
         def source(rnd: int, cid: int) -> Any:
             return SecureGaussian(key=dp_round_key(run_key, rnd, cid))

@@ -61,7 +61,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"run directory: {result.run_dir}")
     print(f"final: {json.dumps(summary)}")
     if result.finished:
-        print(f"report: {result.run_dir / 'report.md'}")
+        print(f"report: {RunDir(result.run_dir).report}")
     else:
         print(
             f"stopped after round {result.rounds_completed}; continue with "

@@ -23,7 +23,6 @@ import torch
 from tqdm.auto import tqdm
 
 from securefed.artefacts.checkpoint import CheckpointError, load_latest
-from securefed.artefacts.grid import save_grid
 from securefed.artefacts.rundir import RunDir
 from securefed.builders import (
     PreparedData,
@@ -168,7 +167,7 @@ def run_experiment(
             generator=gen,
             device=dev,
         )
-        save_grid(imgs, rd.sample_grid(rnd))
+        rd.save_sample_grid(rnd, imgs)
 
     evaluator = None
     if cfg.evaluation.fid:
@@ -284,7 +283,7 @@ def run_experiment(
         )
         # real holdout digits beside the samples on the report's first screen (the holdout is
         # the evaluator's reference: it never reaches a client)
-        save_grid(data.holdout.images[: cfg.evaluation.grid_samples], rd.holdout_grid)
+        rd.save_holdout_grid(data.holdout.images[: cfg.evaluation.grid_samples])
         rows = []
         if cfg.evaluation.fid_at_start or cfg.pretrain.enabled:
             # with public pre-training, round 0 IS the public-only model: always measured

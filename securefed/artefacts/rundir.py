@@ -8,7 +8,7 @@ other module spells a file name of the run directory. The layout::
           label_histogram.json   per-client label counts of the partition (public)
           model.json             parameter count, parameter groups, image shape
           privacy_ledger.json    the per-client privacy ledger (DP runs)
-          dp_noise.key           the run's secret noise key (0600; never released)
+          secrets/dp_noise.key   the run's secret noise key (0600; never released)
           checkpoints/           round_XXXX.pt + latest.json (checksummed)
           samples/               round_XXXX.png grids, holdout.png
           auxiliary/             FedDDPM auxiliary set (what the server saw)
@@ -33,13 +33,16 @@ from pathlib import Path
 import torch
 
 from securefed.artefacts.checkpoint import Checkpoint
+from securefed.artefacts.grid import save_grid
 
-__all__ = ["LEDGER_FILE", "NOISE_KEY_FILE", "RunDir", "released_params"]
+__all__ = ["LEDGER_FILE", "NOISE_KEY_FILE", "SECRETS_DIR", "RunDir", "released_params"]
 
 #: the privacy ledger (a run directory, or a deployed site's state folder)
 LEDGER_FILE = "privacy_ledger.json"
-#: the run's secret DP noise key (0600; never released)
+#: the run's secret DP noise key (0600; never released), inside SECRETS_DIR
 NOISE_KEY_FILE = "dp_noise.key"
+#: the folder (0700) of a run's or a site's secrets
+SECRETS_DIR = "secrets"
 
 
 def released_params(ckpt: Checkpoint) -> torch.Tensor:
@@ -81,8 +84,12 @@ class RunDir:
         return self.root / LEDGER_FILE
 
     @property
+    def secrets(self) -> Path:
+        return self.root / SECRETS_DIR
+
+    @property
     def noise_key(self) -> Path:
-        return self.root / NOISE_KEY_FILE
+        return self.secrets / NOISE_KEY_FILE
 
     @property
     def public_pretrain(self) -> Path:
@@ -129,6 +136,15 @@ class RunDir:
     def audit(self) -> Path:
         return self.root / "audit"
 
+    @property
+    def audit_json(self) -> Path:
+        """``audit/report.json``: everything ``securefed audit`` found (the report renders it)."""
+        return self.audit / "report.json"
+
+    @property
+    def audit_markdown(self) -> Path:
+        return self.audit / "report.md"
+
     def sample_grid(self, rnd: int) -> Path:
         """``samples/round_XXXX.png`` of round ``rnd`` (0: before federated training)."""
         return self.samples / f"round_{rnd:04d}.png"
@@ -141,6 +157,15 @@ class RunDir:
     def received_upload(self, cid: int) -> Path:
         """``received/client_<cid>.pt``: an individual upload the server received."""
         return self.received / f"client_{cid}.pt"
+
+    # ------------------------------------------------------------------ writing
+    def save_sample_grid(self, rnd: int, images: torch.Tensor) -> Path:
+        """Write ``[N, C, H, W]`` images in ``[-1, 1]`` as ``samples/round_XXXX.png``."""
+        return save_grid(images, self.sample_grid(rnd))
+
+    def save_holdout_grid(self, images: torch.Tensor) -> Path:
+        """Write real holdout images as ``samples/holdout.png`` (the report's first screen)."""
+        return save_grid(images, self.holdout_grid)
 
     # ------------------------------------------------------------------ checks
     def is_run(self) -> bool:

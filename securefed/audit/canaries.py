@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from securefed.artefacts.rundir import RunDir
 from securefed.data import ImageDataset
 from securefed.io import atomic_write_bytes, atomic_write_json
 
@@ -40,7 +41,7 @@ __all__ = [
     "save_canaries",
 ]
 
-CANARY_DIR = "canaries"
+CANARY_DIR = RunDir(".").canaries.name
 CanaryKind = Literal["ood", "inverted", "mislabelled", "natural"]
 CANARY_KINDS: tuple[str, ...] = ("ood", "inverted", "mislabelled", "natural")
 

@@ -340,7 +340,8 @@ class Coordinator(ClientTransport):
         from securefed.diffusion.params import get_flat, num_params
 
         run_dir = self.options.run_dir
-        own = {"status.json", "coordinator.log"}  # written by the ServerApp before the run
+        # written by the ServerApp before the run
+        own = {RunDir(run_dir).status.name, "coordinator.log"}
         if run_dir.exists() and any(p.name not in own for p in run_dir.iterdir()):
             raise FileExistsError(
                 f"run directory {run_dir} already exists and is not empty; give a new run-dir"

@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from securefed.artefacts.rundir import LEDGER_FILE, NOISE_KEY_FILE, SECRETS_DIR
 from securefed.client.runtime import build_trainer
 from securefed.config import ConfigError, ExperimentConfig, dump_config, parse_config
 from securefed.deploy.common import (
@@ -587,7 +588,7 @@ class Site:
         from securefed.federation.simulation import SimClient
         from securefed.strategies import build_strategy
 
-        ledger = self.options.state_dir / "privacy_ledger.json"
+        ledger = self.options.state_dir / LEDGER_FILE
         me = [SimClient(self.cid, data)]
         if cfg.dp.level == "client":  # this site's ledger, planned from the pinned experiment
             base = build_strategy(cfg.strategy, cfg.federation.num_clients)
@@ -625,7 +626,7 @@ class Site:
             return privacy
         from securefed.privacy import SecureGaussian, derive_key, load_or_create_run_key
 
-        master = load_or_create_run_key(self.options.state_dir / "secrets" / "dp_noise.key")
+        master = load_or_create_run_key(self.options.state_dir / SECRETS_DIR / NOISE_KEY_FILE)
         key = run_noise_key(master, run)
 
         def source(rnd: int, cid: int) -> Any:

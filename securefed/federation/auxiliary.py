@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from securefed.artefacts.grid import save_grid
+from securefed.artefacts.rundir import RunDir
 from securefed.client import LocalTrainer, local_steps_for
 from securefed.config import ExperimentConfig
 from securefed.diffusion import NoiseSchedule, sample
@@ -61,7 +62,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-AUX_DIR = "auxiliary"
+AUX_DIR = RunDir(".").auxiliary.name
 
 
 

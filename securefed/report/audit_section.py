@@ -9,10 +9,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from securefed.artefacts.rundir import RunDir
+
 __all__ = ["AUDIT_DIR", "audit_section", "clean_json", "render_markdown"]
 
 #: the folder of a run directory that ``securefed audit`` fills
-AUDIT_DIR = "audit"
+AUDIT_DIR = RunDir(".").audit.name
 
 
 def _f(v: Any, nd: int = 3) -> str:
@@ -182,7 +184,7 @@ def render_markdown(d: dict[str, Any], link_prefix: str = "", heading: str = "#"
 
 def audit_section(run_dir: str | Path) -> list[str]:
     """The run report's audit section (``## Privacy audit``), or ``[]`` without ``audit/``."""
-    path = Path(run_dir) / AUDIT_DIR / "report.json"
+    path = RunDir(run_dir).audit_json
     if not path.exists():
         return []
     try:

@@ -10,11 +10,11 @@ import itertools
 import math
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 import tenseal as ts
 
+from securefed.io import atomic_write_bytes
 from securefed.secagg.ckks.errors import (
     CKKSContextError,
     CKKSKeyFileError,
@@ -136,21 +136,6 @@ def load_ckks_context(path: Path | str) -> ts.Context:
     return ctx
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a same-folder temp file + fsync + os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def init_ckks_keys(
     out_dir: Path,
     *,
@@ -192,6 +177,6 @@ def init_ckks_keys(
         for p in (secret_path, public_path):
             if p.exists():
                 raise FileExistsError(f"{p} exists; pass overwrite=True to replace the CKKS keys")
-    _atomic_write(secret_path, secret_context_bytes(ctx), 0o600)
-    _atomic_write(public_path, public_context_bytes(ctx), 0o644)
+    atomic_write_bytes(secret_path, secret_context_bytes(ctx), 0o600)
+    atomic_write_bytes(public_path, public_context_bytes(ctx), 0o644)
     return secret_path, public_path
