@@ -304,7 +304,7 @@ def _expected_round_one(
             init = get_flat(model)
         privacy = build_privacy(cfg, work / f"re{cid}", [SimClient(cid, data)], resume=False)
         out = local_round(
-            cfg, strategy,
+            cfg, strategy.client,
             build_trainer(
                 cfg, model, NoiseSchedule.from_config(cfg.diffusion), torch.device("cpu")
             ),
