@@ -14,7 +14,11 @@ from securefed.cli import main
 from securefed.client.dp import sample_rate_for
 from securefed.privacy import calibrate_noise_multiplier
 from securefed.run import prepare_data
-from tests.test_audit_helpers import audit_config
+from tests.helpers import audit_config
+
+#: slow: its module fixture trains 300 full-batch DP-SGD steps
+#: (~30 s on one core); in `make test`, left out of `make test-unit`
+pytestmark = pytest.mark.slow
 
 STEPS = 300
 DELTA = 1e-5

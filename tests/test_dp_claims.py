@@ -22,7 +22,7 @@ from securefed.privacy import PrivacyLedger
 from securefed.privacy.secure_noise import SecureGaussian
 from securefed.seeds import Purpose, derive_seed
 from securefed.strategies.base import LocalObjective
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 B = 3
 
@@ -256,6 +256,7 @@ def test_poisson_batches_come_from_the_keyed_sampling_stream() -> None:
         sampling_source_of(object())
 
 
+@pytest.mark.slow  # ~26 s on one core: two full DP runs
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_run_batches_cannot_be_rebuilt_from_config_and_seed(
     tmp_path: Path, cache_env: Path, monkeypatch: pytest.MonkeyPatch

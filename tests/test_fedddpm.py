@@ -23,7 +23,7 @@ from securefed.strategies.fedddpm_plus import (
     drive,
     relative_improvement,
 )
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def _fd(**kw: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from securefed.run import build_model, prepare_data, run_experiment
 from securefed.secagg import AggregationProtocol, build_protocol
 from securefed.secagg.base import AggregationResult
 from securefed.strategies.feddiffuse import group_indices, pair_clients, shared_groups
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 class _Recording(AggregationProtocol):

@@ -21,7 +21,7 @@ from securefed.federation.public_pretrain import (
 from securefed.io import read_jsonl
 from securefed.privacy import PrivacyLedger
 from securefed.run import build_model, prepare_data, run_experiment
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 _PT: dict[str, Any] = {
     "pretrain__enabled": True,

@@ -160,7 +160,7 @@ def _scaffold_local_run(optimizer: str, control: str, momentum: float = 0.0):
     from securefed.config import ClientConfig
     from securefed.data.datasets import load_dataset
     from securefed.diffusion import NoiseSchedule, UNet
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     cfg = tiny_config()
     data = load_dataset(cfg.data)
