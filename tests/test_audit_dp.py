@@ -16,7 +16,7 @@ from securefed.privacy import calibrate_noise_multiplier
 from tests.helpers import audit_config
 
 #: slow: its module fixture trains a DP model and audits it
-#: (~30 s on one core); in `make test`, left out of `make test-unit`
+#: (18-33 s on one core, load 3-5); in `make test`, left out of `make test-unit`
 pytestmark = pytest.mark.slow
 
 STEPS = 150

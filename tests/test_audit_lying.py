@@ -17,7 +17,7 @@ from securefed.run import prepare_data
 from tests.helpers import audit_config
 
 #: slow: its module fixture trains 300 full-batch DP-SGD steps
-#: (~30 s on one core); in `make test`, left out of `make test-unit`
+#: (the fixture alone: 31 s on one core, load 3-5); in `make test`, left out of `make test-unit`
 pytestmark = pytest.mark.slow
 
 STEPS = 300

@@ -256,7 +256,6 @@ def test_poisson_batches_come_from_the_keyed_sampling_stream() -> None:
         sampling_source_of(object())
 
 
-@pytest.mark.slow  # ~26 s on one core: two full DP runs
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_run_batches_cannot_be_rebuilt_from_config_and_seed(
     tmp_path: Path, cache_env: Path, monkeypatch: pytest.MonkeyPatch

@@ -84,6 +84,7 @@ def test_public_mnist5k_is_disjoint_from_digits() -> None:
 
 
 # ---------------------------------------------------------------- cache
+@pytest.mark.slow  # 24-88 s on one core (load 4-5): trains the public model twice
 def test_public_model_is_cached_and_a_corrupt_cache_is_retrained(cache_env: Path) -> None:
     cfg = tiny_config(**_PT)
     data = prepare_data(cfg)
