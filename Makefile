@@ -11,7 +11,7 @@ AUDIT_THREATS ?= external_released_model external_released_synthetic
 # pytest workers (2 cores here); each worker uses one torch thread
 WORKERS ?= 2
 
-.PHONY: venv run test test-slow lint typecheck bench clean
+.PHONY: venv run test test-unit test-slow lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,12 +27,18 @@ run: $(STAMP)
 	$(VENV)/bin/securefed run $(CONFIG) --out $(RUN_OUT) $(foreach t,$(AUDIT_THREATS),--threat-model $(t))
 	$(VENV)/bin/securefed audit $(RUN_OUT) $(foreach t,$(AUDIT_THREATS),--threat-model $(t))
 
-## the test suite (creates the environment if missing); slow tests excluded
+## the WHOLE test suite, what CI runs (creates the environment if missing): slow and deploy
+## tests included
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n $(WORKERS) --dist loadfile -q
 
+## the fast inner loop: everything but the slow tests and the Flower deployment tests
+test-unit: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n $(WORKERS) --dist loadfile -q -m 'not slow and not deploy'
+
+## only the slow tests
 test-slow: $(STAMP)
-	$(VENV)/bin/pytest -q -m slow
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n $(WORKERS) --dist loadfile -q -m slow
 
 ## ruff, and the layer contracts of .importlinter (imports go downward only)
 lint: $(STAMP)

@@ -3,14 +3,15 @@ without DP, and the four FedDiffuse variants, over partitions and seeds.
 
     python experiments/compare.py [--seeds 0 1 2] [--partitions iid dir0.5 dir0.1]
                                   [--methods fedavg fedddpm ...] [--scale full|small|tiny|hetero]
-                                  [--out runs/compare] [--readme README.md]
+                                  [--out runs/compare] [--readme docs/results.md]
 
 Every run is a normal securefed run directory under ``OUT/<scale>/<partition>/<method>/seed<k>``;
 a finished run (its line in ``OUT/<scale>/results.jsonl``) is not run again, so the script can
 be interrupted and restarted. Output: ``OUT/<scale>/table.md`` (domain FID mean ± std over
 seeds, precision/recall, server steps, parameters exchanged, wall time) and
-``OUT/<scale>/fid_vs_round.png``; with ``--readme`` the table replaces the block between
-``<!-- compare:begin -->`` and ``<!-- compare:end -->``.
+``OUT/<scale>/fid_vs_round.png``; with ``--readme`` (``docs/results.md``, where the grid's table
+lives) the table replaces the block between ``<!-- compare:begin -->`` and
+``<!-- compare:end -->``.
 
 Equal total client steps: every federated method runs ``rounds x local_steps`` steps on each of
 10 clients; ``centralized`` (one client holding every member) runs ``10 x local_steps`` steps per
@@ -69,7 +70,7 @@ METHODS: dict[str, dict[str, Any]] = {
                                        "pretrain_epochs": 30}},
     # FedDDPM+ with a detector that can fire within the hetero regime's 4 rounds: the aux-holdout
     # loss is compared over ONE round and a drop under 5% counts as slow learning (the default
-    # window 2 / 2% needs a plateau the 4 rounds never reach: README, FedDDPM+). One-shot
+    # window 2 / 2% needs a plateau the 4 rounds never reach: docs/guide.md, FedDDPM+). One-shot
     # correction of 60 server steps (c160: FedDDPM pre30_f10's whole 4 x 40 budget at once)
     "fedddpm_plus_pre30_w1": {"fedddpm": {"enabled": True, "variant": "fedddpm_plus",
                                           "pretrain_epochs": 30, "detector_window": 1,
@@ -129,14 +130,15 @@ PUBLIC_PRETRAIN: dict[str, Any] = {
 }
 
 #: rounds, local steps, FID samples, FID every k rounds. ``full`` is the 90-minute grid: its
-#: 102 runs measured 2026-12-01 on 2 cores with ``--jobs 2`` (README, comparison). At 10 x 8 the
-#: grid needed ~96 minutes (DP runs ~210-240 s, UDEC/ULATDEC ~140 s for 10 per-client FIDs).
+#: 102 runs measured 2026-12-01 on 2 cores with ``--jobs 2`` (docs/results.md, comparison
+#: grid). At 10 x 8 the grid needed ~96 minutes (DP runs ~210-240 s, UDEC/ULATDEC ~140 s for 10
+#: per-client FIDs).
 SCALES: dict[str, dict[str, int]] = {
     "full": {"rounds": 8, "local_steps": 8, "fid_samples": 300, "fid_every": 4},
     "small": {"rounds": 6, "local_steps": 8, "fid_samples": 200, "fid_every": 3},
     "tiny": {"rounds": 2, "local_steps": 2, "fid_samples": 50, "fid_every": 1},
     # few rounds of many local steps (40 x 32 examples: ~9 epochs of a ~144-image client): client
-    # drift, so label skew costs FedAvg (README, heterogeneous regime)
+    # drift, so label skew costs FedAvg (docs/results.md, heterogeneous regime)
     "hetero": {"rounds": 4, "local_steps": 40, "fid_samples": 300, "fid_every": 4},
 }
 

@@ -325,7 +325,7 @@ class DPConfig(_Frozen):
 
 
 class FedDDPMConfig(_Frozen):
-    """FedDDPM / FedDDPM+ (Peng et al. 2025; abstract only, every choice is a knob; README).
+    """FedDDPM / FedDDPM+ (Peng et al. 2025; abstract only, every choice is a knob; docs/guide.md).
 
     Phase 0: every client pre-trains a local DDPM for ``pretrain_epochs`` (DP-SGD under
     ``dp.level: record``, charged to its budget as phase ``pretrain``) and either uploads it
@@ -585,7 +585,7 @@ def _format_errors(exc: ValidationError) -> str:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see README for the allowed keys)"
+            msg = "unknown key (check the spelling; docs/configuration.md lists the allowed keys)"
         elif "input" in err and err["type"] not in ("missing",) and not msg.startswith(path):
             msg = f"{msg}, got {err['input']!r}"
         top = path.split(".")[0]

@@ -20,7 +20,7 @@ from securefed.audit.metrics import roc_auc
 from securefed.builders import build_model, prepare_data
 from securefed.diffusion import NoiseSchedule
 from securefed.diffusion.params import set_flat
-from tests.test_audit_helpers import audit_config
+from tests.helpers import audit_config
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from securefed.audit.harness import train_model, write_run_dir
 from securefed.audit.runner import AuditSettings, run_audit
 from securefed.audit.threats import load_threat_model
 from securefed.privacy.canaries import GradientCanaries, load_gradient_scores
-from tests.test_audit_helpers import audit_config
+from tests.helpers import audit_config
 
 
 def _model() -> torch.nn.Module:

@@ -13,7 +13,11 @@ from securefed.audit.runner import AuditSettings, run_audit
 from securefed.audit.threats import load_threat_model
 from securefed.client.dp import sample_rate_for
 from securefed.privacy import calibrate_noise_multiplier
-from tests.test_audit_helpers import audit_config
+from tests.helpers import audit_config
+
+#: slow: its module fixture trains a DP model and audits it
+#: (18-33 s on one core, load 3-5); in `make test`, left out of `make test-unit`
+pytestmark = pytest.mark.slow
 
 STEPS = 150
 DELTA = 1e-5

@@ -14,7 +14,7 @@ from securefed.audit.attacks.lira import lira_offline_scores, lira_online_scores
 from securefed.audit.metrics import roc_auc
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule
-from tests.test_audit_helpers import audit_config
+from tests.helpers import audit_config
 
 
 def test_offline_and_online_scores_match_the_formulas() -> None:

@@ -14,7 +14,11 @@ from securefed.builders import prepare_data
 from securefed.cli import main
 from securefed.client.dp import sample_rate_for
 from securefed.privacy import calibrate_noise_multiplier
-from tests.test_audit_helpers import audit_config
+from tests.helpers import audit_config
+
+#: slow: its module fixture trains 300 full-batch DP-SGD steps
+#: (the fixture alone: 31 s on one core, load 3-5); in `make test`, left out of `make test-unit`
+pytestmark = pytest.mark.slow
 
 STEPS = 300
 DELTA = 1e-5

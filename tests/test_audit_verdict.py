@@ -16,7 +16,7 @@ from securefed.audit.harness import train_model, write_run_dir
 from securefed.audit.metrics import attack_result
 from securefed.audit.runner import AuditSettings, run_audit
 from securefed.audit.threats import ThreatModelError, load_threat_model
-from tests.test_audit_helpers import audit_config
+from tests.helpers import audit_config
 
 FAST = {"max_examples": 200, "bootstrap": 100, "progress": False, "attacks": ("loss",)}
 
@@ -316,7 +316,7 @@ def test_fedddpm_model_uploads_are_kept_under_received(tmp_path: Path) -> None:
     """`upload: model`: the server receives each client's local model; the run keeps them under
     received/ so the server threat models attack them (no missing-target FAIL)."""
     from securefed.run import run_experiment
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     cfg = tiny_config(
         fedddpm__enabled=True, fedddpm__upload="model", fedddpm__allow_non_dp_uploads=True,

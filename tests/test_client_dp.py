@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import operator
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from securefed.run import run_experiment
 from securefed.secagg import DistributedNoise, PlainAggregation
 from securefed.secagg.masking import MaskingAggregation
 from securefed.strategies import build_strategy
-from tests.conftest import one_cohort, tiny_config
+from tests.helpers import metrics_rows, one_cohort, tiny_config, uniform_inputs
 
 # ----------------------------------------------------------------------------- pure maths
 
@@ -86,16 +88,11 @@ def test_discrete_gaussian_rejects_bad_input() -> None:
 # ----------------------------------------------------------------------------- protocols
 
 
-def _inputs(n: int, d: int, seed: int = 0) -> dict[int, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {c: rng.uniform(-0.05, 0.05, d) for c in range(n)}
-
-
 def test_masking_adds_distributed_noise_to_the_exact_sum() -> None:
     """Masked sum with noise shares vs the plain sum: the difference is the survivors' noise."""
     cfg = SecureAggregationConfig(protocol="masking", threshold=0.5, bits=40, clip_range=1.0)
     proto = MaskingAggregation.from_config(cfg, 6)
-    x = _inputs(6, 30_000)
+    x = uniform_inputs(6, 30_000, scale=0.05)
     std = 0.02
     res = proto.aggregate(3, x, {5: "masked_input", 4: "unmasking"}, noise=DistributedNoise(std, 6))
     exact = sum(x[c] for c in res.survivors)
@@ -111,7 +108,7 @@ def test_masking_adds_distributed_noise_to_the_exact_sum() -> None:
 
 
 def test_plain_central_noise() -> None:
-    x = _inputs(3, 20_000)
+    x = uniform_inputs(3, 20_000, scale=0.05)
     res = PlainAggregation().aggregate(1, x, noise=DistributedNoise(0.05, 3))
     diff = res.total - sum(x.values())
     assert float(diff.std()) == pytest.approx(0.05, rel=0.03)
@@ -154,7 +151,8 @@ def test_wrapper_sends_clipped_unweighted_deltas_and_adapts_clip() -> None:
     for u in ups:
         assert u.weight == 1.0
         assert float(u.vectors["delta"].norm()) <= 0.5 + 1e-6
-    sums = {k: sum(u.vectors[k].double() for u in ups) for k in ups[0].vectors}
+    sums = {k: functools.reduce(operator.add, [u.vectors[k].double() for u in ups])
+            for k in ups[0].vectors}
     new = w.aggregate(1, g, one_cohort(sums, 5.0, 5))
     assert torch.allclose(new, sums["delta"].float() / 5)
     # only client 0 (delta 0) was unclipped: fraction 0.2 < 0.5, so S grows
@@ -168,10 +166,6 @@ def test_client_level_refuses_scaffold() -> None:
 
 
 # ----------------------------------------------------------------------------- end to end
-
-
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -188,7 +182,7 @@ def test_client_level_run_with_masking(tmp_path: Path, cache_env: Path) -> None:
     )
     res = run_experiment(cfg, tmp_path / "r", progress=False)
     assert res.finished
-    rows = _rows(tmp_path / "r")
+    rows = metrics_rows(tmp_path / "r")
     ledger = PrivacyLedger.load(tmp_path / "r" / "privacy_ledger.json")
     for cid in ledger.clients:
         hist = ledger.history(cid)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from securefed.config import parse_config
-from tests.experiment_scripts import load_script
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 

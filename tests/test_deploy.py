@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from securefed.client.runtime import build_trainer, local_round
-from securefed.config import ExperimentConfig, parse_config
+from securefed.config import ExperimentConfig
 from securefed.deploy.common import DeployConfigError, check_deployable, masking_params
 from securefed.deploy.coordinator import (
     Coordinator,
@@ -49,7 +49,11 @@ from securefed.secagg.keys import init_identity_keys, load_identities
 from securefed.secagg.masking.client import MaskingClient
 from securefed.secagg.masking.messages import Stage
 from securefed.secagg.masking.server import MaskingServer
-from tests.conftest import one_cohort
+from tests.helpers import config_with, metrics_rows, one_cohort
+
+#: deployment tests (Flower processes, sites, the deploy protocol): in `make test`, left out
+#: of `make test-unit`
+pytestmark = pytest.mark.deploy
 
 RAW: dict[str, Any] = {
     "name": "deploy-test",
@@ -85,10 +89,7 @@ REHEARSAL: dict[str, Any] = {
 
 
 def _cfg(**section_overrides: dict[str, Any]) -> ExperimentConfig:
-    raw = json.loads(json.dumps(RAW))
-    for section, values in section_overrides.items():
-        raw.setdefault(section, {}).update(values)
-    return parse_config(raw)
+    return config_with(RAW, **section_overrides)
 
 
 def _write_cfg(path: Path, cfg: ExperimentConfig) -> Path:
@@ -101,10 +102,6 @@ def _write_cfg(path: Path, cfg: ExperimentConfig) -> Path:
 def _ckpt_params(run_dir: Path, rnd: int) -> torch.Tensor:
     payload = torch.load(run_dir / "checkpoints" / f"round_{rnd:04d}.pt", weights_only=True)
     return payload["global_params"]
-
-
-def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------- TLS
@@ -456,7 +453,7 @@ def test_in_process_deployment_matches_the_simulation_per_strategy(
                 assert local.shape == want.shape and 0 < local.numel()
                 assert float((local - want).abs().max()) < 1e-4, (rnd, i)
         d = int(_ckpt_params(tmp_path / "run", 2).numel())
-        for row in _metrics(tmp_path / "run"):
+        for row in metrics_rows(tmp_path / "run"):
             assert row["exchange"]["params_up"] == 3 * (d - local.numel() + 1)
 
 
@@ -527,14 +524,13 @@ def test_in_process_fedddpm_deployment_matches_the_simulation(
 
 
 def test_in_process_deployment_with_public_pretraining_matches_the_simulation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cache_env: Path
 ) -> None:
     """``pretrain.enabled`` deployed: the coordinator trains (or loads) the public model and
     starts round 1 from it, as the simulation does; each site checked the public set against
     its own data at setup. Before, the coordinator started from a random model."""
     from securefed.run import run_experiment
 
-    monkeypatch.setenv("SECUREFED_CACHE", str(tmp_path / "cache"))
     cfg = _cfg(pretrain={"enabled": True, "steps": 5, "batch_size": 32,
                          "data": {"name": "mnist5k", "mnist5k_layout": "uci_digits",
                                   "max_examples": 200}})
@@ -813,7 +809,7 @@ def assert_matches_simulation(
     from securefed.builders import build_model
     from securefed.diffusion.params import get_flat
 
-    rows = _metrics(run_dir)
+    rows = metrics_rows(run_dir)
     # round 1: same start, same seeded DP noise; only the two masking grids differ
     sim1, dep1 = _ckpt_params(sim_dir, 1), _ckpt_params(run_dir, 1)
     if init is None:  # the seeded initial model (public pre-training: pass the public model)
@@ -876,7 +872,7 @@ def test_deployed_run_matches_the_simulation(tmp_path: Path) -> None:
         raise
     finally:
         fed.stop()
-    rows, sim_rows = _metrics(run_dir), sim.metrics
+    rows, sim_rows = metrics_rows(run_dir), sim.metrics
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
         assert r["participants"] == [0, 1, 2] and r["dropped"] == [], r
@@ -939,7 +935,7 @@ def test_killed_supernode_round_completes_with_the_survivors_sum(tmp_path: Path)
     finally:
         fed.stop()
     assert time.monotonic() - killed_at < 600
-    (line,) = _metrics(run_dir)
+    (line,) = metrics_rows(run_dir)
     assert line["participants"] == [0, 1]
     assert line["dropped_at"] == {"2": "masked_input"}
     assert line["protocol_info"]["recovered_clients"] == [2]

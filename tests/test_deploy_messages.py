@@ -23,6 +23,10 @@ from securefed.deploy.node import PolicyError
 from securefed.secagg.masking.messages import Stage
 from tests.test_deploy_policy import _cfg, _ledger, _Net, _setup_content, _sites, deliver
 
+#: deployment tests (Flower processes, sites, the deploy protocol): in `make test`, left out
+#: of `make test-unit`
+pytestmark = pytest.mark.deploy
+
 UNMASK = f"train.{Stage.UNMASKING}"
 SHARE = f"train.{Stage.SHARE_KEYS}"
 ADVERTISE = f"train.{Stage.ADVERTISE_KEYS}"

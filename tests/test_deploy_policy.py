@@ -19,13 +19,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from securefed.config import ExperimentConfig, dump_config, parse_config
+from securefed.config import ExperimentConfig, dump_config
 from securefed.deploy.coordinator import Coordinator, CoordinatorOptions, Reply
 from securefed.deploy.node import NodeOptions, PolicyError, Site, dispatch
 from securefed.deploy.wire import PROTOCOL_VERSION
 from securefed.secagg.keys import init_identity_keys, load_identities
 from securefed.secagg.masking import shamir
 from securefed.secagg.masking.messages import RoundStart, Stage, UnmaskShares, decode_message
+from tests.helpers import config_with
+
+#: deployment tests (Flower processes, sites, the deploy protocol): in `make test`, left out
+#: of `make test-unit`
+pytestmark = pytest.mark.deploy
 
 RAW: dict[str, Any] = {
     "name": "policy-test",
@@ -53,10 +58,7 @@ Hook = Callable[[str, int, Mapping[str, Any]], Mapping[str, Any] | None]
 
 
 def _cfg(**section_overrides: dict[str, Any]) -> ExperimentConfig:
-    raw = json.loads(json.dumps(RAW))
-    for section, values in section_overrides.items():
-        raw[section].update(values)
-    return parse_config(raw)
+    return config_with(RAW, **section_overrides)
 
 
 def _sites(tmp: Path, n: int, **policy: Any) -> dict[int, Site]:
@@ -110,9 +112,10 @@ class _Net:
                     continue
                 content = rewritten
             self.sent.append((message_type, node, content))
-            out[node] = deliver(site, message_type, content)
-            if self.on_reply is not None and isinstance(out[node], dict):
-                out[node] = self.on_reply(message_type, node, dict(out[node]))
+            reply = deliver(site, message_type, content)
+            if self.on_reply is not None and isinstance(reply, dict):
+                reply = self.on_reply(message_type, node, dict(reply))
+            out[node] = reply
             self.replies.append((message_type, node, out[node]))
         return out
 

@@ -25,6 +25,10 @@ from securefed.deploy.worker import (
     write_auth_secret,
 )
 
+#: deployment tests (Flower processes, sites, the deploy protocol): in `make test`, left out
+#: of `make test-unit`
+pytestmark = pytest.mark.deploy
+
 APP = Path(__file__).resolve().parents[1] / "securefed" / "deploy" / "app" / "pyproject.toml"
 
 

@@ -22,7 +22,7 @@ from securefed.noise.secure_noise import SecureGaussian
 from securefed.privacy import PrivacyLedger
 from securefed.seeds import Purpose, derive_seed
 from securefed.strategies.base import LocalObjective
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 B = 3
 

@@ -14,13 +14,9 @@ from securefed.config import ClientConfig, DPConfig
 from securefed.diffusion import NoiseSchedule
 from securefed.privacy import PrivacyLedger, epsilon_of
 from securefed.run import run_experiment
-from tests.conftest import tiny_config
+from tests.helpers import metrics_rows, tiny_config
 
 DP = {"dp__level": "record", "dp__secure_noise": False, "dp__noise_multiplicity": 2}
-
-
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -29,10 +25,11 @@ def test_dp_run_ledger_matches_independent_accountant(tmp_path: Path, cache_env:
     res = run_experiment(cfg, tmp_path / "r", progress=False)
     assert res.finished
     ledger = PrivacyLedger.load(tmp_path / "r" / "privacy_ledger.json")
-    rows = _rows(tmp_path / "r")
+    rows = metrics_rows(tmp_path / "r")
     for cid in ledger.clients:
         plan = ledger.get_plan(cid)
         steps = sum(e.steps for e in ledger.entries if e.client_id == cid)
+        assert cfg.client.local_steps is not None
         assert steps == 3 * cfg.client.local_steps  # every round charged exactly once
         independent = epsilon_of([(plan.noise_multiplier, plan.sample_rate, steps)], plan.delta)
         assert ledger.epsilon(cid) == pytest.approx(independent, rel=1e-6)
@@ -54,7 +51,8 @@ def test_budget_exhaustion_stops_cleanly(tmp_path: Path, cache_env: Path) -> Non
     ledger = PrivacyLedger.load(tmp_path / "r" / "privacy_ledger.json")
     for cid in ledger.clients:
         assert ledger.epsilon(cid) <= 3.0 + 1e-6  # never over the budget
-    assert any(r.get("budget_exhausted") for r in _rows(tmp_path / "r")) or res.rounds_completed < 8
+    rows = metrics_rows(tmp_path / "r")
+    assert any(r.get("budget_exhausted") for r in rows) or res.rounds_completed < 8
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

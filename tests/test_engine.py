@@ -16,7 +16,7 @@ from securefed.artefacts.checkpoint import load_latest
 from securefed.federation.engine import ClientRound, ClientTransport, RoundEngine
 from securefed.federation.record import EVALUATION_KEYS, RoundRecord, read_records
 from securefed.strategies import CohortSum, RoundPlan, Strategy, build_strategy
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 D = 6
 

@@ -24,7 +24,7 @@ from securefed.strategies.fedddpm_plus import (
     drive,
     relative_improvement,
 )
-from tests.conftest import one_cohort, tiny_config
+from tests.helpers import one_cohort, tiny_config
 
 D64 = torch.float64
 
@@ -216,7 +216,8 @@ def test_fedddpm_plus_that_never_fires_is_plain_fedavg(tmp_path: Path) -> None:
     """FedDDPM+ without a correction changes nothing: phase 0 restores the initial model, the
     detector's aux-holdout evaluation touches neither the global model, the EMA nor any seed
     stream, so the final and evaluated parameters are bit-identical to FedAvg's (the hetero
-    FedDDPM+ vs FedAvg gap in the README came from comparing runs of different code versions)."""
+    FedDDPM+ vs FedAvg gap in docs/results.md came from comparing runs of different code
+    versions)."""
     plain = run_experiment(
         tiny_config(federation__rounds=2, strategy__ema_decay=0.5), tmp_path / "a",
         progress=False, write_report=False,

@@ -18,7 +18,7 @@ from securefed.run import run_experiment
 from securefed.secagg import AggregationProtocol, build_protocol
 from securefed.secagg.base import AggregationResult
 from securefed.strategies.feddiffuse import group_indices, pair_clients, shared_groups
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 class _Recording(AggregationProtocol):

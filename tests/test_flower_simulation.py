@@ -17,7 +17,12 @@ import pytest
 import torch
 
 from securefed.deploy.simulation_runtime import SIMULATION_ENV, SITE_CONFIG_ENV, site_node_config
-from tests.test_deploy import _cfg, _ckpt_params, _metrics, _write_cfg, assert_matches_simulation
+from tests.helpers import metrics_rows
+from tests.test_deploy import _cfg, _ckpt_params, _write_cfg, assert_matches_simulation
+
+#: deployment tests (Flower processes, sites, the deploy protocol): in `make test`, left out
+#: of `make test-unit`
+pytestmark = pytest.mark.deploy
 
 
 def test_a_real_supernode_never_takes_its_folders_from_the_run_config(
@@ -82,7 +87,7 @@ def test_flower_simulation_runtime_matches_the_in_process_simulation(tmp_path: P
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
     sim_seconds = time.monotonic() - t1
 
-    rows = _metrics(run_dir)
+    rows = metrics_rows(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
         assert r["participants"] == [0, 1, 2] and r["dropped"] == [], r

@@ -22,7 +22,7 @@ from securefed.federation.public_pretrain import (
 from securefed.io import read_jsonl
 from securefed.privacy import PrivacyLedger
 from securefed.run import run_experiment
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 _PT: dict[str, Any] = {
     "pretrain__enabled": True,
@@ -85,6 +85,7 @@ def test_public_mnist5k_is_disjoint_from_digits() -> None:
 
 
 # ---------------------------------------------------------------- cache
+@pytest.mark.slow  # 24-88 s on one core (load 4-5): trains the public model twice
 def test_public_model_is_cached_and_a_corrupt_cache_is_retrained(cache_env: Path) -> None:
     cfg = tiny_config(**_PT)
     data = prepare_data(cfg)

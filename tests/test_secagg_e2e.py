@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from securefed.run import run_experiment
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def _final(tmp: Path, name: str, **kw) -> torch.Tensor:

@@ -45,6 +45,7 @@ from securefed.secagg.masking.quantize import (
     encode_words,
     quantize,
 )
+from tests.helpers import uniform_inputs
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROUND = 5
@@ -60,11 +61,6 @@ def _proto(
 ) -> MaskingAggregation:
     params = MaskingParams(threshold, k, bits, clip)
     return MaskingAggregation(params, ephemeral_identities(n), **kw)  # type: ignore[arg-type]
-
-
-def _inputs(n: int, d: int, seed: int = 0, scale: float = 1.0) -> dict[int, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {i: rng.uniform(-scale, scale, d) for i in range(n)}
 
 
 # ------------------------------------------------------------------ reference model of aborts
@@ -158,7 +154,7 @@ def _check_round(params: MaskingParams, n: int, d: int, drops: dict[int, str], s
         with pytest.raises(ValueError, match=r"secure_aggregation\.threshold"):
             resolve_threshold(params.threshold, graph_size)
         return
-    xs = _inputs(n, d, seed, scale=1.3)  # some values beyond clip_range = 1
+    xs = uniform_inputs(n, d, seed, scale=1.3)  # some values beyond clip_range = 1
     proto = MaskingAggregation(params, ephemeral_identities(n))
     expected = _expected(params, n, drops)
     if expected is None:
@@ -186,7 +182,7 @@ def _check_round(params: MaskingParams, n: int, d: int, drops: dict[int, str], s
 
 def test_every_dropout_stage_recovers() -> None:
     proto = _proto(8, threshold=0.5)
-    xs = _inputs(8, 50, 1)
+    xs = uniform_inputs(8, 50, 1)
     drops = {
         1: Stage.ADVERTISE_KEYS,
         2: Stage.SHARE_KEYS,
@@ -205,7 +201,7 @@ def test_every_dropout_stage_recovers() -> None:
 
 def test_k_regular_recovers_dropouts_and_costs_less() -> None:
     n = 16
-    xs = _inputs(n, 64, 2)
+    xs = uniform_inputs(n, 64, 2)
     full = _proto(n, threshold=0.5).aggregate(ROUND, xs, {3: Stage.MASKED_INPUT})
     sparse = _proto(n, threshold=0.5, k=4).aggregate(ROUND, xs, {3: Stage.MASKED_INPUT})
     for res in (full, sparse):
@@ -218,7 +214,7 @@ def test_k_regular_recovers_dropouts_and_costs_less() -> None:
 
 def test_fewer_than_t_survivors_fails_closed() -> None:
     proto = _proto(5, threshold=3.0)
-    xs = _inputs(5, 10)
+    xs = uniform_inputs(5, 10)
     drops = {0: Stage.MASKED_INPUT, 1: Stage.MASKED_INPUT, 2: Stage.MASKED_INPUT}
     with pytest.raises(AggregationAbortedError, match="threshold is 3"):
         proto.aggregate(ROUND, xs, drops)
@@ -231,7 +227,7 @@ def test_survivors_shrinking_below_t_at_unmasking_aborts() -> None:
     proto = _proto(4, threshold=3.0)
     drops = {0: Stage.UNMASKING, 1: Stage.UNMASKING}
     with pytest.raises(AggregationAbortedError, match="shrank below t=3"):
-        proto.aggregate(ROUND, _inputs(4, 10), drops)
+        proto.aggregate(ROUND, uniform_inputs(4, 10), drops)
     assert proto.last_server is not None and proto.last_server.output is None
 
 
@@ -243,7 +239,7 @@ def test_disconnected_survivor_graph_aborts() -> None:
     drops = {ring[0]: Stage.MASKED_INPUT, ring[4]: Stage.MASKED_INPUT}
     proto = MaskingAggregation(params, ephemeral_identities(n))
     with pytest.raises(AggregationAbortedError, match="disconnected"):
-        proto.aggregate(ROUND, _inputs(n, 6), drops)
+        proto.aggregate(ROUND, uniform_inputs(n, 6), drops)
 
 
 def test_config_registry_and_threshold_resolution() -> None:
@@ -267,10 +263,10 @@ def test_config_registry_and_threshold_resolution() -> None:
     # a count threshold above a (sampled) round's size aborts that round, fail closed
     with pytest.raises(AggregationAbortedError, match=r"t=4 exceeds"):
         MaskingAggregation.from_config(cfg.model_copy(update={"threshold": 4.0}), 10).aggregate(
-            1, _inputs(3, 5)
+            1, uniform_inputs(3, 5)
         )
     k_proto = MaskingAggregation.from_config(cfg.model_copy(update={"neighbours": 4}), 20)
-    res = k_proto.aggregate(1, _inputs(20, 5))
+    res = k_proto.aggregate(1, uniform_inputs(20, 5))
     assert res.info["threshold"] == 3 and res.info["neighbours"] == 4
 
 
@@ -282,7 +278,7 @@ def _roles(
 ) -> tuple[MaskingServer, dict[int, MaskingClient], Identities, dict[int, np.ndarray]]:
     params = params or MaskingParams(0.5, None, 32, 1.0)
     ids = ephemeral_identities(n)
-    xs = _inputs(n, d, seed)
+    xs = uniform_inputs(n, d, seed)
     server = MaskingServer(ROUND, range(n), d, params, ids.roster, ids.server_key)
     clients = {
         c: MaskingClient(c, ROUND, params, ids.client_keys[c], ids.roster, xs[c]) for c in range(n)
@@ -454,7 +450,7 @@ def _flip_round(target: int, bit: int) -> tuple[ProtocolError | None, tuple[str,
 
     proto = _proto(3, threshold=2.0, intercept=intercept)
     try:
-        proto.aggregate(ROUND, _inputs(3, 6))
+        proto.aggregate(ROUND, uniform_inputs(3, 6))
     except ProtocolError as exc:
         return exc, hit.get("m")
     return None, hit.get("m")
@@ -509,7 +505,7 @@ def test_unknown_sender_is_rejected() -> None:
     with pytest.raises(ProtocolError, match=r"client 1: sender check failed"):
         server.receive(1, reply)  # client 0's message arriving on client 1's channel
     with pytest.raises(ProtocolError, match=r"client 7: sender check failed"):
-        _proto(3).aggregate(ROUND, {**_inputs(3, 4), 7: np.zeros(4)})
+        _proto(3).aggregate(ROUND, {**uniform_inputs(3, 4), 7: np.zeros(4)})
 
 
 def test_wrong_length_is_rejected() -> None:
@@ -542,7 +538,7 @@ def test_out_of_range_masked_value_is_rejected() -> None:
 
 
 def test_nan_input_is_rejected() -> None:
-    xs = _inputs(3, 4)
+    xs = uniform_inputs(3, 4)
     xs[1][2] = np.nan
     with pytest.raises(ValueError, match=r"client 1.*NaN"):
         _proto(3).aggregate(ROUND, xs)
@@ -662,7 +658,8 @@ def _lying_unmask(data: bytes, liar: int, key: object, params: MaskingParams, ki
     (owner, share), *rest = shares
     wrong = ((owner, shamir.encode_share((shamir.decode_share(share) + 1) % shamir.PRIME)),
              *rest)
-    evil = dataclasses.replace(msg, **{f"{kind}_shares": wrong})
+    evil = (dataclasses.replace(msg, b_shares=wrong) if kind == "b"
+            else dataclasses.replace(msg, s_shares=wrong))
     return evil.signed_bytes(key)  # type: ignore[arg-type]
 
 
@@ -709,7 +706,7 @@ def test_uncorrectable_wrong_share_aborts_the_round_in_process() -> None:
     proto.intercept = intercept
     with pytest.raises(AggregationAbortedError, match=r"client 0's self-mask seed cannot be "
                                                       r"reconstructed .* clients \[0, 1, 2\]"):
-        proto.aggregate(ROUND, _inputs(3, 5))
+        proto.aggregate(ROUND, uniform_inputs(3, 5))
 
 
 def test_protocol_errors_in_process_abort_the_round() -> None:
@@ -724,7 +721,7 @@ def test_protocol_errors_in_process_abort_the_round() -> None:
 
     proto.intercept = intercept
     with pytest.raises(AggregationAbortedError) as info:
-        proto.aggregate(ROUND, _inputs(3, 5))
+        proto.aggregate(ROUND, uniform_inputs(3, 5))
     assert isinstance(info.value, ProtocolError)
     assert (info.value.client, info.value.check) == (1, "signature")
 
@@ -741,7 +738,7 @@ def test_messages_keys_and_ciphertexts_of_another_run_fail() -> None:
     ids = ephemeral_identities(3)
     old = MaskingParams(1.0, None, 32, 1.0, session=b"\x01" * 16)
     new = dataclasses.replace(old, session=b"\x02" * 16)
-    xs = _inputs(3, 4)
+    xs = uniform_inputs(3, 4)
     old_server = MaskingServer(1, range(3), 4, old, ids.roster, ids.server_key)
     old_client = MaskingClient(0, 1, old, ids.client_keys[0], ids.roster, xs[0])
     old_down = old_server.start()
@@ -850,7 +847,7 @@ def test_semi_honest_round_skips_the_consistency_stage_and_sums_the_same() -> No
     """``consistency_check=False``: four stages, no ConsistencyRequest/Signature on the wire,
     the same survivors and sum (within the grid) as the five-stage round, with a dropout
     recovered and a drop 'at the consistency check' treated as a drop before unmasking."""
-    xs = _inputs(6, 40, 3)
+    xs = uniform_inputs(6, 40, 3)
     drops = {1: Stage.MASKED_INPUT, 4: Stage.CONSISTENCY_CHECK}
     results = {}
     for check in (True, False):
@@ -873,7 +870,7 @@ def test_a_client_assuming_a_malicious_server_refuses_an_unsigned_unmask_request
     inputs, no signatures on the survivor set) against clients configured for a malicious
     server. Each refuses before revealing any share: the skip needs the client's consent."""
     ids = ephemeral_identities(4)
-    xs = _inputs(4, 8)
+    xs = uniform_inputs(4, 8)
     semi = MaskingParams(0.5, None, 32, 1.0, consistency_check=False)
     full = MaskingParams(0.5, None, 32, 1.0)
     server = MaskingServer(ROUND, range(4), 8, semi, ids.roster, ids.server_key)

@@ -13,7 +13,7 @@ from securefed.artefacts.checkpoint import CheckpointError
 from securefed.builders import prepare_data
 from securefed.cli import main
 from securefed.run import run_experiment
-from tests.conftest import tiny_config, tiny_raw
+from tests.helpers import metrics_rows, tiny_config, tiny_raw
 
 
 def test_run_directory_contents(tmp_path: Path, cache_env: Path) -> None:
@@ -38,7 +38,7 @@ def test_run_directory_contents(tmp_path: Path, cache_env: Path) -> None:
         "round_0002.png",
         "round_0003.png",
     ]
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics_rows(run)
     assert [r["round"] for r in lines] == [1, 2, 3]
     for r in lines:
         assert r["participants"] == [0, 1, 2]
@@ -76,8 +76,7 @@ def test_resume_reproduces_uninterrupted_run(
     resumed = run_experiment(cfg, tmp_path / "part", resume=True, progress=False)
     assert resumed.finished
     assert torch.equal(resumed.final_params, full.final_params)
-    a = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    a, b = metrics_rows(tmp_path / "full"), metrics_rows(tmp_path / "part")
     assert [r["round"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b, strict=True):
         assert x["participants"] == y["participants"] and x["holdout_loss"] == y["holdout_loss"]

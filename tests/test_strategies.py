@@ -20,7 +20,7 @@ from securefed.strategies import (
     unpack_sum,
 )
 from securefed.strategies.scaffold import scaffold_control_update
-from tests.conftest import one_cohort
+from tests.helpers import one_cohort
 
 D = 50
 
@@ -163,7 +163,7 @@ def _scaffold_local_run(optimizer: str, control: str, momentum: float = 0.0):
     from securefed.data.datasets import load_dataset
     from securefed.diffusion import NoiseSchedule, UNet
     from securefed.diffusion.params import get_flat
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     cfg = tiny_config()
     data = load_dataset(cfg.data)

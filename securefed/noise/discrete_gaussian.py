@@ -16,7 +16,7 @@ of :func:`securefed.noise.prg.uniform01` under a key from :func:`os.urandom` (ne
 from numpy's generators). The acceptance test and the inversion are computed in float64, as in
 most deployed implementations (the exact rational-arithmetic sampler of the paper is far too
 slow for ``10^6`` coordinates in Python); the float error is below ``2^-40`` in probability per
-coordinate and is stated in the README.
+coordinate and is stated in docs/guide.md.
 """
 
 from __future__ import annotations

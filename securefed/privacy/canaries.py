@@ -382,7 +382,7 @@ class CanaryClients:
       (one Gaussian-mechanism step at the round's charged multiplier, sample rate 1, per
       sampled round - what the ledger charges a real client for the same participations).
 
-    Design choices (documented in the README's audit section):
+    Design choices (documented in docs/guide.md's audit section):
 
     - The real clients' noise is planned from the REAL selected clients only
       (:meth:`~securefed.privacy.client_level.ClientLevelDP.round_noise`); the canaries' summed

@@ -9,7 +9,7 @@ the base strategy's aggregate unchanged.
 
 The auxiliary set is DP when the local models were trained with DP-SGD (post-processing), so the
 server's calibration costs no privacy. Its individual uploads (a model or its samples per client)
-ARE visible to the server: that is the threat the README states.
+ARE visible to the server: that is the threat docs/guide.md states.
 """
 
 from __future__ import annotations

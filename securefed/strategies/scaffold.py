@@ -11,7 +11,7 @@ Local step: ``g <- g - c_i + c``. After K local steps the client's new control v
 - ``option2``: ``c_i+ = c_i - c + (x - y_i) / (K lr)`` (the paper's eq. 4). Under Adam
   ``(x - y) / (K lr)`` is the mean *normalised* step (magnitude ~1 per coordinate), orders of
   magnitude larger than the gradients it is added to; measured on digits 8x8 it made SCAFFOLD's
-  FID 2.7x FedAvg's (README, comparison).
+  FID 2.7x FedAvg's (docs/results.md, comparison).
 
 The client sends ``w_i (y_i - x)`` and
 ``(c_i+ - c_i) / N`` (pre-divided by the number of clients N, so the server needs only the sum and
