@@ -615,7 +615,7 @@ def test_in_process_adaptive_clipping_deployment(tmp_path: Path) -> None:
             [e["noise_multiplier"] for e in mine], rel=1e-9)
     # the clip norm moved, and every site planned each round at the norm the coordinator used
     clips = [float(torch.load(tmp_path / "run" / "checkpoints" / f"round_{r:04d}.pt",
-                              weights_only=True)["strategy"]["client_dp_clip"][0])
+                              weights_only=True)["strategy"]["client_dp.clip"][0])
              for r in (1, 2)]
     assert clips[0] != 0.5
     for site in sites.values():
