@@ -213,3 +213,14 @@ def test_client_level_budget_stops_the_run(tmp_path: Path, cache_env: Path) -> N
     ledger = PrivacyLedger.load(tmp_path / "r" / "privacy_ledger.json")
     assert all(ledger.epsilon(c) <= 2.0 + 1e-6 for c in ledger.clients)
     assert "exhausted" in json.loads((tmp_path / "r" / "stopped.json").read_text())["reason"]
+
+
+def test_dp_fedavg_aggregates_when_the_noised_weight_sum_is_negative() -> None:
+    """DP-FedAvg divides by the number of contributors: the summed weight carries the noise and
+    may be negative (a round-4 abort of the canary-client runs, fixed with the strategy split)."""
+    w = _wrapper(adaptive=False)
+    g = torch.zeros(100)
+    w.configure_round(1, g, list(range(5)), 1.0, 1, np.random.default_rng(0))
+    sums = {"delta": torch.full((100,), 0.5, dtype=torch.float64)}
+    new = w.aggregate(1, g, one_cohort(sums, -4.97, 5))
+    assert torch.allclose(new, torch.full((100,), 0.1))

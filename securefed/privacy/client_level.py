@@ -287,7 +287,7 @@ class ClientLevelDP(StrategyWrapper):
     def aggregate(
         self, rnd: int, global_params: torch.Tensor, results: Mapping[str, CohortSum]
     ) -> torch.Tensor:
-        r = only_cohort(rnd, results)
+        r = only_cohort(rnd, results, weighted=False)
         sums, num_contributors = r.sums, r.num_contributors
         mean = sums["delta"].to(torch.float32) / num_contributors
         new = self.server_opt.step(global_params, mean)

@@ -278,15 +278,21 @@ class ClientPolicyWrapper(ClientPolicy):
         return self.base.download_numel(cid, broadcast, client_state)
 
 
-def only_cohort(rnd: int, results: Mapping[str, CohortSum]) -> CohortSum:
-    """The single upload cohort ``"all"`` of a strategy whose clients all send the same vectors."""
+def only_cohort(rnd: int, results: Mapping[str, CohortSum], *, weighted: bool = True) -> CohortSum:
+    """The single upload cohort ``"all"`` of a strategy whose clients all send the same vectors.
+
+    ``weighted``: the strategy divides by the summed weight, which must then be positive
+    (DP-FedAvg divides by the number of contributors instead: its summed weight is noised)."""
     if set(results) != {"all"}:
         raise ValueError(
             f"round {rnd}: expected the single upload cohort 'all', got {sorted(results)}"
         )
     r = results["all"]
-    if r.total_weight <= 0 or r.num_contributors == 0:
-        raise ValueError(f"round {rnd}: nothing to aggregate (total weight {r.total_weight})")
+    if r.num_contributors <= 0 or (weighted and r.total_weight <= 0):
+        raise ValueError(
+            f"round {rnd}: nothing to aggregate ({r.num_contributors} contributors, total "
+            f"weight {r.total_weight})"
+        )
     return r
 
 
