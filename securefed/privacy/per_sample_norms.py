@@ -723,13 +723,16 @@ class PerSampleGradNorms:
         gb: Tensor | None = None
         for x, gr in pairs:
             n, c = gr.shape[0], gr.shape[1]
-            g2 = gr.reshape(n, c, -1)
+            g2 = gr.reshape(n * c, -1)  # [N*C, positions]
             if mod.weight is not None and mod.weight.requires_grad:
-                xhat = F.group_norm(x, mod.num_groups, None, None, mod.eps).reshape(n, c, -1)
-                w_rows = (g2 * xhat).sum(2)
+                # per row and channel sum_p g_p xhat_p as a batched dot product ([1, P] @ [P, 1]):
+                # no [N, C, P] product temporary (that allocation and its page faults cost ~1/3
+                # of the GroupNorm norms of the default UNet, issue 14)
+                xhat = F.group_norm(x, mod.num_groups, None, None, mod.eps).reshape(n * c, 1, -1)
+                w_rows = torch.bmm(xhat, g2.unsqueeze(2)).reshape(n, c)
                 gw = w_rows if gw is None else gw + w_rows
             if mod.bias is not None and mod.bias.requires_grad:
-                b_rows = g2.sum(2)
+                b_rows = g2.sum(1).reshape(n, c)
                 gb = b_rows if gb is None else gb + b_rows
         layer.choice = "direct"
         sq: Tensor | None = None
