@@ -275,7 +275,7 @@ def test_unet_norms_match_loop(class_conditional: bool, k: int) -> None:
         for i in range(b)
     ])
     torch.testing.assert_close(norms.double(), ref, rtol=1e-4, atol=1e-7)
-    assert choices <= {"ghost", "materialise", "direct"}
+    assert choices <= {"ghost", "materialise", "taps", "direct"}
 
 
 def test_unet_diffusion_loss_num_draws() -> None:
