@@ -24,8 +24,9 @@ keyed by 32 secret bytes, with AES-NI about 1.5x faster than ChaCha20 here:
 
 Steps 2-3 run in float64 vectorised kernels on the parameter's device on contiguous rows
 (uniforms ``4i .. 4i+3`` feed element ``i``; on the CPU the radii's ``log``/``sqrt`` are NumPy's,
-~2-3x faster than torch's float64 ones, the rest torch's), so the noise for a whole model is a few vectorised passes;
-``dp_sgd_step`` draws it in one call for all parameters. Cost (651k parameters, one core,
+~2-3x faster than torch's float64 ones, the rest torch's, in work buffers reused across chunks),
+so the noise for a whole model is a few vectorised passes; ``dp_sgd_step`` draws it in one call
+for all parameters. Cost (651k parameters, one core,
 issue 14): the keystream is written with ``update_into`` into a reused buffer (AES-NI speed,
 ~2.5 ms for the 21 MB; ``update(bytes(n))`` spent 3x that allocating and zeroing), the words
 are transposed and converted by one copy into unit-stride rows (the strided rows of a transposed
@@ -260,17 +261,27 @@ class SecureGaussian:
         z = torch.cos(theta).add_(theta.sin_()).mul_(r)  # [2, m]: r cos + r sin per pair
         return z[0].add_(z[1])
 
-    def _sum4_cpu(self, m: int) -> torch.Tensor:
-        """:meth:`_sum4` on the CPU: the same construction, radii via NumPy (see there)."""
+    def _sum4_cpu(
+        self, m: int, work: tuple[np.ndarray, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """:meth:`_sum4` on the CPU: the same construction, radii via NumPy (see there).
+
+        ``work``: float64 buffers of at least ``4 m`` (NumPy) and ``2 m`` (torch) elements that
+        :meth:`_fill` reuses across chunks (fresh ~1 MiB arrays per chunk cost page faults); the
+        result then lives in ``work[1]``, valid until the next call with the same buffers.
+        """
         words = self._keystream_words(4 * m).numpy()  # a view of the keystream buffer
         np.bitwise_and(words, _MASK53, out=words)
-        u = np.empty((2, 2, m), dtype=np.float64)
+        if work is None:
+            work = (np.empty(4 * m, dtype=np.float64), torch.empty(2 * m, dtype=torch.float64))
+        u = work[0][: 4 * m].reshape(2, 2, m)
         # transpose + convert in one copy: rows 4i, 4i+1, 4i+2, 4i+3 -> u[0,0], u[0,1], ...
         np.copyto(u.reshape(4, m), words.reshape(m, 4).T, casting="unsafe")
         u *= 2.0**-53  # exact: k * 2^-53 with k < 2^53
         r = _radii_cpu(u[:, 0])  # [2, m], in place
         theta = torch.from_numpy(u[:, 1]).mul_(2.0 * math.pi)  # [2, m] angles
-        z = torch.cos(theta).add_(theta.sin_()).mul_(torch.from_numpy(r))
+        z = torch.cos(theta, out=work[1][: 2 * m].view(2, m))
+        z.add_(theta.sin_()).mul_(torch.from_numpy(r))  # [2, m]: r cos + r sin per pair
         return z[0].add_(z[1])
 
     def normal(
@@ -322,9 +333,14 @@ class SecureGaussian:
         """Fill the 1-d ``out`` with ``std * (z1 + z2 + z3 + z4) / 2``, chunk by chunk."""
         n, device = out.shape[0], out.device
         scale = std / math.sqrt(_DRAWS)
+        work = None
+        if device.type == "cpu":  # float64 work buffers reused by every chunk
+            c = min(_CHUNK, n)
+            work = (np.empty(4 * c, dtype=np.float64), torch.empty(2 * c, dtype=torch.float64))
         for start in range(0, n, _CHUNK):  # cache-sized chunks: ~2x faster than one pass
             m = min(_CHUNK, n - start)
-            out[start : start + m].copy_(self._sum4(m, device).mul_(scale))
+            z = self._sum4(m, device) if work is None else self._sum4_cpu(m, work)
+            out[start : start + m].copy_(z.mul_(scale))
 
 
 _warned_insecure = False
