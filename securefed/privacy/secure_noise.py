@@ -267,8 +267,8 @@ class SecureGaussian:
         """:meth:`_sum4` on the CPU: the same construction, radii via NumPy (see there).
 
         ``work``: float64 buffers of at least ``4 m`` (NumPy) and ``2 m`` (torch) elements that
-        :meth:`_fill` reuses across chunks (fresh ~1 MiB arrays per chunk cost page faults); the
-        result then lives in ``work[1]``, valid until the next call with the same buffers.
+        :meth:`_fill` reuses across chunks (cache-warm; fresh ~1 MiB arrays per chunk were ~10%
+        slower); the result then lives in ``work[1]``, valid until the next call with them.
         """
         words = self._keystream_words(4 * m).numpy()  # a view of the keystream buffer
         np.bitwise_and(words, _MASK53, out=words)
