@@ -550,8 +550,6 @@ class PerSampleGradNorms:
             layer.module.register_forward_hook(self._make_hook(layer)) for layer in self._layers
         ]
         self._rows: int | None = None
-        # reused buffer for the weight-scaled output gradients of weighted_grads (see there)
-        self._workspace: Tensor | None = None
 
     # ------------------------------------------------------------------ hooks
     def _make_hook(self, layer: _Layer) -> Callable[[nn.Module, tuple[object, ...], Tensor], None]:
@@ -598,7 +596,6 @@ class PerSampleGradNorms:
             h.remove()
         self._handles = []
         self.clear()
-        self._workspace = None
 
     def clear(self) -> None:
         """Forget stored activations and gradients (start a new batch)."""
@@ -836,16 +833,13 @@ class PerSampleGradNorms:
         gb: Tensor | None = None
         for x, gr in pairs:
             n, c = gr.shape[0], gr.shape[1]
-            g2 = gr.reshape(n * c, -1)  # [N*C, positions]
+            g2 = gr.reshape(n, c, -1)
             if mod.weight is not None and mod.weight.requires_grad:
-                # per row and channel sum_p g_p xhat_p as a batched dot product ([1, P] @ [P, 1]):
-                # no [N, C, P] product temporary (GroupNorm norms of the default UNet at batch
-                # 128: ~12.6 -> ~8.2 ms in an in-process A/B, issue 14)
-                xhat = F.group_norm(x, mod.num_groups, None, None, mod.eps).reshape(n * c, 1, -1)
-                w_rows = torch.bmm(xhat, g2.unsqueeze(2)).reshape(n, c)
+                xhat = F.group_norm(x, mod.num_groups, None, None, mod.eps).reshape(n, c, -1)
+                w_rows = (g2 * xhat).sum(2)
                 gw = w_rows if gw is None else gw + w_rows
             if mod.bias is not None and mod.bias.requires_grad:
-                b_rows = g2.sum(1).reshape(n, c)
+                b_rows = g2.sum(2)
                 gb = b_rows if gb is None else gb + b_rows
         layer.choice = "direct"
         sq: Tensor | None = None
@@ -902,10 +896,6 @@ class PerSampleGradNorms:
                 f"weighted_grads: expected weights of shape [{b}], got {tuple(weights.shape)}"
             )
         w_rows = weights.repeat(self.group_size) if self.group_size > 1 else weights
-        sizes = [gr.numel() for layer in self._layers for _, gr in self._grads(layer)]
-        if sizes and (self._workspace is None or self._workspace.numel() < max(sizes)):
-            gr0 = next(gr for layer in self._layers for _, gr in self._grads(layer))
-            self._workspace = torch.empty(max(sizes), dtype=gr0.dtype, device=gr0.device)
         out: dict[nn.Parameter, Tensor] = {}
         for layer in self._layers:
             self._layer_sq_norm(layer, b)
@@ -923,33 +913,14 @@ class PerSampleGradNorms:
                     out[param] = self._weighted_weight(mod, pairs, w_rows)
         return out
 
-    def _scaled_rows(self, gr: Tensor, w_rows: Tensor) -> Tensor:
-        """``gr * w_rows`` row by row (``gr [N, ...]``, ``w_rows [N]``), valid until the next call.
-
-        Written into one contiguous buffer that this instance reuses for every layer of the
-        clipped sum, instead of a fresh ``[N, C, H, W]`` tensor per layer (which inherits a
-        sliced gradient's strides, lands on cold memory and, depending on the allocator's state,
-        page-faults): the default UNet's DP step at batch 128 got ~5% faster (~186 -> ~177 ms
-        CPU, minor page faults ~3800 -> ~550 per step, in-process A/B, issue 14). Falls back to a
-        plain product when autograd would have to track it.
-        """
-        w = w_rows.reshape((-1,) + (1,) * (gr.dim() - 1)).to(gr.dtype)
-        if torch.is_grad_enabled() and (gr.requires_grad or w.requires_grad):
-            return gr * w
-        n = gr.numel()
-        buf = self._workspace
-        if buf is None or buf.numel() < n or buf.dtype != gr.dtype or buf.device != gr.device:
-            buf = torch.empty(n, dtype=gr.dtype, device=gr.device)
-            self._workspace = buf
-        return torch.mul(gr, w, out=buf[:n].view(gr.shape))
-
     def _weighted_weight(
         self, mod: nn.Module, pairs: Sequence[tuple[Tensor, Tensor]], w_rows: Tensor
     ) -> Tensor:
         """``sum_rows w_row * grad_row`` of ``mod.weight`` for Linear, Conv2d, Embedding."""
         acc: Tensor | None = None
         for x, gr in pairs:
-            gs = self._scaled_rows(gr, w_rows)
+            shape = (-1,) + (1,) * (gr.dim() - 1)
+            gs = gr * w_rows.reshape(shape).to(gr.dtype)
             if isinstance(mod, nn.Linear):
                 gw = torch.mm(gs.reshape(-1, mod.out_features).t(), x.reshape(-1, mod.in_features))
             elif isinstance(mod, nn.Conv2d):
