@@ -372,7 +372,8 @@ def main() -> None:
           f"{'wall-clock' if args.clock == 'wall' else 'thread CPU'} time; "
           "no optimizer step; noise from torch.Generator except securefed-secure")
     print(f"memory: peak RSS above post-setup RSS, fresh process, {args.memory_steps} steps\n")
-    header = (f"{'batch':>5}  {'method':<16}{'median ms':>10}{'x plain':>9}"
+    mw = max(16, *(len(m) + 1 for m in methods))
+    header = (f"{'batch':>5}  {'method':<{mw}}{'median ms':>10}{'x plain':>9}"
               f"{'peak MiB':>10}{'x plain':>9}")
     print(header)
     print("-" * len(header))
@@ -402,7 +403,7 @@ def main() -> None:
             mm = f"{mem[m]:>10.1f}" if m in mem else f"{'-':>10}"
             rm = (f"{mem[m] / base_m:>8.2f}x" if base_m and m in mem and base_m > 0
                   else f"{'-':>9}")
-            print(f"{batch:>5}  {m:<16}{med[m]:>10.1f}{rt}{mm}{rm}")
+            print(f"{batch:>5}  {m:<{mw}}{med[m]:>10.1f}{rt}{mm}{rm}")
             if batch == 128 and base_t:
                 ratio_128[m] = med[m] / base_t
         print()
