@@ -52,6 +52,7 @@ plain-step samples (separate runs on a shared machine scatter by +-0.1x).
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import multiprocessing as mp
 import platform
@@ -109,6 +110,7 @@ def _load_baseline(checkout: str) -> ModuleType:
     if not (src / "__init__.py").is_file():
         raise SystemExit(f"--baseline {checkout}: no securefed package ({src}/__init__.py)")
     root = Path(tempfile.mkdtemp(prefix="dp_step_baseline_"))
+    atexit.register(shutil.rmtree, root, True)
     dst = root / "securefed_baseline"
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
     pattern = re.compile(r"\b(from|import)(\s+)securefed(?=[.\s])")
