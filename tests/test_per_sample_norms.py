@@ -275,7 +275,7 @@ def test_unet_norms_match_loop(class_conditional: bool, k: int) -> None:
         for i in range(b)
     ])
     torch.testing.assert_close(norms.double(), ref, rtol=1e-4, atol=1e-7)
-    assert choices <= {"ghost", "materialise", "direct"}
+    assert choices <= {"ghost", "materialise", "taps", "direct"}
 
 
 def test_unet_diffusion_loss_num_draws() -> None:
@@ -526,3 +526,84 @@ def test_kept_materialised_grads_give_the_same_clipped_sum(
         check_layer(conv, torch.randn(3 * k, 4, 6, 6), 3, k, "materialise")
         check_layer(nn.Conv2d(3, 5, 1), torch.randn(3 * k, 3, 5, 5), 3, k, "materialise")
         check_layer(nn.Linear(4, 3), torch.randn(3 * k, 6, 4), 3, k, "materialise")
+
+
+@st.composite
+def stride1_conv_cases(draw: st.DrawFn) -> dict:
+    groups = draw(st.integers(1, 3))
+    kernel = draw(st.sampled_from([(3, 3), (3, 3), (2, 3), (3, 1), (1, 2), (1, 1)]))
+    dilation = (draw(st.sampled_from([1, 1, 2])), draw(st.sampled_from([1, 1, 2])))
+    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "circular"]))
+    padding: object = draw(st.sampled_from(["same", "valid", "int"]))
+    if padding == "int":
+        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    h = draw(st.integers(max((kernel[0] - 1) * dilation[0] + 1, 3), 6))
+    w = draw(st.integers(max((kernel[1] - 1) * dilation[1] + 1, 3), 6))
+    return {
+        "conv": dict(in_channels=groups * draw(st.integers(1, 3)),
+                     out_channels=groups * draw(st.integers(1, 3)), kernel_size=kernel,
+                     padding=padding, dilation=dilation, groups=groups, padding_mode=mode),
+        "hw": (h, w), "b": draw(st.integers(1, 4)), "k": draw(st.integers(1, 3)),
+    }
+
+
+@settings(SETTINGS, max_examples=60)
+@given(stride1_conv_cases(), st.data())
+def test_conv_tap_grads_equal_torch_func_per_example_grads(case: dict, data: st.DataObject) -> None:
+    """The per-tap GEMM form (padded, flattened input; no unfold) gives every example's weight
+    gradient, summed over its K rows, as torch.func's vmap(grad) does, for any stride-1
+    geometry (padding modes, string padding, dilation, groups) and any range of examples."""
+    from torch.func import functional_call, grad, vmap
+
+    from securefed.privacy.per_sample_norms import _conv_tap_grads
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**case["conv"]).double()
+    b, k = case["b"], case["k"]
+    x = torch.randn(k * b, conv.in_channels, *case["hw"], dtype=torch.float64)
+    with torch.no_grad():
+        g = torch.randn_like(conv(x))
+    lo = data.draw(st.integers(0, b - 1))
+    hi = data.draw(st.integers(lo + 1, b))
+
+    def example_loss(weight: Tensor, xe: Tensor, ge: Tensor) -> Tensor:  # xe [K, C, H, W]
+        out = functional_call(conv, {"weight": weight}, (xe,))
+        return (out * ge).sum()
+
+    xb = x.reshape(k, b, *x.shape[1:]).transpose(0, 1)  # [B, K, ...]
+    gb = g.reshape(k, b, *g.shape[1:]).transpose(0, 1)
+    expect = vmap(grad(example_loss), in_dims=(None, 0, 0))(conv.weight.detach(), xb, gb)[lo:hi]
+    got = _conv_tap_grads(conv, x, g, k, lo, hi)  # [T, (hi-lo)*G, Og, Cg]
+    kh, kw = conv.kernel_size
+    groups = conv.groups
+    got = got.view(kh, kw, hi - lo, groups, got.shape[2], got.shape[3]).permute(2, 3, 4, 5, 0, 1)
+    torch.testing.assert_close(got.reshape(expect.shape), expect, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("keep", [0, 1 << 20])
+@pytest.mark.parametrize("k", [1, 2])
+def test_tap_form_norms_and_clipped_sum_match_the_reference(
+    keep: int, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the cost model picks the per-tap form (stride 1, few output channels), norms and
+    clipped sum equal the one-example-at-a-time reference, with the per-example gradients kept
+    for ``w @ G`` or (``_KEEP_ELEMENTS = 0``) computed in chunks of examples for the norms."""
+    import securefed.privacy.per_sample_norms as psn_mod
+
+    monkeypatch.setattr(psn_mod, "_KEEP_ELEMENTS", keep)
+    monkeypatch.setattr(psn_mod, "_CHUNK_ELEMENTS", 150)  # several chunks of examples
+    torch.manual_seed(0)
+    convs = [
+        nn.Conv2d(4, 6, 3, padding=1, groups=2),
+        nn.Conv2d(8, 1, 3, padding=2, dilation=2),  # like a UNet output conv
+        nn.Conv2d(3, 2, (1, 3), padding="same", padding_mode="reflect"),
+    ]
+    for conv in convs:
+        x = torch.randn(3 * k, conv.in_channels, 6, 5)
+        with PerSampleGradNorms(conv, k, strategy="auto") as psn:
+            conv(x).square().sum().backward()
+            assert psn.layer_choices() == {"<root>": "taps"}
+            assert ("weight" in psn._layers[0].small) == (keep > 0)
+        check_layer(conv, x, 3, k, "auto")
+        check_layer(conv.double(), x.double(), 3, k, "materialise")
+

@@ -38,21 +38,34 @@ the AES-CTR keystream and the rest (conversion, Box-Muller, sum of four, cast); 
 step's forward and backward for comparison. It reaches into ``PerSampleGradNorms``' per-layer
 methods (the same calls ``dp_sgd_step`` makes, one layer at a time).
 
+``--baseline PATH`` adds ``baseline-securefed`` and ``baseline-securefed-secure``: the same two
+steps with the ``securefed`` package of another checkout at ``PATH`` (e.g. ``main``), copied to
+a temporary directory and imported as ``securefed_baseline``, interleaved with the other
+methods in this process, so that a before/after comparison sees the same load and the same
+plain-step samples (separate runs on a shared machine scatter by +-0.1x).
+
     python experiments/benchmarks/dp_step_cost.py [--batches 64 128 256] [--repeats 7]
         [--threads 1] [--multiplicity 1] [--no-memory] [--quick] [--profile]
-        [--clock wall|cpu]
+        [--clock wall|cpu] [--baseline PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib
 import multiprocessing as mp
 import platform
+import re
 import resource
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +81,9 @@ from securefed.privacy.per_sample_norms import PerSampleGradNorms
 _clock: Callable[[], float] = time.perf_counter
 
 METHODS = ("plain", "opacus", "securefed-2pass", "securefed", "securefed-secure")
+BASELINE_METHODS = ("baseline-securefed", "baseline-securefed-secure")
+#: the ``securefed`` package of ``--baseline`` (imported as ``securefed_baseline``), or None
+_baseline: ModuleType | None = None
 #: issue 14: a DP step INCLUDING secure noise at most this many times a plain step (batch 128)
 TARGET = 1.25
 CLIP = 1.0
@@ -82,6 +98,26 @@ class _TorchNoise:
 
     def normal(self, shape: tuple[int, ...], std: float, device: torch.device) -> Tensor:
         return torch.randn(shape, generator=self.gen).mul_(std).to(device)
+
+
+def _load_baseline(checkout: str) -> ModuleType:
+    """Import ``<checkout>/securefed`` as the package ``securefed_baseline`` (a renamed copy).
+
+    Raises:
+        SystemExit: ``checkout`` has no ``securefed`` package.
+    """
+    src = Path(checkout) / "securefed"
+    if not (src / "__init__.py").is_file():
+        raise SystemExit(f"--baseline {checkout}: no securefed package ({src}/__init__.py)")
+    root = Path(tempfile.mkdtemp(prefix="dp_step_baseline_"))
+    atexit.register(shutil.rmtree, root, True)
+    dst = root / "securefed_baseline"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    pattern = re.compile(r"\b(from|import)(\s+)securefed(?=[.\s])")
+    for f in dst.rglob("*.py"):
+        f.write_text(pattern.sub(r"\1\2securefed_baseline", f.read_text()))
+    sys.path.insert(0, str(root))
+    return importlib.import_module("securefed_baseline")
 
 
 def _make_step(method: str, batch: int, k: int) -> Callable[[], None]:
@@ -141,13 +177,25 @@ def _make_step(method: str, batch: int, k: int) -> Callable[[], None]:
 
         return step
 
-    if method in ("securefed", "securefed-secure"):
+    if method in ("securefed", "securefed-secure", *BASELINE_METHODS):
         from securefed.noise.secure_noise import SecureGaussian
 
-        src = noise if method == "securefed" else SecureGaussian(bytes(32))
+        step_fn: Callable[..., object] = dp_sgd_step
+        gaussian: Callable[[bytes], object] = SecureGaussian
+        if method in BASELINE_METHODS:
+            if _baseline is None:
+                raise ValueError(f"{method}: needs --baseline PATH")
+            pkg = _baseline.__name__
+            step_fn = importlib.import_module(f"{pkg}.privacy.dp_step").dp_sgd_step
+            try:  # securefed's layout since issue 16: noise/ below privacy/
+                noise_mod = importlib.import_module(f"{pkg}.noise.secure_noise")
+            except ModuleNotFoundError:  # a checkout from before it
+                noise_mod = importlib.import_module(f"{pkg}.privacy.secure_noise")
+            gaussian = noise_mod.SecureGaussian
+        src = noise if not method.endswith("-secure") else gaussian(bytes(32))
 
         def step() -> None:
-            dp_sgd_step(
+            step_fn(
                 model, lambda: losses(model), batch_size_expected=float(batch),
                 max_grad_norm=CLIP, noise_multiplier=SIGMA, noise_source=src, group_size=k,
             )
@@ -290,7 +338,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     ap.add_argument("--multiplicity", type=int, default=1,
                     help="K noise draws per example (DPDM); Opacus is skipped for K > 1")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    choices=METHODS + BASELINE_METHODS)
+    ap.add_argument("--baseline", metavar="PATH",
+                    help="a checkout whose securefed package the baseline-* methods use (added "
+                         "to --methods unless listed there)")
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-process RSS runs")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -312,6 +364,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     k = args.multiplicity
     methods = [m for m in args.methods if not (m == "opacus" and k > 1)]
+    if args.baseline:
+        global _baseline
+        _baseline = _load_baseline(args.baseline)
+        if not any(m in BASELINE_METHODS for m in methods):
+            methods += [m for m in BASELINE_METHODS if m.removeprefix("baseline-") in methods]
+    elif any(m in BASELINE_METHODS for m in methods):
+        ap.error("baseline-* methods need --baseline PATH")
     n_params = sum(p.numel() for p in UNet(ModelConfig(), 1, 8).parameters())
     print(f"DP step cost: default UNet ({n_params / 1e6:.2f}M parameters), 1x8x8, K={k}, "
           f"{args.threads} thread(s), torch {torch.__version__}, {platform.processor() or '?'}")
@@ -319,7 +378,8 @@ def main() -> None:
           f"{'wall-clock' if args.clock == 'wall' else 'thread CPU'} time; "
           "no optimizer step; noise from torch.Generator except securefed-secure")
     print(f"memory: peak RSS above post-setup RSS, fresh process, {args.memory_steps} steps\n")
-    header = (f"{'batch':>5}  {'method':<16}{'median ms':>10}{'x plain':>9}"
+    mw = max(16, *(len(m) + 1 for m in methods))
+    header = (f"{'batch':>5}  {'method':<{mw}}{'median ms':>10}{'x plain':>9}"
               f"{'peak MiB':>10}{'x plain':>9}")
     print(header)
     print("-" * len(header))
@@ -339,6 +399,8 @@ def main() -> None:
         mem: dict[str, float] = {}
         if not args.no_memory:
             for m in methods:
+                if m in BASELINE_METHODS:  # the spawned child cannot import the baseline copy
+                    continue
                 mem[m], mem_how = _memory(m, batch, k, args.threads, args.memory_steps)
         base_t = med.get("plain")
         base_m = mem.get("plain")
@@ -347,7 +409,7 @@ def main() -> None:
             mm = f"{mem[m]:>10.1f}" if m in mem else f"{'-':>10}"
             rm = (f"{mem[m] / base_m:>8.2f}x" if base_m and m in mem and base_m > 0
                   else f"{'-':>9}")
-            print(f"{batch:>5}  {m:<16}{med[m]:>10.1f}{rt}{mm}{rm}")
+            print(f"{batch:>5}  {m:<{mw}}{med[m]:>10.1f}{rt}{mm}{rm}")
             if batch == 128 and base_t:
                 ratio_128[m] = med[m] / base_t
         print()
@@ -367,6 +429,10 @@ def main() -> None:
               f"{sec:.1f} ms per step")
     if "securefed" in ratio_128:
         print(f"DP step WITHOUT secure noise at batch 128: {ratio_128['securefed']:.2f}x plain")
+    for m in BASELINE_METHODS:
+        if m in ratio_128:
+            print(f"baseline ({args.baseline}) {m.removeprefix('baseline-')} at batch 128: "
+                  f"{ratio_128[m]:.2f}x plain")
     if "securefed-secure" in ratio_128:
         ratio = ratio_128["securefed-secure"]
         verdict = "met" if ratio <= TARGET else "NOT met"

@@ -18,8 +18,12 @@ Differential Privacy")::
 
 The Gram form costs ``~2 P^2 (D + O)`` multiply-adds per example, materialising one per-example
 gradient ``~2 P D O``; :class:`PerSampleGradNorms` picks the cheaper one per layer (and per
-convolution group). The bias gradient ``sum_p g_{i,p}``, the affine ``GroupNorm`` gradients and
-``Embedding`` gradients are small and are formed per example directly.
+convolution group). A stride-1 convolution's per-example gradients can also be formed without
+unfolding its input, one batched GEMM per kernel tap on the zero-padded, flattened input
+(:func:`_conv_tap_grads`; e.g. the UNet's output convolution, ``Cout = 1``, ~3x faster than its
+Gram form), and are then kept for the clipped sum when small. The bias gradient
+``sum_p g_{i,p}``, the affine ``GroupNorm`` gradients and ``Embedding`` gradients are small
+and are formed per example directly.
 
 Example groups (noise multiplicity, Dockhorn et al. 2023, "Differentially Private Diffusion
 Models"): with ``group_size = K`` the model sees ``K * B`` rows laid out draw-major, row
@@ -173,23 +177,36 @@ def _conv_choice(
     mod: nn.Conv2d, hw_in: tuple[int, int], hw_out: tuple[int, int], k: int,
     strategy: NormStrategy,
 ) -> str:
-    """``ghost`` (input-Gram form, :func:`_conv_ghost_sq`) or ``materialise`` (unfold + GEMM)."""
-    if strategy != "auto":
-        return strategy
+    """``ghost`` (input-Gram form, :func:`_conv_ghost_sq`), ``materialise`` (unfold + GEMM) or
+    ``taps`` (per-tap GEMMs on the padded input, :func:`_conv_tap_grads`; stride 1 only).
+
+    ``strategy="materialise"`` picks the cheaper of the two materialising forms.
+    """
+    if strategy == "ghost":
+        return "ghost"
     kh, kw = mod.kernel_size
     cg, og = mod.in_channels // mod.groups, mod.out_channels // mod.groups
     hin, win = hw_in
     ho, wo = hw_out
     p = ho * wo
-    ghost: float = k * k * ((hin * win) ** 2 * cg + p * p * og)
-    ghost += _MEM_COST * k * k * ((kh + 1) * (ho * win) ** 2 + (kw + 1) * p * p + p * p)
     dg = cg * kh * kw
-    mat = _MATERIALISE_GEMM * k * p * dg * og + _MEM_COST * dg * og
+    mat: float = _MATERIALISE_GEMM * k * p * dg * og + _MEM_COST * dg * og
     if not _conv_is_pointwise(mod):
         mat += _UNFOLD_COST * k * p * dg * (1 if k == 1 else 2)  # unfold (+ regroup copy)
     elif k > 1:
         mat += _MEM_COST * k * p * dg  # regroup copy
-    return "ghost" if ghost <= mat else "materialise"
+    form = "materialise"
+    if _conv_is_tapwise(mod):
+        hp, wp = _conv_tap_geometry(mod, hw_out)[:2]
+        taps = _MATERIALISE_GEMM * k * ho * wp * dg * og
+        taps += _MEM_COST * (dg * og + k * (cg * hp * wp + og * ho * wp))  # output, pad copies
+        if taps < mat:
+            form, mat = "taps", taps
+    if strategy == "materialise":
+        return form
+    ghost: float = k * k * ((hin * win) ** 2 * cg + p * p * og)
+    ghost += _MEM_COST * k * k * ((kh + 1) * (ho * win) ** 2 + (kw + 1) * p * p + p * p)
+    return "ghost" if ghost <= mat else form
 
 
 def _sum_outer_sq(a: Tensor, g: Tensor, choice: str) -> Tensor:
@@ -285,6 +302,73 @@ def _conv_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
     xp, pad = _conv_input(module, x)
     k = module.kernel_size
     return F.unfold(xp, k, dilation=module.dilation, padding=pad, stride=module.stride)
+
+
+def _conv_is_tapwise(module: nn.Conv2d) -> bool:
+    """A stride-1 convolution with a kernel larger than 1x1 (see :func:`_conv_tap_grads`)."""
+    return module.stride == (1, 1) and module.kernel_size != (1, 1)
+
+
+def _conv_tap_geometry(module: nn.Conv2d, hw_out: tuple[int, int]) -> tuple[int, int, list[int]]:
+    """``(Hp, Wp, offsets)`` of the flattened layout of :func:`_conv_tap_grads` (stride 1).
+
+    The padded input has ``Wp = Wo + (kw - 1) dw`` columns and ``Hp = Ho + (kh - 1) dh + 1``
+    rows (one spare zero row at the bottom, so that every tap's window stays inside); output
+    position ``(h, w)`` sits at flat index ``h Wp + w``, and kernel tap ``(i, j)`` reads the
+    input at ``h Wp + w + offsets[i kw + j]``, ``offsets[i kw + j] = i dh Wp + j dw``.
+    """
+    (kh, kw), (dh, dw) = module.kernel_size, module.dilation
+    ho, wo = hw_out
+    wp = wo + (kw - 1) * dw
+    hp = ho + (kh - 1) * dh + 1
+    return hp, wp, [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+
+
+def _conv_tap_grads(
+    module: nn.Conv2d, x: Tensor, g: Tensor, k: int, lo: int, hi: int
+) -> Tensor:
+    """Per-example weight gradients of a stride-1 convolution, one batched GEMM per kernel tap.
+
+    No unfolded input is formed: the input is zero-padded to ``Hp x Wp`` and flattened, the
+    output gradient padded with ``Wp - Wo = (kw - 1) dw`` zero columns to ``Ho x Wp`` and
+    flattened (length ``L = Ho Wp``). Then the window of the flattened input starting at the
+    tap's offset (see :func:`_conv_tap_geometry`) lines up with the output positions: the
+    gradient of tap ``(i, j)`` is ``g_flat [Og, L] @ x_flat[:, off : off + L]^T [L, Cg]``
+    (the padded columns of ``g`` are zero, so the windows' wrap-around entries drop out), a
+    strided view that the GEMM reads in place. Example ``b``'s gradient sums its ``K`` rows'.
+
+    Args:
+        module: a convolution with ``stride == (1, 1)`` (any padding, padding mode, dilation,
+            groups).
+        x: ``[K*B, Cin, H, W]`` layer input; g: ``[K*B, Cout, Ho, Wo]`` output gradient.
+        k: rows per example; lo, hi: the examples ``lo <= b < hi`` to compute.
+
+    Returns:
+        ``[kh * kw, (hi - lo) * G, Og, Cg]``: entry ``[i kw + j, b G + gi, o, c]`` is
+        ``d loss_b / d weight[gi Og + o, c, i, j]``.
+    """
+    xp, pad = _conv_input(module, x)
+    n, cin, hin, win = xp.shape
+    b, groups = n // k, module.groups
+    cg, og = cin // groups, module.out_channels // groups
+    ho, wo = g.shape[2], g.shape[3]
+    hp, wp, offsets = _conv_tap_geometry(module, (ho, wo))
+    if (hin + 2 * pad[0] + 1, win + 2 * pad[1]) != (hp, wp):  # pragma: no cover - invariant
+        raise RuntimeError(f"_conv_tap_grads: padded input {hin}x{win} does not match {hp}x{wp}")
+    length = ho * wp
+    m = (hi - lo) * groups
+    out = xp.new_empty(len(offsets), m, og, cg)
+    for r in range(k):
+        rows = slice(r * b + lo, r * b + hi)
+        xf = F.pad(xp[rows], (pad[1], pad[1], pad[0], pad[0] + 1)).reshape(m, cg, hp * wp)
+        gf = F.pad(g[rows], (0, wp - wo)).reshape(m, og, length)
+        for t, off in enumerate(offsets):
+            window = xf[:, :, off : off + length].transpose(1, 2)  # [M, L, Cg], read in place
+            if r == 0:
+                torch.bmm(gf, window, out=out[t])
+            else:
+                out[t].baddbmm_(gf, window)
+    return out
 
 
 def _cat3(xs: list[Tensor]) -> Tensor:
@@ -600,7 +684,8 @@ class PerSampleGradNorms:
         return {layer.name: self._layer_sq_norm(layer, b).sqrt() for layer in self._layers}
 
     def layer_choices(self) -> dict[str, str]:
-        """How each layer's weight norm was computed (``ghost``/``materialise``/``direct``)."""
+        """How each layer's weight norm was computed: ``ghost``, ``materialise`` (unfold + GEMM),
+        ``taps`` (per-tap GEMMs, stride-1 convolutions) or ``direct``."""
         b = self.batch_size
         for layer in self._layers:
             self._layer_sq_norm(layer, b)
@@ -690,6 +775,9 @@ class PerSampleGradNorms:
             if choice == "ghost":
                 layer.choice = "ghost"
                 return sq + _conv_ghost_sq(mod, x0, g0, k)
+            if choice == "taps":
+                layer.choice = "taps"
+                return sq + self._conv_tap_sq(layer, mod, x0, g0, b)
         else:
             # several calls (weight sharing): Gram form over the unfolded, concatenated positions
             choice = _outer_choice(t, dg, og, self.strategy)
@@ -714,6 +802,28 @@ class PerSampleGradNorms:
             )
             return sq + kept[1].reshape(b, groups).sum(1)
         return sq + _sum_outer_sq(a_m, g_m, choice).reshape(b, groups).sum(1)
+
+    def _conv_tap_sq(self, layer: _Layer, mod: nn.Conv2d, x: Tensor, g: Tensor, b: int) -> Tensor:
+        """Weight part of :meth:`_conv_sq` by per-example gradients from :func:`_conv_tap_grads`:
+        all at once and kept for the clipped sum when ``B * |weight| <= _KEEP_ELEMENTS``,
+        otherwise in chunks of examples (``_CHUNK_ELEMENTS``), norms only."""
+        k, groups = self.group_size, mod.groups
+        per = mod.weight.numel()  # elements of one example's weight gradient
+        if b * per <= _KEEP_ELEMENTS:
+            grads = _conv_tap_grads(mod, x, g, k, 0, b)  # [T, B*G, Og, Cg]
+            kh, kw = mod.kernel_size
+            og, cg = grads.shape[2], grads.shape[3]
+            layer.small["weight"] = (
+                grads.view(kh, kw, b, groups, og, cg).permute(2, 3, 4, 5, 0, 1)
+                .reshape(b, *mod.weight.shape)
+            )
+            return grads.square().sum((0, 2, 3)).reshape(b, groups).sum(1)
+        chunk = max(1, _CHUNK_ELEMENTS // per)
+        parts = [
+            _conv_tap_grads(mod, x, g, k, lo, min(b, lo + chunk)).square().sum((0, 2, 3))
+            for lo in range(0, b, chunk)
+        ]
+        return torch.cat(parts).reshape(b, groups).sum(1)
 
     def _groupnorm_sq(
         self, layer: _Layer, mod: nn.GroupNorm, pairs: list[tuple[Tensor, Tensor]]
