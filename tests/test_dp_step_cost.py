@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.experiment_scripts import ROOT
+from tests.helpers import ROOT
 
 
 def _bench() -> ModuleType:
