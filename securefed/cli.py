@@ -1,10 +1,11 @@
 """The ``securefed`` command: ``run | sample | report | budget | keys | audit | threats``.
 
 Module level imports what building the parser needs (the deployment subcommands' parsers are
-light and flwr-free) and what :mod:`securefed.artefacts` loads anyway (torch, yaml). Each
-command imports its own machinery (config, run, audit, privacy, diffusion, ...) inside its
-handler, marked ``# lazy: CLI start-up``: those imports take seconds (opacus, matplotlib,
-pydantic, the audit), and ``securefed --help`` should not pay for them.
+light and flwr-free) and what is cheap and shared (yaml; torch, which
+:mod:`securefed.artefacts` loads anyway). Each command imports its own machinery (config, run,
+audit, privacy, diffusion, ...) inside its handler, marked ``# lazy: CLI start-up``: those
+imports take seconds (opacus, matplotlib, pydantic, the audit), and ``securefed --help`` should
+not pay for them.
 """
 
 from __future__ import annotations
