@@ -9,14 +9,17 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from securefed.artefacts.rundir import RunDir
+from securefed.client.dp import sample_rate_for
+from securefed.client.trainer import local_steps_for
 from securefed.config import ExperimentConfig
 from securefed.data import (
     ImageDataset,
@@ -26,15 +29,27 @@ from securefed.data import (
     split_member_holdout,
 )
 from securefed.diffusion import NoiseSchedule, UNet
+from securefed.diffusion.params import param_slices
+from securefed.federation.auxiliary import calibrate_with_extra, pretrain_steps_for
 from securefed.federation.simulation import (
     PrivacyContext,
     SimClient,
 )
+from securefed.privacy import (
+    PrivacyLedger,
+    SecureGaussian,
+    TorchGaussian,
+    calibrate_noise_multiplier,
+    default_delta,
+    dp_round_key,
+    load_or_create_run_key,
+)
+from securefed.privacy.client_level import ClientLevelDP
 from securefed.seeds import Purpose, derive_seed
 from securefed.strategies import Strategy, build_strategy
-
-if TYPE_CHECKING:
-    from securefed.privacy.client_level import ClientLevelDP
+from securefed.strategies.fedddpm import FedDDPM, ServerCalibrator, split_holdout
+from securefed.strategies.fedddpm_plus import FedDDPMPlus
+from securefed.strategies.feddiffuse import FedDiffuse, group_indices
 
 __all__ = [
     "PreparedData",
@@ -78,8 +93,6 @@ def resolve_device(name: str) -> torch.device:
 def cache_dir() -> Path:
     """Where cached artefacts (domain feature networks) live: ``$SECUREFED_CACHE`` or
     ``~/.cache/securefed``."""
-    import os
-
     return Path(os.environ.get("SECUREFED_CACHE", Path.home() / ".cache" / "securefed"))
 
 
@@ -112,19 +125,6 @@ def build_privacy(
 ) -> PrivacyContext:
     """Ledger + per-client noise multipliers (calibrated ONCE for the whole planned schedule)
     + per-client-round noise sources, for ``dp.level: record``."""
-    from securefed.client.dp import sample_rate_for
-    from securefed.client.trainer import local_steps_for
-    from securefed.federation.auxiliary import calibrate_with_extra, pretrain_steps_for
-    from securefed.privacy import (
-        PrivacyLedger,
-        SecureGaussian,
-        TorchGaussian,
-        calibrate_noise_multiplier,
-        default_delta,
-        dp_round_key,
-        load_or_create_run_key,
-    )
-
     dp = cfg.dp
     fd = cfg.fedddpm
     path = RunDir(run_dir).ledger
@@ -229,8 +229,6 @@ def client_level_multiplier(cfg: ExperimentConfig) -> float:
 def _calibrated(target_epsilon: float, delta: float, steps: int, accountant: str) -> float:
     """The accountant's bisection, once per plan (a deployed site and coordinator recompute the
     round's noise plan at every stage)."""
-    from securefed.privacy import calibrate_noise_multiplier
-
     return float(calibrate_noise_multiplier(target_epsilon, delta, 1.0, steps, accountant))
 
 
@@ -249,9 +247,6 @@ def build_client_level_privacy(
     ``ceil(rounds * k / N)``; a client selected more often than expected stops when its budget is
     spent (``budget_exhausted``).
     """
-    from securefed.privacy import PrivacyLedger
-    from securefed.privacy.client_level import ClientLevelDP
-
     dp = cfg.dp
     planned, delta = client_level_schedule(cfg)
     path = RunDir(run_dir).ledger
@@ -296,16 +291,11 @@ def client_level_dp(cfg: ExperimentConfig, base: Strategy) -> ClientLevelDP:
     """``dp.level: client``: DP-FedAvg around ``base`` with the multiplier calibrated from the
     experiment itself (:func:`client_level_multiplier`). A deployed coordinator and every site
     build their own; a site charges, and noises, by its own."""
-    from securefed.privacy.client_level import ClientLevelDP
-
     return ClientLevelDP(base, cfg.dp, cfg.secure_aggregation, client_level_multiplier(cfg))
 
 
 def feddiffuse_wrapper(cfg: ExperimentConfig, model: UNet, base: Strategy) -> Strategy:
     """``feddiffuse.enabled``: partial-UNet exchange around the base strategy."""
-    from securefed.diffusion.params import param_slices
-    from securefed.strategies.feddiffuse import FedDiffuse, group_indices
-
     groups = group_indices(param_slices(model), model.parameter_groups())
     return FedDiffuse(
         base, cfg.feddiffuse, groups, cfg.seed, derive=derive_seed, purpose=Purpose.USPLIT
@@ -325,10 +315,6 @@ def fedddpm_wrapper(
     (split into calibration and detector-holdout images by the ``(seed, AUX_SPLIT)`` stream),
     with the calibration budget referenced to the planned client compute per round (from the
     public client sizes). The simulation and the deployed coordinator build it alike."""
-    from securefed.client.trainer import local_steps_for
-    from securefed.strategies.fedddpm import FedDDPM, ServerCalibrator, split_holdout
-    from securefed.strategies.fedddpm_plus import FedDDPMPlus
-
     fd = cfg.fedddpm
     train_idx, hold_idx = split_holdout(
         len(aux), fd.aux_holdout_fraction, derive_seed(cfg.seed, Purpose.AUX_SPLIT)

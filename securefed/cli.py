@@ -1,4 +1,12 @@
-"""The ``securefed`` command: ``run | sample | report | budget | keys | audit | threats``."""
+"""The ``securefed`` command: ``run | sample | report | budget | keys | audit | threats``.
+
+Module level imports what building the parser needs (the deployment subcommands' parsers are
+light and flwr-free) and what is cheap and shared (yaml; torch, which
+:mod:`securefed.artefacts` loads anyway). Each command imports its own machinery (config, run,
+audit, privacy, diffusion, ...) inside its handler, marked ``# lazy: CLI start-up``: those
+imports take seconds (opacus, matplotlib, pydantic, the audit), and ``securefed --help`` should
+not pay for them.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +16,22 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+import yaml
+
+from securefed.artefacts.checkpoint import CheckpointError, load_latest
+from securefed.artefacts.grid import save_grid
 from securefed.artefacts.rundir import RunDir, released_params
+from securefed.deploy.polling import main as supernode_main
+from securefed.deploy.simulation_runtime import SimulationRuntimeError, add_flower_sim_parser
+from securefed.deploy.tls import add_keys_tls_parser
+from securefed.deploy.worker import add_site_worker_parser
 
 __all__ = ["main"]
 
 
 def _overrides(pairs: list[str] | None) -> dict[str, object]:
     """``--set partition.alpha=0.1`` -> ``{"partition.alpha": 0.1}`` (values parsed as YAML)."""
-    import yaml
-
     out: dict[str, object] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -27,8 +42,8 @@ def _overrides(pairs: list[str] | None) -> dict[str, object]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from securefed.config import load_config
-    from securefed.run import run_experiment
+    from securefed.config import load_config  # lazy: CLI start-up
+    from securefed.run import run_experiment  # lazy: CLI start-up
 
     if args.resume is not None:
         run_dir = Path(args.resume)
@@ -72,7 +87,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _threats_ok(cfg: object, names: list[str], prog: str) -> bool:
     """Check a config against threat models; print every defence; False if any is missing."""
-    from securefed.audit.threats import check_config, load_threat_model
+    from securefed.audit.threats import check_config, load_threat_model  # lazy: CLI start-up
 
     raw = cfg.model_dump(mode="json")  # type: ignore[attr-defined]
     ok = True
@@ -94,14 +109,14 @@ def _threats_ok(cfg: object, names: list[str], prog: str) -> bool:
 
 
 def _cmd_threats(args: argparse.Namespace) -> int:
-    from securefed.audit.threats import list_threat_models, load_threat_model
+    from securefed.audit.threats import list_threat_models, load_threat_model  # lazy: CLI start-up
 
     if args.threats_command == "list":
         for name in list_threat_models():
             tm = load_threat_model(name)
             print(f"{name}: {tm.title} ({len(tm.requires)} defences, {len(tm.criteria)} criteria)")
         return 0
-    from securefed.config import load_config
+    from securefed.config import load_config  # lazy: CLI start-up
 
     cfg = load_config(args.config, _overrides(args.set))
     if _threats_ok(cfg, args.threat_model, "securefed threats check"):
@@ -111,11 +126,9 @@ def _cmd_threats(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    import yaml
-
-    from securefed.audit.report import write_audit
-    from securefed.audit.runner import AuditSettings, run_audit
-    from securefed.audit.threats import load_threat_model
+    from securefed.audit.report import write_audit  # lazy: CLI start-up
+    from securefed.audit.runner import AuditSettings, run_audit  # lazy: CLI start-up
+    from securefed.audit.threats import load_threat_model  # lazy: CLI start-up
 
     opts: dict[str, object] = {}
     if args.settings:
@@ -150,7 +163,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     report = run_audit(args.run_dir, tms, settings)
     out = write_audit(report)
     if RunDir(args.run_dir).metrics.exists():
-        from securefed.report import write_run_report
+        from securefed.report import write_run_report  # lazy: CLI start-up
 
         write_run_report(args.run_dir)
     eps = report.epsilon
@@ -187,14 +200,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from securefed.artefacts.checkpoint import load_latest
-    from securefed.artefacts.grid import save_grid
-    from securefed.builders import build_model, resolve_device
-    from securefed.config import load_config
-    from securefed.diffusion import NoiseSchedule, sample
-    from securefed.diffusion.params import set_flat
+    from securefed.builders import build_model, resolve_device  # lazy: CLI start-up
+    from securefed.config import load_config  # lazy: CLI start-up
+    from securefed.diffusion import NoiseSchedule, sample  # lazy: CLI start-up
+    from securefed.diffusion.params import set_flat  # lazy: CLI start-up
 
     run_dir = Path(args.run_dir)
     cfg = load_config(RunDir(run_dir).config)
@@ -234,7 +243,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from securefed.report import write_run_report
+    from securefed.report import write_run_report  # lazy: CLI start-up
 
     print(f"wrote {write_run_report(args.run_dir)}")
     return 0
@@ -243,7 +252,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_keys_init(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.ckks:
-        from securefed.secagg.ckks import init_ckks_keys
+        from securefed.secagg.ckks import init_ckks_keys  # lazy: CLI start-up; CKKS imports TenSEAL
 
         ckks_out = Path(args.ckks_out) if args.ckks_out is not None else out
         if args.clients is not None and ckks_out.resolve() == out.resolve():
@@ -255,7 +264,7 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
         print(f"CKKS secret context (clients only, 0600): {secret}")
         print(f"CKKS public context (server): {public}")
     if args.clients is not None:
-        from securefed.secagg.keys import init_identity_keys
+        from securefed.secagg.keys import init_identity_keys  # lazy: CLI start-up
 
         roster = init_identity_keys(out, args.clients, overwrite=args.overwrite)
         print(f"{args.clients} client signing keys (0600) and roster: {roster}")
@@ -265,10 +274,10 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:
-    from securefed.privacy import calibrate_noise_multiplier, epsilon_of
+    from securefed.privacy import calibrate_noise_multiplier, epsilon_of  # lazy: CLI start-up
 
     if args.run_dir is not None:
-        from securefed.privacy import PrivacyLedger
+        from securefed.privacy import PrivacyLedger  # lazy: CLI start-up
 
         path = RunDir(args.run_dir).ledger
         if not path.exists():
@@ -413,8 +422,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--accountant", choices=["prv", "rdp"], default="prv")
     b.set_defaults(func=_cmd_budget)
 
-    from securefed.deploy.simulation_runtime import add_flower_sim_parser
-
     add_flower_sim_parser(sub)
 
     k = sub.add_parser("keys", help="provision protocol keys")
@@ -430,12 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ki.add_argument("--overwrite", action="store_true", help="replace existing key files")
     ki.set_defaults(func=_cmd_keys_init)
-    from securefed.deploy.tls import add_keys_tls_parser  # `keys tls`: Flower deployment
-
-    add_keys_tls_parser(ksub)
-    from securefed.deploy.worker import add_site_worker_parser  # Flower deployment, per site
-
-    add_site_worker_parser(sub)
+    add_keys_tls_parser(ksub)  # `keys tls`: Flower deployment
+    add_site_worker_parser(sub)  # Flower deployment, per site
     sub.add_parser(
         "supernode",
         help="flower-supernode with its 3 s idle poll shortened (flwr 1.41.x; see docs/deploy.md)",
@@ -447,8 +450,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["supernode"]:  # every other argument belongs to flower-supernode
-        from securefed.deploy.polling import main as supernode_main
-
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return supernode_main(argv[1:])
@@ -458,12 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from securefed.artefacts.checkpoint import CheckpointError
-    from securefed.audit.attacks import AttackError
-    from securefed.audit.threats import ThreatModelError
-    from securefed.config import ConfigError
-    from securefed.data import DatasetError, PartitionError
-    from securefed.deploy.simulation_runtime import SimulationRuntimeError
+    from securefed.audit.attacks import AttackError  # lazy: CLI start-up
+    from securefed.audit.threats import ThreatModelError  # lazy: CLI start-up
+    from securefed.config import ConfigError  # lazy: CLI start-up
+    from securefed.data import DatasetError, PartitionError  # lazy: CLI start-up
 
     try:
         return int(args.func(args))

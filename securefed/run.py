@@ -17,9 +17,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from securefed.artefacts.checkpoint import CheckpointError, load_latest
@@ -38,7 +39,9 @@ from securefed.builders import (
 from securefed.config import ExperimentConfig, dump_config, parse_config
 from securefed.diffusion import NoiseSchedule, UNet, sample
 from securefed.diffusion.params import get_flat, num_params, set_flat
+from securefed.federation.auxiliary import build_auxiliary_set, load_auxiliary, save_auxiliary
 from securefed.federation.engine import RoundEngine
+from securefed.federation.public_pretrain import public_pretrain
 from securefed.federation.record import RoundRecord, read_records
 from securefed.federation.simulation import (
     InProcessClients,
@@ -52,16 +55,16 @@ from securefed.io import (
     atomic_write_text,
     write_jsonl,
 )
+from securefed.privacy.canaries import CanaryClients, GradientCanaries
+from securefed.report import write_run_report
 from securefed.secagg import build_protocol
 from securefed.seeds import Purpose, derive_seed
 from securefed.strategies import Strategy, build_strategy
 
-if TYPE_CHECKING:
-    pass
-
 __all__ = ["RunResult", "run_experiment"]
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -86,7 +89,6 @@ def _check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     saved_path = RunDir(run_dir).config
     if not saved_path.exists():
         raise CheckpointError(f"{run_dir} has no config.yaml: it is not a securefed run directory")
-    import yaml
 
     saved = parse_config(yaml.safe_load(saved_path.read_text()))
     if saved.model_dump(mode="json") != cfg.model_dump(mode="json"):
@@ -171,6 +173,7 @@ def run_experiment(
 
     evaluator = None
     if cfg.evaluation.fid:
+        # lazy: securefed.metrics imports torchmetrics (about 2 s); only evaluation.fid runs need it
         from securefed.metrics import SampleEvaluator
 
         evaluator = SampleEvaluator(
@@ -213,8 +216,6 @@ def run_experiment(
     if cfg.dp.level == "record":
         privacy = build_privacy(cfg, run_dir, clients, resume)
         if cfg.canaries.enabled:
-            from securefed.privacy.canaries import GradientCanaries
-
             # audit-only secrets under canaries/ (0600); never part of a released artefact
             privacy.canary_dir = RunDir(run_dir).canaries
             privacy.canaries = GradientCanaries.create_or_load(
@@ -223,8 +224,6 @@ def run_experiment(
     elif cfg.dp.level == "client":
         strategy, privacy = build_client_level_privacy(cfg, run_dir, clients, strategy, resume)
         if cfg.canaries.enabled:
-            from securefed.privacy.canaries import CanaryClients
-
             # canary clients (audit-only secrets under canaries/, 0600)
             privacy.canary_dir = RunDir(run_dir).canaries
             privacy.canaries = CanaryClients.create_or_load(
@@ -317,8 +316,6 @@ def run_experiment(
 
     finished = engine.round >= rounds or stop_reason is not None
     if write_report and finished:
-        from securefed.report import write_run_report
-
         write_run_report(run_dir)
     log.info("run %s: %d rounds in %.1f s", run_dir, engine.round, time.perf_counter() - t_start)
     return RunResult(
@@ -337,8 +334,6 @@ def _public_pretrain(
 ) -> None:
     """``pretrain.enabled``: the public model (cached) becomes the initial global model; its
     facts and the public/private relation go to ``public_pretrain.json``. No ledger charge."""
-    from securefed.federation.public_pretrain import public_pretrain
-
     res = public_pretrain(
         cfg, model, schedule, [data.members, data.holdout], dev, cache_dir() / "pretrain"
     )
@@ -373,11 +368,6 @@ def _wrap_fedddpm(
     progress: bool,
 ) -> Strategy:
     """``fedddpm.enabled``: phase 0 (or, on resume, the stored auxiliary set) + the wrapper."""
-    from securefed.federation.auxiliary import (
-        build_auxiliary_set,
-        load_auxiliary,
-        save_auxiliary,
-    )
     fd = cfg.fedddpm
     if fd.upload == "samples" and privacy is None:
         log.warning(

@@ -30,9 +30,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from securefed.audit.canaries import draw_canaries
+from securefed.audit.harness import train_model, write_run_dir
+from securefed.audit.report import write_audit
+from securefed.audit.runner import AuditSettings, run_audit
+from securefed.audit.threats import load_threat_model
+from securefed.builders import prepare_data
+from securefed.client.dp import sample_rate_for
+from securefed.config import parse_config
 from securefed.io import atomic_write_json, atomic_write_text
+from securefed.privacy import calibrate_noise_multiplier
 
 __all__ = ["main", "run_audit_experiment"]
 
@@ -40,8 +50,6 @@ log = logging.getLogger(__name__)
 
 
 def _variant_config(base: dict[str, Any], v: dict[str, Any], delta: float) -> Any:
-    from securefed.config import parse_config
-
     raw = json.loads(json.dumps(base))
     raw.setdefault("federation", {}).update(num_clients=1, rounds=1)
     raw.setdefault("partition", {"kind": "iid"})
@@ -62,15 +70,6 @@ def run_audit_experiment(
     spec_path: str | Path, out: str | Path, device: str = "cpu", progress: bool = True
 ) -> Path:
     """Run every variant of the spec; returns the path of ``summary.md``."""
-    from securefed.audit.canaries import draw_canaries
-    from securefed.audit.harness import train_model, write_run_dir
-    from securefed.audit.report import write_audit
-    from securefed.audit.runner import AuditSettings, run_audit
-    from securefed.audit.threats import load_threat_model
-    from securefed.builders import prepare_data
-    from securefed.client.dp import sample_rate_for
-    from securefed.privacy import calibrate_noise_multiplier
-
     spec = yaml.safe_load(Path(spec_path).read_text())
     for key in ("base", "steps", "variants", "threat_models"):
         if key not in spec:
@@ -80,7 +79,6 @@ def run_audit_experiment(
     steps, delta = int(spec["steps"]), float(spec.get("delta", 1e-5))
     tms = [load_threat_model(n) for n in spec["threat_models"]]
     rows = []
-    import torch
 
     dev = torch.device(device)
     for v in spec["variants"]:

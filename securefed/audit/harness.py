@@ -21,13 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+import securefed.run as run_mod
+from securefed.artefacts.checkpoint import Checkpoint, save_checkpoint
 from securefed.artefacts.rundir import RunDir
 from securefed.audit.canaries import CanarySet, insert_canaries, save_canaries
+from securefed.builders import build_model
+from securefed.client.dp import DPLocalTrainer, sample_rate_for
+from securefed.client.trainer import LocalTrainer
 from securefed.config import ExperimentConfig, dump_config
 from securefed.data import ImageDataset
+from securefed.diffusion import NoiseSchedule
+from securefed.diffusion.params import get_flat, num_params
 from securefed.io import atomic_write_json, atomic_write_text
+from securefed.privacy import PrivacyLedger, SecureGaussian, TorchGaussian, default_delta
+from securefed.privacy.canaries import GradientCanaries
+from securefed.secagg.base import DistributedNoise
 from securefed.seeds import Purpose, derive_seed
+from securefed.strategies.base import LocalObjective
 
 __all__ = [
     "TrainedModel",
@@ -80,16 +92,6 @@ def train_model(
         noise_source: overrides the DP noise source (default: ChaCha20 when
             ``cfg.dp.secure_noise``, else seeded torch noise).
     """
-    from tqdm.auto import tqdm
-
-    from securefed.builders import build_model
-    from securefed.client.dp import DPLocalTrainer, sample_rate_for
-    from securefed.client.trainer import LocalTrainer
-    from securefed.diffusion import NoiseSchedule
-    from securefed.diffusion.params import get_flat
-    from securefed.privacy import SecureGaussian, TorchGaussian
-    from securefed.strategies.base import LocalObjective
-
     dev = device or torch.device("cpu")
     data = members if canaries is None else insert_canaries([members], canaries)[0]
     model = build_model(cfg, data.image_shape, data.num_classes).to(dev)
@@ -103,7 +105,6 @@ def train_model(
         if noise_multiplier is None:
             raise ValueError("train_model: gradient canaries live in the DP-SGD step; pass a "
                              "noise_multiplier (0 for a run without noise)")
-        from securefed.privacy.canaries import GradientCanaries
 
         gc = GradientCanaries.draw(model, gradient_canaries, 1, key=canary_key)
         hook = gc.for_client(1, 0, model, sample_rate_for(ccfg, len(data)), cfg.dp.max_grad_norm)
@@ -162,11 +163,6 @@ def write_run_dir(
     used) and ``delta`` (default ``cfg.dp.delta``, else ``1 / (10 n)``). Passing a LARGER
     multiplier than the one used writes a ledger that lies.
     """
-    from securefed.artefacts.checkpoint import Checkpoint, save_checkpoint
-    from securefed.builders import build_model
-    from securefed.diffusion.params import num_params
-    from securefed.privacy import PrivacyLedger, default_delta
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.federation.num_clients != 1:
@@ -255,8 +251,6 @@ class UnderNoisedProtocol:
         self, round_id: int, inputs: Any, dropouts: Any = None, *, noise: Any = None
     ) -> Any:
         if noise is not None:
-            from securefed.secagg.base import DistributedNoise
-
             noise = (
                 DistributedNoise(std=noise.std * self.factor, expected=noise.expected)
                 if self.factor > 0
@@ -269,8 +263,6 @@ class UnderNoisedProtocol:
 def under_noised_runs(factor: float) -> Iterator[None]:
     """Inside the block, ``securefed.run.run_experiment`` builds :class:`UnderNoisedProtocol`
     aggregation (client-level DP noise times ``factor``; the ledger is unchanged)."""
-    import securefed.run as run_mod
-
     original = run_mod.build_protocol
 
     def build(*args: Any, **kwargs: Any) -> Any:

@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
+
+from securefed.artefacts.grid import save_grid
 
 __all__ = [
     "MemorizationReport",
@@ -193,8 +196,6 @@ def closest_pairs_grid(
     path: str | Path,
 ) -> Path:
     """PNG grid: each row is (synthetic image, its nearest training image), closest first."""
-    from securefed.artefacts.grid import save_grid
-
     if not pairs:
         raise ValueError("closest_pairs_grid: no pairs to draw")
     cells = []
@@ -269,8 +270,6 @@ def copy_p_value(flagged: int, num: int, baseline_flagged: int, baseline_num: in
     Fisher's exact test on the 2x2 table (flagged, not flagged) x (synthetic, holdout)
     (Fisher 1922). Real holdout images are flagged too (blur and natural near-duplicates set
     the baseline), so only an EXCESS over the baseline is evidence of copying."""
-    from scipy import stats
-
     if not (0 <= flagged <= num and 0 <= baseline_flagged <= baseline_num) or num < 1:
         raise ValueError(
             f"copy_p_value: need 0 <= flagged <= num >= 1 and 0 <= baseline_flagged <= "

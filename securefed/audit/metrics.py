@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from securefed.io import atomic_write_bytes
 
@@ -271,8 +272,6 @@ def attack_result(
 def _clopper_pearson(k: int, n: int, confidence: float = 0.95) -> Interval:
     """Two-sided Clopper-Pearson interval of a binomial rate ``k / n`` (Clopper & Pearson
     1934)."""
-    from scipy import stats
-
     a = (1 - confidence) / 2
     low = 0.0 if k == 0 else float(stats.beta.ppf(a, k, n - k + 1))
     high = 1.0 if k >= n else float(stats.beta.ppf(1 - a, k + 1, n - k))
@@ -281,10 +280,11 @@ def _clopper_pearson(k: int, n: int, confidence: float = 0.95) -> Interval:
 
 def plot_roc(results: list[AttackResult], path: str | Path, title: str = "") -> Path:
     """ROC curves on log-log axes (low-FPR regime visible), chance line dashed."""
+    # lazy: matplotlib is slow to import, and every CLI command imports securefed.audit.metrics
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above (after matplotlib.use)
 
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     floor = 1.0

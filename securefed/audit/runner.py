@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from securefed.artefacts.rundir import RunDir
 from securefed.audit.attacks import ATTACKS, AttackContext, build_attack
+from securefed.audit.attacks.lira import _row_keys
 from securefed.audit.epsilon import (
     clopper_pearson_audit,
     federated_canary_audit,
@@ -33,7 +34,7 @@ from securefed.audit.epsilon import (
     one_run_ceiling,
 )
 from securefed.audit.memorization import MemorizationReport, audit_memorization
-from securefed.audit.metrics import AttackResult, attack_result
+from securefed.audit.metrics import LOW_FPR_TARGETS, AttackResult, attack_result
 from securefed.audit.targets import AuditRun, find_synthetic, load_audit_run, make_shadow_trainer
 from securefed.audit.threats import DefenceCheck, ThreatModel, check_config
 from securefed.audit.verdict import (
@@ -46,6 +47,8 @@ from securefed.audit.verdict import (
     min_n_for,
 )
 from securefed.data import ImageDataset
+from securefed.diffusion import sample
+from securefed.privacy import PrivacyLedger, epsilon_of
 
 __all__ = [
     "DEFAULT_ATTACKS",
@@ -196,7 +199,6 @@ def _without_canaries(ds: ImageDataset, run: AuditRun) -> ImageDataset:
     from the holdout; an inserted one is a member, not a non-member)."""
     if run.canaries is None:
         return ds
-    from securefed.audit.attacks.lira import _row_keys
 
     canary_keys = set(_row_keys(run.canaries.images))
     keep = [i for i, k in enumerate(_row_keys(ds.images)) if k not in canary_keys]
@@ -204,8 +206,6 @@ def _without_canaries(ds: ImageDataset, run: AuditRun) -> ImageDataset:
 
 
 def _generate(run: AuditRun, n: int, steps: int, seed: int, progress: bool) -> torch.Tensor:
-    from securefed.diffusion import sample
-
     model = run.model(run.released)
     gen = torch.Generator(device=run.device).manual_seed(seed)
     return sample(
@@ -223,8 +223,6 @@ def _generate(run: AuditRun, n: int, steps: int, seed: int, progress: bool) -> t
 
 def _attack_measurement(rows: list[AttackResult], m: str) -> Measurement:
     """The worst (largest) value of metric ``m`` over ``rows``, its bounds and N."""
-    from securefed.audit.metrics import LOW_FPR_TARGETS
-
     is_bound = m.endswith(("_ci_high", "_ci_low"))
     base = m.removesuffix("_ci_high").removesuffix("_ci_low")
     vals, lows, highs, ns = [], [], [], []
@@ -344,7 +342,6 @@ def _accountant_at(run: AuditRun, delta: float) -> float:
     path = RunDir(Path(run.run_dir)).ledger
     if run.cfg.dp.level == "none" or not path.exists():
         return float("inf")
-    from securefed.privacy import PrivacyLedger, epsilon_of
 
     led = PrivacyLedger.load(path)
     eps = [
@@ -359,13 +356,10 @@ def _canary_clients_accountant_at(run: AuditRun, delta: float) -> float | None:
     ledger charges a real client for the same participations; None without canary clients."""
     if not run.canary_histories:
         return None
-    from securefed.privacy import epsilon_of
 
     accountant: str = run.cfg.dp.accountant
     path = RunDir(Path(run.run_dir)).ledger
     if path.exists():
-        from securefed.privacy import PrivacyLedger
-
         led = PrivacyLedger.load(path)
         if led.clients:
             accountant = led.get_plan(led.clients[0]).accountant

@@ -25,12 +25,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from securefed.artefacts.checkpoint import load_latest
 from securefed.artefacts.rundir import RunDir, released_params
 from securefed.audit.canaries import CanarySet, load_canaries
+from securefed.builders import build_model, prepare_data
+from securefed.client.dp import DPLocalTrainer
+from securefed.client.trainer import LocalTrainer, local_steps_for
 from securefed.config import ExperimentConfig, load_config
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule
+from securefed.diffusion.params import get_flat, param_slices, set_flat
+from securefed.privacy import InsecureNoiseWarning, PrivacyLedger, TorchGaussian
+from securefed.privacy.canaries import load_client_scores, load_gradient_scores
 from securefed.seeds import Purpose, derive_seed
+from securefed.strategies.base import LocalObjective
+from securefed.strategies.feddiffuse import group_indices, shared_groups
 
 __all__ = [
     "AuditRun",
@@ -90,9 +99,6 @@ class AuditRun:
 
     def model(self, params: torch.Tensor) -> nn.Module:
         """A fresh UNet of the run's architecture holding ``params`` ``[D]`` (eval mode)."""
-        from securefed.builders import build_model
-        from securefed.diffusion.params import set_flat
-
         m = build_model(self.cfg, self.members.image_shape, self.members.num_classes)
         m = m.to(self.device)
         if params.numel() != sum(p.numel() for p in m.parameters()):
@@ -111,7 +117,6 @@ def _ledger(run_dir: Path, cfg: ExperimentConfig) -> Ledger:
     path = RunDir(run_dir).ledger
     if cfg.dp.level == "none" or not path.exists():
         return Ledger(float("inf"), 0.0, cfg.dp.level)
-    from securefed.privacy import PrivacyLedger
 
     led = PrivacyLedger.load(path)
     per = {c: float(led.epsilon(c)) for c in led.clients}
@@ -141,9 +146,6 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
     Raises:
         FileNotFoundError: not a run directory, or it has no checkpoint.
     """
-    from securefed.artefacts.checkpoint import load_latest
-    from securefed.builders import build_model, prepare_data
-
     run_dir = Path(run_dir)
     if not RunDir(run_dir).config.exists():
         raise FileNotFoundError(
@@ -168,9 +170,6 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
     client_models: dict[int, torch.Tensor] = {}
     fd = getattr(cfg, "feddiffuse", None)
     if fd is not None and getattr(fd, "enabled", False):
-        from securefed.diffusion.params import param_slices
-        from securefed.strategies.feddiffuse import group_indices, shared_groups
-
         model = build_model(cfg, data.members.image_shape, data.members.num_classes)
         groups = group_indices(param_slices(model), model.parameter_groups())
         shared = set(shared_groups(fd.variant))
@@ -184,7 +183,6 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
                     composed[local_idx] = vec.to(composed.dtype)
                     client_models[int(cid)] = composed
     canary_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    from securefed.privacy.canaries import load_gradient_scores
 
     got = load_gradient_scores(RunDir(run_dir).canaries, int(ckpt.round))
     if got is not None:
@@ -199,7 +197,6 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
             log.warning("%s/canaries: gradient canaries but no round scores", run_dir)
     canary_histories: dict[str, list[list[float]]] = {}
     canary_cosines: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    from securefed.privacy.canaries import load_client_scores
 
     cc = load_client_scores(RunDir(run_dir).canaries, int(ckpt.round))
     if cc is not None and cc.rounds:
@@ -315,18 +312,9 @@ def make_shadow_trainer(run: AuditRun, steps: int | None = None, progress: bool 
     :class:`~securefed.client.dp.DPLocalTrainer` at the ledger's noise multiplier for
     record-level DP runs (attacker-side noise from a seeded torch generator).
     """
-    from securefed.builders import build_model
-    from securefed.client.dp import DPLocalTrainer
-    from securefed.client.trainer import LocalTrainer, local_steps_for
-    from securefed.diffusion.params import get_flat
-    from securefed.privacy import InsecureNoiseWarning, TorchGaussian
-    from securefed.strategies.base import LocalObjective
-
     cfg = run.cfg
     sigma = None
     if cfg.dp.level == "record" and RunDir(run.run_dir).ledger.exists():
-        from securefed.privacy import PrivacyLedger
-
         led = PrivacyLedger.load(RunDir(run.run_dir).ledger)
         if led.clients:
             sigma = float(led.get_plan(led.clients[0]).noise_multiplier)

@@ -33,6 +33,10 @@ from typing import Any
 
 import yaml
 
+from securefed.audit.attacks import ATTACKS
+from securefed.audit.metrics import ATTACK_METRICS
+from securefed.config import ExperimentConfig
+
 __all__ = [
     "DERIVED",
     "Criterion",
@@ -267,8 +271,6 @@ def evaluate_expression(text: str, cfg: Mapping[str, Any]) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------- loading
 def _schema_sections() -> dict[str, set[str]]:
     """Known config sections -> their keys (from the pydantic schema)."""
-    from securefed.config import ExperimentConfig
-
     out: dict[str, set[str]] = {}
     for name, f in ExperimentConfig.model_fields.items():
         ann = f.annotation
@@ -438,9 +440,6 @@ def _validate_metric(metric: str, where: str) -> None:
             "attacks.pia.auc, epsilon.eps_lb, memorization.flagged)"
         )
     if parts[0] == "attacks":
-        from securefed.audit.attacks import ATTACKS
-        from securefed.audit.metrics import ATTACK_METRICS
-
         if len(parts) != 3 or (parts[1] not in ATTACKS and parts[1] != "max"):
             raise ThreatModelError(
                 f"{where}: {metric!r} must be attacks.<attack>.<metric> with <attack> one of "

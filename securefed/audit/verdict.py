@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from securefed.audit.metrics import LOW_FPR_TARGETS
+
 __all__ = [
     "FAIL",
     "INCONCLUSIVE",
@@ -78,8 +80,6 @@ class Measurement:
 
 def min_n_for(metric: str) -> int:
     """Default minimum N of a criterion on ``metric`` (see module docstring)."""
-    from securefed.audit.metrics import LOW_FPR_TARGETS
-
     last = metric.split(".")[-1]
     if metric.startswith("attacks."):
         base = last.removesuffix("_ci_high").removesuffix("_ci_low")

@@ -19,13 +19,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from securefed.client.trainer import LocalResult, LocalTrainer, _split_like, local_steps_for
+from securefed.client.trainer import (
+    GradMeanTracker,
+    LocalResult,
+    LocalTrainer,
+    _split_like,
+    local_steps_for,
+    make_optimizer,
+)
 from securefed.config import ClientConfig, DPConfig
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule
 from securefed.diffusion.loss import diffusion_loss_from_draws, draw_timesteps_and_noise
 from securefed.diffusion.params import get_flat, set_flat
-from securefed.noise.secure_noise import UniformSource
+from securefed.noise.secure_noise import SecureGaussian, UniformSource
+from securefed.privacy.dp_step import dp_sgd_step
+from securefed.privacy.opacus_engine import make_private_module, opacus_dp_step
+from securefed.privacy.per_sample_norms import PerSampleGradNorms
 from securefed.seeds import Purpose, derive_seed
 from securefed.strategies.base import LocalObjective
 
@@ -110,11 +120,9 @@ class DPLocalTrainer(LocalTrainer):
         super().__init__(model, schedule, cfg, device, conditional)
         self.dp = dp
         if dp.engine == "opacus":
-            from securefed.privacy.opacus_engine import make_private_module
 
             self._gsm: Any = make_private_module(model)
         else:
-            from securefed.privacy.per_sample_norms import PerSampleGradNorms
 
             # validates every parameterised layer up front (clear error naming the layer)
             PerSampleGradNorms(model, group_size=dp.noise_multiplicity).remove()
@@ -148,7 +156,6 @@ class DPLocalTrainer(LocalTrainer):
         set_flat(self.model, start_params)
         self.model.train()
         params = list(self.model.parameters())
-        from securefed.client.trainer import make_optimizer
 
         opt = make_optimizer(params, self.cfg)
         coins = sampling_source_of(noise_source)
@@ -161,7 +168,6 @@ class DPLocalTrainer(LocalTrainer):
             if objective.grad_correction is not None
             else None
         )
-        from securefed.client.trainer import GradMeanTracker
 
         tracker = GradMeanTracker(params) if objective.track_mean_grad else None
         images = data.images.to(self.device)
@@ -217,7 +223,6 @@ class DPLocalTrainer(LocalTrainer):
         extra_sum: Any | None = None,
     ) -> Any:
         if self._gsm is not None:
-            from securefed.privacy.opacus_engine import opacus_dp_step
 
             return opacus_dp_step(
                 self._gsm,
@@ -229,7 +234,6 @@ class DPLocalTrainer(LocalTrainer):
                 group_size=self.dp.noise_multiplicity,
                 extra_sum=extra_sum,
             )
-        from securefed.privacy.dp_step import dp_sgd_step
 
         return dp_sgd_step(
             self.model,
@@ -308,7 +312,6 @@ def train_private_charged(
         if ledger.would_exceed(client_id, result.steps, noise_multiplier=noise_multiplier,
                                sample_rate=q):
             return None
-        from securefed.noise.secure_noise import SecureGaussian
 
         if canaries is not None:  # the discarded attempt's canary scores are not the release's
             canaries.restart()

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from securefed.client.dp import DPLocalTrainer, train_private_charged
+from securefed.client.trainer import LocalTrainer
 from securefed.seeds import Purpose, derive_seed
 
 if TYPE_CHECKING:
@@ -33,12 +35,8 @@ def build_trainer(
     (:class:`~securefed.client.dp.DPLocalTrainer`) when ``dp.level: record``, else the plain
     :class:`~securefed.client.trainer.LocalTrainer` (client-level DP clips and noises the update,
     not the steps)."""
-    from securefed.client.trainer import LocalTrainer
-
     conditional = cfg.model.class_conditional
     if cfg.dp.level == "record":
-        from securefed.client.dp import DPLocalTrainer
-
         return DPLocalTrainer(model, schedule, cfg.client, cfg.dp, device, conditional)
     return LocalTrainer(model, schedule, cfg.client, device, conditional)
 
@@ -87,8 +85,6 @@ def local_round(
     objective = policy.local_objective(cid, broadcast, client_state)
     seed = derive_seed(cfg.seed, Purpose.TRAIN, rnd, cid)
     if privacy is not None and privacy.level == "record":
-        from securefed.client.dp import DPLocalTrainer, train_private_charged
-
         if not isinstance(trainer, DPLocalTrainer):  # pragma: no cover - wiring error
             raise TypeError("DP run without a DP trainer")
         result = train_private_charged(

@@ -17,6 +17,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from securefed.deploy.node import NodeOptions, Site, dispatch
+from securefed.deploy.simulation_runtime import site_node_config
 from securefed.deploy.wire import MESSAGE_CKKS_DECRYPT, MESSAGE_CKKS_UPLOAD, MESSAGE_PHASE0
 from securefed.secagg.masking.messages import Stage
 
@@ -35,8 +37,6 @@ _SITES: dict[tuple[tuple[str, str], ...], Any] = {}
 
 
 def _site(node_config: dict[str, Any]) -> Any:
-    from securefed.deploy.node import NodeOptions, Site
-
     key = tuple(sorted((str(k), repr(v)) for k, v in node_config.items()))
     site = _SITES.get(key)
     if site is None:
@@ -45,9 +45,6 @@ def _site(node_config: dict[str, Any]) -> Any:
 
 
 def _handle(msg: Message, context: Context) -> Message:
-    from securefed.deploy.node import dispatch
-    from securefed.deploy.simulation_runtime import site_node_config
-
     reply: dict[str, Any]
     try:
         site = _site(site_node_config(context.node_config, context.run_config))

@@ -8,9 +8,13 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from securefed.builders import client_level_dp
 from securefed.config import ExperimentConfig
+from securefed.privacy.client_level import ClientLevelDP
 from securefed.secagg.keys import ROSTER_FILE
 from securefed.secagg.masking.plan import MaskingParams
+from securefed.secagg.masking.protocol import MaskingAggregation
+from securefed.strategies import build_strategy
 
 __all__ = [
     "DeployConfigError",
@@ -93,8 +97,6 @@ def masking_params(cfg: ExperimentConfig) -> MaskingParams:
     """The public masking parameters, resolved and validated exactly as the simulation does
     (:meth:`MaskingAggregation.from_config`). Identities come from the deployment's key folders,
     so ``secure_aggregation.keys_dir`` is ignored here."""
-    from securefed.secagg.masking.protocol import MaskingAggregation
-
     sa = cfg.secure_aggregation.model_copy(update={"keys_dir": None})
     return MaskingAggregation.from_config(sa, cfg.federation.num_clients).params
 
@@ -128,8 +130,6 @@ def roster_digest(keys_dir: Path) -> str:
 def client_level_layer(strategy: Any) -> Any:
     """The DP-FedAvg layer (:class:`~securefed.privacy.client_level.ClientLevelDP`) of a
     strategy stack (``dp.level: client``)."""
-    from securefed.privacy.client_level import ClientLevelDP
-
     layer = strategy
     while not isinstance(layer, ClientLevelDP):
         layer = getattr(layer, "base", None)
@@ -152,8 +152,6 @@ def round_masking_params(
     params = run_masking_params(cfg, run_id)
     if cfg.dp.level != "client":
         return params
-    from securefed.builders import client_level_dp
-    from securefed.strategies import build_strategy
 
     plan = client_level_dp(cfg, build_strategy(cfg.strategy, cfg.federation.num_clients))
     if clip is not None:

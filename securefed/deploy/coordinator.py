@@ -30,6 +30,7 @@ implements it over Flower's ``Grid``; tests may implement it in-process.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -43,11 +44,20 @@ import numpy as np
 import torch
 
 from securefed.artefacts.rundir import RunDir
+from securefed.builders import (
+    build_model,
+    build_strategy_stack,
+    cache_dir,
+    fedddpm_wrapper,
+    resolve_device,
+)
 from securefed.config import ExperimentConfig, dump_config
 from securefed.deploy.common import (
     DeployConfigError,
     check_deployable,
+    client_level_layer,
     new_run_id,
+    round_masking_params,
     run_masking_params,
 )
 from securefed.deploy.common import roster_digest as _roster_digest
@@ -67,12 +77,23 @@ from securefed.deploy.wire import (
     stage_message_type,
     unpack_chunks,
 )
+from securefed.diffusion import NoiseSchedule
+from securefed.diffusion.params import get_flat, num_params, set_flat
+from securefed.diffusion.sampling import sample
+from securefed.federation.auxiliary import AuxiliarySet, save_auxiliary
 from securefed.federation.engine import ClientRound, ClientTransport, RoundEngine
+from securefed.federation.public_pretrain import public_pretrain
 from securefed.federation.record import RoundRecord
-from securefed.io import atomic_write_json, atomic_write_text
-from securefed.secagg.base import AggregationAbortedError
+from securefed.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from securefed.secagg.base import AggregationAbortedError, resolve_threshold
+from securefed.secagg.keys import load_roster, load_server_key
 from securefed.secagg.masking.messages import ProtocolError, Stage
-from securefed.strategies import Strategy
+from securefed.secagg.masking.quantize import quantization_error_bound
+from securefed.secagg.masking.server import MaskingServer
+from securefed.seeds import Purpose, derive_seed
+from securefed.strategies import CohortSum, Strategy, unpack_sum
+from securefed.strategies.base import sample_clients
+from securefed.strategies.fedddpm import allocate_proportional
 
 __all__ = [
     "Coordinator",
@@ -233,8 +254,6 @@ class Coordinator(ClientTransport):
 
     def setup(self) -> None:
         """Send the experiment to every connected site and collect their public facts."""
-        from securefed.secagg.keys import load_roster, load_server_key
-
         self._server_key = load_server_key(self.options.keys_dir)
         self._roster = load_roster(self.options.keys_dir)
         digest = _roster_digest(self.options.keys_dir)
@@ -336,9 +355,6 @@ class Coordinator(ClientTransport):
     def start(self) -> dict[str, Any]:
         """Create the run directory, run setup, build the model and strategy; returns the
         checkpoint metadata. :meth:`run_round` may be called after it."""
-        from securefed.builders import build_model, build_strategy_stack
-        from securefed.diffusion.params import get_flat, num_params
-
         run_dir = self.options.run_dir
         # written by the ServerApp before the run
         own = {RunDir(run_dir).status.name, "coordinator.log"}
@@ -413,10 +429,6 @@ class Coordinator(ClientTransport):
     ) -> ClientRound:
         """Round ``rnd``'s stages over the network: every selected site trains at its training
         stage (on its own machine) and the masking (or CKKS) protocol returns only the sum."""
-        from securefed.secagg.masking.quantize import quantization_error_bound
-        from securefed.secagg.masking.server import MaskingServer
-        from securefed.strategies import CohortSum, unpack_sum
-
         cfg = self.cfg
         # the vector layout every selected site will send: the strategy's client hook applied
         # to the broadcast itself (no client data; only the names and sizes are used)
@@ -620,10 +632,6 @@ class Coordinator(ClientTransport):
         cache) becomes the initial global model, as in the simulation. The coordinator holds
         no private data: every site checked at setup that no image of its own is in the
         public set (:func:`~securefed.federation.public_pretrain.check_disjoint`)."""
-        from securefed.builders import cache_dir, resolve_device
-        from securefed.diffusion import NoiseSchedule
-        from securefed.federation.public_pretrain import public_pretrain
-
         cfg = self.cfg
         dev = resolve_device(cfg.device)
         res = public_pretrain(
@@ -647,14 +655,6 @@ class Coordinator(ClientTransport):
         proportion to the sites' sizes, as the simulation splits it). Each upload is kept
         under ``received/`` (0600) as it arrived; together they are the auxiliary set
         (``auxiliary/``) the server calibrates on. Returns the FedDDPM / FedDDPM+ strategy."""
-        import io
-
-        from securefed.builders import fedddpm_wrapper, resolve_device
-        from securefed.diffusion import NoiseSchedule
-        from securefed.federation.auxiliary import AuxiliarySet, save_auxiliary
-        from securefed.io import atomic_write_bytes
-        from securefed.strategies.fedddpm import allocate_proportional
-
         cfg, fd, run_dir = self.cfg, self.cfg.fedddpm, self.options.run_dir
         cids = sorted(self.sites)
         alloc = allocate_proportional([self.sites[c].num_examples for c in cids], fd.aux_total)
@@ -744,10 +744,6 @@ class Coordinator(ClientTransport):
         """``fedddpm.upload: model``: ``n`` images from site ``cid``'s uploaded DP model, drawn
         as the simulation draws them (the ``(seed, AUX_SAMPLE, 0, cid)`` stream; class-conditional:
         the site's DP class counts); the model is restored to the initial one afterwards."""
-        from securefed.diffusion.params import get_flat, set_flat
-        from securefed.diffusion.sampling import sample
-        from securefed.seeds import Purpose, derive_seed
-
         cfg, fd = self.cfg, self.cfg.fedddpm
         params = decode_vector(raw, self._numel, f"site {cid}", "upload")
         y = None
@@ -778,10 +774,6 @@ class Coordinator(ClientTransport):
         """Start round ``rnd + 1`` now, so that its RoundStart travels with round ``rnd``'s
         unmasking request. The cohort comes from the same ``(seed, round)`` selection stream as
         always (it does not depend on the model), so the rounds are those of the simulation."""
-        from securefed.secagg.masking.server import MaskingServer
-        from securefed.seeds import Purpose, derive_seed
-        from securefed.strategies.base import sample_clients
-
         cfg = self.cfg
         if not self.options.advertise_ahead or rnd >= cfg.federation.rounds:
             return None
@@ -808,12 +800,8 @@ class Coordinator(ClientTransport):
     def _round_params(self, participants: int, length: int) -> Any:
         """The round's masking parameters (with client-level DP, its noise std; with adaptive
         clipping at the clip norm this round broadcasts)."""
-        from securefed.deploy.common import round_masking_params
-
         clip = None
         if self.cfg.dp.level == "client" and self.cfg.dp.adaptive_clipping:
-            from securefed.deploy.common import client_level_layer
-
             # as the sites read it off the wire (float32): the same noise plan, the same grid
             clip = float(np.float32(client_level_layer(self.strategy).clip))
         return round_masking_params(self.cfg, self.run_id, participants, length, clip)
@@ -822,6 +810,7 @@ class Coordinator(ClientTransport):
         """The CKKS aggregator: the public-only context from the coordinator's key folder
         (``ckks_public.ctx``; a secret key there is refused), the sites' roster keys, and the
         coordinator's own signing key (the key holder pins it through the roster)."""
+        # lazy: CKKS imports TenSEAL (optional heavy extension); only CKKS runs load it
         from securefed.secagg.ckks import PUBLIC_CONTEXT_FILE, CKKSServer, context_params
 
         path = self.options.keys_dir / PUBLIC_CONTEXT_FILE
@@ -868,9 +857,8 @@ class Coordinator(ClientTransport):
         messages. Each site trains and uploads its signed ciphertexts; the coordinator checks
         and adds them (public context only); the lowest surviving site decrypts the signed
         aggregate and returns the rounded sum (:mod:`securefed.secagg.ckks`)."""
-        from securefed.secagg.base import resolve_threshold
+        # lazy: CKKS imports TenSEAL (optional heavy extension); only CKKS runs load it
         from securefed.secagg.ckks import CKKSMessageError, ckks_error_bound
-        from securefed.strategies import CohortSum, unpack_sum
 
         cfg, seconds = self.cfg, {}
         dropped_at: dict[int, str] = {}

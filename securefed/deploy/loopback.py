@@ -34,7 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from securefed.artefacts.rundir import RunDir
+from securefed.deploy.tls import write_tls_material
 from securefed.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["APP_DIR", "LoopbackFederation", "RunEndedEarly", "config_pairs", "end_session",
@@ -240,7 +244,7 @@ class LoopbackFederation:
     # ------------------------------------------------------------------ provisioning
     def provision(self) -> None:
         """Credentials for every party, each copied into that party's own folder."""
-        from securefed.deploy.tls import write_tls_material
+        # lazy: keeps securefed --help fast (the CLI parser imports this module, indirectly)
         from securefed.secagg.keys import ROSTER_FILE, SERVER_KEY_FILE, init_identity_keys
 
         write_tls_material(self.tls_dir, ["127.0.0.1", "localhost"], self.num_sites)
@@ -351,9 +355,6 @@ class LoopbackFederation:
     def start_intruder(self) -> str:
         """Start a SuperNode whose (fresh) key was never registered, claiming site 0's data:
         with ``--enable-supernode-auth`` the SuperLink must never admit it."""
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-
         d = self.work / "intruder"
         key = ec.generate_private_key(ec.SECP384R1()).private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,

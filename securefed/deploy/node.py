@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -65,13 +66,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import torch
 import yaml
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from securefed.artefacts.rundir import LEDGER_FILE, NOISE_KEY_FILE, SECRETS_DIR
-from securefed.client.runtime import build_trainer
+from securefed.builders import (
+    build_client_level_privacy,
+    build_model,
+    build_privacy,
+    build_strategy_stack,
+    prepare_data,
+    resolve_device,
+)
+from securefed.client.dp import sample_rate_for
+from securefed.client.runtime import build_trainer, local_round
+from securefed.client.trainer import local_steps_for
 from securefed.config import ConfigError, ExperimentConfig, dump_config, parse_config
+from securefed.data import ImageDataset, load_dataset
 from securefed.deploy.common import (
     DeployConfigError,
     check_deployable,
@@ -97,11 +113,24 @@ from securefed.deploy.wire import (
     PROTOCOL_VERSION,
     WireError,
     decode_vector,
+    encode_vector,
     get_bytes,
     get_int,
     get_str,
+    pack_chunks,
+    unpack_chunks,
 )
+from securefed.diffusion import NoiseSchedule
+from securefed.diffusion.params import num_params
+from securefed.federation import public_pretrain
+from securefed.federation.auxiliary import build_auxiliary_set
+from securefed.federation.simulation import SimClient
 from securefed.io import atomic_write_bytes, atomic_write_text
+from securefed.privacy import SecureGaussian, derive_key, load_or_create_run_key
+from securefed.secagg.base import resolve_threshold
+from securefed.secagg.keys import load_client_key, load_roster
+from securefed.secagg.masking.client import MaskingClient
+from securefed.secagg.masking.graph import effective_degree
 from securefed.secagg.masking.messages import (
     ConsistencyRequest,
     ProtocolError,
@@ -112,12 +141,8 @@ from securefed.secagg.masking.messages import (
     verify_encoded,
 )
 from securefed.secagg.masking.plan import RoundPlan, plan_round
-
-if TYPE_CHECKING:  # torch, data and strategies load only in the stages that train
-    import numpy as np
-    import torch
-
-    from securefed.data import ImageDataset
+from securefed.seeds import derive_seed
+from securefed.strategies import build_strategy, pack_update
 
 __all__ = [
     "NodeConfigError",
@@ -307,9 +332,6 @@ def dp_plan_fields(cfg: ExperimentConfig, num_examples: int) -> dict[str, Any]:
     local steps or epochs, rounds, FedDDPM pre-training), and what follows from the site's own
     data (its example count, the sample rate ``q`` and the steps per round it implies).
     """
-    from securefed.client.dp import sample_rate_for
-    from securefed.client.trainer import local_steps_for
-
     dp, cl = cfg.dp, cfg.client
     fields: dict[str, Any] = {
         "dp.level": dp.level,
@@ -368,9 +390,6 @@ def check_threshold_policy(cfg: ExperimentConfig, options: NodeOptions) -> None:
     Raises:
         PolicyError: naming the experiment field and the node-config key.
     """
-    from securefed.secagg.base import resolve_threshold
-    from securefed.secagg.masking.graph import effective_degree
-
     sa, fed = cfg.secure_aggregation, cfg.federation
     if sa.server_threat != "malicious" and not options.allow_honest_but_curious_server:
         raise PolicyError(
@@ -445,8 +464,6 @@ def _refuse_trained(run: RunRecord, rnd: int) -> None:
 def _check_clip(broadcast: Mapping[str, Any], noise: Any, rnd: int, rel: float = 0.0) -> None:
     """Refuse a round whose broadcast clip norm (or clip-bit scale) is not the site's own plan:
     a larger norm would let an update of that size through at the noise the site planned."""
-    import numpy as np
-
     got = [float(v) for v in broadcast["clip"]] if "clip" in broadcast else None
     # the wire carries float32: compare at that precision
     want = [float(np.float32(noise.clip)), float(np.float32(noise.bit_scale))]
@@ -463,9 +480,6 @@ def run_noise_key(master_key: bytes, run: RunRecord) -> bytes:
     """This run's DP noise key: HKDF-SHA256(site secret key, salt = the run's fresh nonce,
     info = run id). Fresh per run, reproducible within it (a site that crashes mid-run keeps
     drawing the noise of its own run), useless without the site's secret key."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
     return HKDF(
         algorithm=hashes.SHA256(),
         length=32,
@@ -526,8 +540,6 @@ class Site:
         return self._memoised("data", key, lambda: self._load_data(cfg))
 
     def _load_data(self, cfg: ExperimentConfig) -> ImageDataset:
-        from securefed.data import load_dataset
-
         o = self.options
         if o.data_path is not None:
             if not o.data_path.is_dir():
@@ -537,7 +549,6 @@ class Site:
                 )
             data_cfg = cfg.data.model_copy(update={"name": "image_folder", "root": o.data_path})
             return load_dataset(data_cfg)
-        from securefed.builders import prepare_data
 
         prepared = prepare_data(cfg)
         pid = o.partition_id if o.partition_id is not None else self.cid
@@ -556,10 +567,6 @@ class Site:
         )
 
     def _load_identity(self) -> tuple[Any, Any]:
-        from cryptography.hazmat.primitives import serialization
-
-        from securefed.secagg.keys import load_client_key, load_roster
-
         def _raw(k: Any) -> bytes:
             return bytes(
                 k.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -584,9 +591,6 @@ class Site:
     def _privacy(self, cfg: ExperimentConfig, data: ImageDataset) -> Any | None:
         if cfg.dp.level not in ("record", "client"):
             return None
-        from securefed.builders import build_client_level_privacy, build_privacy
-        from securefed.federation.simulation import SimClient
-        from securefed.strategies import build_strategy
 
         ledger = self.options.state_dir / LEDGER_FILE
         me = [SimClient(self.cid, data)]
@@ -624,7 +628,6 @@ class Site:
         """``privacy`` with noise sources keyed by this run's fresh noise key."""
         if privacy is None or privacy.level != "record" or not cfg.dp.secure_noise:
             return privacy
-        from securefed.privacy import SecureGaussian, derive_key, load_or_create_run_key
 
         master = load_or_create_run_key(self.options.state_dir / SECRETS_DIR / NOISE_KEY_FILE)
         key = run_noise_key(master, run)
@@ -725,9 +728,9 @@ class Site:
         if len(data) == 0:
             raise NodeConfigError(f"{self.who}: no training examples")
         if cfg.pretrain.enabled:  # the coordinator holds no private data: the site checks
-            from securefed.federation.public_pretrain import check_disjoint, load_public
-
-            check_disjoint(load_public(cfg.pretrain, data.image_shape), [data])
+            # through the module: a test substitutes public_pretrain.load_public
+            public = public_pretrain.load_public(cfg.pretrain, data.image_shape)
+            public_pretrain.check_disjoint(public, [data])
         pin = None
         if cfg.dp.level in ("record", "client"):
             pin = dp_plan_fields(cfg, len(data))
@@ -776,8 +779,6 @@ class Site:
             pending.unlink()
 
     def _client_state(self) -> dict[str, torch.Tensor]:
-        import torch
-
         path = self.options.state_dir / CLIENT_STATE_FILE
         if not path.exists():
             return {}
@@ -853,14 +854,6 @@ class Site:
         experiment it pinned; the round's cohort and length from the signed round start),
         refuses a broadcast clip norm other than its own, and charges that plan's worst-case
         multiplier before the update leaves (its masking client adds the noise share)."""
-        from securefed.builders import build_model, build_strategy_stack, resolve_device
-        from securefed.client.dp import sample_rate_for
-        from securefed.client.runtime import local_round
-        from securefed.client.trainer import local_steps_for
-        from securefed.diffusion import NoiseSchedule
-        from securefed.diffusion.params import num_params
-        from securefed.strategies import pack_update
-
         who = "coordinator"
         _refuse_trained(run, rnd)  # every path that trains passes here
         self._commit_previous(content)
@@ -948,10 +941,6 @@ class Site:
     ) -> dict[str, Any]:
         """Keep the round's private strategy state pending and build the training reply."""
         if update.new_state:
-            import io
-
-            import torch
-
             buf = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in update.new_state.items()}, buf)
             atomic_write_bytes(
@@ -975,16 +964,6 @@ class Site:
         broadcast initial model under DP-SGD, charged to this site's ledger (phase ``pretrain``,
         round 0) and persisted before anything leaves; then upload ``aux_images`` samples of it
         (with their labels) or the model itself. Once per run, before any round."""
-        import io
-
-        import numpy as np
-
-        from securefed.builders import build_model, resolve_device
-        from securefed.diffusion import NoiseSchedule
-        from securefed.federation.auxiliary import build_auxiliary_set
-        from securefed.federation.simulation import SimClient
-        from securefed.seeds import derive_seed
-
         who = "coordinator"
         cfg = self._experiment()
         if not cfg.fedddpm.enabled:
@@ -1010,7 +989,6 @@ class Site:
             _check_dp_pin(record.dp_plan, dp_plan_fields(cfg, len(data)), "phase 0")
         dev = resolve_device(self.options.device)
         model = build_model(cfg, (shape[0], shape[1], shape[2]), num_classes).to(dev)
-        from securefed.diffusion.params import num_params
 
         init = decode_vector(get_bytes(content, "broadcast.params", who), num_params(model), who,
                              "broadcast.params")
@@ -1030,8 +1008,6 @@ class Site:
             uploads=uploads,
         )
         if cfg.fedddpm.upload == "model":  # the DP model itself; the coordinator samples it
-            from securefed.deploy.wire import encode_vector
-
             upload = encode_vector(uploads[self.cid])
         else:  # the DP synthetic images and their labels
             buf = io.BytesIO()
@@ -1053,6 +1029,7 @@ class Site:
         """This site's CKKS role: the shared secret context (``keys-dir/ckks_secret.ctx``,
         0600, with the experiment's parameters) and its own roster signing key; each value it
         encrypts is at most the modulus' capacity shared among ``num_clients`` sites."""
+        # lazy: CKKS imports TenSEAL (optional heavy extension); only CKKS runs load it
         from securefed.secagg.ckks import (
             SECRET_CONTEXT_FILE,
             CKKSClient,
@@ -1084,8 +1061,6 @@ class Site:
     def ckks_upload(self, content: Mapping[str, Any]) -> dict[str, Any]:
         """CKKS round (the site opted in): check the round (replay, cohort), train under DP
         (charged and persisted first), then upload the signed ciphertexts of the update."""
-        from securefed.deploy.wire import pack_chunks
-
         who = "coordinator"
         cfg = self._experiment()
         record = self._record()
@@ -1114,8 +1089,6 @@ class Site:
         """CKKS key holder: decrypt the round's aggregate once, only for a round this site
         trained in and whose sum has at least ``min-cohort`` contributors (the coordinator's
         signature on the aggregate checked, the release rounded)."""
-        from securefed.deploy.wire import unpack_chunks
-
         who = "coordinator"
         record = self._record()
         run = self._current_run(record, content)
@@ -1154,8 +1127,6 @@ class Site:
         """Stage ``advertise_keys``: check the round against the site's policy, train locally
         (DP), charge the ledger, record the round as trained, mask nothing yet: answer the
         round's :class:`RoundStart` with this site's advertised keys."""
-        from securefed.secagg.masking.client import MaskingClient
-
         who = "coordinator"
         cfg = self._experiment()
         record = self._record()
@@ -1184,8 +1155,6 @@ class Site:
         checked exactly as :meth:`train_and_advertise` checks it (signature, run, replay,
         cohort), answered with fresh keys; the site trains later, when the round's key
         broadcast arrives with the global model (:meth:`train_and_share`)."""
-        from securefed.secagg.masking.client import MaskingClient
-
         who = "coordinator"
         if cfg.dp.level == "client" and cfg.dp.adaptive_clipping:
             raise WireError(f"{who}: a round start ahead of its clip norm (adaptive clipping)")
@@ -1202,8 +1171,6 @@ class Site:
         """Stage ``share_keys`` of a round whose keys this site advertised ahead: the key
         broadcast arrives with the global model; train (DP, charged and persisted, as in
         :meth:`train_and_advertise`), then answer with the encrypted shares."""
-        from securefed.secagg.masking.client import MaskingClient
-
         who = "coordinator"
         cfg = self._experiment()
         record = self._record()
@@ -1237,8 +1204,6 @@ class Site:
         broadcast that carries the global model trains first (:meth:`train_and_share`); an
         unmasking request that carries the next round's start is answered with this site's
         keys for it too (:meth:`advertise_ahead`)."""
-        from securefed.secagg.masking.client import MaskingClient
-
         if stage not in Stage.ORDER[1:]:
             raise WireError(f"coordinator: unknown masking stage {stage!r}")
         if stage == Stage.SHARE_KEYS and "broadcast_keys" in content:

@@ -104,14 +104,14 @@ class PollingTime:
 
 
 def _target() -> ModuleType:
-    from flwr.supernode import start_client_internal as sci
+    from flwr.supernode import start_client_internal as sci  # lazy: flwr is optional
 
     return sci
 
 
 def _version_problem() -> str | None:
     try:
-        import flwr
+        import flwr  # lazy: flwr is optional
 
         version = str(getattr(flwr, "__version__", ""))
     except Exception as exc:
@@ -123,7 +123,7 @@ def _version_problem() -> str | None:
 
 def _short_pull(module: ModuleType) -> str | None:
     """Give ``module.pull_objects`` the short backoff (``None``) or say why not."""
-    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable import inflatable_utils  # lazy: flwr is optional
 
     current = getattr(module, "pull_objects", None)
     if isinstance(current, functools.partial) and current.func is inflatable_utils.pull_objects:
@@ -146,7 +146,7 @@ def apply_grid_pull_patch() -> str | None:
     if why is not None:
         return why
     try:
-        from flwr.superlink.grid import http_grid
+        from flwr.superlink.grid import http_grid  # lazy: flwr is optional
     except Exception as exc:
         return f"flwr.superlink.grid.http_grid not importable: {exc}"
     return _short_pull(http_grid)
@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             log.warning("securefed supernode: poll patch NOT applied (%s); running the stock "
                         "SuperNode (3 s idle poll: each masking stage may wait up to 3 s)", exc)
-    from flwr.supernode.cli.flower_supernode import flower_supernode
+    from flwr.supernode.cli.flower_supernode import flower_supernode  # lazy: flwr is optional
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per idle pull
     sys.argv = ["flower-supernode", *rest]

@@ -30,7 +30,9 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from securefed.config import load_config
 from securefed.deploy.coordinator import Coordinator, CoordinatorOptions, Reply
+from securefed.deploy.polling import apply_grid_pull_patch
 
 __all__ = ["FlowerTransport", "app", "options_from_run_config"]
 
@@ -144,8 +146,6 @@ def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Load the experiment named in the run config and run it over the SuperLink."""
-    from securefed.config import load_config
-
     rc = dict(context.run_config)
     experiment = str(rc.get("experiment", "")).strip()
     if not experiment:
@@ -155,7 +155,6 @@ def main(grid: Grid, context: Context) -> None:
         )
     cfg = load_config(experiment)
     options = options_from_run_config(rc, cfg.federation.num_clients)
-    from securefed.deploy.polling import apply_grid_pull_patch
 
     why = apply_grid_pull_patch()  # flwr 1.41: reply objects pulled with a 10 ms backoff
     if why is not None:

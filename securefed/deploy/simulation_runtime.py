@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -198,8 +199,7 @@ class FlowerSimulation:
 
     def start(self) -> FlowerSimulation:
         """Keys for every virtual site, and a simulation-mode SuperLink on free local ports."""
-        import socket
-
+        # lazy: keeps securefed --help fast (the CLI parser imports this module)
         from securefed.secagg.keys import init_identity_keys
 
         self.work.mkdir(parents=True, exist_ok=True)
@@ -306,6 +306,7 @@ def add_flower_sim_parser(subparsers: Any) -> None:
 
 
 def cli_flower_sim(args: Any) -> int:
+    # lazy: keeps securefed --help fast (the CLI parser imports this module)
     from securefed.config import load_config
 
     cfg = load_config(args.config)

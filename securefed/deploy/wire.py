@@ -29,12 +29,10 @@ step count (``docs/deploy.md``, "Exactly what the coordinator sees").
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
+import torch
 
 __all__ = [
     "MESSAGE_CKKS_DECRYPT",
@@ -96,8 +94,6 @@ class WireError(ValueError):
 
 def encode_vector(t: torch.Tensor) -> bytes:
     """``[D]`` tensor -> raw little-endian float32 bytes."""
-    import torch
-
     arr = t.detach().to("cpu", torch.float32).reshape(-1).numpy()
     return arr.astype("<f4", copy=False).tobytes()
 
@@ -113,8 +109,6 @@ def decode_vector(data: bytes, numel: int, who: str, field: str) -> torch.Tensor
     arr = np.frombuffer(bytes(data), dtype="<f4").astype(np.float32)
     if not np.all(np.isfinite(arr)):
         raise WireError(f"{who}: {field}: contains NaN or infinite values")
-    import torch
-
     return torch.from_numpy(arr.copy())
 
 

@@ -37,13 +37,17 @@ import argparse
 import itertools
 import logging
 import os
+import signal
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from securefed.io import atomic_write_bytes
 
 __all__ = [
     "CLIENTAPP_REF",
@@ -89,8 +93,6 @@ def load_auth_secret(path: Path) -> bytes:
 
 def write_auth_secret(path: Path) -> Path:
     """A fresh 32-byte secret at ``path`` (0600); refuses to overwrite."""
-    from securefed.io import atomic_write_bytes
-
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite a runtime auth secret")
@@ -100,7 +102,7 @@ def write_auth_secret(path: Path) -> Path:
 
 def fab_clientapp(fab_content: bytes) -> str:
     """The ClientApp reference a FAB names (``[tool.flwr.app.components] clientapp``)."""
-    from flwr.common.config import get_fab_config
+    from flwr.common.config import get_fab_config  # lazy: flwr is optional
 
     conf = get_fab_config(fab_content)
     return str(conf["tool"]["flwr"]["app"]["components"].get("clientapp", ""))
@@ -155,7 +157,7 @@ class SiteWorker:
 
     # ------------------------------------------------------------------ HTTP clients
     def _client(self, interceptors: list[Any]) -> Any:
-        from flwr.supercore.runtime import RuntimeHttpClient
+        from flwr.supercore.runtime import RuntimeHttpClient  # lazy: flwr is optional
 
         return RuntimeHttpClient.from_server_address(
             server_address=self.address,
@@ -167,7 +169,7 @@ class SiteWorker:
 
     def _acquirer(self) -> Any:
         if self._acquire_client is None:
-            from flwr.supercore.interceptors import (
+            from flwr.supercore.interceptors import (  # lazy: flwr is optional
                 RuntimeVersionHttpInterceptor,
                 SuperExecAuthHttpInterceptor,
             )
@@ -184,8 +186,8 @@ class SiteWorker:
     # ------------------------------------------------------------------ one task
     def acquire(self) -> tuple[str, Any] | None:
         """Claim the oldest pending ClientApp task: ``(token, task)`` or ``None``."""
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-        from flwr.supercore.constant import TaskType
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # lazy: flwr is optional
+        from flwr.supercore.constant import TaskType  # lazy: flwr is optional
 
         res = self._acquirer().AcquireTask(
             AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
@@ -196,15 +198,19 @@ class SiteWorker:
 
     def serve_task(self, token: str, task: Any) -> bool:
         """Run one acquired task to its end; ``True`` if the ClientApp produced a reply."""
-        from flwr.app import Message
-        from flwr.app.error import Error
-        from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supercore.interceptors import (
+        from flwr.app import Message  # lazy: flwr is optional
+        from flwr.app.error import Error  # lazy: flwr is optional
+        from flwr.common.constant import ErrorCode, SubStatus  # lazy: flwr is optional
+        from flwr.supercore.interceptors import (  # lazy: flwr is optional
             RuntimeTokenHttpInterceptor,
             RuntimeVersionHttpInterceptor,
         )
-        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+        from flwr.supernode.runtime.run_clientapp import (  # lazy: flwr is optional
+            push_message,
+            push_task_output,
+        )
 
+        # lazy: flwr (optional) and the site handlers; the CLI parser imports this module
         from securefed.deploy.client_app import app
 
         t0 = time.perf_counter()
@@ -264,12 +270,13 @@ class SiteWorker:
     def warm_up(self) -> None:
         """Import what every message needs (torch, the handlers, the trainer) before the
         first task arrives."""
+        # lazy: importing torch before the first task is the warm-up's purpose
         import torch  # noqa: F401
 
 
     def serve_forever(self, max_tasks: int | None = None) -> None:
         """Acquire and serve tasks until :meth:`stop` (or ``max_tasks`` served)."""
-        import httpx
+        import httpx  # lazy: httpx comes with flwr
 
         backoff, empty, last_task = self.poll_interval, 0, time.monotonic()
         while not self._stop.is_set():
@@ -319,19 +326,25 @@ def pull_task_input(client: Any, backoff: float = 0.01, backoff_cap: float = 0.0
     SuperLink, so a warm worker usually asks for them too early; flwr's pull then backs off
     1 s, 2 s, ... (``PULL_INITIAL_BACKOFF``). Here it retries every 10-20 ms (a local request).
     """
-    from flwr.app import Message
-    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-    from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    from flwr.app import Message  # lazy: flwr is optional
+    from flwr.common.serde import (  # lazy: flwr is optional
+        context_from_proto,
+        fab_from_proto,
+        run_from_proto,
+    )
+    from flwr.proto.node_pb2 import Node  # lazy: flwr is optional
+    from flwr.proto.runtime_pb2 import (  # lazy: flwr is optional
         PullAppMessagesRequest,
         PullTaskInputRequest,
     )
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (  # lazy: flwr is optional
         make_confirm_message_received_fn_protobuf,
         make_pull_object_fn_protobuf,
     )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.inflatable.inflatable_utils import (  # lazy: flwr is optional
+        pull_and_inflate_object_from_tree,
+    )
+    from flwr.supercore.task_identity import TaskIdentity  # lazy: flwr is optional
 
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id = res.task_id
@@ -363,8 +376,8 @@ def _retry_invoker(max_time: float = 30.0) -> Any:
     """Retry what a restarting SuperNode causes (connection errors, 502/503/504) for up to
     ``max_time`` s; raise every other HTTP error. (flwr's own invoker answers a 401 by sending
     SIGINT to its process: right for a one-message ``flwr-clientapp``, not for this worker.)"""
-    import httpx
-    from flwr.supercore.retry import RetryInvoker, exponential
+    import httpx  # lazy: httpx comes with flwr
+    from flwr.supercore.retry import RetryInvoker, exponential  # lazy: flwr is optional
 
     def giveup(exc: Exception) -> bool:
         if isinstance(exc, httpx.HTTPStatusError):
@@ -410,8 +423,8 @@ class _Heartbeat:
 def _heartbeat_fn(client: Any, task_id: int) -> Callable[[], bool]:
     """flwr's task heartbeat, except that a task the SuperNode no longer knows is logged
     (flwr's own raises SIGINT, which would end this long-lived worker)."""
-    import httpx
-    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
+    import httpx  # lazy: httpx comes with flwr
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # lazy: flwr is optional
 
     def fn() -> bool:
         try:
@@ -460,8 +473,6 @@ def add_site_worker_parser(sub: Any) -> None:
 
 
 def _cmd_site_worker(args: argparse.Namespace) -> int:
-    import sys
-
     try:
         return _site_worker(args)
     except WorkerConfigError as exc:
@@ -470,8 +481,6 @@ def _cmd_site_worker(args: argparse.Namespace) -> int:
 
 
 def _site_worker(args: argparse.Namespace) -> int:
-    import signal
-
     if args.init_auth_secret:
         print(write_auth_secret(Path(args.init_auth_secret)))
         return 0

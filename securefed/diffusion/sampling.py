@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from securefed.diffusion.schedule import NoiseSchedule
 
@@ -283,8 +284,6 @@ def sample(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=n, desc=f"sampling ({sampler})", unit="img")
     was_training = model.training
     model.eval()

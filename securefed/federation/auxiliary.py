@@ -41,10 +41,13 @@ import torch
 from securefed.artefacts.grid import save_grid
 from securefed.artefacts.rundir import RunDir
 from securefed.client import LocalTrainer, local_steps_for
+from securefed.client.dp import DPLocalTrainer, update_digest
 from securefed.config import ExperimentConfig
 from securefed.diffusion import NoiseSchedule, sample
 from securefed.diffusion.params import num_params
 from securefed.io import atomic_write_bytes, atomic_write_json, sha256_file
+from securefed.privacy import calibrate_noise_multiplier
+from securefed.privacy.accountant import epsilon_of
 from securefed.seeds import Purpose
 from securefed.strategies import LocalObjective
 from securefed.strategies.fedddpm import allocate_proportional
@@ -125,9 +128,6 @@ def calibrate_with_extra(
     """Smallest noise multiplier (to 0.1%) whose DP-SGD schedule ``(sigma, q, steps)`` composed
     with the fixed ``extra`` mechanisms spends at most ``target_epsilon`` (bisection on the
     ledger's own accountant, so planning and charging agree)."""
-    from securefed.privacy import calibrate_noise_multiplier
-    from securefed.privacy.accountant import epsilon_of
-
     def eps(s: float) -> float:
         return epsilon_of([*extra, (s, sample_rate, steps)], delta, accountant)
 
@@ -283,7 +283,6 @@ def _phase0(
                     f"exceed dp.target_epsilon {cfg.dp.target_epsilon}; lower pretrain_epochs or "
                     "let the noise multiplier be calibrated (unset dp.noise_multiplier)"
                 )
-            from securefed.client.dp import DPLocalTrainer, update_digest
 
             if not isinstance(trainer, DPLocalTrainer):  # pragma: no cover - wiring error
                 raise TypeError("phase 0 under DP needs a DP trainer")

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from securefed.io import read_jsonl
+
 __all__ = ["EVALUATION_KEYS", "TRANSPORT_KEYS", "RoundRecord", "read_records"]
 
 #: what the evaluation of a round may add (``holdout_loss`` has its own field): every field of
@@ -162,6 +164,4 @@ class RoundRecord:
 
 def read_records(path: Any) -> list[RoundRecord]:
     """Every line of a run directory's ``metrics.jsonl`` as :class:`RoundRecord`."""
-    from securefed.io import read_jsonl
-
     return [RoundRecord.from_json(r) for r in read_jsonl(path)]

@@ -26,11 +26,14 @@ import torch
 from tqdm.auto import tqdm
 
 from securefed.client import LocalTrainer, local_steps_for, set_flat
+from securefed.client.dp import sample_rate_for
 from securefed.client.runtime import build_trainer, local_round
 from securefed.config import ExperimentConfig
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule, diffusion_loss
 from securefed.federation.engine import ClientRound, ClientTransport
+from securefed.privacy.canaries import ClientCanaryRound
+from securefed.privacy.client_level import ClientLevelDP
 from securefed.secagg import AggregationAbortedError, AggregationProtocol
 from securefed.seeds import Purpose, derive_seed
 from securefed.strategies import CohortSum, RoundPlan, Strategy, pack_update, unpack_sum
@@ -179,8 +182,6 @@ class InProcessClients(ClientTransport):
             client = self.clients[cid]
             hook = None
             if self.privacy is not None and self.privacy.level == "record" and canaries is not None:
-                from securefed.client.dp import sample_rate_for
-
                 hook = canaries.for_client(
                     rnd, cid, self.trainer.model, sample_rate_for(cfg.client, len(client.data)),
                     cfg.dp.max_grad_norm,
@@ -299,7 +300,6 @@ class InProcessClients(ClientTransport):
         pc = self.privacy
         if pc is None or pc.level != "client" or pc.canaries is None or pc.canary_dir is None:
             return None
-        from securefed.privacy.canaries import ClientCanaryRound
 
         plan = pc.ledger.get_plan(self.clients[0].cid)
         cur = _client_dp(strategy).current
@@ -476,8 +476,6 @@ class SimulationEvaluation:
 
 
 def _client_dp(strategy: Strategy) -> Any:
-    from securefed.privacy.client_level import ClientLevelDP
-
     if not isinstance(strategy, ClientLevelDP):  # pragma: no cover - wiring error
         raise TypeError("dp.level client needs a ClientLevelDP strategy")
     return strategy

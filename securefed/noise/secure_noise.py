@@ -74,6 +74,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from securefed.artefacts.rundir import NOISE_KEY_FILE
 from securefed.io import atomic_write_bytes
+from securefed.seeds import Purpose, derive_seed
 
 __all__ = [
     "KEY_BYTES",
@@ -377,7 +378,6 @@ class TorchGaussian:
 
     def sampling_source(self) -> TorchUniform:
         """Poisson-sampling coins from the same (insecure, predictable) seed."""
-        from securefed.seeds import Purpose, derive_seed
 
         return TorchUniform(derive_seed(self._seed, Purpose.DP_SAMPLING))
 

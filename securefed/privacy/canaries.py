@@ -49,6 +49,8 @@ from torch import nn
 
 from securefed.io import atomic_write_bytes, atomic_write_json
 from securefed.noise.secure_noise import derive_key
+from securefed.privacy.accountant import epsilon_of
+from securefed.privacy.ledger import EPSILON_SLACK
 
 __all__ = [
     "CANARY_KEY_FILENAME",
@@ -484,9 +486,6 @@ class CanaryClients:
         """``[m]`` bool: whose next participation at ``charge`` keeps its accountant epsilon
         within ``target_epsilon`` (the rule a real client's ledger applies; all True without a
         target). ``histories[i]``: the charged multipliers of canary ``i``'s past rounds."""
-        from securefed.privacy.accountant import epsilon_of
-        from securefed.privacy.ledger import EPSILON_SLACK
-
         if target_epsilon is None:
             return np.ones(len(self), dtype=bool)
         cache = {} if cache is None else cache

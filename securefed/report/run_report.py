@@ -17,6 +17,7 @@ import yaml
 from securefed.artefacts.rundir import RunDir
 from securefed.federation.record import RoundRecord, read_records
 from securefed.io import atomic_write_bytes, atomic_write_text
+from securefed.privacy import PrivacyLedger
 from securefed.report.audit_section import audit_section
 
 __all__ = [
@@ -201,8 +202,6 @@ def write_run_report(run_dir: str | Path) -> Path:
         ]
         ledger_path = RunDir(run_dir).ledger
         if ledger_path.exists():
-            from securefed.privacy import PrivacyLedger
-
             lines += ["```", PrivacyLedger.load(ledger_path).table(), "```", ""]
     lines += _fedddpm_section(run_dir, cfg, train_rows)
     stopped = RunDir(run_dir).stopped

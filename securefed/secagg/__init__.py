@@ -9,6 +9,7 @@ from securefed.secagg.base import (
     AggregationResult,
     DistributedNoise,
 )
+from securefed.secagg.masking import MaskingAggregation
 from securefed.secagg.plain import PlainAggregation
 
 __all__ = [
@@ -26,11 +27,9 @@ def build_protocol(cfg: SecureAggregationConfig, num_clients: int) -> Aggregatio
     if cfg.protocol == "plain":
         return PlainAggregation()
     if cfg.protocol == "masking":
-        from securefed.secagg.masking import MaskingAggregation
-
         return MaskingAggregation.from_config(cfg, num_clients)
     if cfg.protocol == "ckks":
-        from securefed.secagg.ckks import CKKSAggregation
+        from securefed.secagg.ckks import CKKSAggregation  # lazy: CKKS imports TenSEAL
 
         return CKKSAggregation.from_config(cfg, num_clients)
     raise ValueError(

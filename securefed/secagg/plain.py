@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from securefed.noise.secure_noise import SecureGaussian
 from securefed.secagg.base import (
     AggregationAbortedError,
     AggregationProtocol,
@@ -63,8 +64,6 @@ class PlainAggregation(AggregationProtocol):
             total += np.asarray(live[c], dtype=np.float32).astype(np.float64)
         info: dict[str, object] = {}
         if noise is not None and noise.std > 0 and survivors:
-            from securefed.noise.secure_noise import SecureGaussian
-
             total += SecureGaussian().normal((length,), noise.std, dtype=torch.float64).numpy()
             info = {"noise_std_total": noise.std, "encoding_sensitivity": 0.0}
         return AggregationResult(

@@ -117,7 +117,7 @@ def _load_cifar10(cfg: DataConfig) -> _Raw:
             )
             + " (or extract cifar-10-python.tar.gz into data.root)."
         )
-    from torchvision import datasets as tvd
+    from torchvision import datasets as tvd  # lazy: torchvision is heavy; only this loader needs it
 
     try:
         parts = [tvd.CIFAR10(str(root), train=t, download=False) for t in (True, False)]

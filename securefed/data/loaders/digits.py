@@ -12,6 +12,7 @@ __all__: list[str] = []
 
 
 def _load_digits(cfg: DataConfig) -> _Raw:
+    # lazy: scikit-learn is slow to import; only this loader needs it
     from sklearn.datasets import load_digits
 
     d = load_digits()

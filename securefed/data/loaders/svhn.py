@@ -35,7 +35,7 @@ def _load_svhn(cfg: DataConfig) -> _Raw:
                 dest=str(root),
             )
         )
-    from torchvision import datasets as tvd
+    from torchvision import datasets as tvd  # lazy: torchvision is heavy; only this loader needs it
 
     xs, ys = [], []
     for split, path in files.items():
@@ -59,7 +59,7 @@ def _load_svhn(cfg: DataConfig) -> _Raw:
 
 
 def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.io import loadmat
+    from scipy.io import loadmat  # lazy: scipy.io, only for .mat files torchvision refuses
 
     try:
         mat = loadmat(str(path))

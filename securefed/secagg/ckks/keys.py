@@ -21,6 +21,7 @@ from securefed.secagg.ckks.errors import (
     CKKSKeyPermissionError,
 )
 from securefed.secagg.ckks.params import CKKSParams, validate_ckks_params
+from securefed.secagg.keys import SERVER_KEY_FILE
 
 __all__ = [
     "PUBLIC_CONTEXT_FILE",
@@ -159,8 +160,6 @@ def init_ckks_keys(
             running federation), or ``out_dir`` holds ``server.key``.
         CKKSContextError: invalid parameters.
     """
-    from securefed.secagg.keys import SERVER_KEY_FILE
-
     out_dir = Path(out_dir)
     if (out_dir / SERVER_KEY_FILE).exists():
         raise FileExistsError(

@@ -17,6 +17,7 @@ import tenseal as ts
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from securefed.noise.secure_noise import SecureGaussian
 from securefed.secagg.base import (
     AggregationAbortedError,
     AggregationProtocol,
@@ -300,8 +301,6 @@ class CKKSAggregation(AggregationProtocol):
         for c in survivors:
             t0 = time.process_time()
             if noise is not None and noise.std > 0:
-                from securefed.noise.secure_noise import SecureGaussian
-
                 share = SecureGaussian().normal((length,), noise.share_std(), dtype=torch.float64)
                 live[c] = live[c] + share.numpy()
             messages = self._clients[c].encrypt_update(round_id, live[c])

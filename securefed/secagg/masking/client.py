@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from securefed.noise.discrete_gaussian import discrete_gaussian
 from securefed.noise.prg import (
     MaskAccumulator,
     agreed_key,
@@ -403,8 +404,6 @@ class MaskingClient:
             raise self._error("finite", str(exc)) from exc
         self._input = None  # the plaintext is not kept past this point
         if self.params.noise_std > 0:  # client-level DP share, in the integer domain
-            from securefed.noise.discrete_gaussian import discrete_gaussian
-
             share = self.params.noise_std / plan.quant.step / len(plan.participants) ** 0.5
             noise = discrete_gaussian(share, words.shape[0])
             words = (words.astype(np.int64) + noise).astype(words.dtype)  # wraps mod 2^64/2^32

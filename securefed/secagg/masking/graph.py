@@ -99,8 +99,9 @@ class NeighbourGraph:
             return False
         if self.complete:
             return True
-        from scipy.sparse import coo_matrix  # lazy: scipy.sparse.csgraph is slow to import
-        from scipy.sparse.csgraph import connected_components
+        # lazy: scipy.sparse and its csgraph are slow to import; complete graphs never need them
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components  # lazy: as above
 
         n = len(self.nodes)
         alive = np.fromiter((int(c) in members for c in self.ring), dtype=bool, count=n)
