@@ -140,7 +140,7 @@ from securefed.secagg.masking.messages import (
     decode_message,
     verify_encoded,
 )
-from securefed.secagg.masking.plan import RoundPlan, plan_round
+from securefed.secagg.masking.plan import MaskingPlan, plan_round
 from securefed.seeds import derive_seed
 from securefed.strategies import build_strategy, pack_update
 
@@ -430,7 +430,7 @@ def check_threshold_policy(cfg: ExperimentConfig, options: NodeOptions) -> None:
             )
 
 
-def check_round_policy(plan: RoundPlan, options: NodeOptions) -> None:
+def check_round_policy(plan: MaskingPlan, options: NodeOptions) -> None:
     """Refuse a round below the site's cohort or threshold floor (before it trains).
 
     Raises:
@@ -790,7 +790,7 @@ class Site:
     def _round_start(
         self, opening: bytes, rnd: int, run: RunRecord, cfg: ExperimentConfig,
         clip: float | None = None,
-    ) -> tuple[RoundPlan, Any]:
+    ) -> tuple[MaskingPlan, Any]:
         """Check a :class:`RoundStart` before anything is spent on its round: addressed to this
         site for round ``rnd``, signed by the server under this run, above the site's last
         trained round, and a cohort the site's policy accepts. Returns the round's plan and
@@ -844,7 +844,7 @@ class Site:
         return s
     def _train(
         self, content: Mapping[str, Any], cfg: ExperimentConfig, record: SiteRecord,
-        run: RunRecord, rnd: int, plan: RoundPlan | None,
+        run: RunRecord, rnd: int, plan: MaskingPlan | None,
     ) -> tuple[np.ndarray, list[str], Any, Any] | dict[str, Any]:
         """Train this site's round ``rnd`` on the broadcast in ``content`` (DP, ledger charged
         and persisted, the round recorded as trained). Returns ``(vector, vector keys, update,

@@ -19,7 +19,7 @@ from securefed.secagg.masking.messages import (
     Stage,
     decode_message,
 )
-from securefed.secagg.masking.plan import MaskingParams, RoundPlan, plan_round
+from securefed.secagg.masking.plan import MaskingParams, MaskingPlan, plan_round
 from securefed.secagg.masking.protocol import Intercept, MaskingAggregation
 from securefed.secagg.masking.quantize import (
     QuantizationParams,
@@ -37,6 +37,7 @@ __all__ = [
     "MaskingAggregation",
     "MaskingClient",
     "MaskingParams",
+    "MaskingPlan",
     "MaskingServer",
     "Message",
     "NeighbourGraph",
@@ -44,7 +45,6 @@ __all__ = [
     "ProtocolError",
     "QuantizationParams",
     "ReceivedMessage",
-    "RoundPlan",
     "ServerOutput",
     "ServerState",
     "ServerView",

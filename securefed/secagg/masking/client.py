@@ -60,7 +60,7 @@ from securefed.secagg.masking.messages import (
     decode_message,
     verify_encoded,
 )
-from securefed.secagg.masking.plan import MaskingParams, RoundPlan, plan_round
+from securefed.secagg.masking.plan import MaskingParams, MaskingPlan, plan_round
 from securefed.secagg.masking.quantize import encode_words, quantize, reduce_words
 from securefed.secagg.masking.state import ClientState
 
@@ -203,7 +203,7 @@ class MaskingClient:
         return ProtocolError(self.state.client_id, check, detail)
 
     @property
-    def _plan(self) -> RoundPlan:
+    def _plan(self) -> MaskingPlan:
         if self.state.plan is None:
             raise self._error("stage", "no round has started")
         return self.state.plan

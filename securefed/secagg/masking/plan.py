@@ -2,7 +2,7 @@
 
 :class:`MaskingParams` is what every party is configured with (threshold, neighbours, ring bits,
 clip range, client-level noise, run id); :func:`plan_round` derives from it and the round's public
-data the :class:`RoundPlan` every party computes identically: the neighbour graph (Bell et al.
+data the :class:`MaskingPlan` every party computes identically: the neighbour graph (Bell et al.
 2020), the Shamir threshold (:func:`~securefed.secagg.base.resolve_threshold`) and the
 quantisation grid.
 """
@@ -19,7 +19,7 @@ from securefed.secagg.masking.quantize import QuantizationParams, quantization_p
 __all__ = [
     "NOISE_HEADROOM",
     "MaskingParams",
-    "RoundPlan",
+    "MaskingPlan",
     "plan_round",
 ]
 
@@ -65,7 +65,7 @@ NOISE_HEADROOM = 12.0
 
 
 @dataclass(frozen=True)
-class RoundPlan:
+class MaskingPlan:
     """Everything public about one round that every party derives identically."""
 
     round_id: int
@@ -78,7 +78,7 @@ class RoundPlan:
 
 def plan_round(
     params: MaskingParams, round_id: int, participants: Sequence[int], vector_length: int
-) -> RoundPlan:
+) -> MaskingPlan:
     """Derive the round's graph, threshold and quantisation grid from public data.
 
     Raises:
@@ -91,4 +91,4 @@ def plan_round(
     t = resolve_threshold(params.threshold, graph.neighbourhood_size)
     clip = params.clip_range + NOISE_HEADROOM * params.noise_std
     quant = quantization_params(params.bits, clip, len(ids))
-    return RoundPlan(round_id, ids, int(vector_length), graph, t, quant)
+    return MaskingPlan(round_id, ids, int(vector_length), graph, t, quant)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from securefed.secagg.masking.messages import AdvertiseKeys, ShareKeys, Stage, UnmaskShares
-from securefed.secagg.masking.plan import RoundPlan
+from securefed.secagg.masking.plan import MaskingPlan
 
 __all__ = [
     "ClientState",
@@ -34,7 +34,7 @@ class ClientState:
     client_id: int
     round_id: int
     stage: str | None = None
-    plan: RoundPlan | None = None
+    plan: MaskingPlan | None = None
     c_secret: X25519PrivateKey | None = None
     s_secret: X25519PrivateKey | None = None
     peer_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # U1 neighbours
@@ -54,7 +54,7 @@ class ServerState:
     It only ever holds masked vectors folded into one running sum, never an individual input.
     """
 
-    plan: RoundPlan
+    plan: MaskingPlan
     stage: str = Stage.ADVERTISE_KEYS
     advertised: dict[int, AdvertiseKeys] = field(default_factory=dict)  # U1
     advertised_raw: dict[int, bytes] = field(default_factory=dict)
