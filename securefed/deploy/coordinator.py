@@ -24,7 +24,8 @@ stage closes (e.g. a secret that no ``t`` of the returned Shamir shares reconstr
 round too; it never ends the run. Wrong shares that the robust reconstruction could correct are
 blamed on the sites that returned them (``protocol_info.bad_share_holders``).
 
-How messages reach the sites is abstract (:class:`Transport`): :mod:`securefed.deploy.server_app`
+How messages reach the sites is abstract (:class:`SiteChannel`, not to be confused with the
+engine's transport, which the coordinator itself is): :mod:`securefed.deploy.server_app`
 implements it over Flower's ``Grid``; tests may implement it in-process.
 """
 
@@ -99,8 +100,8 @@ __all__ = [
     "Coordinator",
     "CoordinatorOptions",
     "DeployResult",
+    "SiteChannel",
     "SiteInfo",
-    "Transport",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,11 @@ log = logging.getLogger(__name__)
 Reply = Mapping[str, Any] | str
 
 
-class Transport(Protocol):
+class SiteChannel(Protocol):
     """How the coordinator reaches the sites (Flower's Grid in a deployment)."""
 
     def node_ids(self) -> list[int]:
-        """Transport ids of the sites connected now."""
+        """Channel ids (Flower node ids) of the sites connected now."""
         ...
 
     def exchange(
@@ -195,13 +196,13 @@ class _Ahead:
 
 
 class Coordinator(ClientTransport):
-    """Runs an experiment over a :class:`Transport`: the round engine's deployed
+    """Runs an experiment over a :class:`SiteChannel`: the round engine's deployed
     :class:`~securefed.federation.engine.ClientTransport`.
 
     Args:
         cfg: the experiment (sent to every site at setup; the sites validate it themselves).
         options: run directory, key folder (``server.key`` + ``roster.json``), timeouts.
-        transport: the network.
+        channel: how messages reach the sites (the network).
         on_event: optional ``(event dict) -> None`` called at every stage boundary (tests and
             operators watch progress; the same events go to ``<run_dir>/status.json``).
     """
@@ -210,7 +211,7 @@ class Coordinator(ClientTransport):
         self,
         cfg: ExperimentConfig,
         options: CoordinatorOptions,
-        transport: Transport,
+        channel: SiteChannel,
         *,
         on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
@@ -221,7 +222,7 @@ class Coordinator(ClientTransport):
             )
         self.cfg = cfg
         self.options = options
-        self.transport = transport
+        self.channel = channel
         self.on_event = on_event
         self.sites: dict[int, SiteInfo] = {}
         self.run_id = new_run_id()  # fresh per run; every site must accept it at setup
@@ -241,7 +242,7 @@ class Coordinator(ClientTransport):
     def _wait_for_sites(self) -> list[int]:
         deadline = time.monotonic() + self.options.join_timeout
         while True:
-            nodes = sorted(self.transport.node_ids())
+            nodes = sorted(self.channel.node_ids())
             if len(nodes) >= self.options.min_sites:
                 return nodes
             if time.monotonic() > deadline:
@@ -265,7 +266,7 @@ class Coordinator(ClientTransport):
             "experiment": dump_config(self.cfg),
         }
         # setup loads the site's data and calibrates its noise: as slow as training
-        replies = self.transport.exchange(
+        replies = self.channel.exchange(
             MESSAGE_SETUP, dict.fromkeys(nodes, content),
             timeout=self.options.train_timeout, group="setup",
         )
@@ -524,7 +525,7 @@ class Coordinator(ClientTransport):
             trains = any(train_stage[c] == stage for c in live)
             timeout = self.options.train_timeout if trains else self.options.stage_timeout
             replies = (
-                self.transport.exchange(
+                self.channel.exchange(
                     stage_message_type(stage), contents, timeout=timeout, group=str(rnd)
                 )
                 if contents
@@ -668,7 +669,7 @@ class Coordinator(ClientTransport):
         }
         self._event(stage="fedddpm_phase0", state="sent", clients=cids)
         t0 = time.perf_counter()
-        replies = self.transport.exchange(
+        replies = self.channel.exchange(
             MESSAGE_PHASE0, contents, timeout=self.options.train_timeout, group="phase0"
         )
         images, labels, owners = [], [], []
@@ -880,7 +881,7 @@ class Coordinator(ClientTransport):
         }
         for c in clients:
             down[c] += bcast_bytes
-        replies = self.transport.exchange(
+        replies = self.channel.exchange(
             MESSAGE_CKKS_UPLOAD, contents, timeout=self.options.train_timeout, group=str(rnd)
         )
         for cid in clients:
@@ -934,7 +935,7 @@ class Coordinator(ClientTransport):
         holder = survivors[0]
         blob = pack_chunks(aggregate)
         down[holder] += len(blob)
-        reply = self.transport.exchange(
+        reply = self.channel.exchange(
             MESSAGE_CKKS_DECRYPT,
             {self.sites[holder].node_id: {"round": rnd, "run_id": self.run_id, "aggregate": blob,
                                           "length": length, "contributors": survivors}},

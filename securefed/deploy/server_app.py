@@ -34,7 +34,7 @@ from securefed.config import load_config
 from securefed.deploy.coordinator import Coordinator, CoordinatorOptions, Reply
 from securefed.deploy.polling import apply_grid_pull_patch
 
-__all__ = ["FlowerTransport", "app", "options_from_run_config"]
+__all__ = ["FlowerChannel", "app", "options_from_run_config"]
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ RECORD = "securefed"
 app = ServerApp()
 
 
-class FlowerTransport:
-    """:class:`~securefed.deploy.coordinator.Transport` over a Flower ``Grid``.
+class FlowerChannel:
+    """:class:`~securefed.deploy.coordinator.SiteChannel` over a Flower ``Grid``.
 
     Replies are pulled every ``poll_interval`` seconds (``Grid.send_and_receive`` sleeps 3 s
     between pulls, which would add up to 3 s to every masking stage).
@@ -168,7 +168,7 @@ def main(grid: Grid, context: Context) -> None:
     root.setLevel(logging.INFO)
     poll = _num(rc, "poll-interval", 0.05, 0.01)
     try:
-        result = Coordinator(cfg, options, FlowerTransport(grid, poll)).run()
+        result = Coordinator(cfg, options, FlowerChannel(grid, poll)).run()
         log.info("deployment run %s: %d rounds", result.run_dir, result.rounds_completed)
     finally:
         root.removeHandler(handler)
