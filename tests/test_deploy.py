@@ -625,20 +625,30 @@ def test_in_process_adaptive_clipping_deployment(tmp_path: Path) -> None:
                                       "3": pytest.approx(clips[1], rel=1e-6)}
 
 
-def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("feature", ["fedavg", "feddiffuse_udec", "fedddpm"])
+def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, feature: str) -> None:
     """CKKS deployed (honest-but-curious coordinator, every site opted in): two messages a
     round. The coordinator holds only the public context (its key folder), each site the shared
     secret one (its own key folder, 0600); the lowest surviving site decrypts the aggregate.
     Same models within the CKKS bound, same ledgers as the simulation; the key holder refuses
-    a second decryption of a round (a decryption oracle)."""
+    a second decryption of a round (a decryption oracle). Also with FedDiffuse ``udec`` (only
+    the shared groups encrypted and summed; the local groups stay on the sites) and with
+    FedDDPM (phase 0 as a message before the CKKS rounds; its uploads opted in)."""
     import shutil
 
     from securefed.deploy.wire import MESSAGE_CKKS_DECRYPT
     from securefed.run import run_experiment
     from securefed.secagg.ckks import PUBLIC_CONTEXT_FILE, SECRET_CONTEXT_FILE, init_ckks_keys
 
+    extra: dict[str, Any] = {}
+    if feature == "feddiffuse_udec":
+        extra["feddiffuse"] = {"enabled": True, "variant": "udec"}
+    if feature == "fedddpm":
+        extra["fedddpm"] = {"enabled": True, "variant": "fedddpm", "pretrain_epochs": 1.0,
+                            "aux_total": 24, "calibration_steps": 2, "server_batch_size": 8,
+                            "aux_sampling_steps": 4}
     cfg = _cfg(secure_aggregation={"protocol": "ckks", "threshold": 0.67,
-                                   "server_threat": "honest_but_curious"})
+                                   "server_threat": "honest_but_curious"}, **extra)
     init_identity_keys(tmp_path / "keys", 3)
     secret, public = init_ckks_keys(tmp_path / "ckks")
     shutil.copy(public, tmp_path / "keys" / PUBLIC_CONTEXT_FILE)
@@ -651,6 +661,7 @@ def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path) -> No
     sites = {
         700 + i: Site(NodeOptions(tmp_path / f"site{i}", site_keys, i, partition_id=i,
                                   allow_ckks=True, allow_honest_but_curious_server=True,
+                                  allow_individual_uploads=feature == "fedddpm",
                                   **REHEARSAL))  # type: ignore[arg-type]
         for i in range(3)
     }
@@ -675,7 +686,17 @@ def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path) -> No
     assert_matches_simulation(
         cfg, tmp_path / "run", tmp_path / "sim", sim.final_params,
         [tmp_path / f"site{i}" / "privacy_ledger.json" for i in range(3)],
+        entries=3 if feature == "fedddpm" else 2,  # + the phase-0 pre-training charge
     )
+    if feature == "feddiffuse_udec":  # the local groups stayed on the sites, as simulated
+        sim_clients = torch.load(tmp_path / "sim" / "checkpoints" / "round_0001.pt",
+                                 weights_only=True)["clients"]
+        for i in range(3):
+            local = torch.load(tmp_path / f"site{i}" / "client_state.pt",
+                               weights_only=True)["feddiffuse.local"]
+            want = sim_clients[str(i)]["feddiffuse.local"]
+            assert local.shape == want.shape and 0 < local.numel()
+            assert float((local - want).abs().max()) < 1e-4, i
     run_id = json.loads((tmp_path / "run" / "sites.json").read_text())["run_id"]
     with pytest.raises(PolicyError, match="already decrypted round 2"):
         dispatch(sites[700], MESSAGE_CKKS_DECRYPT,

@@ -52,11 +52,11 @@ def check_deployable(cfg: ExperimentConfig) -> None:
                 "site decrypts every update); set secure_aggregation.server_threat: "
                 "honest_but_curious (every site must opt in), or use 'masking'"
             )
-        if cfg.dp.level == "client" or cfg.fedddpm.enabled or cfg.feddiffuse.enabled:
+        if cfg.dp.level == "client":
             raise DeployConfigError(
-                "secure_aggregation.protocol: 'ckks' is deployed for FedAvg / FedProx / SCAFFOLD "
-                "with record-level DP only; use 'masking' with client-level DP, FedDDPM or "
-                "FedDiffuse"
+                "secure_aggregation.protocol: 'ckks' is deployed with record-level DP only (a "
+                "site does not add client-level noise shares to its CKKS upload); use 'masking' "
+                "with dp.level: client"
             )
     if cfg.federation.dropout_prob != 0:
         raise DeployConfigError(
