@@ -625,7 +625,7 @@ def test_in_process_adaptive_clipping_deployment(tmp_path: Path) -> None:
                                       "3": pytest.approx(clips[1], rel=1e-6)}
 
 
-@pytest.mark.parametrize("feature", ["fedavg", "feddiffuse_udec", "fedddpm"])
+@pytest.mark.parametrize("feature", ["fedavg", "feddiffuse_udec", "fedddpm", "client_dp"])
 def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, feature: str) -> None:
     """CKKS deployed (honest-but-curious coordinator, every site opted in): two messages a
     round. The coordinator holds only the public context (its key folder), each site the shared
@@ -633,7 +633,9 @@ def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, featu
     Same models within the CKKS bound, same ledgers as the simulation; the key holder refuses
     a second decryption of a round (a decryption oracle). Also with FedDiffuse ``udec`` (only
     the shared groups encrypted and summed; the local groups stay on the sites) and with
-    FedDDPM (phase 0 as a message before the CKKS rounds; its uploads opted in)."""
+    FedDDPM (phase 0 as a message before the CKKS rounds; its uploads opted in). With
+    client-level DP each site plans the round's noise itself and adds its Gaussian share before
+    encrypting: the ledgers equal the simulation's, the models differ by the noise only."""
     import shutil
 
     from securefed.deploy.wire import MESSAGE_CKKS_DECRYPT
@@ -647,6 +649,9 @@ def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, featu
         extra["fedddpm"] = {"enabled": True, "variant": "fedddpm", "pretrain_epochs": 1.0,
                             "aux_total": 24, "calibration_steps": 2, "server_batch_size": 8,
                             "aux_sampling_steps": 4}
+    if feature == "client_dp":
+        extra["dp"] = {"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
+                       "adaptive_clipping": False, "secure_noise": True}
     cfg = _cfg(secure_aggregation={"protocol": "ckks", "threshold": 0.67,
                                    "server_threat": "honest_but_curious"}, **extra)
     init_identity_keys(tmp_path / "keys", 3)
@@ -683,6 +688,9 @@ def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, featu
     assert [m["protocol_info"]["key_holder"] for m in res.metrics] == [0, 0]
     assert sent.count("train.ckks_upload") == sent.count(MESSAGE_CKKS_DECRYPT) == 2
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    if feature == "client_dp":
+        _assert_client_level_matches(cfg, tmp_path, res, sim, ckks=True)
+        return
     assert_matches_simulation(
         cfg, tmp_path / "run", tmp_path / "sim", sim.final_params,
         [tmp_path / f"site{i}" / "privacy_ledger.json" for i in range(3)],
@@ -733,6 +741,14 @@ def test_in_process_client_level_dp_deployment_matches_the_simulation(tmp_path: 
     res, _ = _run_in_process(tmp_path, cfg)
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    _assert_client_level_matches(cfg, tmp_path, res, sim, ckks=False)
+
+
+def _assert_client_level_matches(
+    cfg: ExperimentConfig, tmp_path: Path, res: Any, sim: Any, *, ckks: bool
+) -> None:
+    """A deployed client-level run (``run/``, sites ``site<i>/``) against the simulation
+    (``sim/``): equal ledgers; models that differ by the two runs' independent noise only."""
     sim_ledger = json.loads((tmp_path / "sim" / "privacy_ledger.json").read_text())
     for i in range(3):
         led = json.loads((tmp_path / f"site{i}" / "privacy_ledger.json").read_text())
@@ -748,10 +764,17 @@ def test_in_process_client_level_dp_deployment_matches_the_simulation(tmp_path: 
         )
     # the noise: each round's sum carries N(0, std^2) per coordinate, divided by 3 contributors;
     # two independent runs differ by at most ~6.5 std/3 over 10k coordinates (8 std/3 allowed)
-    from securefed.deploy.common import round_masking_params
-
     d = int(sim.final_params.numel())
-    std = round_masking_params(cfg, "ab" * 16, 3, d + 1).noise_std
+    if ckks:  # real-valued Gaussian shares, no masking grid
+        from securefed.builders import client_level_dp
+        from securefed.strategies import build_strategy
+
+        base = build_strategy(cfg.strategy, 3, weight_scale=1.0)
+        std = client_level_dp(cfg, base).round_noise(3, d + 1).noise().std
+    else:
+        from securefed.deploy.common import round_masking_params
+
+        std = round_masking_params(cfg, "ab" * 16, 3, d + 1).noise_std
     for rnd in (1, 2):
         gap = float((_ckpt_params(tmp_path / "run", rnd) - _ckpt_params(tmp_path / "sim", rnd))
                     .abs().max())

@@ -52,11 +52,11 @@ def check_deployable(cfg: ExperimentConfig) -> None:
                 "site decrypts every update); set secure_aggregation.server_threat: "
                 "honest_but_curious (every site must opt in), or use 'masking'"
             )
-        if cfg.dp.level == "client":
+        if cfg.dp.level == "client" and cfg.dp.adaptive_clipping:
             raise DeployConfigError(
-                "secure_aggregation.protocol: 'ckks' is deployed with record-level DP only (a "
-                "site does not add client-level noise shares to its CKKS upload); use 'masking' "
-                "with dp.level: client"
+                "dp.adaptive_clipping: true is deployed on masking only (the next round's clip "
+                "norm travels in the signed round start, which CKKS rounds do not have); set "
+                "dp.adaptive_clipping: false or secure_aggregation.protocol: masking"
             )
     if cfg.federation.dropout_prob != 0:
         raise DeployConfigError(

@@ -845,7 +845,7 @@ class Site:
     def _train(
         self, content: Mapping[str, Any], cfg: ExperimentConfig, record: SiteRecord,
         run: RunRecord, rnd: int, plan: MaskingPlan | None,
-    ) -> tuple[np.ndarray, list[str], Any, Any] | dict[str, Any]:
+    ) -> tuple[np.ndarray, list[str], Any, Any, Any] | dict[str, Any]:
         """Train this site's round ``rnd`` on the broadcast in ``content`` (DP, ledger charged
         and persisted, the round recorded as trained). Returns ``(vector, vector keys, update,
         privacy)``, or the reply of a site whose budget is exhausted.
@@ -900,13 +900,21 @@ class Site:
             return {"status": "budget_exhausted", "round": rnd, "run_id": run.run_id,
                     "epsilon": float(ledger.epsilon(self.cid))}
 
+        noise = None
         if cfg.dp.level == "client":
-            if plan is None:  # pragma: no cover - client-level DP runs on masking only
-                raise WireError(f"{who}: client-level DP needs the round's signed start")
             layer = client_level_layer(strategy)
+            if plan is not None:  # masking: the cohort and length of the signed round start
+                cohort, length = len(plan.participants), plan.vector_length
+            elif cfg.secure_aggregation.protocol == "ckks":
+                # CKKS (honest-but-curious coordinator, opted in): the round message names the
+                # cohort; the packed length is the model's plus the weight (no adaptive clip bit:
+                # adaptive clipping is refused with CKKS)
+                cohort, length = len(content["participants"]), d + 1
+            else:  # pragma: no cover - check_deployable admits masking and CKKS only
+                raise WireError(f"{who}: client-level DP needs the round's signed start")
             if cfg.dp.adaptive_clipping:  # this round's S (recorded at its start)
                 layer.clip = run.round_clips[rnd]
-            noise = layer.round_noise(len(plan.participants), plan.vector_length)
+            noise = layer.round_noise(cohort, length)
             # adaptive: S is the broadcast's own; beta is recomputed here (float32 on the wire)
             _check_clip(broadcast, noise, rnd, rel=1e-6 if cfg.dp.adaptive_clipping else 0.0)
             client_level_layer(strategy).current = noise
@@ -934,7 +942,7 @@ class Site:
         run.last_trained_round = rnd
         save_site_record(self.options.state_dir, record)
         keys = sorted(update.vectors)
-        return pack_update(update.vectors, keys, update.weight), keys, update, privacy
+        return pack_update(update.vectors, keys, update.weight), keys, update, privacy, noise
 
     def _trained_reply(
         self, rnd: int, run: RunRecord, reply: bytes, keys: list[str], update: Any, privacy: Any
@@ -1078,7 +1086,13 @@ class Site:
         trained = self._train(content, cfg, record, run, rnd, None)
         if isinstance(trained, dict):
             return trained
-        vector, keys, update, privacy = trained
+        vector, keys, update, privacy, noise = trained
+        if noise is not None:  # client-level DP: this site's Gaussian share of the round's
+            # noise, from a fresh CSPRNG key, added before encryption (as the simulation's CKKS)
+            share = SecureGaussian().normal(
+                (vector.shape[0],), noise.noise().share_std(), dtype=torch.float64
+            )
+            vector = vector + share.numpy()
         chunks = self._ckks_client(cfg, run.run_id).encrypt_update(rnd, vector)
         out = self._trained_reply(rnd, run, b"", keys, update, privacy)
         del out["secagg"]
@@ -1141,7 +1155,7 @@ class Site:
         trained = self._train(content, cfg, record, run, rnd, plan)
         if isinstance(trained, dict):
             return trained
-        vector, keys, update, privacy = trained
+        vector, keys, update, privacy, _ = trained
         key, roster = self._identity()
         client = MaskingClient(self.cid, rnd, params, key, roster, vector)
         reply = client.handle(opening)
@@ -1188,7 +1202,7 @@ class Site:
         trained = self._train(content, cfg, record, run, rnd, state.plan)
         if isinstance(trained, dict):
             return trained
-        vector, keys, update, privacy = trained
+        vector, keys, update, privacy, _ = trained
         params = self._round_params(cfg, run, rnd)(
             len(state.plan.participants), state.plan.vector_length
         )
