@@ -671,11 +671,14 @@ def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, featu
         for i in range(3)
     }
     sent: list[str] = []
+    uploads: list[Mapping[str, Any]] = []
 
     class Recording(_InProcess):
         def exchange(self, message_type: str, contents: Mapping[int, Mapping[str, Any]], *,
                      timeout: float, group: str) -> dict[int, Reply]:
             sent.append(message_type)
+            if message_type == "train.ckks_upload":
+                uploads.append(dict(contents[700]))
             return super().exchange(message_type, contents, timeout=timeout, group=group)
 
     res = Coordinator(
@@ -690,6 +693,11 @@ def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, featu
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
     if feature == "client_dp":
         _assert_client_level_matches(cfg, tmp_path, res, sim, ckks=True)
+        # a coordinator naming a cohort larger than the federation (so that each site's share
+        # would be scaled for sites that do not exist) is refused before anything is trained
+        forged = {**uploads[-1], "round": 3, "participants": [0, 1, 2, 3]}
+        with pytest.raises(PolicyError, match="cohort of 4 sites exceeds the federation's 3"):
+            dispatch(sites[700], "train.ckks_upload", forged)
         return
     assert_matches_simulation(
         cfg, tmp_path / "run", tmp_path / "sim", sim.final_params,

@@ -910,6 +910,12 @@ class Site:
                 # cohort; the packed length is the model's plus the weight (no adaptive clip bit:
                 # adaptive clipping is refused with CKKS)
                 cohort, length = len(content["participants"]), d + 1
+                if cohort > cfg.federation.num_clients:  # shares scaled for sites that do
+                    # not exist would leave the sum under-noised
+                    raise PolicyError(
+                        f"round {rnd}: a cohort of {cohort} sites exceeds the federation's "
+                        f"{cfg.federation.num_clients} (federation.num_clients of the pinned plan)"
+                    )
             else:  # pragma: no cover - check_deployable admits masking and CKKS only
                 raise WireError(f"{who}: client-level DP needs the round's signed start")
             if cfg.dp.adaptive_clipping:  # this round's S (recorded at its start)
