@@ -125,7 +125,7 @@ def run_experiment(
     dev = resolve_device(device or cfg.device)
     if resume:
         _check_resume_config(run_dir, cfg)
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif not RunDir(run_dir).is_new():
         raise FileExistsError(
             f"run directory {run_dir} already exists and is not empty; pass a new --out, or "
             f"--resume {run_dir} to continue it"

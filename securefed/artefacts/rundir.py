@@ -172,6 +172,13 @@ class RunDir:
         """True when this is a securefed run directory (it has a ``config.yaml``)."""
         return self.config.is_file()
 
+    def require_run(self) -> None:
+        """Raise FileNotFoundError (naming the folder) unless this is a run directory."""
+        if not self.is_run():
+            raise FileNotFoundError(
+                f"{self.root} has no config.yaml: it is not a securefed run directory"
+            )
+
     def is_new(self) -> bool:
         """True when the folder does not exist or is empty."""
         return not self.root.exists() or not any(self.root.iterdir())

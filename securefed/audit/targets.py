@@ -147,10 +147,7 @@ def load_audit_run(run_dir: str | Path, device: torch.device | None = None) -> A
         FileNotFoundError: not a run directory, or it has no checkpoint.
     """
     run_dir = Path(run_dir)
-    if not RunDir(run_dir).config.exists():
-        raise FileNotFoundError(
-            f"{run_dir} has no config.yaml: it is not a securefed run directory"
-        )
+    RunDir(run_dir).require_run()
     if not (RunDir(run_dir).checkpoints / "latest.json").exists():
         raise FileNotFoundError(
             f"{run_dir}/checkpoints/latest.json is missing: the run has no model to audit yet"

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from securefed.artefacts.rundir import RunDir
 from securefed.deploy.loopback import (
     APP_DIR,
     RunEndedEarly,
@@ -311,7 +312,7 @@ def cli_flower_sim(args: Any) -> int:
 
     cfg = load_config(args.config)
     out = Path(args.out or Path("runs") / f"{cfg.name}-flower-sim")
-    if out.exists() and any(out.iterdir()):
+    if not RunDir(out).is_new():
         raise FileExistsError(f"--out {out}: exists and is not empty; choose a new run directory")
     work = Path(args.work) if args.work else out.parent / f"{out.name}.flower"
     n = cfg.federation.num_clients

@@ -165,6 +165,7 @@ class RoundEngine:
         out = self.transport.run_clients(rnd, plan, self.strategy, rng)
         seconds = dict(out.seconds)
         server = None
+        abandoned = None
         if out.sums:
             t0 = time.perf_counter()
             self.global_params = self.strategy.aggregate(
@@ -174,8 +175,8 @@ class RoundEngine:
             self.transport.commit(rnd, out.participants)
             server = self.strategy.round_metrics() or None
         else:
-            reason = out.abandoned or "every selected client dropped out"
-            log.warning("round %d abandoned: %s; the global model is unchanged", rnd, reason)
+            abandoned = out.abandoned or "every selected client dropped out"
+            log.warning("round %d abandoned: %s; the global model is unchanged", rnd, abandoned)
         self.round = rnd
         values: dict[str, Any] = {}
         if self.evaluate is not None:
@@ -198,7 +199,7 @@ class RoundEngine:
             mean_local_loss=out.mean_local_loss,
             epsilon=out.epsilon,
             budget_exhausted=out.budget_exhausted,
-            abandoned=None if out.sums else (out.abandoned or "every selected client dropped out"),
+            abandoned=abandoned,
             server=server,
             holdout_loss=holdout,
             evaluation=values,

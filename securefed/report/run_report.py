@@ -115,11 +115,8 @@ def _fmt(v: Any, nd: int = 4) -> str:
 def write_run_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` (+ ``curves.png``, ``label_histogram.png``) for a run directory."""
     run_dir = Path(run_dir)
+    RunDir(run_dir).require_run()
     cfg_path = RunDir(run_dir).config
-    if not cfg_path.exists():
-        raise FileNotFoundError(
-            f"{run_dir} has no config.yaml: it is not a securefed run directory"
-        )
     cfg = yaml.safe_load(cfg_path.read_text())
     rows = read_records(RunDir(run_dir).metrics)
     train_rows = [r for r in rows if r.round > 0]
