@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from securefed.artefacts.checkpoint import CheckpointError, load_latest
+from securefed.artefacts.checkpoint import load_latest
 from securefed.artefacts.grid import save_grid
 from securefed.artefacts.rundir import RunDir, released_params
 from securefed.deploy.polling import main as supernode_main
-from securefed.deploy.simulation_runtime import SimulationRuntimeError, add_flower_sim_parser
+from securefed.deploy.simulation_runtime import add_flower_sim_parser
 from securefed.deploy.tls import add_keys_tls_parser
 from securefed.deploy.worker import add_site_worker_parser
+from securefed.errors import SecurefedError
 
 __all__ = ["main"]
 
@@ -459,25 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from securefed.audit.attacks import AttackError  # lazy: CLI start-up
-    from securefed.audit.threats import ThreatModelError  # lazy: CLI start-up
-    from securefed.config import ConfigError  # lazy: CLI start-up
-    from securefed.data import DatasetError, PartitionError  # lazy: CLI start-up
-
     try:
         return int(args.func(args))
-    except (
-        ConfigError,
-        DatasetError,
-        PartitionError,
-        CheckpointError,
-        FileExistsError,
-        FileNotFoundError,
-        PermissionError,
-        ThreatModelError,
-        AttackError,
-        SimulationRuntimeError,
-    ) as exc:
+    except (SecurefedError, FileExistsError, FileNotFoundError, PermissionError) as exc:
+        # every user-fixable error (config, data, keys, ledger, checkpoint, threat model, ...)
+        # derives from SecurefedError: one clear line, exit 2, nothing imported to catch it
         print(f"securefed {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from securefed.errors import SecurefedError
+
 __all__ = [
     "CanaryConfig",
     "CheckpointConfig",
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(SecurefedError, ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 

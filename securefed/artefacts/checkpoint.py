@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from securefed.errors import SecurefedError
 from securefed.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 __all__ = ["Checkpoint", "CheckpointError", "load_latest", "save_checkpoint"]
@@ -22,7 +23,7 @@ __all__ = ["Checkpoint", "CheckpointError", "load_latest", "save_checkpoint"]
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SecurefedError, RuntimeError):
     """A checkpoint is missing, corrupt or does not match the run."""
 
 

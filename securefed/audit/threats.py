@@ -36,6 +36,7 @@ import yaml
 from securefed.audit.attacks import ATTACKS
 from securefed.audit.metrics import ATTACK_METRICS
 from securefed.config import ExperimentConfig
+from securefed.errors import SecurefedError
 
 __all__ = [
     "DERIVED",
@@ -60,7 +61,7 @@ TARGETS = ("global", "received", "clients", "synthetic")
 INCONCLUSIVE_RULES = ("fail", "pass")
 
 
-class ThreatModelError(ValueError):
+class ThreatModelError(SecurefedError, ValueError):
     """A threat model file is malformed (the message names the file, the field and the fix)."""
 
 

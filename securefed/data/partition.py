@@ -28,13 +28,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from securefed.config import PartitionConfig
+from securefed.errors import SecurefedError
 
 __all__ = ["PartitionError", "label_histogram", "partition"]
 
 _MAX_DIRICHLET_ATTEMPTS = 100
 
 
-class PartitionError(ValueError):
+class PartitionError(SecurefedError, ValueError):
     """The requested partition is impossible or could not be drawn; the message says the fix."""
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from securefed.builders import client_level_dp
 from securefed.config import ExperimentConfig
+from securefed.errors import SecurefedError
 from securefed.privacy.client_level import ClientLevelDP
 from securefed.secagg.keys import ROSTER_FILE
 from securefed.secagg.masking.plan import MaskingParams
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 
-class DeployConfigError(ValueError):
+class DeployConfigError(SecurefedError, ValueError):
     """The experiment cannot run on the deployment path; names the field, value and fix."""
 
 

@@ -122,6 +122,7 @@ from securefed.deploy.wire import (
 )
 from securefed.diffusion import NoiseSchedule
 from securefed.diffusion.params import num_params
+from securefed.errors import SecurefedError
 from securefed.federation import public_pretrain
 from securefed.federation.auxiliary import build_auxiliary_set
 from securefed.federation.simulation import SimClient
@@ -162,7 +163,7 @@ CLIENT_STATE_FILE = "client_state.pt"
 PENDING_STATE_FILE = "client_state.pending.pt"
 
 
-class NodeConfigError(ValueError):
+class NodeConfigError(SecurefedError, ValueError):
     """A bad ``--node-config`` entry; names the key, the value and the fix."""
 
 

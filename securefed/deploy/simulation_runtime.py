@@ -50,6 +50,7 @@ from securefed.deploy.loopback import (
     free_port,
     wait_for_finished,
 )
+from securefed.errors import SecurefedError
 from securefed.io import atomic_write_text
 
 __all__ = [
@@ -69,7 +70,7 @@ SITE_CONFIG_ENV = "SECUREFED_SIMULATION_SITE_CONFIG"
 _CONNECTION = "securefed-sim"
 
 
-class SimulationRuntimeError(RuntimeError):
+class SimulationRuntimeError(SecurefedError, RuntimeError):
     """The Simulation Runtime could not run the federation (the message says where to look)."""
 
 

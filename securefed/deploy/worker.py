@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from securefed.errors import SecurefedError
 from securefed.io import atomic_write_bytes
 
 __all__ = [
@@ -64,7 +65,7 @@ CLIENTAPP_REF = "securefed.deploy.client_app:app"
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 
 
-class WorkerConfigError(ValueError):
+class WorkerConfigError(SecurefedError, ValueError):
     """A bad worker setting (names the flag, the value and the fix)."""
 
 

@@ -37,6 +37,7 @@ from securefed.config import DataConfig, ExperimentConfig, PublicPretrainConfig
 from securefed.data import ImageDataset, load_dataset
 from securefed.diffusion import NoiseSchedule, UNet, diffusion_loss
 from securefed.diffusion.params import get_flat, set_flat
+from securefed.errors import SecurefedError
 from securefed.io import atomic_write_bytes
 from securefed.seeds import Purpose, derive_seed
 
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 VERSION = 2  # 2: streams from seeds.Purpose.PUBLIC_PRETRAIN
 
 
-class PublicDataError(ValueError):
+class PublicDataError(SecurefedError, ValueError):
     """The public pre-training set is (partly) the private set, or does not fit the model."""
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from securefed.artefacts.rundir import LEDGER_FILE
+from securefed.errors import SecurefedError
 from securefed.io import atomic_write_json
 from securefed.privacy.accountant import (
     ACCOUNTANTS,
@@ -71,7 +72,7 @@ Status = Literal["active", "budget_exhausted"]
 _STATUSES = ("active", "budget_exhausted")
 
 
-class LedgerError(ValueError):
+class LedgerError(SecurefedError, ValueError):
     """The ledger file is corrupt, or an operation would break the ledger's invariants."""
 
 

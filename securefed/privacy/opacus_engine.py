@@ -31,6 +31,7 @@ from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from securefed.errors import SecurefedError
 from securefed.noise.secure_noise import NoiseSource
 from securefed.privacy.dp_step import draw_noise
 
@@ -46,7 +47,7 @@ __all__ = [
 _CLIP_EPS = 1e-6
 
 
-class DPModelError(ValueError):
+class DPModelError(SecurefedError, ValueError):
     """The model contains layers that per-example DP-SGD cannot handle."""
 
 

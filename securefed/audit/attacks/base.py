@@ -20,11 +20,12 @@ from torch import nn
 
 from securefed.data import ImageDataset
 from securefed.diffusion import NoiseSchedule
+from securefed.errors import SecurefedError
 
 __all__ = ["Attack", "AttackContext", "AttackError", "batched_scores", "scaled_timestep"]
 
 
-class AttackError(ValueError):
+class AttackError(SecurefedError, ValueError):
     """An attack was configured or called with invalid arguments."""
 
 

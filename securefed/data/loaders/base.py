@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from securefed.config import DataConfig
+from securefed.errors import SecurefedError
 
 __all__ = [
     "DatasetError",
@@ -26,7 +27,7 @@ _OBTAIN_TV = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(SecurefedError, ValueError):
     """A dataset cannot be loaded or split; the message names the field/path and the fix."""
 
 

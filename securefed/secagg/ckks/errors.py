@@ -3,6 +3,8 @@ files. Every module of :mod:`securefed.secagg.ckks` raises these (re-exported th
 
 from __future__ import annotations
 
+from securefed.errors import SecurefedError
+
 __all__ = [
     "CKKSContextError",
     "CKKSKeyFileError",
@@ -21,13 +23,13 @@ class CKKSMessageError(ValueError):
         super().__init__(f"{who}: {check} check failed: {detail}")
 
 
-class CKKSContextError(ValueError):
+class CKKSContextError(SecurefedError, ValueError):
     """Invalid CKKS parameters, an unreadable context, or contexts that do not belong together."""
 
 
-class CKKSKeyFileError(FileNotFoundError):
+class CKKSKeyFileError(SecurefedError, FileNotFoundError):
     """A CKKS key file is missing (the message names the config field and the command)."""
 
 
-class CKKSKeyPermissionError(PermissionError):
+class CKKSKeyPermissionError(SecurefedError, PermissionError):
     """A CKKS secret-key file is accessible to group/others (refused, not just warned)."""
