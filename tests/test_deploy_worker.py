@@ -174,3 +174,20 @@ def test_worker_serves_only_the_securefed_clientapp() -> None:
     assert fab_clientapp(_fab(text)) == CLIENTAPP_REF
     other = text.replace(CLIENTAPP_REF, "evil.app:app")
     assert fab_clientapp(_fab(other)) == "evil.app:app"
+
+
+def test_warm_up_imports_the_site_handlers_but_not_tenseal() -> None:
+    """Before: the warm-up imported torch only, so the run's first message also paid for
+    importing the handlers, builders and DP trainer (seconds at every site)."""
+    import subprocess
+
+    code = (
+        "import sys; from securefed.deploy.worker import SiteWorker; "
+        "SiteWorker.warm_up(None); "
+        "missing = [m for m in ('torch', 'flwr.clientapp', 'securefed.deploy.node', "
+        "'securefed.builders', 'securefed.client.trainer') if m not in sys.modules]; "
+        "assert not missing, missing; assert 'tenseal' not in sys.modules"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    assert res.returncode == 0, res.stderr

@@ -269,11 +269,13 @@ class SiteWorker:
 
     # ------------------------------------------------------------------ loop
     def warm_up(self) -> None:
-        """Import what every message needs (torch, the handlers, the trainer) before the
-        first task arrives."""
-        # lazy: importing torch before the first task is the warm-up's purpose
-        import torch  # noqa: F401
-
+        """Import what every message needs before the first task arrives: torch, flwr's message
+        types and the site handlers (``deploy/node.py`` with the builders, data loaders, DP
+        trainer and masking protocol), so the run's first message pays only for building its
+        experiment (data, model, privacy context). TenSEAL stays unimported until a CKKS run
+        asks for it."""
+        # lazy: importing the handlers before the first task is the warm-up's purpose
+        from securefed.deploy import client_app  # noqa: F401
 
     def serve_forever(self, max_tasks: int | None = None) -> None:
         """Acquire and serve tasks until :meth:`stop` (or ``max_tasks`` served)."""
