@@ -1172,7 +1172,10 @@ class Site:
     def ckks_decrypt(self, content: Mapping[str, Any]) -> dict[str, Any]:
         """CKKS key holder: decrypt the round's aggregate once, only for a round this site
         trained in and whose sum has at least ``min-cohort`` contributors (the coordinator's
-        signature on the aggregate checked, the release rounded)."""
+        signature on the aggregate checked, the release rounded). With adaptive clipping the
+        site also derives the next round's clip norm from the sum (:meth:`_derive_next_clip`),
+        recorded before the sum leaves, and holds the coordinator to it
+        (:meth:`_ckks_round_clip`)."""
         who = "coordinator"
         record = self._record()
         run = self._current_run(record, content)
