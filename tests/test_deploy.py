@@ -841,6 +841,13 @@ def _assert_ckks_adaptive_matches(
         dispatch(sites[701], "train.ckks_upload", forged(701, 1.0, 10.0))
     after = [(tmp_path / f"site{i}" / "privacy_ledger.json").read_text() for i in range(3)]
     assert after == before
+    # round 2's own S stays acceptable to the key holder (round 2 abandoned after decryption):
+    # past the clip checks, the site stops at its budget (planned for 2 rounds)
+    reply = dispatch(sites[700], "train.ckks_upload", forged(700, 1.0, 1.0))
+    assert reply["status"] == "budget_exhausted"
+    rec = next(iter(json.loads((tmp_path / "site0" / "site_runs.json").read_text())["runs"]
+                    .values()))
+    assert rec["round_clips"]["3"] == pytest.approx(dep[0], rel=1e-6)
 
 
 def test_a_site_refuses_ckks_unless_it_opted_in(tmp_path: Path) -> None:
