@@ -625,8 +625,30 @@ def test_in_process_adaptive_clipping_deployment(tmp_path: Path) -> None:
                                       "3": pytest.approx(clips[1], rel=1e-6)}
 
 
-@pytest.mark.parametrize("feature", ["fedavg", "feddiffuse_udec", "fedddpm", "client_dp"])
-def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, feature: str) -> None:
+class _ReplayedShares:
+    """Stands in for a fresh-key ``SecureGaussian()`` (the client-level DP shares of the CKKS
+    paths only): the i-th share drawn is keyed by ``i``, so a deployment and a simulation that
+    draw in the same order (round by round, sites in id order) add the same noise, and their
+    sums (hence their adaptive clip norms) can be compared. Reset ``draws`` between runs."""
+
+    draws = 0
+
+    def normal(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        import hashlib
+
+        from securefed.privacy import SecureGaussian
+
+        key = hashlib.sha256(f"share {_ReplayedShares.draws}".encode()).digest()
+        _ReplayedShares.draws += 1
+        return SecureGaussian(key=key).normal(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "feature", ["fedavg", "feddiffuse_udec", "fedddpm", "client_dp", "client_dp_adaptive"]
+)
+def test_in_process_ckks_deployment_matches_the_simulation(
+    tmp_path: Path, feature: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """CKKS deployed (honest-but-curious coordinator, every site opted in): two messages a
     round. The coordinator holds only the public context (its key folder), each site the shared
     secret one (its own key folder, 0600); the lowest surviving site decrypts the aggregate.
@@ -635,7 +657,13 @@ def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, featu
     the shared groups encrypted and summed; the local groups stay on the sites) and with
     FedDDPM (phase 0 as a message before the CKKS rounds; its uploads opted in). With
     client-level DP each site plans the round's noise itself and adds its Gaussian share before
-    encrypting: the ledgers equal the simulation's, the models differ by the noise only."""
+    encrypting: the ledgers equal the simulation's, the models differ by the noise only.
+    With adaptive clipping the coordinator moves the clip norm by the decrypted unclipped
+    count; each site takes the round's norm from the broadcast, packs its clip bit at the beta
+    it computes itself, and the key holder derives the next norm from the sum it decrypted
+    (and refuses any other): with the same noise shares on both paths, the per-round clip
+    norms equal the simulation's (float32 on the wire, plus the CKKS error of the bit's sum),
+    the models agree within the CKKS bound and the ledgers are the simulation's."""
     import shutil
 
     from securefed.deploy.wire import MESSAGE_CKKS_DECRYPT
@@ -649,9 +677,13 @@ def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, featu
         extra["fedddpm"] = {"enabled": True, "variant": "fedddpm", "pretrain_epochs": 1.0,
                             "aux_total": 24, "calibration_steps": 2, "server_batch_size": 8,
                             "aux_sampling_steps": 4}
-    if feature == "client_dp":
+    if feature in ("client_dp", "client_dp_adaptive"):
         extra["dp"] = {"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
-                       "adaptive_clipping": False, "secure_noise": True}
+                       "adaptive_clipping": feature == "client_dp_adaptive",
+                       "secure_noise": True}
+    if feature == "client_dp_adaptive":  # the same shares on both paths (see _ReplayedShares)
+        monkeypatch.setattr("securefed.deploy.node.SecureGaussian", _ReplayedShares)
+        monkeypatch.setattr("securefed.secagg.ckks.protocol.SecureGaussian", _ReplayedShares)
     cfg = _cfg(secure_aggregation={"protocol": "ckks", "threshold": 0.67,
                                    "server_threat": "honest_but_curious"}, **extra)
     init_identity_keys(tmp_path / "keys", 3)
@@ -672,6 +704,7 @@ def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, featu
     }
     sent: list[str] = []
     uploads: list[Mapping[str, Any]] = []
+    all_uploads: list[Mapping[int, Mapping[str, Any]]] = []
 
     class Recording(_InProcess):
         def exchange(self, message_type: str, contents: Mapping[int, Mapping[str, Any]], *,
@@ -679,6 +712,7 @@ def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, featu
             sent.append(message_type)
             if message_type == "train.ckks_upload":
                 uploads.append(dict(contents[700]))
+                all_uploads.append({n: dict(c) for n, c in contents.items()})
             return super().exchange(message_type, contents, timeout=timeout, group=group)
 
     res = Coordinator(
@@ -690,7 +724,11 @@ def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, featu
     assert [m["protocol"] for m in res.metrics] == ["ckks", "ckks"]
     assert [m["protocol_info"]["key_holder"] for m in res.metrics] == [0, 0]
     assert sent.count("train.ckks_upload") == sent.count(MESSAGE_CKKS_DECRYPT) == 2
+    _ReplayedShares.draws = 0  # the simulation draws the deployment's shares again
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    if feature == "client_dp_adaptive":
+        _assert_ckks_adaptive_matches(cfg, tmp_path, res, sim, sites, all_uploads)
+        return
     if feature == "client_dp":
         _assert_client_level_matches(cfg, tmp_path, res, sim, ckks=True)
         # a coordinator naming a cohort larger than the federation (so that each site's share
@@ -718,6 +756,98 @@ def test_in_process_ckks_deployment_matches_the_simulation(tmp_path: Path, featu
         dispatch(sites[700], MESSAGE_CKKS_DECRYPT,
                  {"round": 2, "run_id": run_id, "aggregate": b"", "length": 8,
                   "contributors": [0, 1, 2]})
+
+
+def _assert_ckks_adaptive_matches(
+    cfg: ExperimentConfig, tmp_path: Path, res: Any, sim: Any, sites: Mapping[int, Site],
+    uploads: list[Mapping[int, Mapping[str, Any]]],
+) -> None:
+    """CKKS + client-level DP + adaptive clipping, deployed (``run/``, sites ``site<i>/``)
+    with the simulation's noise shares (``sim/``): per-round clip norms, ledgers and models
+    agree; the key holder refuses a next round whose clip norm is not the one it derived, and
+    every site an inflated clip-bit scale."""
+    from securefed.builders import build_model, client_level_dp
+    from securefed.deploy.wire import decode_vector, encode_vector
+    from securefed.diffusion.params import get_flat
+    from securefed.strategies import build_strategy
+
+    def clips(where: str) -> list[float]:  # S of rounds 2 and 3 (moved by rounds 1 and 2)
+        return [float(torch.load(tmp_path / where / "checkpoints" / f"round_{r:04d}.pt",
+                                 weights_only=True)["strategy"]["client_dp.clip"][0])
+                for r in (1, 2)]
+
+    rows = metrics_rows(tmp_path / "run")
+    dep, simc = clips("run"), clips("sim")
+    assert dep[0] != 0.5 and dep[1] != dep[0]  # the clip norm moved
+    # the deployed sum's bit entry differs from the simulation's by the CKKS error only: S
+    # moves by exp(-lr * bit / beta / n), so its relative gap is at most lr * bound / beta / n
+    d = int(sim.final_params.numel())
+    layer = client_level_dp(cfg, build_strategy(cfg.strategy, 3, weight_scale=1.0))
+    rel = []
+    for s, row in zip([0.5, *dep[:-1]], rows, strict=True):
+        layer.clip = s
+        beta = layer.round_noise(3, d + 2).bit_scale
+        rel.append(cfg.dp.clip_learning_rate * row["protocol_info"]["error_bound"] / beta / 3)
+    for r in (0, 1):  # rel[1] also covers round 1's gap carried into round 2's S
+        assert dep[r] == pytest.approx(simc[r], rel=sum(rel[: r + 1]) + 1e-6), (r, dep, simc)
+    # every site planned round 2 at the coordinator's S (float32 on the wire); the key holder
+    # (site 0, both rounds) derived rounds 2 and 3's S from the sums it decrypted
+    for site in sites.values():
+        rec = next(iter(json.loads(
+            (site.options.state_dir / "site_runs.json").read_text())["runs"].values()))
+        assert rec["round_clips"] == {"1": 0.5, "2": pytest.approx(dep[0], rel=1e-6)}
+        if site.cid == 0:
+            assert rec["derived_clips"] == {"2": pytest.approx(dep[0], rel=1e-6),
+                                            "3": pytest.approx(dep[1], rel=1e-6)}
+        else:
+            assert rec["derived_clips"] == {}
+    # ledgers: the simulation's plan and charges (the multiplier does not depend on S)
+    sim_ledger = json.loads((tmp_path / "sim" / "privacy_ledger.json").read_text())
+    keep = ("phase", "round", "steps", "sample_rate")
+    for i in range(3):
+        led = json.loads((tmp_path / f"site{i}" / "privacy_ledger.json").read_text())
+        mine = [e for e in sim_ledger["entries"] if e["client_id"] == i]
+        assert len(mine) == 2 and [{k: e[k] for k in keep} for e in led["entries"]] == [
+            {k: e[k] for k in keep} for e in mine
+        ]
+        assert [e["noise_multiplier"] for e in led["entries"]] == pytest.approx(
+            [e["noise_multiplier"] for e in mine], rel=1e-9)
+        assert res.metrics[-1]["epsilon"][str(i)] == pytest.approx(
+            sim.metrics[-1]["epsilon"][str(i)], rel=1e-9)
+    # models: the same noise, so only the CKKS error (and float32 S) separates them
+    init = get_flat(build_model(cfg, (1, 8, 8), 10))
+    sim1, dep1 = _ckpt_params(tmp_path / "sim", 1), _ckpt_params(tmp_path / "run", 1)
+    tol1 = 2 * _tolerance(rows[0], init, sim1)
+    assert float((dep1 - sim1).abs().max()) <= tol1
+    assert float((dep1 - init).abs().max()) > 100 * tol1
+    tol2 = tol1 + 2 * _tolerance(rows[1], sim1, sim.final_params)
+    assert float((_ckpt_params(tmp_path / "run", 2) - sim.final_params).abs().max()) <= 10 * tol2
+
+    # a round 3 whose broadcast clip norm is not the one the key holder derived: refused,
+    # before anything is trained or charged
+    def forged(node: int, scale_s: float, scale_beta: float) -> dict[str, Any]:
+        content = {**uploads[-1][node], "round": 3}
+        s, beta = (float(v) for v in decode_vector(content["broadcast.clip"], 2, "t", "c"))
+        if scale_s != 1.0:  # beta scales with S: the forged pair is self-consistent
+            s, beta = dep[1] * scale_s, beta * dep[1] * scale_s / s
+        content["broadcast.clip"] = encode_vector(torch.tensor([s, beta * scale_beta]))
+        return content
+
+    before = [(tmp_path / f"site{i}" / "privacy_ledger.json").read_text() for i in range(3)]
+    with pytest.raises(PolicyError, match=r"round 3: broadcast\.clip: clip norm .* derived"):
+        dispatch(sites[700], "train.ckks_upload", forged(700, 2.0, 1.0))
+    # another site takes S from the coordinator, but recomputes beta: an inflated one is refused
+    with pytest.raises(PolicyError, match=r"round 3: broadcast clip .* differs from this site"):
+        dispatch(sites[701], "train.ckks_upload", forged(701, 1.0, 10.0))
+    after = [(tmp_path / f"site{i}" / "privacy_ledger.json").read_text() for i in range(3)]
+    assert after == before
+    # round 2's own S stays acceptable to the key holder (round 2 abandoned after decryption):
+    # past the clip checks, the site stops at its budget (planned for 2 rounds)
+    reply = dispatch(sites[700], "train.ckks_upload", forged(700, 1.0, 1.0))
+    assert reply["status"] == "budget_exhausted"
+    rec = next(iter(json.loads((tmp_path / "site0" / "site_runs.json").read_text())["runs"]
+                    .values()))
+    assert rec["round_clips"]["3"] == pytest.approx(dep[0], rel=1e-6)
 
 
 def test_a_site_refuses_ckks_unless_it_opted_in(tmp_path: Path) -> None:

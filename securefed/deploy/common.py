@@ -53,12 +53,6 @@ def check_deployable(cfg: ExperimentConfig) -> None:
                 "site decrypts every update); set secure_aggregation.server_threat: "
                 "honest_but_curious (every site must opt in), or use 'masking'"
             )
-        if cfg.dp.level == "client" and cfg.dp.adaptive_clipping:
-            raise DeployConfigError(
-                "dp.adaptive_clipping: true is deployed on masking only (the next round's clip "
-                "norm travels in the signed round start, which CKKS rounds do not have); set "
-                "dp.adaptive_clipping: false or secure_aggregation.protocol: masking"
-            )
     if cfg.federation.dropout_prob != 0:
         raise DeployConfigError(
             f"federation.dropout_prob: {cfg.federation.dropout_prob} simulates dropouts; a "

@@ -128,6 +128,7 @@ from securefed.federation.auxiliary import build_auxiliary_set
 from securefed.federation.simulation import SimClient
 from securefed.io import atomic_write_bytes, atomic_write_text
 from securefed.privacy import SecureGaussian, derive_key, load_or_create_run_key
+from securefed.privacy.client_level import geometric_clip_update, unclipped_fraction
 from securefed.secagg.base import resolve_threshold
 from securefed.secagg.keys import load_client_key, load_roster
 from securefed.secagg.masking.client import MaskingClient
@@ -908,9 +909,10 @@ class Site:
                 cohort, length = len(plan.participants), plan.vector_length
             elif cfg.secure_aggregation.protocol == "ckks":
                 # CKKS (honest-but-curious coordinator, opted in): the round message names the
-                # cohort; the packed length is the model's plus the weight (no adaptive clip bit:
-                # adaptive clipping is refused with CKKS)
-                cohort, length = len(content["participants"]), d + 1
+                # cohort; the packed length is the model's, the adaptive clip bit's (if any) and
+                # the weight's, as ClientLevelDP.configure_round plans it
+                cohort = len(content["participants"])
+                length = d + (2 if cfg.dp.adaptive_clipping else 1)
                 if cohort > cfg.federation.num_clients:  # shares scaled for sites that do
                     # not exist would leave the sum under-noised
                     raise PolicyError(
@@ -919,7 +921,7 @@ class Site:
                     )
             else:  # pragma: no cover - check_deployable admits masking and CKKS only
                 raise WireError(f"{who}: client-level DP needs the round's signed start")
-            if cfg.dp.adaptive_clipping:  # this round's S (recorded at its start)
+            if cfg.dp.adaptive_clipping:  # this round's S (recorded at its start / upload)
                 layer.clip = run.round_clips[rnd]
             noise = layer.round_noise(cohort, length)
             # adaptive: S is the broadcast's own; beta is recomputed here (float32 on the wire)
@@ -1073,9 +1075,67 @@ class Site:
                           max_abs=got.max_abs_sum() / cfg.federation.num_clients,
                           session=bytes.fromhex(run_id))  # every signature names the run
 
+    def _ckks_round_clip(
+        self, cfg: ExperimentConfig, record: SiteRecord, run: RunRecord, rnd: int,
+        content: Mapping[str, Any],
+    ) -> None:
+        """CKKS with adaptive clipping: take round ``rnd``'s clip norm ``S`` from the broadcast
+        (``broadcast.clip = [S, beta]``, float32), check it and record it (``round_clips``)
+        before training, as the masking path does at its round start.
+
+        A site that decrypted round ``rnd - 1`` derived ``S`` itself from that sum
+        (:meth:`_derive_next_clip`): it accepts only that value or, if the coordinator
+        abandoned round ``rnd - 1`` after the decryption, that round's own ``S`` (the
+        simulation leaves ``S`` unchanged when a round is abandoned), at float32 precision
+        (relative ``1e-6``); anything else is refused naming ``broadcast.clip``. Any other site
+        takes ``S`` from the honest-but-curious coordinator; every site recomputes ``beta`` at
+        ``S`` and refuses another one (:func:`_check_clip`, in :meth:`_train`)."""
+        clip = self._adaptive_clip(cfg, content)
+        if clip is None:
+            return
+        _refuse_trained(run, rnd)  # a replay must not overwrite the round's recorded S
+        derived = run.derived_clips.get(rnd)
+        if derived is not None:
+            kept = run.round_clips.get(rnd - 1)  # round rnd - 1 abandoned after decryption
+            allowed = [derived] if kept is None else [derived, kept]
+            if not any(abs(clip - float(np.float32(w))) <= 1e-6 * w for w in allowed):
+                raise PolicyError(
+                    f"round {rnd}: broadcast.clip: clip norm {clip!r} is not the {derived!r} "
+                    f"this site derived from round {rnd - 1}'s sum, which it decrypted"
+                    + ("" if kept is None else
+                       f" (nor round {rnd - 1}'s own {kept!r}, kept if that round was abandoned)")
+                    + "; refusing to train (dp.adaptive_clipping: the coordinator must move the "
+                    "clip norm by the released unclipped count, Andrew et al. 2021)"
+                )
+        run.round_clips[rnd] = clip  # the round's noise plan, persisted before training
+        save_site_record(self.options.state_dir, record)
+
+    def _derive_next_clip(
+        self, cfg: ExperimentConfig, run: RunRecord, rnd: int, total: np.ndarray,
+        contributors: int,
+    ) -> float | None:
+        """CKKS key holder with adaptive clipping: the next round's clip norm from round
+        ``rnd``'s decrypted sum, as :meth:`ClientLevelDP.aggregate` moves it (Andrew et al.
+        2021, Eq. 3), from this site's own ``S`` and ``beta`` of the round.
+
+        ``total`` is the ``[D + 2]`` packed sum (delta, clipped-below bit, weight:
+        :func:`~securefed.strategies.pack_update` of ``ClientLevelDPClient``'s vectors), so the
+        bit's sum is ``total[-2]``; ``contributors``: the number of sites in the sum. None when
+        the round has no adaptive clip bit."""
+        if cfg.dp.level != "client" or not cfg.dp.adaptive_clipping:
+            return None
+        clip, beta = run.round_clips.get(rnd), run.round_bit_scales.get(rnd)
+        if clip is None or beta is None or not beta > 0 or total.shape[0] < 3:
+            return None
+        frac = unclipped_fraction(float(total[-2]), beta, contributors)
+        return geometric_clip_update(
+            clip, frac, cfg.dp.target_unclipped_quantile, cfg.dp.clip_learning_rate
+        )
+
     def ckks_upload(self, content: Mapping[str, Any]) -> dict[str, Any]:
-        """CKKS round (the site opted in): check the round (replay, cohort), train under DP
-        (charged and persisted first), then upload the signed ciphertexts of the update."""
+        """CKKS round (the site opted in): check the round (replay, cohort; with adaptive
+        clipping the round's clip norm, :meth:`_ckks_round_clip`), train under DP (charged and
+        persisted first), then upload the signed ciphertexts of the update."""
         who = "coordinator"
         cfg = self._experiment()
         record = self._record()
@@ -1090,10 +1150,14 @@ class Site:
                 f"round {rnd}: a cohort of {len(parts)} sites is below this site's min-cohort "
                 f"{self.options.min_cohort} (--node-config min-cohort)"
             )
+        self._ckks_round_clip(cfg, record, run, rnd, content)
         trained = self._train(content, cfg, record, run, rnd, None)
         if isinstance(trained, dict):
             return trained
         vector, keys, update, privacy, noise = trained
+        if noise is not None and cfg.dp.adaptive_clipping:  # to read the sum if it decrypts it
+            run.round_bit_scales[rnd] = float(noise.bit_scale)
+            save_site_record(self.options.state_dir, record)
         if noise is not None:  # client-level DP: this site's Gaussian share of the round's
             # noise, from a fresh CSPRNG key, added before encryption (as the simulation's CKKS)
             share = SecureGaussian().normal(
@@ -1109,7 +1173,10 @@ class Site:
     def ckks_decrypt(self, content: Mapping[str, Any]) -> dict[str, Any]:
         """CKKS key holder: decrypt the round's aggregate once, only for a round this site
         trained in and whose sum has at least ``min-cohort`` contributors (the coordinator's
-        signature on the aggregate checked, the release rounded)."""
+        signature on the aggregate checked, the release rounded). With adaptive clipping the
+        site also derives the next round's clip norm from the sum (:meth:`_derive_next_clip`),
+        recorded before the sum leaves, and holds the coordinator to it
+        (:meth:`_ckks_round_clip`)."""
         who = "coordinator"
         record = self._record()
         run = self._current_run(record, content)
@@ -1141,6 +1208,10 @@ class Site:
         total = self._ckks_client(cfg, run.run_id).decrypt_aggregate(
             rnd, length, chunks, self._identity()[1].server
         )
+        nxt = self._derive_next_clip(cfg, run, rnd, total, len(contributors))
+        if nxt is not None:  # checked against the next round's broadcast (_ckks_round_clip)
+            run.derived_clips[rnd + 1] = nxt
+            save_site_record(self.options.state_dir, record)
         return {"status": "ok", "round": rnd, "run_id": run.run_id,
                 "sum": total.astype("<f8").tobytes()}
 

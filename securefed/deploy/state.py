@@ -202,6 +202,12 @@ class RunRecord:
         round_clips: client-level DP with adaptive clipping: round -> the clip norm broadcast
             with that round's start (its noise plan at every later stage of the round); the
             last two rounds are kept.
+        round_bit_scales: CKKS with adaptive clipping: round -> the clip-bit scale ``beta`` this
+            site planned and packed its bit with (to read the round's unclipped fraction off
+            the sum if it decrypts it); the last two rounds are kept.
+        derived_clips: CKKS key holder with adaptive clipping: round -> the clip norm this site
+            derived itself from the previous round's decrypted sum (a broadcast norm other than
+            that, or than the previous round's, is refused); the last two rounds are kept.
     """
 
     run_id: str
@@ -213,6 +219,8 @@ class RunRecord:
     phase0_done: bool = False
     last_decrypted_round: int = 0
     round_clips: dict[int, float] = field(default_factory=dict)
+    round_bit_scales: dict[int, float] = field(default_factory=dict)
+    derived_clips: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -253,6 +261,10 @@ def load_site_record(state_dir: Path) -> SiteRecord:
                 phase0_done=bool(v.get("phase0_done", False)),
                 last_decrypted_round=int(v.get("last_decrypted_round", 0)),
                 round_clips={int(r): float(c) for r, c in v.get("round_clips", {}).items()},
+                round_bit_scales={
+                    int(r): float(c) for r, c in v.get("round_bit_scales", {}).items()
+                },
+                derived_clips={int(r): float(c) for r, c in v.get("derived_clips", {}).items()},
             )
             for k, v in doc["runs"].items()
         }
@@ -285,6 +297,10 @@ def save_site_record(state_dir: Path, record: SiteRecord) -> None:
                 "phase0_done": r.phase0_done,
                 "last_decrypted_round": r.last_decrypted_round,
                 "round_clips": {str(k): c for k, c in sorted(r.round_clips.items())[-2:]},
+                "round_bit_scales": {
+                    str(k): c for k, c in sorted(r.round_bit_scales.items())[-2:]
+                },
+                "derived_clips": {str(k): c for k, c in sorted(r.derived_clips.items())[-2:]},
             }
             for k, r in sorted(record.runs.items())
         },

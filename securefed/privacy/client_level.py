@@ -63,6 +63,7 @@ __all__ = [
     "clip_update",
     "effective_noise_multiplier",
     "geometric_clip_update",
+    "unclipped_fraction",
     "update_noise_multiplier",
 ]
 
@@ -117,6 +118,13 @@ def geometric_clip_update(
 ) -> float:
     """Andrew et al. 2021, Eq. 3: ``S <- S exp(-eta (b_hat - gamma))``."""
     return float(clip * math.exp(-lr * (unclipped_fraction - target)))
+
+
+def unclipped_fraction(unclipped_sum: float, bit_scale: float, num_contributors: int) -> float:
+    """Andrew et al. 2021, Algorithm 1: the noised fraction ``b_hat`` of contributors whose
+    delta was not clipped, from the released sum of their centred, scaled clip bits
+    ``sum_i (b_i - 1/2) beta`` (plus noise): ``sum / beta / n + 1/2``."""
+    return float(unclipped_sum) / bit_scale / num_contributors + 0.5
 
 
 @dataclass(frozen=True)
@@ -293,7 +301,9 @@ class ClientLevelDP(StrategyWrapper):
         new = self.server_opt.step(global_params, mean)
         bit_scale = self.current.bit_scale if self.current is not None else 0.0
         if self.dp.adaptive_clipping and "unclipped" in sums and bit_scale > 0:
-            frac = float(sums["unclipped"].reshape(-1)[0]) / bit_scale / num_contributors + 0.5
+            frac = unclipped_fraction(
+                float(sums["unclipped"].reshape(-1)[0]), bit_scale, num_contributors
+            )
             self.last_unclipped_fraction = frac
             self.clip = geometric_clip_update(
                 self.clip, frac, self.dp.target_unclipped_quantile, self.dp.clip_learning_rate
