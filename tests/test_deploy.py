@@ -737,6 +737,66 @@ def test_a_site_refuses_ckks_unless_it_opted_in(tmp_path: Path) -> None:
         check_deployable(_cfg(secure_aggregation={"protocol": "ckks"}))
 
 
+def _fixed_canary_key(monkeypatch: pytest.MonkeyPatch, key: bytes) -> None:
+    """Draw every canary set of this test from ``key`` (the run's secret is os.urandom
+    otherwise), so a deployed run and its simulated twin hold the same canaries."""
+    from securefed.privacy.canaries import GradientCanaries
+
+    draw = GradientCanaries.draw.__func__  # type: ignore[attr-defined]
+
+    def fixed(cls: Any, model: Any, m: int, num_clients: int, key_: Any = None) -> Any:
+        return draw(cls, model, m, num_clients, key=key)
+
+    monkeypatch.setattr(GradientCanaries, "draw", classmethod(fixed))
+
+
+def test_in_process_record_canaries_match_the_simulation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gradient canaries deployed (``canaries.enabled``, record-level DP, sites opted in with
+    allow-audit-canaries): the coordinator draws and keeps them as the simulation does
+    (``canaries/``, 0600), sends each site its own with the round's sampling key (signed), and
+    commits every round's ``[m]`` scores from the sites' signed replies. With the same canary
+    key and the rehearsal's seeded noise, the files equal the simulation's: the canaries
+    exactly, round 1's scores exactly (same model, same noise, same per-step sampling), round 2's
+    within the masking grid's effect on the broadcast model; and the audit reads them."""
+    from securefed.privacy.canaries import GradientCanaries, load_gradient_scores
+    from securefed.run import run_experiment
+
+    _fixed_canary_key(monkeypatch, bytes(range(32)))
+    cfg = _cfg(canaries={"enabled": True, "m": 64}, client={"local_steps": 4})
+    res, sites = _run_in_process(tmp_path, cfg, allow_audit_canaries=True)
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
+    sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    assert sim.final_params is not None
+    dep_dir, sim_dir = tmp_path / "run" / "canaries", tmp_path / "sim" / "canaries"
+    dep, want = GradientCanaries.load(dep_dir), GradientCanaries.load(sim_dir)
+    assert dep is not None and want is not None and len(dep) == 64
+    for f in ("param_index", "offset", "signs", "included", "clients"):
+        assert np.array_equal(getattr(dep, f), getattr(want, f)), f
+    assert set(np.unique(dep.clients)) == {0, 1, 2}
+    for path in [dep_dir / "canary.key", dep_dir / "gradient.npz",
+                 *sorted((dep_dir / "gradient_rounds").glob("*.npy"))]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert sorted(p.name for p in (dep_dir / "gradient_rounds").iterdir()) == [
+        "round_00001.npy", "round_00002.npy"]
+    for rnd in (1, 2):
+        got = np.load(dep_dir / "gradient_rounds" / f"round_{rnd:05d}.npy")
+        ref = np.load(sim_dir / "gradient_rounds" / f"round_{rnd:05d}.npy")
+        assert got.shape == (64,) and np.all(np.isfinite(got)) and np.any(got != 0)
+        tol = 0.0 if rnd == 1 else 1e-3 * float(np.abs(ref).max())
+        assert float(np.abs(got - ref).max()) <= tol, (rnd, got, ref)
+    # what `securefed audit` reads for its canary section (audit.targets)
+    loaded = load_gradient_scores(dep_dir, 2)
+    assert loaded is not None
+    _, scores, rounds = loaded
+    assert rounds == [1, 2] and scores.shape == (64,)
+    sim_scores = load_gradient_scores(sim_dir, 2)
+    assert sim_scores is not None and np.allclose(scores, sim_scores[1], rtol=0, atol=1e-2)
+    # the coordinator never sent a site another site's canaries or the key
+    assert not any((tmp_path / f"site{i}" / "canaries").exists() for i in range(3))
+
+
 def test_in_process_client_level_dp_deployment_matches_the_simulation(tmp_path: Path) -> None:
     """``dp.level: client`` deployed: each site plans its own noise (multiplier from the pinned
     experiment, the round's cohort from the signed start), adds its discrete Gaussian share in
