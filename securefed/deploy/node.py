@@ -989,7 +989,8 @@ class Site:
         site (:func:`~securefed.deploy.canaries.decode_assignment`), and pass the site's policy:
         opted in (``allow-audit-canaries``), at most ``max-audit-canaries`` (and at most the
         experiment's ``canaries.m``), each a distinct coordinate of a weight tensor (``ndim >=
-        2``). The canary gradient is ``C`` (``dp.max_grad_norm`` of the pinned plan, checked
+        2``), and the same set in every round of the run (pinned in ``site_runs.json`` at the
+        first round that assigned canaries). The canary gradient is ``C`` (``dp.max_grad_norm`` of the pinned plan, checked
         before this runs) times the Dirac direction; no magnitude is taken from the message.
 
         Raises:
@@ -1042,6 +1043,18 @@ class Site:
                 "coordinate(s); every canary must be a distinct coordinate (a coordinate "
                 "repeated k times would be inserted k C at once, more than one record's clip)"
             )
+        digest = hashlib.sha256(b"".join(
+            np.ascontiguousarray(v).tobytes()
+            for v in (a.param_index, a.offset, a.signs, a.included.astype(np.uint8))
+        )).hexdigest()
+        if run.canaries_sha256 and digest != run.canaries_sha256:
+            raise PolicyError(
+                f"canaries: round {rnd} assigns this site a canary set other than the one it "
+                f"trained with earlier in run {run.run_id} (SHA-256 {digest[:16]}..., pinned "
+                f"{run.canaries_sha256[:16]}...); a run's canaries are fixed, so a coordinator "
+                "may not move them to read other coordinates of this site's gradients"
+            )
+        run.canaries_sha256 = digest  # persisted with the trained round, before any reply
         return ClientCanaries(
             a.param_index, a.offset, a.signs, a.included, a.sample_key, model,
             sample_rate_for(cfg.client, num_examples), float(cfg.dp.max_grad_norm),

@@ -202,6 +202,10 @@ class RunRecord:
         round_clips: client-level DP with adaptive clipping: round -> the clip norm broadcast
             with that round's start (its noise plan at every later stage of the round); the
             last two rounds are kept.
+        canaries_sha256: audit canaries: SHA-256 of the canary set (coordinates, signs, coins)
+            of the first round that assigned this site canaries; a later round of the run with
+            another set is refused (a coordinator may not move the canaries from round to round
+            to read other coordinates of the site's gradients); empty until then.
     """
 
     run_id: str
@@ -213,6 +217,7 @@ class RunRecord:
     phase0_done: bool = False
     last_decrypted_round: int = 0
     round_clips: dict[int, float] = field(default_factory=dict)
+    canaries_sha256: str = ""
 
 
 @dataclass
@@ -253,6 +258,7 @@ def load_site_record(state_dir: Path) -> SiteRecord:
                 phase0_done=bool(v.get("phase0_done", False)),
                 last_decrypted_round=int(v.get("last_decrypted_round", 0)),
                 round_clips={int(r): float(c) for r, c in v.get("round_clips", {}).items()},
+                canaries_sha256=str(v.get("canaries_sha256", "")),
             )
             for k, v in doc["runs"].items()
         }
@@ -285,6 +291,7 @@ def save_site_record(state_dir: Path, record: SiteRecord) -> None:
                 "phase0_done": r.phase0_done,
                 "last_decrypted_round": r.last_decrypted_round,
                 "round_clips": {str(k): c for k, c in sorted(r.round_clips.items())[-2:]},
+                "canaries_sha256": r.canaries_sha256,
             }
             for k, r in sorted(record.runs.items())
         },
