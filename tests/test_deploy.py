@@ -744,7 +744,7 @@ def _fixed_canary_key(monkeypatch: pytest.MonkeyPatch, key: bytes) -> None:
 
     draw = GradientCanaries.draw.__func__  # type: ignore[attr-defined]
 
-    def fixed(cls: Any, model: Any, m: int, num_clients: int, key_: Any = None) -> Any:
+    def fixed(cls: Any, model: Any, m: int, num_clients: int, **_: Any) -> Any:
         return draw(cls, model, m, num_clients, key=key)
 
     monkeypatch.setattr(GradientCanaries, "draw", classmethod(fixed))
@@ -765,7 +765,7 @@ def test_in_process_record_canaries_match_the_simulation(
 
     _fixed_canary_key(monkeypatch, bytes(range(32)))
     cfg = _cfg(canaries={"enabled": True, "m": 64}, client={"local_steps": 4})
-    res, sites = _run_in_process(tmp_path, cfg, allow_audit_canaries=True)
+    res, _ = _run_in_process(tmp_path, cfg, allow_audit_canaries=True)
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
     assert sim.final_params is not None
@@ -810,6 +810,57 @@ def test_in_process_client_level_dp_deployment_matches_the_simulation(tmp_path: 
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
     _assert_client_level_matches(cfg, tmp_path, res, sim, ckks=False)
+
+
+def test_in_process_canary_clients_match_the_simulation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Canary clients deployed (``canaries.enabled``, ``dp.level: client``): entirely on the
+    coordinator, which adds the sampled included canaries' ``S u_i`` to the round's noised sum
+    of clipped deltas and scores them on it (the same :class:`ClientCanaryRound` as the
+    simulation). With the same canary key the canaries, each round's sampling, clip norm and
+    charged multiplier equal the simulation's; the scores differ by the two runs' independent
+    noise; every round is committed and the audit's reader loads them."""
+    from securefed.privacy.canaries import CanaryClients, load_client_scores
+    from securefed.run import run_experiment
+
+    _fixed_canary_key(monkeypatch, bytes(range(1, 33)))
+    cfg = _cfg(canaries={"enabled": True, "m": 64},
+               dp={"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
+                   "adaptive_clipping": False, "secure_noise": True})
+    res, _ = _run_in_process(tmp_path, cfg)
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
+    run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    dep_dir, sim_dir = tmp_path / "run" / "canaries", tmp_path / "sim" / "canaries"
+    dep, want = CanaryClients.load(dep_dir), CanaryClients.load(sim_dir)
+    assert dep is not None and want is not None and len(dep) == 64
+    for f in ("param_index", "offset", "flat", "signs", "included"):
+        assert np.array_equal(getattr(dep, f), getattr(want, f)), f
+    for rnd in (1, 2):
+        path = dep_dir / "client_rounds" / f"round_{rnd:05d}.npz"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with np.load(path) as got, np.load(sim_dir / "client_rounds" / path.name) as ref:
+            assert np.array_equal(got["sampled"], ref["sampled"]) and got["sampled"].any()
+            assert float(got["clip"]) == float(ref["clip"]) == 0.5
+            assert float(got["charged_multiplier"]) == float(ref["charged_multiplier"]) > 0
+            s = got["scores"]
+            assert np.all(np.isfinite(s)) and not s[~got["sampled"]].any()
+            assert np.all(s[got["sampled"]] != 0) and not np.array_equal(s, ref["scores"])
+    rec = load_client_scores(dep_dir, 2)
+    assert rec is not None and rec.rounds == [1, 2] and rec.statistic.shape == (64,)
+    # the scores are read off the sum the model moved by (FedAvg, server lr 1: the new model is
+    # the old plus the noised delta sum over 3 contributors), so S u_i reached the model too
+    from securefed.builders import build_model
+    from securefed.diffusion.params import get_flat
+
+    prev = get_flat(build_model(cfg, (1, 8, 8), 10)).double()
+    for rnd in (1, 2):
+        cur = _ckpt_params(tmp_path / "run", rnd).double()
+        with np.load(dep_dir / "client_rounds" / f"round_{rnd:05d}.npz") as z:
+            on = z["sampled"]
+            moved = dep.signs * (3 * (cur - prev)).numpy()[dep.flat] / 0.5
+            assert np.allclose(z["scores"][on], moved[on], rtol=0, atol=1e-4), rnd
+        prev = cur
 
 
 def _assert_client_level_matches(

@@ -990,8 +990,9 @@ class Site:
         opted in (``allow-audit-canaries``), at most ``max-audit-canaries`` (and at most the
         experiment's ``canaries.m``), each a distinct coordinate of a weight tensor (``ndim >=
         2``), and the same set in every round of the run (pinned in ``site_runs.json`` at the
-        first round that assigned canaries). The canary gradient is ``C`` (``dp.max_grad_norm`` of the pinned plan, checked
-        before this runs) times the Dirac direction; no magnitude is taken from the message.
+        first round that assigned canaries). The canary gradient is ``C`` (``dp.max_grad_norm``
+        of the pinned plan, checked before this runs) times the Dirac direction; no magnitude
+        is taken from the message.
 
         Raises:
             PolicyError: naming the field, the value and the node-config key or fix.
