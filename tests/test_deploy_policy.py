@@ -507,6 +507,8 @@ def test_an_experiment_changed_behind_the_sites_back_is_refused(tmp_path: Path) 
         ({"min-threshold": "two thirds"}, "min-threshold='two thirds': not a number"),
         ({"min-cohort": 1}, "min-cohort=1: must be >= 2"),
         ({"allow-seeded-noise": "maybe"}, "allow-seeded-noise='maybe': expected true or false"),
+        ({"max-audit-canaries": "many"}, "max-audit-canaries='many': not an integer"),
+        ({"allow-audit-canaries": "sure"}, "allow-audit-canaries='sure': expected true or false"),
     ],
 )
 def test_policy_knobs_are_validated(extra: dict[str, Any], match: str) -> None:
@@ -527,6 +529,10 @@ def test_policy_defaults_and_fractions() -> None:
     assert NodeOptions.from_node_config({**base, "min-threshold": 0.75}).min_threshold == (
         Fraction(3, 4)
     )
+    assert (o.allow_audit_canaries, o.max_audit_canaries) == (False, 1000)
+    o = NodeOptions.from_node_config({**base, "allow-audit-canaries": "true",
+                                      "max-audit-canaries": 50})
+    assert (o.allow_audit_canaries, o.max_audit_canaries) == (True, 50)
 
 
 # ------------------------------------------------------------------------- audit canaries
