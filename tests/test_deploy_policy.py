@@ -655,3 +655,58 @@ def test_a_site_refuses_canaries_moved_between_rounds(tmp_path: Path) -> None:
             line["dropout_reasons"][str(cid)])
     for site in sites.values():
         assert [e["round"] for e in _ledger(site)] == [1]
+
+
+def test_the_coordinator_keeps_only_scores_a_site_signed(tmp_path: Path) -> None:
+    """Canary scores are signed by the site's roster key for this run, round and site: a
+    reply whose scores do not verify (forged on the way, or a bit flipped) drops that site from
+    the round and its canaries score 0; the other sites' scores are kept. A tampered
+    assignment or scores message fails its signature at the wire level."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from securefed.deploy.canaries import (
+        CanaryWireError,
+        decode_assignment,
+        decode_scores,
+        encode_assignment,
+        encode_scores,
+    )
+
+    sites = _sites(tmp_path, 3, allow_audit_canaries=True, min_cohort=2,
+                   min_threshold=Fraction(1, 2))
+
+    def forge(message_type: str, node: int, reply: dict[str, Any]) -> dict[str, Any]:
+        if node == 100 and "canary_scores" in reply:
+            m = (len(reply["canary_scores"]) - 25 - 64) // 8
+            reply["canary_scores"] = encode_scores(
+                Ed25519PrivateKey.generate(), bytes.fromhex(reply["run_id"]), 1, 0,
+                np.full(m, 1e6))
+        return reply
+
+    net = _Net(sites, on_reply=forge)
+    cfg = _cfg(canaries={"enabled": True, "m": 32}, secure_aggregation={"threshold": 0.5})
+    coord = _coordinator(cfg, tmp_path, net)
+    coord.start()
+    line = coord.run_round(1)
+    assert line["participants"] == [1, 2]
+    assert "canaries: the signature does not verify" in line["dropout_reasons"]["0"]
+    scores = np.load(tmp_path / "run" / "canaries" / "gradient_rounds" / "round_00001.npy")
+    owners = np.load(tmp_path / "run" / "canaries" / "gradient.npz")["clients"]
+    assert not scores[owners == 0].any() and scores[owners != 0].any()
+
+    key = Ed25519PrivateKey.generate()
+    one = np.ones(1)
+    blob = encode_assignment(key, b"run", 1, 0, bytes(32), one.astype(int), one.astype(int),
+                             one, one.astype(bool))
+    assert len(decode_assignment(blob, key.public_key(), b"run", 1, 0)) == 1
+    flipped = blob[:40] + bytes([blob[40] ^ 1]) + blob[41:]
+    with pytest.raises(CanaryWireError, match="signature does not verify"):
+        decode_assignment(flipped, key.public_key(), b"run", 1, 0)
+    with pytest.raises(CanaryWireError, match="signature does not verify"):
+        decode_assignment(blob, key.public_key(), b"another run", 1, 0)
+    with pytest.raises(CanaryWireError, match="not finite"):
+        decode_scores(encode_scores(key, b"run", 1, 0, np.array([np.nan])), key.public_key(),
+                      b"run", 1, 0, 1)
+    with pytest.raises(CanaryWireError, match="2 scores, 1 canaries were assigned"):
+        decode_scores(encode_scores(key, b"run", 1, 0, np.zeros(2)), key.public_key(),
+                      b"run", 1, 0, 1)
