@@ -24,6 +24,12 @@ stage closes (e.g. a secret that no ``t`` of the returned Shamir shares reconstr
 round too; it never ends the run. Wrong shares that the robust reconstruction could correct are
 blamed on the sites that returned them (``protocol_info.bad_share_holders``).
 
+Audit canaries (``canaries.enabled``): the coordinator keeps the canary secret and files under
+``RUN_DIR/canaries/`` exactly as the simulation; at record level it sends each site only its own
+canaries and the round's sampling key (signed, :mod:`securefed.deploy.canaries`) and commits the
+scores the sites return, at client level it runs the canary clients on the round's noised sum
+itself (:class:`~securefed.privacy.canaries.ClientCanaryRound`, shared with the simulation).
+
 How messages reach the sites is abstract (:class:`SiteChannel`, not to be confused with the
 engine's transport, which the coordinator itself is): :mod:`securefed.deploy.server_app`
 implements it over Flower's ``Grid``; tests may implement it in-process.
@@ -485,21 +491,24 @@ class Coordinator(ClientTransport):
         )
         return {"canaries": blob}
 
-    def _receive_canary_scores(self, rnd: int, cid: int, reply: Mapping[str, Any]) -> None:
-        """Add a trained site's signed canary scores at its canaries' global indices.
+    def _receive_canary_scores(self, rnd: int, cid: int, reply: Mapping[str, Any]) -> int:
+        """Add a trained site's signed canary scores at its canaries' global indices; returns
+        the bytes received (0 without gradient canaries).
 
         Raises:
             WireError: no scores, or scores that do not verify under the site's roster key."""
         c, acc = self._canaries, self._canary_scores
         if not isinstance(c, GradientCanaries) or acc is None:
-            return
+            return 0
         key = self._roster.client(cid)
         if key is None:  # pragma: no cover - setup admits roster sites only
             raise WireError(f"site {cid}: not in the roster")
         sel = c.owned_by(cid)
+        data = reply.get("canary_scores")
         acc[sel] += decode_scores(
-            reply.get("canary_scores"), key, bytes.fromhex(self.run_id), rnd, cid, int(sel.size)
+            data, key, bytes.fromhex(self.run_id), rnd, cid, int(sel.size)
         )
+        return len(data) if isinstance(data, bytes) else 0
 
     def _run_clients(self, rnd: int, plan: Any, strategy: Any) -> ClientRound:
         """:meth:`run_clients` without the canaries' bookkeeping."""
@@ -587,7 +596,7 @@ class Coordinator(ClientTransport):
                 }
                 if stage == train_stage[cid]:
                     c.update(self._training_content(rnd, cid, broadcast, names))
-                    down[cid] += bcast_bytes
+                    down[cid] += bcast_bytes + len(c.get("canaries", b""))
                 if ahead_next is not None and cid in ahead_next.outgoing:
                     c.update(next_round=rnd + 1, next_secagg=ahead_next.outgoing[cid])
                     ahead_next.sent.add(cid)
@@ -632,7 +641,7 @@ class Coordinator(ClientTransport):
                                     )
                                 trained.append(cid)
                                 self._last_trained[cid] = rnd
-                                self._receive_canary_scores(rnd, cid, r)
+                                up[cid] += self._receive_canary_scores(rnd, cid, r)
                         if reason is None:
                             data = get_bytes(r, "secagg", who)
                             up[cid] += len(data)
@@ -961,7 +970,7 @@ class Coordinator(ClientTransport):
             for c in clients
         }
         for c in clients:
-            down[c] += bcast_bytes
+            down[c] += bcast_bytes + len(contents[self.sites[c].node_id].get("canaries", b""))
         replies = self.channel.exchange(
             MESSAGE_CKKS_UPLOAD, contents, timeout=self.options.train_timeout, group=str(rnd)
         )
@@ -983,7 +992,7 @@ class Coordinator(ClientTransport):
                     raise WireError(f"{who}: sends vectors {r.get('vector_keys')}, expected {keys}")
                 trained.append(cid)
                 self._last_trained[cid] = rnd
-                self._receive_canary_scores(rnd, cid, r)
+                up[cid] += self._receive_canary_scores(rnd, cid, r)
                 data = get_bytes(r, "ckks", who)
                 up[cid] += len(data)
                 server.receive(cid, unpack_chunks(data, who, "ckks"))
