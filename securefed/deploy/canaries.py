@@ -17,6 +17,12 @@ the site's ``client_<id>.key``) over ``DOMAIN || len(run id) || run id || body``
 their own (never a masking message), bound to the run, the round and the site, so a message of
 another run, round or site fails the check (:class:`CanaryWireError`).
 
+Why a message of its own, in the training message, rather than in the setup or the round start:
+the setup carries no signature a site checks, and the :class:`RoundStart` belongs to the
+masking protocol (which knows nothing of audits) and, with the next round's keys advertised
+ahead, travels a round before the training message; the canaries are per round (the sampling
+key) and needed exactly when the site trains.
+
 Encodings (big-endian, no pickle), each followed by the 64-byte signature:
 
 - assignment: ``tag 0x01 | round u64 | site u64 | m u64 | sampling key (32 B) |

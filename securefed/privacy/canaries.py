@@ -635,7 +635,8 @@ def load_client_scores(
 
 
 class ClientCanaryRound:
-    """One round of the canary clients inside the simulation's aggregation (see
+    """One round of the canary clients inside a transport's aggregation (the simulation's and
+    the deployed coordinator's, both through :meth:`for_round` and :meth:`release`; see
     :class:`CanaryClients`): which canaries the round samples, their summed update added where
     the clients' clipped deltas are summed (before the server divides by the number of real
     contributors), their scores read from the noised sum, and the commit under ``canaries/``.
