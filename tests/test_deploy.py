@@ -822,6 +822,18 @@ def test_in_process_record_canaries_match_the_simulation(
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
     assert sim.final_params is not None
     _assert_gradient_canaries_match(tmp_path, 64)
+    # `securefed audit RUN_DIR` opens both run directories alike: the same canary source, the
+    # same scores and coins, the same one-run bound (what its epsilon section computes)
+    from securefed.audit.epsilon import one_run_audit
+    from securefed.audit.targets import load_audit_run
+
+    dep_run, sim_run = load_audit_run(tmp_path / "run"), load_audit_run(tmp_path / "sim")
+    assert list(dep_run.canary_scores) == list(sim_run.canary_scores) != []
+    for name, (scores, inc) in dep_run.canary_scores.items():
+        ref, ref_inc = sim_run.canary_scores[name]
+        assert np.array_equal(inc, ref_inc) and np.allclose(scores, ref, rtol=0, atol=1e-4)
+        assert one_run_audit(scores, inc, 1e-6).eps_lb == one_run_audit(ref, ref_inc,
+                                                                          1e-6).eps_lb
     # the coordinator never sent a site another site's canaries or the key
     assert not any((tmp_path / f"site{i}" / "canaries").exists() for i in range(3))
 
