@@ -431,12 +431,16 @@ def test_seeded_noise_is_refused_unless_the_site_opts_in(tmp_path: Path) -> None
 # ------------------------------------------------------------------ 6. nothing raw leaves
 
 
-def test_a_site_sends_nothing_computed_from_its_data_in_the_clear(tmp_path: Path) -> None:
+@pytest.mark.parametrize("canaries", [False, True])
+def test_a_site_sends_nothing_computed_from_its_data_in_the_clear(
+    tmp_path: Path, canaries: bool
+) -> None:
     """Every reply field of a round, by name: public facts, the masking protocol's signed
-    messages, and the epsilon the public plan implies. No loss, no step count."""
-    sites = _sites(tmp_path, 3)
+    messages, and the epsilon the public plan implies. No loss, no step count. With audit
+    canaries (the site opted in) one field more: its signed canary scores (docs/deploy.md)."""
+    sites = _sites(tmp_path, 3, allow_audit_canaries=canaries)
     net = _Net(sites)
-    coord = _coordinator(_cfg(), tmp_path, net)
+    coord = _coordinator(_cfg(canaries={"enabled": canaries, "m": 16}), tmp_path, net)
     coord.start()
     line = coord.run_round(1)
     assert line["participants"] == [0, 1, 2]
@@ -445,7 +449,7 @@ def test_a_site_sends_nothing_computed_from_its_data_in_the_clear(tmp_path: Path
         "query.setup": {"version", "run_id", "client_id", "num_examples", "image_shape",
                         "num_classes", "roster_sha256", "epsilon"},
         "train.advertise_keys": {"status", "round", "run_id", "secagg", "vector_keys",
-                                 "epsilon"},
+                                 "epsilon"} | ({"canary_scores"} if canaries else set()),
     }
     seen = set()
     for message_type, _, reply in net.replies:
