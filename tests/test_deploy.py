@@ -199,6 +199,10 @@ def test_deployment_refuses_what_it_does_not_implement() -> None:
         check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "usplit"}))
     check_deployable(_cfg())
     check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "udec"}))
+    # audit canaries are deployed at both DP levels (record level: with each site's opt-in)
+    check_deployable(_cfg(canaries={"enabled": True}))
+    check_deployable(_cfg(canaries={"enabled": True},
+                          dp={"level": "client", "max_update_norm": 0.5}))
 
 
 def test_site_refuses_an_experiment_without_dp(tmp_path: Path) -> None:
