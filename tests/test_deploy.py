@@ -199,6 +199,10 @@ def test_deployment_refuses_what_it_does_not_implement() -> None:
         check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "usplit"}))
     check_deployable(_cfg())
     check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "udec"}))
+    # audit canaries are deployed at both DP levels (record level: with each site's opt-in)
+    check_deployable(_cfg(canaries={"enabled": True}))
+    check_deployable(_cfg(canaries={"enabled": True},
+                          dp={"level": "client", "max_update_norm": 0.5}))
 
 
 def test_site_refuses_an_experiment_without_dp(tmp_path: Path) -> None:
@@ -644,7 +648,8 @@ class _ReplayedShares:
 
 
 @pytest.mark.parametrize(
-    "feature", ["fedavg", "feddiffuse_udec", "fedddpm", "client_dp", "client_dp_adaptive"]
+    "feature",
+    ["fedavg", "feddiffuse_udec", "fedddpm", "client_dp", "client_dp_adaptive", "canaries"],
 )
 def test_in_process_ckks_deployment_matches_the_simulation(
     tmp_path: Path, feature: str, monkeypatch: pytest.MonkeyPatch
@@ -657,7 +662,10 @@ def test_in_process_ckks_deployment_matches_the_simulation(
     the shared groups encrypted and summed; the local groups stay on the sites) and with
     FedDDPM (phase 0 as a message before the CKKS rounds; its uploads opted in). With
     client-level DP each site plans the round's noise itself and adds its Gaussian share before
-    encrypting: the ledgers equal the simulation's, the models differ by the noise only.
+    encrypting: the ledgers equal the simulation's, the models differ by the noise only, and
+    the coordinator's canary clients (on the decrypted sum) are sampled as the simulation's.
+    With gradient canaries (``canaries``) the sites' signed scores ride on the CKKS upload and
+    the canary files equal the simulation's.
     With adaptive clipping the coordinator moves the clip norm by the decrypted unclipped
     count; each site takes the round's norm from the broadcast, packs its clip bit at the beta
     it computes itself, and the key holder derives the next norm from the sum it decrypted
@@ -684,6 +692,9 @@ def test_in_process_ckks_deployment_matches_the_simulation(
     if feature == "client_dp_adaptive":  # the same shares on both paths (see _ReplayedShares)
         monkeypatch.setattr("securefed.deploy.node.SecureGaussian", _ReplayedShares)
         monkeypatch.setattr("securefed.secagg.ckks.protocol.SecureGaussian", _ReplayedShares)
+    if feature in ("client_dp", "canaries"):
+        extra["canaries"] = {"enabled": True, "m": 64}
+        _fixed_canary_key(monkeypatch, bytes(range(2, 34)))
     cfg = _cfg(secure_aggregation={"protocol": "ckks", "threshold": 0.67,
                                    "server_threat": "honest_but_curious"}, **extra)
     init_identity_keys(tmp_path / "keys", 3)
@@ -699,6 +710,7 @@ def test_in_process_ckks_deployment_matches_the_simulation(
         700 + i: Site(NodeOptions(tmp_path / f"site{i}", site_keys, i, partition_id=i,
                                   allow_ckks=True, allow_honest_but_curious_server=True,
                                   allow_individual_uploads=feature == "fedddpm",
+                                  allow_audit_canaries=feature == "canaries",
                                   **REHEARSAL))  # type: ignore[arg-type]
         for i in range(3)
     }
@@ -736,7 +748,15 @@ def test_in_process_ckks_deployment_matches_the_simulation(
         forged = {**uploads[-1], "round": 3, "participants": [0, 1, 2, 3]}
         with pytest.raises(PolicyError, match="cohort of 4 sites exceeds the federation's 3"):
             dispatch(sites[700], "train.ckks_upload", forged)
+        for rnd in (1, 2):  # canary clients on the decrypted sum, sampled as simulated
+            name = f"client_rounds/round_{rnd:05d}.npz"
+            with (np.load(tmp_path / "run" / "canaries" / name) as got,
+                  np.load(tmp_path / "sim" / "canaries" / name) as ref):
+                assert np.array_equal(got["sampled"], ref["sampled"]) and got["sampled"].any()
+                assert np.all(np.isfinite(got["scores"])) and got["scores"].any()
         return
+    if feature == "canaries":
+        _assert_gradient_canaries_match(tmp_path, 64)
     assert_matches_simulation(
         cfg, tmp_path / "run", tmp_path / "sim", sim.final_params,
         [tmp_path / f"site{i}" / "privacy_ledger.json" for i in range(3)],
@@ -867,6 +887,88 @@ def test_a_site_refuses_ckks_unless_it_opted_in(tmp_path: Path) -> None:
         check_deployable(_cfg(secure_aggregation={"protocol": "ckks"}))
 
 
+def _fixed_canary_key(monkeypatch: pytest.MonkeyPatch, key: bytes) -> None:
+    """Draw every canary set of this test from ``key`` (the run's secret is os.urandom
+    otherwise), so a deployed run and its simulated twin hold the same canaries."""
+    from securefed.privacy.canaries import GradientCanaries
+
+    draw = GradientCanaries.draw.__func__  # type: ignore[attr-defined]
+
+    def fixed(cls: Any, model: Any, m: int, num_clients: int, **_: Any) -> Any:
+        return draw(cls, model, m, num_clients, key=key)
+
+    monkeypatch.setattr(GradientCanaries, "draw", classmethod(fixed))
+
+
+def _assert_gradient_canaries_match(tmp_path: Path, m: int) -> None:
+    """The deployed run's gradient canary files (``run/canaries``) against the simulation's
+    (``sim/canaries``) drawn from the same key: equal canaries, files 0600, both rounds
+    committed with finite scores, round 1's equal (same model, seeded noise, same per-step
+    sampling), round 2's within the effect of the secure sum's error on the broadcast model;
+    and what ``securefed audit`` reads for its canary section loads them."""
+    from securefed.privacy.canaries import GradientCanaries, load_gradient_scores
+
+    dep_dir, sim_dir = tmp_path / "run" / "canaries", tmp_path / "sim" / "canaries"
+    dep, want = GradientCanaries.load(dep_dir), GradientCanaries.load(sim_dir)
+    assert dep is not None and want is not None and len(dep) == m
+    for f in ("param_index", "offset", "signs", "included", "clients"):
+        assert np.array_equal(getattr(dep, f), getattr(want, f)), f
+    assert set(np.unique(dep.clients)) == {0, 1, 2}
+    for path in [dep_dir / "canary.key", dep_dir / "gradient.npz",
+                 *sorted((dep_dir / "gradient_rounds").glob("*.npy"))]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert sorted(p.name for p in (dep_dir / "gradient_rounds").iterdir()) == [
+        "round_00001.npy", "round_00002.npy"]
+    for rnd in (1, 2):
+        got = np.load(dep_dir / "gradient_rounds" / f"round_{rnd:05d}.npy")
+        ref = np.load(sim_dir / "gradient_rounds" / f"round_{rnd:05d}.npy")
+        assert got.shape == (m,) and np.all(np.isfinite(got)) and np.any(got != 0)
+        tol = 0.0 if rnd == 1 else 1e-5 * float(np.abs(ref).max())
+        assert float(np.abs(got - ref).max()) <= tol, (rnd, got, ref)
+    # what `securefed audit` reads for its canary section (audit.targets)
+    loaded = load_gradient_scores(dep_dir, 2)
+    assert loaded is not None
+    _, scores, rounds = loaded
+    assert rounds == [1, 2] and scores.shape == (m,)
+    sim_scores = load_gradient_scores(sim_dir, 2)
+    assert sim_scores is not None and np.allclose(scores, sim_scores[1], rtol=0, atol=1e-4)
+
+
+def test_in_process_record_canaries_match_the_simulation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gradient canaries deployed (``canaries.enabled``, record-level DP, sites opted in with
+    allow-audit-canaries): the coordinator draws and keeps them as the simulation does
+    (``canaries/``, 0600), sends each site its own with the round's sampling key (signed), and
+    commits every round's ``[m]`` scores from the sites' signed replies. With the same canary
+    key and the rehearsal's seeded noise, the files equal the simulation's: the canaries
+    exactly, round 1's scores exactly (same model, same noise, same per-step sampling), round 2's
+    within the masking grid's effect on the broadcast model; and the audit reads them."""
+    from securefed.run import run_experiment
+
+    _fixed_canary_key(monkeypatch, bytes(range(32)))
+    cfg = _cfg(canaries={"enabled": True, "m": 64}, client={"local_steps": 4})
+    res, _ = _run_in_process(tmp_path, cfg, allow_audit_canaries=True)
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
+    sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    assert sim.final_params is not None
+    _assert_gradient_canaries_match(tmp_path, 64)
+    # `securefed audit RUN_DIR` opens both run directories alike: the same canary source, the
+    # same scores and coins, the same one-run bound (what its epsilon section computes)
+    from securefed.audit.epsilon import one_run_audit
+    from securefed.audit.targets import load_audit_run
+
+    dep_run, sim_run = load_audit_run(tmp_path / "run"), load_audit_run(tmp_path / "sim")
+    assert list(dep_run.canary_scores) == list(sim_run.canary_scores) != []
+    for name, (scores, inc) in dep_run.canary_scores.items():
+        ref, ref_inc = sim_run.canary_scores[name]
+        assert np.array_equal(inc, ref_inc) and np.allclose(scores, ref, rtol=0, atol=1e-4)
+        assert one_run_audit(scores, inc, 1e-6).eps_lb == one_run_audit(ref, ref_inc,
+                                                                          1e-6).eps_lb
+    # the coordinator never sent a site another site's canaries or the key
+    assert not any((tmp_path / f"site{i}" / "canaries").exists() for i in range(3))
+
+
 def test_in_process_client_level_dp_deployment_matches_the_simulation(tmp_path: Path) -> None:
     """``dp.level: client`` deployed: each site plans its own noise (multiplier from the pinned
     experiment, the round's cohort from the signed start), adds its discrete Gaussian share in
@@ -880,6 +982,57 @@ def test_in_process_client_level_dp_deployment_matches_the_simulation(tmp_path: 
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
     _assert_client_level_matches(cfg, tmp_path, res, sim, ckks=False)
+
+
+def test_in_process_canary_clients_match_the_simulation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Canary clients deployed (``canaries.enabled``, ``dp.level: client``): entirely on the
+    coordinator, which adds the sampled included canaries' ``S u_i`` to the round's noised sum
+    of clipped deltas and scores them on it (the same :class:`ClientCanaryRound` as the
+    simulation). With the same canary key the canaries, each round's sampling, clip norm and
+    charged multiplier equal the simulation's; the scores differ by the two runs' independent
+    noise; every round is committed and the audit's reader loads them."""
+    from securefed.privacy.canaries import CanaryClients, load_client_scores
+    from securefed.run import run_experiment
+
+    _fixed_canary_key(monkeypatch, bytes(range(1, 33)))
+    cfg = _cfg(canaries={"enabled": True, "m": 64},
+               dp={"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
+                   "adaptive_clipping": False, "secure_noise": True})
+    res, _ = _run_in_process(tmp_path, cfg)
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
+    run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    dep_dir, sim_dir = tmp_path / "run" / "canaries", tmp_path / "sim" / "canaries"
+    dep, want = CanaryClients.load(dep_dir), CanaryClients.load(sim_dir)
+    assert dep is not None and want is not None and len(dep) == 64
+    for f in ("param_index", "offset", "flat", "signs", "included"):
+        assert np.array_equal(getattr(dep, f), getattr(want, f)), f
+    for rnd in (1, 2):
+        path = dep_dir / "client_rounds" / f"round_{rnd:05d}.npz"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with np.load(path) as got, np.load(sim_dir / "client_rounds" / path.name) as ref:
+            assert np.array_equal(got["sampled"], ref["sampled"]) and got["sampled"].any()
+            assert float(got["clip"]) == float(ref["clip"]) == 0.5
+            assert float(got["charged_multiplier"]) == float(ref["charged_multiplier"]) > 0
+            s = got["scores"]
+            assert np.all(np.isfinite(s)) and not s[~got["sampled"]].any()
+            assert np.all(s[got["sampled"]] != 0) and not np.array_equal(s, ref["scores"])
+    rec = load_client_scores(dep_dir, 2)
+    assert rec is not None and rec.rounds == [1, 2] and rec.statistic.shape == (64,)
+    # the scores are read off the sum the model moved by (FedAvg, server lr 1: the new model is
+    # the old plus the noised delta sum over 3 contributors), so S u_i reached the model too
+    from securefed.builders import build_model
+    from securefed.diffusion.params import get_flat
+
+    prev = get_flat(build_model(cfg, (1, 8, 8), 10)).double()
+    for rnd in (1, 2):
+        cur = _ckpt_params(tmp_path / "run", rnd).double()
+        with np.load(dep_dir / "client_rounds" / f"round_{rnd:05d}.npz") as z:
+            on = z["sampled"]
+            moved = dep.signs * (3 * (cur - prev)).numpy()[dep.flat] / 0.5
+            assert np.allclose(z["scores"][on], moved[on], rtol=0, atol=1e-4), rnd
+        prev = cur
 
 
 def _assert_client_level_matches(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Mapping
 from fractions import Fraction
 from pathlib import Path
@@ -430,12 +431,16 @@ def test_seeded_noise_is_refused_unless_the_site_opts_in(tmp_path: Path) -> None
 # ------------------------------------------------------------------ 6. nothing raw leaves
 
 
-def test_a_site_sends_nothing_computed_from_its_data_in_the_clear(tmp_path: Path) -> None:
+@pytest.mark.parametrize("canaries", [False, True])
+def test_a_site_sends_nothing_computed_from_its_data_in_the_clear(
+    tmp_path: Path, canaries: bool
+) -> None:
     """Every reply field of a round, by name: public facts, the masking protocol's signed
-    messages, and the epsilon the public plan implies. No loss, no step count."""
-    sites = _sites(tmp_path, 3)
+    messages, and the epsilon the public plan implies. No loss, no step count. With audit
+    canaries (the site opted in) one field more: its signed canary scores (docs/deploy.md)."""
+    sites = _sites(tmp_path, 3, allow_audit_canaries=canaries)
     net = _Net(sites)
-    coord = _coordinator(_cfg(), tmp_path, net)
+    coord = _coordinator(_cfg(canaries={"enabled": canaries, "m": 16}), tmp_path, net)
     coord.start()
     line = coord.run_round(1)
     assert line["participants"] == [0, 1, 2]
@@ -444,7 +449,7 @@ def test_a_site_sends_nothing_computed_from_its_data_in_the_clear(tmp_path: Path
         "query.setup": {"version", "run_id", "client_id", "num_examples", "image_shape",
                         "num_classes", "roster_sha256", "epsilon"},
         "train.advertise_keys": {"status", "round", "run_id", "secagg", "vector_keys",
-                                 "epsilon"},
+                                 "epsilon"} | ({"canary_scores"} if canaries else set()),
     }
     seen = set()
     for message_type, _, reply in net.replies:
@@ -506,6 +511,8 @@ def test_an_experiment_changed_behind_the_sites_back_is_refused(tmp_path: Path) 
         ({"min-threshold": "two thirds"}, "min-threshold='two thirds': not a number"),
         ({"min-cohort": 1}, "min-cohort=1: must be >= 2"),
         ({"allow-seeded-noise": "maybe"}, "allow-seeded-noise='maybe': expected true or false"),
+        ({"max-audit-canaries": "many"}, "max-audit-canaries='many': not an integer"),
+        ({"allow-audit-canaries": "sure"}, "allow-audit-canaries='sure': expected true or false"),
     ],
 )
 def test_policy_knobs_are_validated(extra: dict[str, Any], match: str) -> None:
@@ -526,3 +533,184 @@ def test_policy_defaults_and_fractions() -> None:
     assert NodeOptions.from_node_config({**base, "min-threshold": 0.75}).min_threshold == (
         Fraction(3, 4)
     )
+    assert (o.allow_audit_canaries, o.max_audit_canaries) == (False, 1000)
+    o = NodeOptions.from_node_config({**base, "allow-audit-canaries": "true",
+                                      "max-audit-canaries": 50})
+    assert (o.allow_audit_canaries, o.max_audit_canaries) == (True, 50)
+
+
+# ------------------------------------------------------------------------- audit canaries
+
+
+def test_a_site_refuses_audit_canaries_unless_it_opted_in(tmp_path: Path) -> None:
+    """Gradient canaries make a site send its canary scores (coordinates of its privatized
+    gradient sums) on their own, outside secure aggregation: refused at setup by default,
+    naming the field and the node-config key; nothing is planned or recorded."""
+    site = _sites(tmp_path, 1)[100]
+    cfg = _cfg(canaries={"enabled": True, "m": 64})
+    with pytest.raises(PolicyError, match=r"canaries.enabled: .*allow-audit-canaries=true"):
+        site.setup(_setup_content(cfg, "cd" * 16))
+    assert not (site.options.state_dir / "privacy_ledger.json").exists()
+    # opted in, a round that assigns canaries the accepted experiment does not have is refused
+    opted = Site(dataclasses.replace(site.options, allow_audit_canaries=True))
+    opted.setup(_setup_content(_cfg(), "ef" * 16))
+    with pytest.raises(PolicyError, match=r"canaries\.enabled: False"):
+        opted._canary_hook({"canaries": b"x"}, _cfg(), opted._record().run("ef" * 16), 1,
+                           None, 100)  # type: ignore[arg-type]
+
+
+def _forged_assignment(case: str, tmp: Path, cid: int, run_id: str, rnd: int) -> bytes:
+    """A canary assignment a malicious coordinator signs with its own (roster) key."""
+    from securefed.builders import build_model
+    from securefed.deploy.canaries import encode_assignment
+    from securefed.secagg.keys import load_server_key
+
+    params = [p for p in build_model(_cfg(), (1, 8, 8), 10).parameters() if p.requires_grad]
+    w = next(i for i, p in enumerate(params) if p.dim() >= 2)
+    b = next(i for i, p in enumerate(params) if p.dim() == 1)
+    idx, off = {
+        "over the cap": ([w] * 5, [0, 1, 2, 3, 4]),
+        "a bias coordinate": ([w, b], [0, 0]),
+        "past the tensor": ([w], [params[w].numel()]),
+        "a duplicate": ([w, w, w], [7, 3, 7]),
+        "another round": ([w], [0]),
+        "not the coordinator's signature": ([w], [0]),
+        "moved": ([w], [5]),
+    }[case]
+    key = load_server_key(tmp / "keys")
+    if case == "not the coordinator's signature":
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        key = Ed25519PrivateKey.generate()
+    m = len(idx)
+    return encode_assignment(
+        key, bytes.fromhex(run_id), rnd + (case == "another round"), cid, bytes(32),
+        np.asarray(idx), np.asarray(off), np.ones(m), np.ones(m, dtype=bool),
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("over the cap", r"assigns this site 5 canaries, above its cap 4 \(--node-config "
+                         r"max-audit-canaries=4"),
+        ("a bias coordinate", r"coordinate \(parameter \d+, offset 0\) is not an entry of a "
+                              r"weight tensor"),
+        ("past the tensor", r"is not an entry of a weight tensor"),
+        ("a duplicate", r"1 duplicate coordinate"),
+        ("another round", r"canaries: for round 2, site \d; expected round 1"),
+        ("not the coordinator's signature", r"canaries: the signature does not verify"),
+    ],
+)
+def test_a_site_refuses_a_forged_canary_assignment(
+    tmp_path: Path, case: str, match: str
+) -> None:
+    """Attack: the coordinator assigns a site canaries of its choosing (say every coordinate,
+    to read the site's whole update off its scores). The opted-in site refuses more than its
+    ``max-audit-canaries``, anything but distinct coordinates of weight tensors, and anything
+    not signed by the coordinator for this run, round and site, before it trains: nothing is
+    charged, nothing leaves."""
+    sites = _sites(tmp_path, 3, allow_audit_canaries=True, max_audit_canaries=4)
+
+    def forge(message_type: str, node: int, content: Mapping[str, Any]) -> dict[str, Any]:
+        if "canaries" not in content:
+            return dict(content)
+        blob = _forged_assignment(case, tmp_path, node - 100, content["run_id"],
+                                  content["round"])
+        return {**content, "canaries": blob}
+
+    net = _Net(sites, on_send=forge)
+    coord = _coordinator(_cfg(canaries={"enabled": True, "m": 8}), tmp_path, net)
+    coord.start()
+    line = coord.run_round(1)
+    assert line["participants"] == [] and "abandoned" in line
+    for cid in (0, 1, 2):
+        assert re.search(match, line["dropout_reasons"][str(cid)]), line["dropout_reasons"]
+    for site in sites.values():
+        assert _ledger(site) == []
+    # the round's scores are committed (all zero: no site trained), as the simulation does
+    scores = np.load(tmp_path / "run" / "canaries" / "gradient_rounds" / "round_00001.npy")
+    assert scores.shape == (8,) and not scores.any()
+
+
+def test_a_site_refuses_canaries_moved_between_rounds(tmp_path: Path) -> None:
+    """Attack: within the per-round cap, move a site's canaries every round to read other
+    coordinates of its gradients each time. A run's canaries are fixed (the honest coordinator
+    sends the same set every round): the site pins the set of its first canary round and
+    refuses another one later in the run, before training."""
+    sites = _sites(tmp_path, 3, allow_audit_canaries=True)
+
+    def move(message_type: str, node: int, content: Mapping[str, Any]) -> dict[str, Any]:
+        if content.get("round") != 2 or "canaries" not in content:
+            return dict(content)
+        # a valid set on its own (one distinct weight coordinate), but not the round-1 set
+        return {**content, "canaries": _forged_assignment(
+            "moved", tmp_path, node - 100, content["run_id"], 2)}
+
+    net = _Net(sites, on_send=move)
+    coord = _coordinator(_cfg(canaries={"enabled": True, "m": 8}, federation={"rounds": 2}),
+                         tmp_path, net)
+    coord.start()
+    assert coord.run_round(1)["participants"] == [0, 1, 2]
+    line = coord.run_round(2)
+    assert line["participants"] == [] and "abandoned" in line
+    for cid in (0, 1, 2):
+        assert "a canary set other than the one it trained with earlier" in (
+            line["dropout_reasons"][str(cid)])
+    for site in sites.values():
+        assert [e["round"] for e in _ledger(site)] == [1]
+
+
+def test_the_coordinator_keeps_only_scores_a_site_signed(tmp_path: Path) -> None:
+    """Canary scores are signed by the site's roster key for this run, round and site: a
+    reply whose scores do not verify (forged on the way, or a bit flipped) drops that site from
+    the round and its canaries score 0; the other sites' scores are kept. A tampered
+    assignment or scores message fails its signature at the wire level."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from securefed.deploy.canaries import (
+        CanaryWireError,
+        decode_assignment,
+        decode_scores,
+        encode_assignment,
+        encode_scores,
+    )
+
+    sites = _sites(tmp_path, 3, allow_audit_canaries=True, min_cohort=2,
+                   min_threshold=Fraction(1, 2))
+
+    def forge(message_type: str, node: int, reply: dict[str, Any]) -> dict[str, Any]:
+        if node == 100 and "canary_scores" in reply:
+            m = (len(reply["canary_scores"]) - 25 - 64) // 8
+            reply["canary_scores"] = encode_scores(
+                Ed25519PrivateKey.generate(), bytes.fromhex(reply["run_id"]), 1, 0,
+                np.full(m, 1e6))
+        return reply
+
+    net = _Net(sites, on_reply=forge)
+    cfg = _cfg(canaries={"enabled": True, "m": 32}, secure_aggregation={"threshold": 0.5})
+    coord = _coordinator(cfg, tmp_path, net)
+    coord.start()
+    line = coord.run_round(1)
+    assert line["participants"] == [1, 2]
+    assert "canaries: the signature does not verify" in line["dropout_reasons"]["0"]
+    scores = np.load(tmp_path / "run" / "canaries" / "gradient_rounds" / "round_00001.npy")
+    owners = np.load(tmp_path / "run" / "canaries" / "gradient.npz")["clients"]
+    assert not scores[owners == 0].any() and scores[owners != 0].any()
+
+    key = Ed25519PrivateKey.generate()
+    one = np.ones(1)
+    blob = encode_assignment(key, b"run", 1, 0, bytes(32), one.astype(int), one.astype(int),
+                             one, one.astype(bool))
+    assert len(decode_assignment(blob, key.public_key(), b"run", 1, 0)) == 1
+    flipped = blob[:40] + bytes([blob[40] ^ 1]) + blob[41:]
+    with pytest.raises(CanaryWireError, match="signature does not verify"):
+        decode_assignment(flipped, key.public_key(), b"run", 1, 0)
+    with pytest.raises(CanaryWireError, match="signature does not verify"):
+        decode_assignment(blob, key.public_key(), b"another run", 1, 0)
+    with pytest.raises(CanaryWireError, match="not finite"):
+        decode_scores(encode_scores(key, b"run", 1, 0, np.array([np.nan])), key.public_key(),
+                      b"run", 1, 0, 1)
+    with pytest.raises(CanaryWireError, match="2 scores, 1 canaries were assigned"):
+        decode_scores(encode_scores(key, b"run", 1, 0, np.zeros(2)), key.public_key(),
+                      b"run", 1, 0, 1)

@@ -17,6 +17,7 @@ from tests.helpers import ROOT
 #: errors that are NOT a user's input: protocol faults and refusals that a site or the
 #: coordinator handles itself (a forged message, a refused round, a bad share, a stale state)
 PROTOCOL_FAULTS = {
+    "securefed.deploy.canaries.CanaryWireError",
     "securefed.deploy.node.PolicyError",
     "securefed.deploy.state.StateError",
     "securefed.deploy.wire.WireError",

@@ -58,12 +58,6 @@ def check_deployable(cfg: ExperimentConfig) -> None:
             f"federation.dropout_prob: {cfg.federation.dropout_prob} simulates dropouts; a "
             "deployment has real ones: set it to 0"
         )
-    if cfg.canaries.enabled:
-        raise DeployConfigError(
-            "canaries.enabled: audit canaries are inserted by the in-process simulation only; "
-            "a deployment would run without them (and its audit would have none): set it to "
-            "false, or audit the same experiment with `securefed run`"
-        )
     if cfg.fedddpm.enabled and cfg.dp.level == "client":
         raise DeployConfigError(
             "fedddpm.enabled: FedDDPM with dp.level: client is not deployed (its phase-0 "

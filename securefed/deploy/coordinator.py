@@ -24,6 +24,12 @@ stage closes (e.g. a secret that no ``t`` of the returned Shamir shares reconstr
 round too; it never ends the run. Wrong shares that the robust reconstruction could correct are
 blamed on the sites that returned them (``protocol_info.bad_share_holders``).
 
+Audit canaries (``canaries.enabled``): the coordinator keeps the canary secret and files under
+``RUN_DIR/canaries/`` exactly as the simulation; at record level it sends each site only its own
+canaries and the round's sampling key (signed, :mod:`securefed.deploy.canaries`) and commits the
+scores the sites return, at client level it runs the canary clients on the round's noised sum
+itself (:class:`~securefed.privacy.canaries.ClientCanaryRound`, shared with the simulation).
+
 How messages reach the sites is abstract (:class:`SiteChannel`, not to be confused with the
 engine's transport, which the coordinator itself is): :mod:`securefed.deploy.server_app`
 implements it over Flower's ``Grid``; tests may implement it in-process.
@@ -49,10 +55,12 @@ from securefed.builders import (
     build_model,
     build_strategy_stack,
     cache_dir,
+    client_level_schedule,
     fedddpm_wrapper,
     resolve_device,
 )
 from securefed.config import ExperimentConfig, dump_config
+from securefed.deploy.canaries import decode_scores, encode_assignment
 from securefed.deploy.common import (
     DeployConfigError,
     check_deployable,
@@ -86,6 +94,7 @@ from securefed.federation.engine import ClientRound, ClientTransport, RoundEngin
 from securefed.federation.public_pretrain import public_pretrain
 from securefed.federation.record import RoundRecord
 from securefed.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from securefed.privacy.canaries import CanaryClients, ClientCanaryRound, GradientCanaries
 from securefed.secagg.base import AggregationAbortedError, resolve_threshold
 from securefed.secagg.keys import load_roster, load_server_key
 from securefed.secagg.masking.messages import ProtocolError, Stage
@@ -230,6 +239,12 @@ class Coordinator(ClientTransport):
         self._survivors: dict[int, set[int]] = {}  # round -> clients whose update was used
         self._ahead: _Ahead | None = None  # the next round, started with this round's unmask
         self._exhausted: set[int] = set()  # sites that reported an exhausted budget
+        #: audit (canaries.enabled): the run's gradient canaries (record level) or canary
+        #: clients (client level), their folder, and the round being scored
+        self._canaries: GradientCanaries | CanaryClients | None = None
+        self._canary_scores: np.ndarray | None = None
+        self._canary_round: ClientCanaryRound | None = None
+        self._canary_eps_cache: dict[tuple[float, ...], float] = {}
         self.engine: RoundEngine  # built by start()
 
     # ------------------------------------------------------------------ helpers
@@ -375,6 +390,15 @@ class Coordinator(ClientTransport):
         )
         self._numel = int(self.global_params.numel())
         self.params = run_masking_params(cfg, self.run_id)
+        if cfg.canaries.enabled:  # audit-only secrets under canaries/ (0600), as the simulation
+            canary_dir = RunDir(run_dir).canaries
+            if cfg.dp.level == "record":
+                self._canaries = GradientCanaries.create_or_load(
+                    canary_dir, model, cfg.canaries.m, cfg.federation.num_clients,
+                    cfg.dp.max_grad_norm,
+                )
+            else:
+                self._canaries = CanaryClients.create_or_load(canary_dir, model, cfg.canaries.m)
         if cfg.secure_aggregation.protocol == "ckks":
             self._ckks = self._ckks_server()
         if cfg.fedddpm.enabled:
@@ -429,7 +453,65 @@ class Coordinator(ClientTransport):
         self, rnd: int, plan: Any, strategy: Any, rng: np.random.Generator
     ) -> ClientRound:
         """Round ``rnd``'s stages over the network: every selected site trains at its training
-        stage (on its own machine) and the masking (or CKKS) protocol returns only the sum."""
+        stage (on its own machine) and the masking (or CKKS) protocol returns only the sum.
+
+        Audit canaries (``canaries.enabled``) are scored and committed under ``canaries/`` for
+        every round, as the simulation commits them: gradient canaries from the scores each
+        trained site returns with its training reply, placed at their global indices (a site
+        that trained but sent no valid scores is dropped and its canaries score 0 that round);
+        canary clients from the round's noised sum (:class:`ClientCanaryRound`)."""
+        canaries, canary_dir = self._canaries, RunDir(self.options.run_dir).canaries
+        self._canary_scores = self._canary_round = None
+        if isinstance(canaries, GradientCanaries):
+            self._canary_scores = np.zeros(len(canaries), dtype=np.float64)
+        elif isinstance(canaries, CanaryClients):
+            self._canary_round = ClientCanaryRound.for_round(
+                canaries, canary_dir, rnd, len(plan.clients), self.cfg.federation.num_clients,
+                client_level_layer(strategy), self.cfg.dp.target_epsilon,
+                client_level_schedule(self.cfg)[1], self.cfg.dp.accountant,
+                self._canary_eps_cache,
+            )
+        out = self._run_clients(rnd, plan, strategy)
+        if isinstance(canaries, GradientCanaries) and self._canary_scores is not None:
+            canaries.commit(canary_dir, rnd, self._canary_scores)  # audit-only, 0600
+        if self._canary_round is not None:
+            self._canary_round.commit()  # a round that released nothing: no participation
+        return out
+
+    def _canary_content(self, rnd: int, cid: int) -> dict[str, Any]:
+        """Site ``cid``'s gradient canaries of round ``rnd`` (its own only, with the round's
+        sampling key), signed for this run; empty without gradient canaries."""
+        c = self._canaries
+        if not isinstance(c, GradientCanaries):
+            return {}
+        sel = c.owned_by(cid)
+        blob = encode_assignment(
+            self._server_key, bytes.fromhex(self.run_id), rnd, cid, c.sampling_key(rnd, cid),
+            c.param_index[sel], c.offset[sel], c.signs[sel], c.included[sel],
+        )
+        return {"canaries": blob}
+
+    def _receive_canary_scores(self, rnd: int, cid: int, reply: Mapping[str, Any]) -> int:
+        """Add a trained site's signed canary scores at its canaries' global indices; returns
+        the bytes received (0 without gradient canaries).
+
+        Raises:
+            WireError: no scores, or scores that do not verify under the site's roster key."""
+        c, acc = self._canaries, self._canary_scores
+        if not isinstance(c, GradientCanaries) or acc is None:
+            return 0
+        key = self._roster.client(cid)
+        if key is None:  # pragma: no cover - setup admits roster sites only
+            raise WireError(f"site {cid}: not in the roster")
+        sel = c.owned_by(cid)
+        data = reply.get("canary_scores")
+        acc[sel] += decode_scores(
+            data, key, bytes.fromhex(self.run_id), rnd, cid, int(sel.size)
+        )
+        return len(data) if isinstance(data, bytes) else 0
+
+    def _run_clients(self, rnd: int, plan: Any, strategy: Any) -> ClientRound:
+        """:meth:`run_clients` without the canaries' bookkeeping."""
         cfg = self.cfg
         # the vector layout every selected site will send: the strategy's client hook applied
         # to the broadcast itself (no client data; only the names and sizes are used)
@@ -513,8 +595,8 @@ class Coordinator(ClientTransport):
                     "round": rnd, "stage": stage, "run_id": self.run_id, "secagg": outgoing[cid]
                 }
                 if stage == train_stage[cid]:
-                    c.update(self._training_content(cid, broadcast, names))
-                    down[cid] += bcast_bytes
+                    c.update(self._training_content(rnd, cid, broadcast, names))
+                    down[cid] += bcast_bytes + len(c.get("canaries", b""))
                 if ahead_next is not None and cid in ahead_next.outgoing:
                     c.update(next_round=rnd + 1, next_secagg=ahead_next.outgoing[cid])
                     ahead_next.sent.add(cid)
@@ -559,6 +641,7 @@ class Coordinator(ClientTransport):
                                     )
                                 trained.append(cid)
                                 self._last_trained[cid] = rnd
+                                up[cid] += self._receive_canary_scores(rnd, cid, r)
                         if reason is None:
                             data = get_bytes(r, "secagg", who)
                             up[cid] += len(data)
@@ -598,7 +681,12 @@ class Coordinator(ClientTransport):
         if aborted is not None or result is None:
             out.abandoned = aborted or "secure aggregation ended without a result"
             return out
-        sums, total_weight = unpack_sum(result.total, keys, {plan.clients[0]: layout})
+        if self._canary_round is not None:  # canary clients' S u_i join the clipped-delta sum
+            sums, total_weight = self._canary_round.release(
+                result.total, keys, {plan.clients[0]: layout}
+            )
+        else:
+            sums, total_weight = unpack_sum(result.total, keys, {plan.clients[0]: layout})
         out.sums = {cohort: CohortSum(sums, total_weight, len(result.survivors))}
         out.participants = sorted(result.survivors)
         if result.bad_share_holders:
@@ -836,12 +924,14 @@ class Coordinator(ClientTransport):
         return server
 
     def _training_content(
-        self, cid: int, broadcast: Mapping[str, bytes], names: list[str]
+        self, rnd: int, cid: int, broadcast: Mapping[str, bytes], names: list[str]
     ) -> dict[str, Any]:
-        """What site ``cid`` needs to train: the broadcast and the public facts."""
+        """What site ``cid`` needs to train: the broadcast and the public facts (and its audit
+        canaries of round ``rnd``, when the run has gradient canaries)."""
         last = self._last_trained.get(cid)
         return {
             **broadcast,
+            **self._canary_content(rnd, cid),
             "broadcast_keys": names,
             "weight_scale": self.weight_scale,
             "image_shape": list(self.image_shape),
@@ -875,12 +965,12 @@ class Coordinator(ClientTransport):
         contents = {
             self.sites[c].node_id: {
                 "round": rnd, "run_id": self.run_id, "participants": list(clients),
-                **self._training_content(c, broadcast, names),
+                **self._training_content(rnd, c, broadcast, names),
             }
             for c in clients
         }
         for c in clients:
-            down[c] += bcast_bytes
+            down[c] += bcast_bytes + len(contents[self.sites[c].node_id].get("canaries", b""))
         replies = self.channel.exchange(
             MESSAGE_CKKS_UPLOAD, contents, timeout=self.options.train_timeout, group=str(rnd)
         )
@@ -902,6 +992,7 @@ class Coordinator(ClientTransport):
                     raise WireError(f"{who}: sends vectors {r.get('vector_keys')}, expected {keys}")
                 trained.append(cid)
                 self._last_trained[cid] = rnd
+                up[cid] += self._receive_canary_scores(rnd, cid, r)
                 data = get_bytes(r, "ckks", who)
                 up[cid] += len(data)
                 server.receive(cid, unpack_chunks(data, who, "ckks"))
@@ -955,7 +1046,12 @@ class Coordinator(ClientTransport):
             return finish(f"decryption by site {holder} failed: {exc}")
         up[holder] += len(raw)
         seconds["decrypt"] = round(time.perf_counter() - t0, 4)
-        sums, total_weight = unpack_sum(total, keys, {clients[0]: self._layout})
+        if self._canary_round is not None:  # canary clients' S u_i join the clipped-delta sum
+            sums, total_weight = self._canary_round.release(
+                total, keys, {clients[0]: self._layout}
+            )
+        else:
+            sums, total_weight = unpack_sum(total, keys, {clients[0]: self._layout})
         out.sums = {cohort: CohortSum(sums, total_weight, len(survivors))}
         out.participants = survivors
         params = server.params

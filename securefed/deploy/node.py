@@ -34,6 +34,11 @@ key                meaning
 ``but-curious-``   honest_but_curious`` (the masking protocol without its consistency check,
 ``server``         one message fewer per round; safe only against a coordinator that follows
                    the protocol).
+``allow-audit-``   ``false`` (default): refuse ``canaries.enabled`` under ``dp.level: record``
+``canaries``       (the site's per-round canary scores go to the coordinator on their own,
+                   outside secure aggregation: m_site coordinates of its privatized gradients).
+``max-audit-``     ``1000`` (default): refuse a round that assigns this site more canaries.
+``canaries``
 =================  ==========================================================================
 
 Site policy (:class:`PolicyError`, naming the field and the node-config key): every message
@@ -41,7 +46,10 @@ carries the run id the site accepted at setup (fresh, never accepted twice; boun
 masking signature, key and ciphertext); a round at or below the site's last trained round of the
 run is refused (replay); the DP plan is pinned at the first DP setup and any later setup with a
 different DP-relevant field is refused; each run's DP noise key is derived from the site's
-secret key and a fresh per-run nonce (``site_runs.json``), so no two runs share noise.
+secret key and a fresh per-run nonce (``site_runs.json``), so no two runs share noise. Audit
+canaries are refused unless ``allow-audit-canaries``; an assignment must verify under the
+coordinator's roster key for the run, round and site, hold at most ``max-audit-canaries``
+distinct weight coordinates, and stay the same for the whole run (:meth:`Site._canary_hook`).
 
 
 Every handler re-derives what it needs from the node config, the experiment the coordinator
@@ -88,6 +96,7 @@ from securefed.client.runtime import build_trainer, local_round
 from securefed.client.trainer import local_steps_for
 from securefed.config import ConfigError, ExperimentConfig, dump_config, parse_config
 from securefed.data import ImageDataset, load_dataset
+from securefed.deploy.canaries import decode_assignment, encode_scores
 from securefed.deploy.common import (
     DeployConfigError,
     check_deployable,
@@ -128,6 +137,7 @@ from securefed.federation.auxiliary import build_auxiliary_set
 from securefed.federation.simulation import SimClient
 from securefed.io import atomic_write_bytes, atomic_write_text
 from securefed.privacy import SecureGaussian, derive_key, load_or_create_run_key
+from securefed.privacy.canaries import ClientCanaries
 from securefed.privacy.client_level import geometric_clip_update, unclipped_fraction
 from securefed.secagg.base import resolve_threshold
 from securefed.secagg.keys import load_client_key, load_roster
@@ -229,6 +239,8 @@ class NodeOptions:
     allow_honest_but_curious_server: bool = False
     allow_individual_uploads: bool = False
     allow_ckks: bool = False
+    allow_audit_canaries: bool = False
+    max_audit_canaries: int = 1000
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeOptions:
@@ -241,6 +253,7 @@ class NodeOptions:
             "state-dir", "keys-dir", "client-id", "partition-id", "data-path", "device",
             "require-dp", "max-epsilon", "min-threshold", "min-cohort", "allow-seeded-noise",
             "allow-honest-but-curious-server", "allow-individual-uploads", "allow-ckks",
+            "allow-audit-canaries", "max-audit-canaries",
         }
         unknown = sorted(set(node_config) - known)
         if unknown:
@@ -302,6 +315,7 @@ class NodeOptions:
                     "a Shamir threshold t > min-threshold x n"
                 )
         min_cohort = _as_int(node_config, "min-cohort")
+        max_canaries = _as_int(node_config, "max-audit-canaries")
         if min_cohort is not None and min_cohort < 2:
             raise NodeConfigError(
                 f"--node-config min-cohort={min_cohort}: must be >= 2 (secure aggregation needs "
@@ -324,6 +338,8 @@ class NodeOptions:
             ),
             allow_individual_uploads=_as_bool(node_config, "allow-individual-uploads", False),
             allow_ckks=_as_bool(node_config, "allow-ckks", False),
+            allow_audit_canaries=_as_bool(node_config, "allow-audit-canaries", False),
+            max_audit_canaries=1000 if max_canaries is None else max_canaries,
         )
 
 
@@ -720,6 +736,15 @@ class Site:
                 "secure aggregation; this site refuses individual uploads (opt in with "
                 "--node-config allow-individual-uploads=true)"
             )
+        if cfg.canaries.enabled and cfg.dp.level == "record" and not o.allow_audit_canaries:
+            raise PolicyError(
+                "canaries.enabled: the audit's gradient canaries make this site send the "
+                "coordinator its canary scores each round on their own, outside secure "
+                "aggregation (the privatized gradient sums along up to max-audit-canaries "
+                f"coordinates, now {o.max_audit_canaries}); this site refuses them (opt in with "
+                "--node-config allow-audit-canaries=true, or the coordinator sets "
+                "canaries.enabled: false)"
+            )
         if cfg.fedddpm.enabled and cfg.dp.level != "record" and o.require_dp:
             raise PolicyError(
                 "fedddpm.enabled: the phase-0 upload is DP only under dp.level: record; this "
@@ -847,10 +872,15 @@ class Site:
     def _train(
         self, content: Mapping[str, Any], cfg: ExperimentConfig, record: SiteRecord,
         run: RunRecord, rnd: int, plan: MaskingPlan | None,
-    ) -> tuple[np.ndarray, list[str], Any, Any, Any] | dict[str, Any]:
+    ) -> tuple[np.ndarray, list[str], Any, Any, Any, Any] | dict[str, Any]:
         """Train this site's round ``rnd`` on the broadcast in ``content`` (DP, ledger charged
         and persisted, the round recorded as trained). Returns ``(vector, vector keys, update,
-        privacy)``, or the reply of a site whose budget is exhausted.
+        privacy, client-level noise plan, canary hook)``, or the reply of a site whose budget
+        is exhausted.
+
+        Audit canaries (``canaries`` in ``content``, record-level DP): checked against the
+        site's policy before anything is spent (:meth:`_canary_hook`) and inserted at every
+        DP-SGD step exactly as the simulation inserts them; their scores leave with the reply.
 
         Client-level DP: the site plans the round's noise itself (its multiplier, from the
         experiment it pinned; the round's cohort and length from the signed round start),
@@ -937,10 +967,11 @@ class Site:
         ):
             return exhausted(privacy.ledger)  # its next round would exceed target_epsilon
         trainer = build_trainer(cfg, model, NoiseSchedule.from_config(cfg.diffusion), dev)
+        hook = self._canary_hook(content, cfg, run, rnd, trainer.model, len(data))
         client_state = self._client_state()
         local = local_round(
             cfg, strategy.client, trainer, self.cid, data, broadcast, client_state, rnd, privacy,
-            client_level_charge=z if cfg.dp.level == "client" else None,
+            client_level_charge=z if cfg.dp.level == "client" else None, canaries=hook,
         )
         if local is None:  # a replayed round whose fresh-noise retrain exceeds the budget
             if privacy is None:  # pragma: no cover - local_round returns None only under DP
@@ -951,12 +982,97 @@ class Site:
         run.last_trained_round = rnd
         save_site_record(self.options.state_dir, record)
         keys = sorted(update.vectors)
-        return pack_update(update.vectors, keys, update.weight), keys, update, privacy, noise
+        vector = pack_update(update.vectors, keys, update.weight)
+        return vector, keys, update, privacy, noise, hook
+
+    def _canary_hook(
+        self, content: Mapping[str, Any], cfg: ExperimentConfig, run: RunRecord, rnd: int,
+        model: torch.nn.Module, num_examples: int,
+    ) -> ClientCanaries | None:
+        """The round's audit canaries of this site, or None when the message has none.
+
+        The assignment must verify under the coordinator's roster key for this run, round and
+        site (:func:`~securefed.deploy.canaries.decode_assignment`), and pass the site's policy:
+        opted in (``allow-audit-canaries``), at most ``max-audit-canaries`` (and at most the
+        experiment's ``canaries.m``), each a distinct coordinate of a weight tensor (``ndim >=
+        2``), and the same set in every round of the run (pinned in ``site_runs.json`` at the
+        first round that assigned canaries). The canary gradient is ``C`` (``dp.max_grad_norm``
+        of the pinned plan, checked before this runs) times the Dirac direction; no magnitude
+        is taken from the message.
+
+        Raises:
+            PolicyError: naming the field, the value and the node-config key or fix.
+            WireError: a message that does not parse or verify.
+        """
+        raw = content.get("canaries")
+        if raw is None:
+            return None
+        o = self.options
+        if not o.allow_audit_canaries:
+            raise PolicyError(
+                f"canaries: round {rnd} assigns this site audit canaries, whose scores would "
+                "leave it outside secure aggregation; this site refuses them (opt in with "
+                "--node-config allow-audit-canaries=true)"
+            )
+        if not (cfg.canaries.enabled and cfg.dp.level == "record"):
+            raise PolicyError(
+                f"canaries: round {rnd} assigns gradient canaries, but the experiment this site "
+                f"accepted has canaries.enabled: {cfg.canaries.enabled}, dp.level: "
+                f"{cfg.dp.level!r} (gradient canaries need both canaries.enabled: true and "
+                "dp.level: record at setup)"
+            )
+        a = decode_assignment(
+            raw, self._identity()[1].server, bytes.fromhex(run.run_id), rnd, self.cid
+        )
+        cap = min(o.max_audit_canaries, cfg.canaries.m)
+        if len(a) > cap:
+            raise PolicyError(
+                f"canaries: round {rnd} assigns this site {len(a)} canaries, above its cap {cap} "
+                f"(--node-config max-audit-canaries={o.max_audit_canaries}, canaries.m="
+                f"{cfg.canaries.m}); each canary releases one coordinate of its gradient sums "
+                "(lower canaries.m, or the site raises max-audit-canaries)"
+            )
+        params = [p for p in model.parameters() if p.requires_grad]
+        for i, off in zip(a.param_index.tolist(), a.offset.tolist(), strict=True):
+            if not (i < len(params) and params[i].dim() >= 2 and off < params[i].numel()):
+                what = (f"shape {tuple(params[i].shape)}" if i < len(params)
+                        else f"of {len(params)} trainable tensors")
+                raise PolicyError(
+                    f"canaries: round {rnd}: coordinate (parameter {i}, offset {off}) is not "
+                    f"an entry of a weight tensor (ndim >= 2; parameter {i}: {what}); this site "
+                    "accepts canaries on weight coordinates only (the coordinator must draw them "
+                    "with GradientCanaries)"
+                )
+        distinct = len(np.unique(np.stack([a.param_index, a.offset], axis=1), axis=0))
+        if distinct != len(a):
+            raise PolicyError(
+                f"canaries: round {rnd}: {len(a) - distinct} duplicate "
+                "coordinate(s); every canary must be a distinct coordinate (a coordinate "
+                "repeated k times would be inserted k C at once, more than one record's clip)"
+            )
+        digest = hashlib.sha256(b"".join(
+            np.ascontiguousarray(v).tobytes()
+            for v in (a.param_index, a.offset, a.signs, a.included.astype(np.uint8))
+        )).hexdigest()
+        if run.canaries_sha256 and digest != run.canaries_sha256:
+            raise PolicyError(
+                f"canaries: round {rnd} assigns this site a canary set other than the one it "
+                f"trained with earlier in run {run.run_id} (SHA-256 {digest[:16]}..., pinned "
+                f"{run.canaries_sha256[:16]}...); a run's canaries are fixed, so a coordinator "
+                "may not move them to read other coordinates of this site's gradients"
+            )
+        run.canaries_sha256 = digest  # persisted with the trained round, before any reply
+        return ClientCanaries(
+            a.param_index, a.offset, a.signs, a.included, a.sample_key, model,
+            sample_rate_for(cfg.client, num_examples), float(cfg.dp.max_grad_norm),
+        )
 
     def _trained_reply(
-        self, rnd: int, run: RunRecord, reply: bytes, keys: list[str], update: Any, privacy: Any
+        self, rnd: int, run: RunRecord, reply: bytes, keys: list[str], update: Any, privacy: Any,
+        canaries: ClientCanaries | None = None,
     ) -> dict[str, Any]:
-        """Keep the round's private strategy state pending and build the training reply."""
+        """Keep the round's private strategy state pending and build the training reply (with
+        the round's canary scores, signed, when the round assigned canaries)."""
         if update.new_state:
             buf = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in update.new_state.items()}, buf)
@@ -974,6 +1090,10 @@ class Site:
         }
         if privacy is not None:
             out["epsilon"] = float(privacy.ledger.epsilon(self.cid))
+        if canaries is not None:  # post-processing of the charged DP-SGD steps (audit only)
+            out["canary_scores"] = encode_scores(
+                self._identity()[0], bytes.fromhex(run.run_id), rnd, self.cid, canaries.scores
+            )
         return out
 
     def fedddpm_phase0(self, content: Mapping[str, Any]) -> dict[str, Any]:
@@ -1154,7 +1274,7 @@ class Site:
         trained = self._train(content, cfg, record, run, rnd, None)
         if isinstance(trained, dict):
             return trained
-        vector, keys, update, privacy, noise = trained
+        vector, keys, update, privacy, noise, hook = trained
         if noise is not None and cfg.dp.adaptive_clipping:  # to read the sum if it decrypts it
             run.round_bit_scales[rnd] = float(noise.bit_scale)
             save_site_record(self.options.state_dir, record)
@@ -1165,7 +1285,7 @@ class Site:
             )
             vector = vector + share.numpy()
         chunks = self._ckks_client(cfg, run.run_id).encrypt_update(rnd, vector)
-        out = self._trained_reply(rnd, run, b"", keys, update, privacy)
+        out = self._trained_reply(rnd, run, b"", keys, update, privacy, hook)
         del out["secagg"]
         out["ckks"] = pack_chunks(chunks)
         return out
@@ -1233,12 +1353,12 @@ class Site:
         trained = self._train(content, cfg, record, run, rnd, plan)
         if isinstance(trained, dict):
             return trained
-        vector, keys, update, privacy, _ = trained
+        vector, keys, update, privacy, _, hook = trained
         key, roster = self._identity()
         client = MaskingClient(self.cid, rnd, params, key, roster, vector)
         reply = client.handle(opening)
         save_round_state(self.options.state_dir, client.state, vector)
-        return self._trained_reply(rnd, run, reply, keys, update, privacy)
+        return self._trained_reply(rnd, run, reply, keys, update, privacy, hook)
 
     def advertise_ahead(
         self, content: Mapping[str, Any], run: RunRecord, cfg: ExperimentConfig
@@ -1280,7 +1400,7 @@ class Site:
         trained = self._train(content, cfg, record, run, rnd, state.plan)
         if isinstance(trained, dict):
             return trained
-        vector, keys, update, privacy, _ = trained
+        vector, keys, update, privacy, _, hook = trained
         params = self._round_params(cfg, run, rnd)(
             len(state.plan.participants), state.plan.vector_length
         )
@@ -1289,7 +1409,7 @@ class Site:
         client.state = state
         reply = client.handle(get_bytes(content, "secagg", who))
         save_round_state(self.options.state_dir, client.state, vector)
-        return self._trained_reply(rnd, run, reply, keys, update, privacy)
+        return self._trained_reply(rnd, run, reply, keys, update, privacy, hook)
 
     def masking_step(self, stage: str, content: Mapping[str, Any]) -> dict[str, Any]:
         """Stages after ``advertise_keys``: one server message in, one signed reply out. A key

@@ -208,6 +208,10 @@ class RunRecord:
         derived_clips: CKKS key holder with adaptive clipping: round -> the clip norm this site
             derived itself from the previous round's decrypted sum (a broadcast norm other than
             that, or than the previous round's, is refused); the last two rounds are kept.
+        canaries_sha256: audit canaries: SHA-256 of the canary set (coordinates, signs, coins)
+            of the first round that assigned this site canaries; a later round of the run with
+            another set is refused (a coordinator may not move the canaries from round to round
+            to read other coordinates of the site's gradients); empty until then.
     """
 
     run_id: str
@@ -221,6 +225,7 @@ class RunRecord:
     round_clips: dict[int, float] = field(default_factory=dict)
     round_bit_scales: dict[int, float] = field(default_factory=dict)
     derived_clips: dict[int, float] = field(default_factory=dict)
+    canaries_sha256: str = ""
 
 
 @dataclass
@@ -265,6 +270,7 @@ def load_site_record(state_dir: Path) -> SiteRecord:
                     int(r): float(c) for r, c in v.get("round_bit_scales", {}).items()
                 },
                 derived_clips={int(r): float(c) for r, c in v.get("derived_clips", {}).items()},
+                canaries_sha256=str(v.get("canaries_sha256", "")),
             )
             for k, v in doc["runs"].items()
         }
@@ -301,6 +307,7 @@ def save_site_record(state_dir: Path, record: SiteRecord) -> None:
                     str(k): c for k, c in sorted(r.round_bit_scales.items())[-2:]
                 },
                 "derived_clips": {str(k): c for k, c in sorted(r.derived_clips.items())[-2:]},
+                "canaries_sha256": r.canaries_sha256,
             }
             for k, r in sorted(record.runs.items())
         },

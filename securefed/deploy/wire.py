@@ -18,8 +18,10 @@ type                   coordinator -> site                               site ->
 ``train.<stage>``      run id, round, stage, the masking server's        run id, round, status,
 (one per masking       message for this site; at ``advertise_keys`` also the site's protocol
 stage)                 the broadcast (global model), weight scale and    reply (and, after
-                       the previous round's commit flag                  training, its vector
-                                                                         names and epsilon)
+                       the previous round's commit flag (and, with       training, its vector
+                       ``canaries.enabled``, the site's signed audit     names and epsilon;
+                       canaries, :mod:`securefed.deploy.canaries`)       its signed canary
+                                                                         scores)
 =====================  ================================================  ======================
 
 Nothing a site computes from its data travels outside DP and the masking protocol: no loss, no

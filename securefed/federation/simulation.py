@@ -242,13 +242,10 @@ class InProcessClients(ClientTransport):
                 continue
             if not agg.survivors:
                 continue
-            total = agg.total
             if canary_round is not None:  # canary clients' S u_i join the clipped-delta sum
-                off, n = _block(members, keys, "delta")
-                total = canary_round.add_to(total, off, n)
-            sums, total_weight = unpack_sum(total, keys, members)
-            if canary_round is not None:
-                canary_round.observe(sums["delta"].numpy())
+                sums, total_weight = canary_round.release(agg.total, keys, members)
+            else:
+                sums, total_weight = unpack_sum(agg.total, keys, members)
             results[name] = CohortSum(sums, total_weight, len(agg.survivors))
             survivors.update(agg.survivors)
             up_bytes += int(sum(agg.bytes_up.values()))
@@ -302,11 +299,9 @@ class InProcessClients(ClientTransport):
             return None
 
         plan = pc.ledger.get_plan(self.clients[0].cid)
-        cur = _client_dp(strategy).current
-        return ClientCanaryRound(
-            pc.canaries, pc.canary_dir, rnd, selected / max(1, len(self.clients)), cur.clip,
-            cur.charged_multiplier, plan.target_epsilon, plan.delta, plan.accountant,
-            self._canary_eps_cache,
+        return ClientCanaryRound.for_round(
+            pc.canaries, pc.canary_dir, rnd, selected, len(self.clients), _client_dp(strategy),
+            plan.target_epsilon, plan.delta, plan.accountant, self._canary_eps_cache,
         )
 
     def _would_exceed(self, strategy: Strategy, cid: int, rnd: int | None = None) -> bool:
@@ -479,14 +474,3 @@ def _client_dp(strategy: Strategy) -> Any:
     if not isinstance(strategy, ClientLevelDP):  # pragma: no cover - wiring error
         raise TypeError("dp.level client needs a ClientLevelDP strategy")
     return strategy
-
-
-def _block(members: Mapping[int, Any], keys: list[str], key: str) -> tuple[int, int]:
-    """Offset and length of vector ``key`` inside a packed protocol input (``keys`` order)."""
-    some = next(iter(members.values())).vectors
-    off = 0
-    for k in keys:
-        if k == key:
-            return off, int(some[k].numel())
-        off += int(some[k].numel())
-    raise KeyError(f"packed update has no {key!r} vector (keys {keys})")

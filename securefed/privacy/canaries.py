@@ -39,8 +39,10 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +53,7 @@ from securefed.io import atomic_write_bytes, atomic_write_json
 from securefed.noise.secure_noise import derive_key
 from securefed.privacy.accountant import epsilon_of
 from securefed.privacy.ledger import EPSILON_SLACK
+from securefed.strategies.base import ClientUpdate, unpack_sum
 
 __all__ = [
     "CANARY_KEY_FILENAME",
@@ -236,8 +239,21 @@ class GradientCanaries:
         self, rnd: int, cid: int, model: nn.Module, sample_rate: float, clip: float
     ) -> ClientCanaries:
         """The hook for one client's DP-SGD in round ``rnd`` (see :class:`ClientCanaries`)."""
-        sel = np.flatnonzero(self.clients == cid)
-        return ClientCanaries(self, sel, rnd, cid, model, sample_rate, clip)
+        sel = self.owned_by(cid)
+        return ClientCanaries(
+            self.param_index[sel], self.offset[sel], self.signs[sel], self.included[sel],
+            self.sampling_key(rnd, cid), model, sample_rate, clip, selected=sel,
+        )
+
+    def owned_by(self, cid: int) -> np.ndarray:
+        """``[m_cid]`` int64: the indices of client ``cid``'s canaries, ascending (the order
+        :meth:`for_client` samples and scores them in)."""
+        return np.flatnonzero(self.clients == cid).astype(np.int64)
+
+    def sampling_key(self, rnd: int, cid: int) -> bytes:
+        """The 32-byte key of client ``cid``'s per-step canary sampling in round ``rnd``
+        (derived from the secret; it reveals nothing about other rounds, clients or coins)."""
+        return derive_key(self.key, _PURPOSE_SAMPLE, rnd, cid)
 
     def commit(self, canary_dir: str | Path, rnd: int, scores: np.ndarray) -> Path:
         """Store round ``rnd``'s ``[m]`` scores (0600, atomic)."""
@@ -251,30 +267,53 @@ class GradientCanaries:
 class ClientCanaries:
     """One client's canaries during one DP-SGD run: :meth:`extra_sum` before each step (the
     sampled included canaries' ``C * u_i``) and :meth:`observe` after it (the privatized
-    gradient along each of the client's canaries); :attr:`scores` holds their sums."""
+    gradient along each of the client's canaries); :attr:`scores` holds their sums.
+
+    Built from the client's own canaries only (:meth:`GradientCanaries.for_client` in the
+    simulation; a deployed site from the coordinator's signed assignment), so a party holding
+    it learns nothing about the other clients' canaries or the secret key.
+
+    Args:
+        param_index / offset / signs / included: ``[m_c]`` the client's canaries (trainable
+            parameter index, flat offset in it, +-1, the fair coin), in sampling order.
+        sample_key: 32 bytes, :meth:`GradientCanaries.sampling_key` of the client-round: the
+            ChaCha20 key of the per-step Poisson draws (one uniform per canary and step).
+        model: the trained model (its ``requires_grad`` parameters, in order).
+        sample_rate: the client's record sampling rate ``q``. clip: ``C``.
+        selected: ``[m_c]`` the canaries' indices in the run's set (default ``arange(m_c)``).
+    """
 
     def __init__(
         self,
-        canaries: GradientCanaries,
-        selected: np.ndarray,
-        rnd: int,
-        cid: int,
+        param_index: np.ndarray,
+        offset: np.ndarray,
+        signs: np.ndarray,
+        included: np.ndarray,
+        sample_key: bytes,
         model: nn.Module,
         sample_rate: float,
         clip: float,
+        *,
+        selected: np.ndarray | None = None,
     ) -> None:
-        self.canaries = canaries
-        self.selected = selected
+        m = int(np.asarray(signs).size)
+        if len(sample_key) != 32:
+            raise ValueError(f"canaries: the sampling key must be 32 bytes, got {len(sample_key)}")
+        self.selected = (
+            np.arange(m, dtype=np.int64) if selected is None else np.asarray(selected, np.int64)
+        )
         self.q = float(sample_rate)
         self.clip = float(clip)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.pidx = canaries.param_index[selected]
-        self.off = torch.as_tensor(canaries.offset[selected])
-        self.sign = canaries.signs[selected]
-        self.inc = canaries.included[selected]
-        self.scores = np.zeros(selected.size, dtype=np.float64)
-        self.sampled = np.zeros(selected.size, dtype=np.int64)
-        self._key = derive_key(canaries.key, _PURPOSE_SAMPLE, rnd, cid)
+        self.pidx = np.asarray(param_index, dtype=np.int64)
+        self.off = torch.as_tensor(np.asarray(offset, dtype=np.int64))
+        self.sign = np.asarray(signs, dtype=np.float64)
+        self.inc = np.asarray(included, dtype=bool)
+        if not (self.selected.size == self.pidx.size == self.off.numel() == self.inc.size == m):
+            raise ValueError("canaries: the client's canary arrays differ in length")
+        self.scores = np.zeros(m, dtype=np.float64)
+        self.sampled = np.zeros(m, dtype=np.int64)
+        self._key = bytes(sample_key)
         self._enc = Cipher(algorithms.ChaCha20(self._key, b"\x00" * 16), mode=None).encryptor()
         self._groups = [(int(i), np.flatnonzero(self.pidx == i)) for i in np.unique(self.pidx)]
 
@@ -596,7 +635,8 @@ def load_client_scores(
 
 
 class ClientCanaryRound:
-    """One round of the canary clients inside the simulation's aggregation (see
+    """One round of the canary clients inside a transport's aggregation (the simulation's and
+    the deployed coordinator's, both through :meth:`for_round` and :meth:`release`; see
     :class:`CanaryClients`): which canaries the round samples, their summed update added where
     the clients' clipped deltas are summed (before the server divides by the number of real
     contributors), their scores read from the noised sum, and the commit under ``canaries/``.
@@ -632,6 +672,48 @@ class ClientCanaryRound:
         self.sampled = canaries.sample(self.rnd, rate) & ok
         self.scores = np.zeros(len(canaries), dtype=np.float64)
         self.released = False
+
+    @classmethod
+    def for_round(
+        cls,
+        canaries: CanaryClients,
+        canary_dir: str | Path,
+        rnd: int,
+        selected: int,
+        num_clients: int,
+        layer: Any,
+        target_epsilon: float | None,
+        delta: float,
+        accountant: str,
+        cache: dict[tuple[float, ...], float] | None = None,
+    ) -> ClientCanaryRound:
+        """The round's canary clients as every transport builds them (the simulation's
+        in-process clients and the deployed coordinator alike): sampled at the real clients'
+        rate ``selected / num_clients``, at the clip norm and charge of the DP-FedAvg layer's
+        current round plan (``layer``: :class:`~securefed.privacy.client_level.ClientLevelDP`
+        after ``configure_round``), under the real clients' budget rule."""
+        cur = getattr(layer, "current", None)
+        if cur is None:  # pragma: no cover - wiring error
+            raise RuntimeError("canary clients: the DP-FedAvg layer has no round plan yet")
+        return cls(
+            canaries, canary_dir, rnd, selected / max(1, num_clients), cur.clip,
+            cur.charged_multiplier, target_epsilon, delta, accountant, cache,
+        )
+
+    def release(
+        self, total: np.ndarray, keys: Sequence[str], layout: Mapping[int, ClientUpdate]
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """The protocol's packed noised sum ``total`` unpacked (:func:`unpack_sum`, ``keys``
+        order, ``layout`` any member's update) with the sampled canary clients' ``S u_i`` in its
+        ``delta`` block, the canaries scored on the resulting delta sum (:meth:`observe`)."""
+        some = next(iter(layout.values())).vectors
+        if "delta" not in some:
+            raise KeyError(f"canary clients: the packed update has no 'delta' vector ({keys})")
+        offset = sum(int(some[k].numel()) for k in keys[: list(keys).index("delta")])
+        total = self.add_to(total, offset, int(some["delta"].numel()))
+        sums, total_weight = unpack_sum(total, keys, layout)
+        self.observe(sums["delta"].numpy())
+        return sums, total_weight
 
     def add_to(self, total: np.ndarray, offset: int, length: int) -> np.ndarray:
         """``total`` (a packed protocol sum) plus the sampled included canaries' ``S u_i`` in
