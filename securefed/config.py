@@ -35,6 +35,7 @@ __all__ = [
     "PartitionConfig",
     "SecureAggregationConfig",
     "StrategyConfig",
+    "config_differences",
     "dump_config",
     "load_config",
     "parse_config",
@@ -633,3 +634,20 @@ def dump_config(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML (every default written out)."""
     data = cfg.model_dump(mode="json")
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def config_differences(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
+    """The dotted paths (``client.batch_size``, ``dp.noise_multiplier``) at which two resolved
+    configs differ, sorted; empty when they are equal. Lists compare whole (``model.channel_mults``
+    is one path)."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, path: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{path}.{k}" if path else str(k))
+        elif x != y:
+            out.append(path or "<root>")
+
+    walk(a.model_dump(mode="json"), b.model_dump(mode="json"), "")
+    return out

@@ -15,6 +15,19 @@ Every run has a fresh run id (:func:`~securefed.deploy.common.new_run_id`), sent
 with every message; the masking protocol binds it into every signature, key derivation and AEAD
 header, and each site refuses messages of any other run (:mod:`securefed.deploy.node`).
 
+Resume (``CoordinatorOptions.resume``, run config ``resume=true``): a coordinator that stopped
+(crash, lost machine) continues the SAME run from the run directory's latest checkpoint ``c``:
+it reads the run id from ``sites.json``, restores the engine exactly as the simulation's resume
+does (global model, strategy state with its EMA, ``metrics.jsonl`` truncated to ``c``, the canary
+rounds after ``c`` dropped), and runs setup again proposing that run id marked as a resume. Each
+site accepts only a run it accepted before, with the experiment it accepted for it, and replies
+with its last trained round ``t_i``; a site never trains a round at or below it, so the run
+continues at ``r0 = max(c, max_i t_i) + 1``. Rounds ``c + 1 .. r0 - 1`` are lost: recorded as
+abandoned rounds (the model is ``c``'s), their charges stay on the sites' ledgers. A site's
+pending private strategy state (SCAFFOLD, FedDiffuse) is committed by the first round it trains
+only if its last trained round is in the checkpointed history and its update was used there
+(:meth:`Coordinator._restore`); otherwise it is dropped.
+
 Dropouts are real: a site that does not answer a stage within the stage timeout (crashed,
 disconnected, or its reply failed a protocol check) is offline for the rest of the round, and
 the masking protocol's recovery removes its masks (its s-key shares) if its masked input never
@@ -41,6 +54,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -49,7 +63,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import yaml
 
+from securefed.artefacts.checkpoint import Checkpoint, CheckpointError, load_latest
 from securefed.artefacts.rundir import RunDir
 from securefed.builders import (
     build_model,
@@ -59,7 +75,7 @@ from securefed.builders import (
     fedddpm_wrapper,
     resolve_device,
 )
-from securefed.config import ExperimentConfig, dump_config
+from securefed.config import ExperimentConfig, config_differences, dump_config, parse_config
 from securefed.deploy.canaries import decode_scores, encode_assignment
 from securefed.deploy.common import (
     DeployConfigError,
@@ -89,12 +105,17 @@ from securefed.deploy.wire import (
 from securefed.diffusion import NoiseSchedule
 from securefed.diffusion.params import get_flat, num_params, set_flat
 from securefed.diffusion.sampling import sample
-from securefed.federation.auxiliary import AuxiliarySet, save_auxiliary
+from securefed.federation.auxiliary import AuxiliarySet, load_auxiliary, save_auxiliary
 from securefed.federation.engine import ClientRound, ClientTransport, RoundEngine
 from securefed.federation.public_pretrain import public_pretrain
-from securefed.federation.record import RoundRecord
-from securefed.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from securefed.privacy.canaries import CanaryClients, ClientCanaryRound, GradientCanaries
+from securefed.federation.record import RoundRecord, read_records
+from securefed.io import atomic_write_bytes, atomic_write_json, atomic_write_text, write_jsonl
+from securefed.privacy.canaries import (
+    CanaryClients,
+    ClientCanaryRound,
+    GradientCanaries,
+    discard_rounds_after,
+)
 from securefed.secagg.base import AggregationAbortedError, resolve_threshold
 from securefed.secagg.keys import load_roster, load_server_key
 from securefed.secagg.masking.messages import ProtocolError, Stage
@@ -151,6 +172,9 @@ class CoordinatorOptions:
     #: carry the next round's RoundStart with this round's unmasking request (and the sites'
     #: keys with their replies): one Flower message fewer per round, see docs/deploy.md
     advertise_ahead: bool = True
+    #: continue the run in ``run_dir`` from its latest checkpoint (same run id, see the module
+    #: docstring) instead of starting a new run in an empty ``run_dir``
+    resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,10 +190,26 @@ class SiteInfo:
 
 @dataclass
 class DeployResult:
+    """What a deployed run produced: ``metrics`` holds every line of ``metrics.jsonl``
+    (earlier sessions of a resumed run included); ``final_params`` is ``[D]``."""
+
     run_dir: Path
     rounds_completed: int
     final_params: torch.Tensor
     metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _ResumePoint:
+    """What a resumed coordinator reads from the run directory before setup."""
+
+    run_id: str
+    checkpoint: Checkpoint
+    #: client id -> #examples of every site of the run's first setup (``sites.json``)
+    sites: dict[int, int]
+    weight_scale: float
+    image_shape: tuple[int, int, int]
+    num_classes: int
 
 
 @dataclass
@@ -235,6 +275,9 @@ class Coordinator(ClientTransport):
         self.on_event = on_event
         self.sites: dict[int, SiteInfo] = {}
         self.run_id = new_run_id()  # fresh per run; every site must accept it at setup
+        self._resume: _ResumePoint | None = None  # options.resume: read by start()
+        self._resumed_last: dict[int, int] = {}  # resume: client -> its last trained round
+        self.rows: list[RoundRecord] = []  # metrics.jsonl (a resumed run's earlier rounds too)
         self._last_trained: dict[int, int] = {}  # client -> last round it trained in
         self._survivors: dict[int, set[int]] = {}  # round -> clients whose update was used
         self._ahead: _Ahead | None = None  # the next round, started with this round's unmask
@@ -275,11 +318,14 @@ class Coordinator(ClientTransport):
         digest = _roster_digest(self.options.keys_dir)
         nodes = self._wait_for_sites()
         self._event(stage="setup", nodes=len(nodes))
-        content = {
+        content: dict[str, Any] = {
             "version": PROTOCOL_VERSION,
             "run_id": self.run_id,
             "experiment": dump_config(self.cfg),
         }
+        resume = self._resume
+        if resume is not None:  # the same run id, continued: each site checks it knows it
+            content["resume"] = 1
         # setup loads the site's data and calibrates its noise: as slow as training
         replies = self.channel.exchange(
             MESSAGE_SETUP, dict.fromkeys(nodes, content),
@@ -289,6 +335,7 @@ class Coordinator(ClientTransport):
         for node in nodes:
             r = replies.get(node)
             who = f"SuperNode {node}"
+            last = 0  # resume: the site's last trained round of the run
             if r is None:
                 refused[node] = "no reply to setup"
                 continue
@@ -316,6 +363,8 @@ class Coordinator(ClientTransport):
                     image_shape=(int(shape[0]), int(shape[1]), int(shape[2])),
                     num_classes=get_int(r, "num_classes", who, minimum=1),
                 )
+                if resume is not None:
+                    last = self._check_resumed_site(r, info, resume, who)
             except WireError as exc:
                 refused[node] = str(exc)
                 continue
@@ -328,6 +377,8 @@ class Coordinator(ClientTransport):
                 refused[node] = f"client id {cid} is not in the roster"
                 continue
             self.sites[cid] = info
+            if resume is not None:
+                self._resumed_last[cid] = last
         for node, reason in refused.items():
             log.warning("SuperNode %d refused or failed setup: %s", node, reason)
         if len(self.sites) < self.options.min_sites:
@@ -344,18 +395,60 @@ class Coordinator(ClientTransport):
         self.image_shape = next(iter(shapes))
         self.num_classes = max(s.num_classes for s in self.sites.values())
         self._refused = refused
+        if resume is not None:  # the model of the run: its shape does not follow who rejoined
+            self.num_classes = resume.num_classes
+
+    def _check_resumed_site(
+        self, reply: Mapping[str, Any], info: SiteInfo, resume: _ResumePoint, who: str
+    ) -> int:
+        """A site's resume reply: a site of the run's first setup with the same data facts;
+        returns its last trained round of the run.
+
+        Raises:
+            WireError: naming the field (the site is then left out of the resumed run).
+        """
+        cid = info.client_id
+        rounds = self.cfg.federation.rounds
+        last = get_int(reply, "last_trained_round", who, minimum=0)
+        if last > rounds:
+            raise WireError(f"{who}: last_trained_round: {last} is above federation.rounds "
+                            f"{rounds}")
+        if cid not in resume.sites:
+            raise WireError(
+                f"{who}: client {cid} was not a site of run {self.run_id} at its first setup "
+                f"(sites.json: {sorted(resume.sites)}); a site joins a run at its setup only"
+            )
+        if info.num_examples != resume.sites[cid]:
+            raise WireError(
+                f"{who}: num_examples: {info.num_examples}, the run was set up with "
+                f"{resume.sites[cid]} for client {cid}; its data changed since (its ledger and "
+                "the aggregation weights were planned for the first)"
+            )
+        if info.image_shape != resume.image_shape or info.num_classes > resume.num_classes:
+            raise WireError(
+                f"{who}: image_shape {list(info.image_shape)} / num_classes {info.num_classes}: "
+                f"the run's model is for {list(resume.image_shape)} with {resume.num_classes} "
+                "classes (model.json, label_histogram.json)"
+            )
+        return last
 
     # ------------------------------------------------------------------ the run
-    def run(self) -> DeployResult:
+    def run(self, *, stop_after_round: int | None = None) -> DeployResult:
         """Setup, then every configured round through the round engine (the simulation's loop:
-        metrics, checkpoints every ``checkpoint.every`` rounds, the budget stop rule)."""
+        metrics, checkpoints every ``checkpoint.every`` rounds, the budget stop rule); with
+        ``options.resume`` the rounds after the run's latest checkpoint (:meth:`start`).
+
+        Args:
+            stop_after_round: stop after this round (checkpointed), as if the coordinator were
+                killed there: resume tests (status ``interrupted``, not ``finished``).
+        """
         meta = self.start()
-        rows: list[RoundRecord] = []
-        self.engine.run(self.options.run_dir, rows, meta)
-        self._event(stage="finished", round=self.engine.round)
+        stop = self.engine.run(self.options.run_dir, self.rows, meta, last=stop_after_round)
+        done = stop is not None or self.engine.round >= self.cfg.federation.rounds
+        self._event(stage="finished" if done else "interrupted", round=self.engine.round)
         return DeployResult(
             self.options.run_dir, self.engine.round, self.global_params.clone(),
-            [r.to_json() for r in rows],
+            [r.to_json() for r in self.rows],
         )
 
     @property
@@ -370,21 +463,33 @@ class Coordinator(ClientTransport):
 
     def start(self) -> dict[str, Any]:
         """Create the run directory, run setup, build the model and strategy; returns the
-        checkpoint metadata. :meth:`run_round` may be called after it."""
+        checkpoint metadata. :meth:`run_round` may be called after it. With
+        ``options.resume``: read the run (:meth:`_read_resume_point`), run setup as a resume,
+        and restore the engine (:meth:`_restore`)."""
         run_dir = self.options.run_dir
-        # written by the ServerApp before the run
-        own = {RunDir(run_dir).status.name, "coordinator.log"}
-        if run_dir.exists() and any(p.name not in own for p in run_dir.iterdir()):
-            raise FileExistsError(
-                f"run directory {run_dir} already exists and is not empty; give a new run-dir"
-            )
+        if self.options.resume:
+            self._resume = self._read_resume_point()
+            self.run_id = self._resume.run_id  # the run continues under its own id
+        else:
+            # written by the ServerApp before the run
+            own = {RunDir(run_dir).status.name, "coordinator.log"}
+            if run_dir.exists() and any(p.name not in own for p in run_dir.iterdir()):
+                raise FileExistsError(
+                    f"run directory {run_dir} already exists and is not empty; give a new "
+                    "run-dir, or resume=true to continue the run in it"
+                )
         run_dir.mkdir(parents=True, exist_ok=True)
         self.setup()
         cfg = self.cfg
+        resume = self._resume
         model = build_model(cfg, self.image_shape, self.num_classes)
-        if cfg.pretrain.enabled:
+        if cfg.pretrain.enabled and resume is None:  # on resume the checkpoint holds the model
             self._public_pretrain(model)
-        self.weight_scale = float(sum(s.num_examples for s in self.sites.values()))
+        # the aggregation weights' scale is the run's (a site missing at a resume keeps it)
+        self.weight_scale = (
+            resume.weight_scale if resume is not None
+            else float(sum(s.num_examples for s in self.sites.values()))
+        )
         self.engine = RoundEngine(
             cfg, build_strategy_stack(cfg, model, self.weight_scale), self, get_flat(model)
         )
@@ -402,7 +507,14 @@ class Coordinator(ClientTransport):
         if cfg.secure_aggregation.protocol == "ckks":
             self._ckks = self._ckks_server()
         if cfg.fedddpm.enabled:
-            self.engine.strategy = self._fedddpm_phase0(model)
+            self.engine.strategy = (
+                self._fedddpm_phase0(model) if resume is None
+                else self._fedddpm_reload(model, resume)
+            )
+        meta = {"name": cfg.name, "parameters": num_params(model), "deployment": "flower"}
+        if resume is not None:
+            self._restore(resume, meta)
+            return meta
         atomic_write_text(RunDir(run_dir).config, dump_config(cfg))
         atomic_write_json(
             RunDir(run_dir).model_info,
@@ -427,9 +539,144 @@ class Coordinator(ClientTransport):
                 },
                 "refused": {str(n): r for n, r in self._refused.items()},
                 "run_id": self.run_id,
+                "weight_scale": self.weight_scale,
             },
         )
-        return {"name": cfg.name, "parameters": num_params(model), "deployment": "flower"}
+        return meta
+
+    def _read_resume_point(self) -> _ResumePoint:
+        """``resume=true``: the run's config (must equal the experiment given), run id, sites
+        and latest checkpoint, before anything is sent.
+
+        Raises:
+            DeployConfigError: naming the file or field, and the fix.
+        """
+        rd, cfg = RunDir(self.options.run_dir), self.cfg
+        where = f"resume=true: run-dir {self.options.run_dir}"
+        for path in (rd.config, rd.sites, rd.model_info, rd.label_histogram):
+            if not path.is_file():
+                raise DeployConfigError(
+                    f"{where} has no {path.name}: not a deployed run that finished its setup; "
+                    "start a new run (a new run-dir, without resume=true)"
+                )
+        saved = parse_config(yaml.safe_load(rd.config.read_text(encoding="utf-8")))
+        diffs = config_differences(saved, cfg)
+        if diffs:
+            raise DeployConfigError(
+                f"{where}: the experiment differs from the run's config.yaml in {diffs}; a "
+                "resumed run keeps its experiment (the sites refuse another one): resume with "
+                f"experiment=\"{rd.config}\" (or leave experiment empty)"
+            )
+        facts = json.loads(rd.sites.read_text(encoding="utf-8"))
+        run_id = facts.get("run_id")
+        if not (isinstance(run_id, str) and re.fullmatch(r"[0-9a-f]{32}", run_id)):
+            raise DeployConfigError(f"{where}: {rd.sites.name}: run_id: {run_id!r} is not a run id")
+        try:
+            ckpt = load_latest(rd.checkpoints)
+        except CheckpointError as exc:
+            raise DeployConfigError(
+                f"{where}: {exc}. Without a checkpoint there is nothing to continue: start a new "
+                "run (the sites' ledgers keep the charges of this one)"
+            ) from None
+        if ckpt.meta.get("deployment") != "flower":
+            raise DeployConfigError(
+                f"{where}: its checkpoint is not a deployed run's (meta {ckpt.meta}); resume a "
+                "simulated run with `securefed run --resume RUN_DIR`"
+            )
+        if ckpt.round >= cfg.federation.rounds:
+            raise DeployConfigError(
+                f"{where}: run {run_id} finished: its latest checkpoint is round {ckpt.round} "
+                f"of federation.rounds={cfg.federation.rounds}; nothing to resume"
+            )
+        if rd.stopped.exists():
+            why = json.loads(rd.stopped.read_text(encoding="utf-8")).get("reason")
+            raise DeployConfigError(
+                f"{where}: run {run_id} stopped by the budget rule ({rd.stopped.name}: {why}); "
+                "nothing to resume"
+            )
+        sites = {int(c): int(v["num_examples"]) for c, v in facts.get("sites", {}).items()}
+        info = json.loads(rd.model_info.read_text(encoding="utf-8"))
+        hist = json.loads(rd.label_histogram.read_text(encoding="utf-8"))
+        shape = [int(v) for v in info["image_shape"]]
+        return _ResumePoint(
+            run_id=run_id,
+            checkpoint=ckpt,
+            sites=sites,
+            weight_scale=float(facts.get("weight_scale", sum(sites.values()))),
+            image_shape=(shape[0], shape[1], shape[2]),
+            num_classes=int(hist["num_classes"]),
+        )
+
+    def _restore(self, resume: _ResumePoint, meta: Mapping[str, Any]) -> None:
+        """Restore the engine from checkpoint ``c`` and continue above every site's last
+        trained round: ``r0 = max(c, max_i t_i) + 1``.
+
+        - ``metrics.jsonl`` keeps the rounds up to ``c``; rounds ``c + 1 .. r0 - 1`` are
+          written as abandoned (lost) rounds, the model unchanged, and checkpointed so; the
+          sites keep their charges of them. The canary rounds after ``c`` are deleted.
+        - Private strategy state: the first round a site trains commits its pending state iff
+          its last trained round ``t_i <= c`` and its update is in that round's sum (the
+          ``participants`` of line ``t_i``): for ``t_i == c`` exactly "checkpoint ``c`` holds
+          its round-``c`` update", and for ``t_i < c`` what the uninterrupted run would have
+          sent; otherwise (``t_i > c``: a lost round's state) the pending state is dropped."""
+        rd, cfg = RunDir(self.options.run_dir), self.cfg
+        ckpt = resume.checkpoint
+        self.engine.restore(ckpt)
+        c = ckpt.round
+        rows = [r for r in read_records(rd.metrics) if r.round <= c] if rd.metrics.exists() else []
+        used = {r.round: set(r.participants or ()) for r in rows}
+        last = dict(sorted(self._resumed_last.items()))
+        for cid, t in last.items():
+            if t > 0:
+                self._last_trained[cid] = t
+                if t <= c:
+                    self._survivors[t] = used.get(t, set())
+        r0 = max([c, *last.values()]) + 1
+        lost = list(range(c + 1, r0))
+        why = (
+            f"lost: the coordinator stopped after checkpointing round {c} and resumed; the sites "
+            f"had trained up to round {r0 - 1} (last trained rounds {last}) and train no round "
+            "twice: this round's sum was never checkpointed, the model is round "
+            f"{c}'s, and the sites' charges for it stand"
+        )
+        for rnd in lost:
+            rows.append(RoundRecord(round=rnd, participants=[], abandoned=why))
+        self.engine.round = r0 - 1
+        write_jsonl(rd.metrics, [r.to_json() for r in rows])
+        dropped = discard_rounds_after(rd.canaries, c) if cfg.canaries.enabled else []
+        if lost:  # the model after the lost rounds is c's: checkpointed as their round
+            self.engine.save(rd.checkpoints, meta)
+            log.warning("resume: rounds %s are lost (%s)", lost, why)
+        self.rows = rows
+        facts = json.loads(rd.sites.read_text(encoding="utf-8"))
+        facts.setdefault("resumes", []).append({
+            "time": time.time(),
+            "checkpoint": c,
+            "first_round": r0,
+            "lost_rounds": lost,
+            "sites": {
+                str(cid): {"node_id": s.node_id, "last_trained_round": last[cid]}
+                for cid, s in sorted(self.sites.items())
+            },
+            "refused": {str(n): r for n, r in self._refused.items()},
+            "canary_rounds_deleted": dropped,
+        })
+        atomic_write_json(rd.sites, facts)
+        log.info("resumed run %s after checkpoint %d at round %d", self.run_id, c, r0)
+        self._event(stage="resumed", checkpoint=c, first_round=r0, lost_rounds=lost,
+                    last_trained={str(k): v for k, v in last.items()})
+
+    def _fedddpm_reload(self, model: torch.nn.Module, resume: _ResumePoint) -> Any:
+        """Resume with ``fedddpm.enabled``: the run's stored auxiliary set (SHA-256 verified;
+        phase 0 ran once, the sites refuse a second) around the strategy, as the simulation's
+        resume reloads it."""
+        cfg = self.cfg
+        aux, _ = load_auxiliary(self.options.run_dir)
+        dev = resolve_device(cfg.device)
+        return fedddpm_wrapper(
+            cfg, self.strategy, model.to(dev), NoiseSchedule.from_config(cfg.diffusion), dev,
+            aux, [n for _, n in sorted(resume.sites.items())],
+        )
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         """One round of the engine over the network (after :meth:`start`); returns its

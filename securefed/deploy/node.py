@@ -94,7 +94,13 @@ from securefed.builders import (
 from securefed.client.dp import sample_rate_for
 from securefed.client.runtime import build_trainer, local_round
 from securefed.client.trainer import local_steps_for
-from securefed.config import ConfigError, ExperimentConfig, dump_config, parse_config
+from securefed.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_differences,
+    dump_config,
+    parse_config,
+)
 from securefed.data import ImageDataset, load_dataset
 from securefed.deploy.canaries import decode_assignment, encode_scores
 from securefed.deploy.common import (
@@ -170,6 +176,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EXPERIMENT_FILE = "experiment.yaml"
+#: ``<state-dir>/experiments/<run id>.yaml``: the experiment each run was accepted with
+RUN_EXPERIMENTS_DIR = "experiments"
 CLIENT_STATE_FILE = "client_state.pt"
 PENDING_STATE_FILE = "client_state.pending.pt"
 
@@ -185,6 +193,16 @@ class PolicyError(ValueError):
 
 #: a run id: 16 random bytes as 32 lowercase hex digits
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _dotted(doc: Mapping[str, Any], path: str) -> Any:
+    """The value at ``path`` (``client.batch_size``) of a nested mapping (None if absent)."""
+    node: Any = doc
+    for part in path.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
 
 
 def _opt(cfg: Mapping[str, Any], key: str) -> Any:
@@ -661,29 +679,48 @@ class Site:
     # ------------------------------------------------------------------ setup
     def setup(self, content: Mapping[str, Any]) -> dict[str, Any]:
         """Accept (or refuse) the coordinator's experiment and run id; plan this site's privacy
-        ledger; pin its DP plan; record the run (with a fresh noise nonce)."""
-        version = get_str(content, "version", "coordinator")
+        ledger; pin its DP plan; record the run (with a fresh noise nonce).
+
+        A resume (``resume: 1``, the coordinator restarted from its latest checkpoint) proposes
+        a run id this site accepted before, with the experiment it accepted for that run
+        (:meth:`_check_resumed_experiment`); every other check runs again, the run keeps its
+        record (noise nonce, last trained round, pinned canaries) and the reply adds the last
+        round this site trained in that run (``last_trained_round``): the coordinator
+        continues above it, since a round at or below it is still refused (replay)."""
+        who = "coordinator"
+        version = get_str(content, "version", who)
         if version != PROTOCOL_VERSION:
             raise WireError(
                 f"{self.who}: coordinator speaks {version!r}, this site {PROTOCOL_VERSION!r}; "
                 "install the same securefed version at every party"
             )
-        run_id = get_str(content, "run_id", "coordinator")
+        run_id = get_str(content, "run_id", who)
         if not _RUN_ID.fullmatch(run_id):
             raise WireError(f"coordinator: run_id: {run_id!r} is not 32 lowercase hex digits")
+        resume = "resume" in content and get_int(content, "resume", who, minimum=0) == 1
         record = self._record()
-        if run_id in record.runs:
+        if resume and run_id not in record.runs:
+            raise PolicyError(
+                f"run_id: {run_id!r} is not a run this site accepted (it accepted "
+                f"{len(record.runs)} run(s)); a resume continues a run the site accepted at "
+                "setup, so this one is refused: the coordinator must start a new run (a new "
+                "run-dir, without resume=true)"
+            )
+        if not resume and run_id in record.runs:
             raise PolicyError(
                 f"run_id: {run_id!r} was already accepted by this site (at "
                 f"{time.ctime(record.runs[run_id].accepted)}); every run needs a fresh run id, "
-                "a coordinator re-using one could replay that run's rounds"
+                "a coordinator re-using one could replay that run's rounds (a coordinator "
+                "that continues the run sends resume=true, docs/deploy.md)"
             )
-        text = get_str(content, "experiment", "coordinator")
+        text = get_str(content, "experiment", who)
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"coordinator experiment: not valid YAML: {exc}") from None
         cfg = parse_config(raw if isinstance(raw, dict) else {})
+        if resume:
+            self._check_resumed_experiment(record.runs[run_id], cfg)
         check_deployable(cfg)
         o = self.options
         if o.require_dp and cfg.dp.level not in ("record", "client"):
@@ -707,7 +744,8 @@ class Site:
                     "this site refuses it (--node-config allow-seeded-noise=false, rehearsals "
                     "only may set it to true)"
                 )
-            used = sorted(r.run_id for r in record.runs.values() if r.seed == cfg.seed)
+            used = sorted(r.run_id for r in record.runs.values()
+                          if r.seed == cfg.seed and r.run_id != run_id)  # a resume: its own
             if used:
                 raise PolicyError(
                     f"seed: {cfg.seed} was already used by run {used[0]} of this site; under "
@@ -767,16 +805,22 @@ class Site:
         privacy = self._privacy(cfg, data)
         text = dump_config(cfg)
         atomic_write_text(o.state_dir / EXPERIMENT_FILE, text)
-        clear_round_state(o.state_dir)  # a previous run's round state is void
+        # a previous run's round state is void, and so is an interrupted round of a resumed
+        # run (the restarted coordinator starts its rounds afresh, above the last trained one)
+        clear_round_state(o.state_dir)
         if pin is not None and record.dp_plan is None:
             record.dp_plan = pin
-        record.runs[run_id] = RunRecord(
-            run_id=run_id,
-            accepted=time.time(),
-            noise_nonce=os.urandom(32).hex(),
-            seed=int(cfg.seed),
-            experiment_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        )
+        if not resume:
+            record.runs[run_id] = RunRecord(
+                run_id=run_id,
+                accepted=time.time(),
+                noise_nonce=os.urandom(32).hex(),
+                seed=int(cfg.seed),
+                experiment_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            )
+            # the experiment of this run, kept to name what changed if a resume proposes another
+            atomic_write_text(self._run_experiment_path(run_id), text, mode=0o600)
+        run = record.runs[run_id]
         record.current = run_id
         save_site_record(o.state_dir, record)
         c, h, w = data.image_shape
@@ -791,7 +835,52 @@ class Site:
         }
         if privacy is not None:
             reply["epsilon"] = float(privacy.ledger.epsilon(self.cid))
+        if resume:  # where the coordinator may continue: above this round (replay rule)
+            reply["last_trained_round"] = int(run.last_trained_round)
         return reply
+
+    def _run_experiment_path(self, run_id: str) -> Path:
+        """``<state-dir>/experiments/<run id>.yaml``: the experiment accepted for a run."""
+        return self.options.state_dir / RUN_EXPERIMENTS_DIR / f"{run_id}.yaml"
+
+    def _check_resumed_experiment(self, run: RunRecord, cfg: ExperimentConfig) -> None:
+        """A resume must propose exactly the experiment this site accepted for the run (the
+        SHA-256 of its resolved YAML, as recorded in ``site_runs.json``): the run's ledger
+        plan, cohorts, noise and pinned canaries were agreed for it.
+
+        Raises:
+            PolicyError: naming each changed field with both values (from the run's stored
+                experiment), or ``experiment`` when the stored copy is gone.
+        """
+        text = dump_config(cfg)
+        if hashlib.sha256(text.encode("utf-8")).hexdigest() == run.experiment_sha256:
+            return
+        stored_text = None
+        for path in (self._run_experiment_path(run.run_id),
+                     self.options.state_dir / EXPERIMENT_FILE):
+            if path.is_file():
+                raw = path.read_bytes()
+                if hashlib.sha256(raw).hexdigest() == run.experiment_sha256:
+                    stored_text = raw.decode("utf-8")
+                    break
+        changed: list[str] = []
+        if stored_text is not None:
+            stored = parse_config(yaml.safe_load(stored_text))
+            a, b = stored.model_dump(mode="json"), cfg.model_dump(mode="json")
+            changed = [
+                f"{k}: {_dotted(b, k)!r} (accepted: {_dotted(a, k)!r})"
+                for k in config_differences(stored, cfg)
+            ]
+        what = "; ".join(changed) if changed else (
+            f"experiment: its SHA-256 {hashlib.sha256(text.encode()).hexdigest()[:16]}... is "
+            f"not the {run.experiment_sha256[:16]}... this site accepted"
+        )
+        raise PolicyError(
+            f"{what}: a resume of run {run.run_id} must propose the experiment this site "
+            "accepted for it (its privacy ledger, cohorts and noise were planned for that "
+            "experiment); resume with the run's own config.yaml, or start a new run (a new "
+            "run-dir, without resume=true)"
+        )
 
     # ------------------------------------------------------------------ one round
     def _commit_previous(self, content: Mapping[str, Any]) -> None:

@@ -6,8 +6,11 @@ with ``flwr run ... --run-config 'key=value ...'``):
 =================  =========================================================================
 key                meaning
 =================  =========================================================================
-``experiment``     path (on the coordinator's machine) of the experiment YAML
+``experiment``     path (on the coordinator's machine) of the experiment YAML (with ``resume``:
+                   optional, default the run's own ``config.yaml``; another one is refused)
 ``run-dir``        the run directory to create (metrics.jsonl, checkpoints/, status.json)
+``resume``         ``false`` (default); ``true``: continue the interrupted run in ``run-dir``
+                   from its latest checkpoint, with the same run id (docs/deploy.md, Resume)
 ``keys-dir``       folder with ``server.key`` (0600) and ``roster.json``
 ``min-sites``      sites that must join before round 1 (0: ``federation.num_clients``)
 ``join-timeout``   seconds to wait for them
@@ -30,6 +33,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from securefed.artefacts.rundir import RunDir
 from securefed.config import load_config
 from securefed.deploy.coordinator import Coordinator, CoordinatorOptions, Reply
 from securefed.deploy.polling import apply_grid_pull_patch
@@ -129,6 +133,7 @@ def options_from_run_config(cfg: Mapping[str, Any], num_clients: int) -> Coordin
         stage_timeout=_num(cfg, "stage-timeout", 120, 1),
         train_timeout=_num(cfg, "train-timeout", 900, 1),
         advertise_ahead=_flag(cfg, "advertise-ahead", True),
+        resume=_flag(cfg, "resume", False),
     )
 
 
@@ -148,10 +153,13 @@ def main(grid: Grid, context: Context) -> None:
     """Load the experiment named in the run config and run it over the SuperLink."""
     rc = dict(context.run_config)
     experiment = str(rc.get("experiment", "")).strip()
+    if not experiment and _flag(rc, "resume", False) and str(rc.get("run-dir", "")).strip():
+        # a resumed run keeps its experiment: the run directory's own config.yaml
+        experiment = str(RunDir(Path(str(rc["run-dir"])).expanduser()).config)
     if not experiment:
         raise ValueError(
             "run config experiment: required; pass flwr run --run-config "
-            "'experiment=\"/abs/path/experiment.yaml\"'"
+            "'experiment=\"/abs/path/experiment.yaml\"' (optional with resume=true)"
         )
     cfg = load_config(experiment)
     options = options_from_run_config(rc, cfg.federation.num_clients)

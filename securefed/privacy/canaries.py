@@ -63,6 +63,7 @@ __all__ = [
     "ClientCanaryRound",
     "GradientCanaries",
     "canary_uniforms",
+    "discard_rounds_after",
     "load_client_scores",
     "load_gradient_scores",
 ]
@@ -739,3 +740,21 @@ class ClientCanaryRound:
         sampled = self.sampled if self.released else np.zeros_like(self.sampled)
         scores = self.scores if self.released else np.zeros_like(self.scores)
         return self.canaries.commit(self.dir, self.rnd, scores, sampled, self.charge, self.clip)
+
+
+def discard_rounds_after(canary_dir: str | Path, rnd: int) -> list[int]:
+    """Delete the stored canary rounds (gradient canaries' and canary clients') after round
+    ``rnd``; returns the rounds deleted, sorted.
+
+    A deployed run resumed from its round-``rnd`` checkpoint calls this: the rounds after it
+    are lost (their sums never reached a checkpointed model), and the rounds it runs next are
+    committed afresh; without the folder (no canaries) nothing is deleted."""
+    gone: set[int] = set()
+    d = Path(canary_dir)
+    for sub, pattern in ((_ROUNDS_DIR, "round_*.npy"), (_CLIENT_ROUNDS_DIR, "round_*.npz")):
+        for p in sorted((d / sub).glob(pattern)):
+            r = int(p.stem.split("_")[1])
+            if r > rnd:
+                p.unlink()
+                gone.add(r)
+    return sorted(gone)
