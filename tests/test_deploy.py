@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import Mapping
@@ -1290,3 +1291,243 @@ def test_killed_supernode_round_completes_with_the_survivors_sum(tmp_path: Path)
     assert [(e["round"], e["steps"]) for e in led["entries"]] == [(1, 2)]
     assert os.path.exists(fed.site_dir(2) / "state" / "secagg" / "round.json")
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["federation"]["rounds"] == 1
+
+
+# ------------------------------------------------------------- resume of a deployed run
+
+
+class _Crash(RuntimeError):
+    """The coordinator's process dies (raised from the channel)."""
+
+
+class _CrashAfterTraining(_InProcess):
+    """:class:`_InProcess` whose coordinator dies right after the sites trained round ``at``
+    (the exchange that carried the round's model): the sites charged and recorded the round,
+    the coordinator neither aggregated nor checkpointed it."""
+
+    def __init__(self, sites: dict[int, Site], at: int) -> None:
+        super().__init__(sites, {})
+        self.at = at
+
+    def exchange(self, message_type: str, contents: Mapping[int, Mapping[str, Any]], *,
+                 timeout: float, group: str) -> dict[int, Reply]:
+        out = super().exchange(message_type, contents, timeout=timeout, group=group)
+        if group == str(self.at) and any("broadcast_keys" in c for c in contents.values()):
+            raise _Crash(f"coordinator killed after the sites trained round {self.at}")
+        return out
+
+
+class _Answering(_InProcess):
+    """:class:`_InProcess` whose sites answer a refusal with its text, as the ClientApp does."""
+
+    def exchange(self, message_type: str, contents: Mapping[int, Mapping[str, Any]], *,
+                 timeout: float, group: str) -> dict[int, Reply]:
+        out: dict[int, Reply] = {}
+        for node, content in contents.items():
+            try:
+                out[node] = dispatch(self.sites[node], message_type, content)
+            except Exception as exc:
+                out[node] = f"site error: {type(exc).__name__}: {exc}"
+        return out
+
+
+def _resume_sites(root: Path) -> dict[int, Site]:
+    """3 rehearsal sites under ``root`` (their state dirs and keys outlive the coordinator)."""
+    if not (root / "keys" / "roster.json").exists():
+        init_identity_keys(root / "keys", 3)
+    return {
+        700 + i: Site(NodeOptions(root / f"site{i}", root / "keys", i, partition_id=i,
+                                  **REHEARSAL))  # type: ignore[arg-type]
+        for i in range(3)
+    }
+
+
+def _resume_options(root: Path, resume: bool = False) -> CoordinatorOptions:
+    return CoordinatorOptions(run_dir=root / "run", keys_dir=root / "keys", min_sites=3,
+                              resume=resume)
+
+
+def _ledger_rounds(root: Path, i: int) -> list[int]:
+    """The rounds site ``i``'s ledger charged, in order."""
+    led = json.loads((root / f"site{i}" / "privacy_ledger.json").read_text())
+    return [int(e["round"]) for e in led["entries"]]
+
+
+def _site_runs(root: Path, i: int) -> dict[str, Any]:
+    return dict(json.loads((root / f"site{i}" / "site_runs.json").read_text())["runs"])
+
+
+def _scaffold_state(root: Path, i: int, name: str = "client_state.pt") -> dict[str, torch.Tensor]:
+    return dict(torch.load(root / f"site{i}" / name, weights_only=True))
+
+
+def test_in_process_resume_after_a_checkpoint_matches_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    """The coordinator dies after round 1's checkpoint and resumes with the same run dir (the
+    sites keep running): the run continues under its run id at round 2, no round is lost, and
+    the final model equals an uninterrupted deployed run's of the same seed within the masking
+    grid. SCAFFOLD: round 2 must tell each site that its round-1 update was used (checkpoint 1
+    holds it), so its control variate is committed as in the uninterrupted run. Every ledger
+    holds exactly one charge per trained round."""
+    cfg = _cfg(federation={"rounds": 3}, strategy={"name": "scaffold"})
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    ref = Coordinator(cfg, _resume_options(whole), _InProcess(_resume_sites(whole), {})).run()
+    assert ref.rounds_completed == 3
+
+    sites = _resume_sites(cut)
+    first = Coordinator(cfg, _resume_options(cut), _InProcess(sites, {})).run(stop_after_round=1)
+    assert first.rounds_completed == 1
+    run_id = json.loads((cut / "run" / "sites.json").read_text())["run_id"]
+    events: list[dict[str, Any]] = []
+    res = Coordinator(cfg, _resume_options(cut, resume=True), _InProcess(sites, {}),
+                      on_event=events.append).run()
+    assert res.rounds_completed == 3
+    assert [m["round"] for m in res.metrics] == [1, 2, 3]
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 3
+    assert not any("abandoned" in m for m in res.metrics)
+    assert [m["round"] for m in metrics_rows(cut / "run")] == [1, 2, 3]
+    (resumed,) = [e for e in events if e["stage"] == "resumed"]
+    assert (resumed["checkpoint"], resumed["first_round"], resumed["lost_rounds"]) == (1, 2, [])
+    facts = json.loads((cut / "run" / "sites.json").read_text())
+    assert facts["run_id"] == run_id and facts["resumes"][0]["first_round"] == 2
+    for i in range(3):  # one run, continued; one charge per trained round, none twice
+        assert list(_site_runs(cut, i)) == [run_id]
+        assert _site_runs(cut, i)[run_id]["last_trained_round"] == 3
+        assert _ledger_rounds(cut, i) == _ledger_rounds(whole, i) == [1, 2, 3]
+    # the final model: the uninterrupted run's, within the masking grid of its three rounds
+    # (the two runs' grids are drawn independently), with room for training's sensitivity
+    from securefed.builders import build_model
+    from securefed.diffusion.params import get_flat
+
+    rows = metrics_rows(whole / "run")
+    tol, prev = 0.0, get_flat(build_model(cfg, (1, 8, 8), 10))
+    for r in (1, 2, 3):
+        tol += 2 * _tolerance(rows[r - 1], prev, _ckpt_params(whole / "run", r))
+        prev = _ckpt_params(whole / "run", r)
+    gap = float((res.final_params - ref.final_params).abs().max())
+    assert gap <= 10 * tol, (gap, tol)
+    moved = float((res.final_params - _ckpt_params(cut / "run", 1)).abs().max())
+    assert moved > 100 * tol
+    # SCAFFOLD's control variates: committed on every site as in the uninterrupted run (round
+    # 2's, committed by round 3; round 3's pending)
+    for i in range(3):
+        for name in ("client_state.pt", "client_state.pending.pt"):
+            a, b = _scaffold_state(whole, i, name), _scaffold_state(cut, i, name)
+            assert a.keys() == b.keys() and a
+            for k in a:
+                assert float((a[k] - b[k]).abs().max()) <= 1e-3 * float(a[k].abs().max()), (
+                    i, name, k)
+
+
+def test_in_process_resume_after_sites_trained_an_unrecorded_round(tmp_path: Path) -> None:
+    """The coordinator dies after the sites trained round 2 but before it checkpointed it
+    (checkpoint 1). The resumed run starts at round 3 (a site trains no round twice); round 2
+    is recorded as lost (abandoned, the model round 1's), the sites refuse nothing, each ledger
+    keeps its round-2 charge and never charges a round twice, and SCAFFOLD's pending state of
+    round 2 is dropped, not committed (its update was never used). A second interruption after
+    round 3 and a second resume finish the run."""
+    cfg = _cfg(federation={"rounds": 4}, strategy={"name": "scaffold"})
+    root = tmp_path
+    sites = _resume_sites(root)
+    with pytest.raises(_Crash):
+        Coordinator(cfg, _resume_options(root), _CrashAfterTraining(sites, 2)).run()
+    run_id = json.loads((root / "run" / "sites.json").read_text())["run_id"]
+    for i in range(3):
+        assert _site_runs(root, i)[run_id]["last_trained_round"] == 2
+        assert _ledger_rounds(root, i) == [1, 2]
+    assert [m["round"] for m in metrics_rows(root / "run")] == [1]
+    committed = {i: (root / f"site{i}" / "client_state.pt").read_bytes() for i in range(3)}
+    pending = {i: (root / f"site{i}" / "client_state.pending.pt").read_bytes() for i in range(3)}
+
+    events: list[dict[str, Any]] = []
+    res = Coordinator(cfg, _resume_options(root, resume=True), _InProcess(sites, {}),
+                      on_event=events.append).run(stop_after_round=3)
+    assert res.rounds_completed == 3
+    (resumed,) = [e for e in events if e["stage"] == "resumed"]
+    assert (resumed["checkpoint"], resumed["first_round"], resumed["lost_rounds"]) == (1, 3, [2])
+    assert events[-1]["stage"] == "interrupted"
+    one, lost, three = res.metrics
+    assert lost["round"] == 2 and lost["participants"] == []
+    assert lost["abandoned"].startswith("lost: the coordinator stopped after checkpointing round 1")
+    assert three["participants"] == [0, 1, 2] and "dropout_reasons" not in three
+    assert one == metrics_rows(root / "run")[0]
+    # the lost round left the model as round 1 made it
+    assert torch.equal(_ckpt_params(root / "run", 2), _ckpt_params(root / "run", 1))
+    for i in range(3):
+        assert _ledger_rounds(root, i) == [1, 2, 3]  # round 2's charge stands, none twice
+        # round 3 said "not used" for round 2: its pending state was dropped, the committed
+        # state is still round 1's; round 3's state is pending now
+        assert (root / f"site{i}" / "client_state.pt").read_bytes() == committed[i]
+        now = (root / f"site{i}" / "client_state.pending.pt").read_bytes()
+        assert now != pending[i]
+    facts = json.loads((root / "run" / "sites.json").read_text())
+    assert facts["resumes"][0]["lost_rounds"] == [2]
+    assert {v["last_trained_round"] for v in facts["resumes"][0]["sites"].values()} == {2}
+
+    # a second resume, from checkpoint 3 where every site trained round 3 and was used
+    res = Coordinator(cfg, _resume_options(root, resume=True), _InProcess(sites, {})).run()
+    assert res.rounds_completed == 4
+    assert [m["round"] for m in res.metrics] == [1, 2, 3, 4]
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2], [], [0, 1, 2], [0, 1, 2]]
+    for i in range(3):
+        assert _ledger_rounds(root, i) == [1, 2, 3, 4]
+        assert list(_site_runs(root, i)) == [run_id]
+        # round 4 committed round 3's state (checkpoint 3 holds the site's round-3 update)
+        assert (root / f"site{i}" / "client_state.pt").read_bytes() != committed[i]
+    # the run is finished: a further resume is refused, naming why
+    with pytest.raises(DeployConfigError, match=r"resume=true: .* finished: its latest "
+                       r"checkpoint is round 4 of federation.rounds=4"):
+        Coordinator(cfg, _resume_options(root, resume=True), _InProcess(sites, {})).run()
+
+
+@pytest.mark.parametrize(
+    ("section", "change", "field"),
+    [("client", {"batch_size": 8}, "client.batch_size: 8 (accepted: 16)"),
+     ("dp", {"max_grad_norm": 2.0}, "dp.max_grad_norm: 2.0 (accepted: 1.0)")],
+)
+def test_resume_refusals_name_the_field(
+    tmp_path: Path, section: str, change: dict[str, Any], field: str
+) -> None:
+    """A site accepts a resume only for a run id it accepted, with the very experiment it
+    accepted for it; the coordinator refuses an experiment other than the run's config.yaml
+    and a run dir without resume=true. Each refusal names the field."""
+    from securefed.config import dump_config
+
+    cfg = _cfg(federation={"rounds": 2})
+    sites = _resume_sites(tmp_path)
+    Coordinator(cfg, _resume_options(tmp_path), _InProcess(sites, {})).run(stop_after_round=1)
+    run_id = json.loads((tmp_path / "run" / "sites.json").read_text())["run_id"]
+    site = sites[700]
+    changed = _cfg(federation={"rounds": 2}, **{section: change})
+
+    def setup(c: ExperimentConfig, rid: str) -> dict[str, Any]:
+        return {"version": PROTOCOL_VERSION, "run_id": rid, "experiment": dump_config(c),
+                "resume": 1}
+
+    # the site: a run id it never accepted; a changed experiment (both values named)
+    with pytest.raises(PolicyError, match=r"run_id: 'cdcd.*' is not a run this site accepted"):
+        site.setup(setup(cfg, "cd" * 16))
+    with pytest.raises(PolicyError, match=re.escape(field) + f".*resume of run {run_id}"):
+        site.setup(setup(changed, run_id))
+    # without resume the run id is still never accepted twice
+    with pytest.raises(PolicyError, match="was already accepted by this site"):
+        site.setup({**setup(cfg, run_id), "resume": 0})
+    assert _site_runs(tmp_path, 0)[run_id]["last_trained_round"] == 1
+    # a resume the site accepts answers with its last trained round
+    assert site.setup(setup(cfg, run_id))["last_trained_round"] == 1
+
+    # the coordinator: a changed experiment, and a run dir reused without resume=true
+    with pytest.raises(DeployConfigError, match=rf"differs from the run's config.yaml in "
+                       rf"\['{re.escape(field.split(':')[0])}'\]"):
+        Coordinator(changed, _resume_options(tmp_path, resume=True), _InProcess(sites, {})).run()
+    with pytest.raises(FileExistsError, match="resume=true to continue"):
+        Coordinator(cfg, _resume_options(tmp_path), _InProcess(sites, {})).run()
+    # a run id no site accepted (sites.json edited): every site refuses, the error names it
+    facts = json.loads((tmp_path / "run" / "sites.json").read_text())
+    atomic = {**facts, "run_id": "ef" * 16}
+    (tmp_path / "run" / "sites.json").write_text(json.dumps(atomic))
+    with pytest.raises(DeployConfigError, match=r"0 site\(s\) accepted .*run_id: 'efef"):
+        Coordinator(cfg, _resume_options(tmp_path, resume=True), _Answering(sites, {})).run()
+    for i in range(3):  # nothing was trained or charged by the refused resumes
+        assert _ledger_rounds(tmp_path, i) == [1]
