@@ -367,7 +367,7 @@ def test_coordinator_recovers_a_dropped_site_in_process(tmp_path: Path) -> None:
     init_identity_keys(tmp_path / "keys", 3)
     sites = {
         700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
-                                  **REHEARSAL))  # type: ignore[arg-type]
+                                  **REHEARSAL))
         for i in range(3)
     }
     events: list[dict[str, Any]] = []
@@ -562,7 +562,7 @@ def test_a_site_refuses_a_public_set_that_holds_its_own_images(
 
     init_identity_keys(tmp_path / "keys", 1)
     site = Site(NodeOptions(tmp_path / "site0", tmp_path / "keys", 0, partition_id=0,
-                            **REHEARSAL))  # type: ignore[arg-type]
+                            **REHEARSAL))
     cfg = _cfg(pretrain={"enabled": True})
     own = site.load_data(cfg)
 
@@ -584,7 +584,7 @@ def test_a_site_refuses_fedddpm_uploads_unless_it_opted_in(tmp_path: Path) -> No
     default policy refuses it at setup, naming the field and the node-config key."""
     init_identity_keys(tmp_path / "keys", 1)
     site = Site(NodeOptions(tmp_path / "site0", tmp_path / "keys", 0, partition_id=0,
-                            **REHEARSAL))  # type: ignore[arg-type]
+                            **REHEARSAL))
     from securefed.config import dump_config
 
     cfg = _cfg(fedddpm={"enabled": True})
@@ -712,7 +712,7 @@ def test_in_process_ckks_deployment_matches_the_simulation(
                                   allow_ckks=True, allow_honest_but_curious_server=True,
                                   allow_individual_uploads=feature == "fedddpm",
                                   allow_audit_canaries=feature == "canaries",
-                                  **REHEARSAL))  # type: ignore[arg-type]
+                                  **REHEARSAL))
         for i in range(3)
     }
     sent: list[str] = []
@@ -879,7 +879,7 @@ def test_a_site_refuses_ckks_unless_it_opted_in(tmp_path: Path) -> None:
     init_identity_keys(tmp_path / "keys", 1)
     site = Site(NodeOptions(tmp_path / "site0", tmp_path / "keys", 0, partition_id=0,
                             allow_honest_but_curious_server=True,
-                            **REHEARSAL))  # type: ignore[arg-type]
+                            **REHEARSAL))
     cfg = _cfg(secure_aggregation={"protocol": "ckks", "server_threat": "honest_but_curious"})
     with pytest.raises(PolicyError, match=r"protocol: 'ckks' .*allow-ckks=true"):
         site.setup({"version": PROTOCOL_VERSION, "run_id": "ef" * 16,
@@ -1337,7 +1337,7 @@ def _resume_sites(root: Path) -> dict[int, Site]:
         init_identity_keys(root / "keys", 3)
     return {
         700 + i: Site(NodeOptions(root / f"site{i}", root / "keys", i, partition_id=i,
-                                  **REHEARSAL))  # type: ignore[arg-type]
+                                  **REHEARSAL))
         for i in range(3)
     }
 
