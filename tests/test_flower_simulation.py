@@ -118,6 +118,31 @@ def test_flower_sim_cli_refuses_a_used_run_directory(tmp_path: Path) -> None:
     assert (out / "metrics.jsonl").read_text() == "{}\n"  # nothing written over
 
 
+def test_flower_sim_cli_resume_needs_the_interrupted_run(tmp_path: Path) -> None:
+    """``--resume`` continues a run in --out with its --work (the sites' states); without one
+    it is refused before anything starts, naming both flags."""
+    from securefed.cli import main
+
+    exp = _write_cfg(tmp_path / "experiment.yaml", _cfg())
+    assert main(["flower-sim", str(exp), "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert not (tmp_path / "none.flower").exists()  # no SuperLink was started
+
+
+def test_waiting_ignores_an_earlier_sessions_status(tmp_path: Path) -> None:
+    """A resumed run dir holds the status of its earlier session: a ``finished`` written
+    before the new session started is not this session's end."""
+    from securefed.deploy.loopback import wait_for_finished
+
+    status = tmp_path / "status.json"
+    now = time.time()
+    status.write_text(json.dumps({"stage": "finished", "time": now - 60}))
+    with pytest.raises(TimeoutError):
+        wait_for_finished(tmp_path, None, 0.5, since=now)
+    assert wait_for_finished(tmp_path, None, 0.5)["stage"] == "finished"  # no since: as before
+    status.write_text(json.dumps({"stage": "finished", "time": now + 1}))
+    assert wait_for_finished(tmp_path, None, 0.5, since=now)["time"] == now + 1
+
+
 def test_the_client_app_handles_every_message_the_coordinator_sends() -> None:
     """A message type without a ClientApp handler fails at a real site (the in-process tests
     call the site handlers directly, so they would not notice)."""

@@ -113,10 +113,12 @@ def wait_for_finished(
     popen: subprocess.Popen[bytes] | None,
     timeout: float,
     on_status: Callable[[dict[str, Any]], None] | None = None,
+    since: float | None = None,
 ) -> dict[str, Any]:
     """Poll the coordinator's ``run_dir/status.json`` until it says ``finished``; returns it.
 
-    ``on_status`` sees every new status (progress output).
+    ``on_status`` sees every new status (progress output). ``since``: a Unix time; a status
+    written before it (an earlier session of a resumed run) is ignored.
 
     Raises:
         RunEndedEarly: ``popen`` (``flwr run``) exited without the run finishing.
@@ -125,8 +127,13 @@ def wait_for_finished(
     status = RunDir(Path(run_dir)).status
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
+    def read() -> dict[str, Any]:
         doc = _read_status(status)
+        stale = since is not None and float(doc.get("time", 0.0)) < since
+        return {} if stale else doc
+
+    while time.monotonic() < deadline:
+        doc = read()
         if doc.get("stage") == "finished":
             return doc
         if on_status is not None and doc and doc != last:
@@ -134,7 +141,7 @@ def wait_for_finished(
             on_status(doc)
         if popen is not None and popen.poll() is not None:
             time.sleep(1.0)  # the last status write may still be landing
-            doc = _read_status(status)
+            doc = read()
             if doc.get("stage") == "finished":
                 return doc
             raise RunEndedEarly("flwr run ended before the coordinator finished")
@@ -185,6 +192,7 @@ class LoopbackFederation:
         self.keys_all = self.work / "provision" / "secagg"
         self.coordinator_dir = self.work / "coordinator"
         self.cli_home = self.work / "operator" / "flwr-home"
+        self._run_started: float | None = None  # Unix time of the last flwr_run
 
     # ------------------------------------------------------------------ helpers
     def site_dir(self, i: int) -> Path:
@@ -406,6 +414,7 @@ class LoopbackFederation:
             "keys-dir": str(self.coordinator_dir / "keys"),
         }
         values.update(run_config or {})
+        self._run_started = time.time()  # a resumed run dir holds an earlier session's status
         log = self.work / "logs" / "flwr-run.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         fh = log.open("ab")
@@ -424,7 +433,8 @@ class LoopbackFederation:
         """Wait for the coordinator's ``status.json`` to say ``finished``."""
         run = self.procs.get("flwr-run")
         try:
-            return wait_for_finished(run_dir, None if run is None else run.popen, timeout)
+            return wait_for_finished(run_dir, None if run is None else run.popen, timeout,
+                                     since=self._run_started)
         except RunEndedEarly:  # only a watched process (run is not None) ends early
             log = "" if run is None else run.log.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"flwr run ended before the coordinator finished: {log}") from None

@@ -138,6 +138,8 @@ class FlowerSimulation:
         ray_cpus: CPUs Ray may use in all (default: every core).
         site_config: extra ``--node-config`` entries of every virtual site (its policy knobs,
             e.g. ``{"min-cohort": 2}``), passed in the sites' own environment.
+        keep_keys: keep the key folder of an earlier session in ``work`` (a resumed run: the
+            same roster at every party); default False: fresh keys every start.
     """
 
     work: Path
@@ -147,6 +149,7 @@ class FlowerSimulation:
     ray_cpus: int | None = None
     site_config: Mapping[str, Any] = field(default_factory=dict)
     startup_timeout: float = 60.0
+    keep_keys: bool = False
     _procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -202,10 +205,11 @@ class FlowerSimulation:
     def start(self) -> FlowerSimulation:
         """Keys for every virtual site, and a simulation-mode SuperLink on free local ports."""
         # lazy: keeps securefed --help fast (the CLI parser imports this module)
-        from securefed.secagg.keys import init_identity_keys
+        from securefed.secagg.keys import ROSTER_FILE, init_identity_keys
 
         self.work.mkdir(parents=True, exist_ok=True)
-        init_identity_keys(self.keys_dir, self.num_sites, overwrite=True)
+        if not (self.keep_keys and (self.keys_dir / ROSTER_FILE).is_file()):
+            init_identity_keys(self.keys_dir, self.num_sites, overwrite=True)
         port = free_port()
         link = self._spawn("superlink", [
             str(self.bin / "flower-superlink"), "--insecure", "--simulation",
@@ -251,6 +255,7 @@ class FlowerSimulation:
             "sim-state-root": str(self.state_root),
         }
         values.update(run_config or {})
+        since = time.time()  # a resumed run dir holds an earlier session's status
         popen = self._spawn("flwr-run", [
             str(self.bin / "flwr"), "run", str(APP_DIR), _CONNECTION,
             "--run-config", config_pairs(values), "--federation-config", self.federation_config(),
@@ -260,7 +265,8 @@ class FlowerSimulation:
             print(f"[flower-sim] {doc}", flush=True)
 
         try:
-            return wait_for_finished(run_dir, popen, timeout, show if progress else None)
+            return wait_for_finished(run_dir, popen, timeout, show if progress else None,
+                                     since=since)
         except RunEndedEarly:
             raise SimulationRuntimeError(
                 f"flwr run ended before the coordinator finished\n{self.log_tail()}"
@@ -304,6 +310,9 @@ def add_flower_sim_parser(subparsers: Any) -> None:
                    "(repeatable; the site policy knobs of docs/deploy.md)")
     p.add_argument("--timeout", type=float, default=6 * 3600.0,
                    help="seconds before giving up (default 6 h)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its latest checkpoint, with "
+                   "the same --work (sites' states and keys); run config resume=true")
     p.set_defaults(func=cli_flower_sim)
 
 
@@ -313,9 +322,16 @@ def cli_flower_sim(args: Any) -> int:
 
     cfg = load_config(args.config)
     out = Path(args.out or Path("runs") / f"{cfg.name}-flower-sim")
-    if not RunDir(out).is_new():
-        raise FileExistsError(f"--out {out}: exists and is not empty; choose a new run directory")
     work = Path(args.work) if args.work else out.parent / f"{out.name}.flower"
+    if args.resume:
+        if RunDir(out).is_new() or not (work / "sites").is_dir():
+            raise SimulationRuntimeError(
+                f"--resume: --out {out} (with --work {work}) holds no interrupted run to "
+                "continue; give the --out and --work of that run, or drop --resume"
+            )
+    elif not RunDir(out).is_new():
+        raise FileExistsError(f"--out {out}: exists and is not empty; choose a new run "
+                              "directory, or --resume to continue the run in it")
     n = cfg.federation.num_clients
     site_config: dict[str, Any] = {}
     for item in args.site_config:
@@ -329,8 +345,9 @@ def cli_flower_sim(args: Any) -> int:
     t0 = time.monotonic()
     with FlowerSimulation(work, n, cpus_per_site=args.cpus_per_site,
                           gpus_per_site=args.gpus_per_site, ray_cpus=args.ray_cpus,
-                          site_config=site_config) as fed:
-        status = fed.run(Path(args.config), out, timeout=args.timeout, progress=True)
+                          site_config=site_config, keep_keys=args.resume) as fed:
+        status = fed.run(Path(args.config), out, {"resume": True} if args.resume else None,
+                         timeout=args.timeout, progress=True)
     print(f"[flower-sim] finished round {status.get('round')} in "
           f"{time.monotonic() - t0:.1f} s: {out}")
     return 0
