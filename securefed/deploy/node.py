@@ -43,13 +43,16 @@ key                meaning
 
 Site policy (:class:`PolicyError`, naming the field and the node-config key): every message
 carries the run id the site accepted at setup (fresh, never accepted twice; bound into every
-masking signature, key and ciphertext); a round at or below the site's last trained round of the
-run is refused (replay); the DP plan is pinned at the first DP setup and any later setup with a
-different DP-relevant field is refused; each run's DP noise key is derived from the site's
-secret key and a fresh per-run nonce (``site_runs.json``), so no two runs share noise. Audit
-canaries are refused unless ``allow-audit-canaries``; an assignment must verify under the
-coordinator's roster key for the run, round and site, hold at most ``max-audit-canaries``
-distinct weight coordinates, and stay the same for the whole run (:meth:`Site._canary_hook`).
+masking signature, key and ciphertext; a restarted coordinator continues a run with a setup
+marked ``resume``, accepted only for a run id the site accepted before and the very experiment
+it accepted for it, answered with the site's last trained round); a round at or below the site's
+last trained round of the run is refused (replay); the DP plan is pinned at the first DP setup
+and any later setup with a different DP-relevant field is refused; each run's DP noise key is
+derived from the site's secret key and a fresh per-run nonce (``site_runs.json``), so no two
+runs share noise. Audit canaries are refused unless ``allow-audit-canaries``; an assignment must
+verify under the coordinator's roster key for the run, round and site, hold at most
+``max-audit-canaries`` distinct weight coordinates, and stay the same for the whole run
+(:meth:`Site._canary_hook`).
 
 
 Every handler re-derives what it needs from the node config, the experiment the coordinator

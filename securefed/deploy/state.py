@@ -13,7 +13,8 @@ participants and vector length with :func:`~securefed.secagg.masking.plan.plan_r
 as the client derived it at the first stage.
 
 The site's run registry (``<state-dir>/site_runs.json``, :class:`SiteRecord`) outlives rounds
-and runs: the run ids the site accepted (a run id is never accepted twice), the current run, per
+and runs: the run ids the site accepted (a run id is never accepted twice, except by a resume of
+that run, :meth:`securefed.deploy.node.Site.setup`), the current run, per
 run the last trained round (a round at or below it is refused: replay) and the nonce of the run's
 DP noise key, and the DP plan pinned at the first DP setup.
 """
