@@ -8,6 +8,7 @@ kill them (and their children) in ``finally``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -1531,3 +1532,56 @@ def test_resume_refusals_name_the_field(
         Coordinator(cfg, _resume_options(tmp_path, resume=True), _Answering(sites, {})).run()
     for i in range(3):  # nothing was trained or charged by the refused resumes
         assert _ledger_rounds(tmp_path, i) == [1]
+
+
+def test_in_process_resume_after_an_aggregated_but_unsaved_round_keeps_canaries_consistent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator dies while writing round 2's checkpoint: round 2 was trained,
+    aggregated, scored (its gradient canary scores committed) and written to ``metrics.jsonl``,
+    but checkpoint 1 is the latest. The resume drops round 2's metrics line and canary scores
+    (the released model never held its sum), records it as lost, keeps the run's canaries
+    (same files, same key) and commits round 3's scores afresh; the audit reads rounds 1 and 3."""
+    import securefed.federation.engine as engine_mod
+    from securefed.privacy.canaries import GradientCanaries, load_gradient_scores
+
+    cfg = _cfg(federation={"rounds": 3}, canaries={"enabled": True, "m": 16})
+    sites = {
+        node: Site(dataclasses.replace(s.options, allow_audit_canaries=True))
+        for node, s in _resume_sites(tmp_path).items()
+    }
+    save = engine_mod.save_checkpoint
+
+    def dies_at_round_2(ckpt_dir: Path, ckpt: Any, keep_last: int = 2) -> Path:
+        if ckpt.round == 2:
+            raise _Crash("coordinator killed while checkpointing round 2")
+        return save(ckpt_dir, ckpt, keep_last)
+
+    monkeypatch.setattr(engine_mod, "save_checkpoint", dies_at_round_2)
+    with pytest.raises(_Crash):
+        Coordinator(cfg, _resume_options(tmp_path), _InProcess(sites, {})).run()
+    monkeypatch.setattr(engine_mod, "save_checkpoint", save)
+    canary_dir = tmp_path / "run" / "canaries"
+    assert [m["round"] for m in metrics_rows(tmp_path / "run")] == [1, 2]
+    assert sorted(p.name for p in (canary_dir / "gradient_rounds").iterdir()) == [
+        "round_00001.npy", "round_00002.npy"]
+    before = GradientCanaries.load(canary_dir)
+    round1 = np.load(canary_dir / "gradient_rounds" / "round_00001.npy")
+
+    res = Coordinator(cfg, _resume_options(tmp_path, resume=True), _InProcess(sites, {})).run()
+    assert res.rounds_completed == 3
+    assert [(m["round"], m["participants"]) for m in res.metrics] == [
+        (1, [0, 1, 2]), (2, []), (3, [0, 1, 2])]
+    assert res.metrics[1]["abandoned"].startswith("lost:")
+    after = GradientCanaries.load(canary_dir)
+    assert before is not None and after is not None and before.key == after.key
+    assert np.array_equal(before.param_index, after.param_index)
+    assert sorted(p.name for p in (canary_dir / "gradient_rounds").iterdir()) == [
+        "round_00001.npy", "round_00003.npy"]
+    assert np.array_equal(np.load(canary_dir / "gradient_rounds" / "round_00001.npy"), round1)
+    loaded = load_gradient_scores(canary_dir, 3)
+    assert loaded is not None and loaded[2] == [1, 3]
+    facts = json.loads((tmp_path / "run" / "sites.json").read_text())
+    assert facts["resumes"][0]["canary_rounds_deleted"] == [2]
+    for i in range(3):
+        assert _ledger_rounds(tmp_path, i) == [1, 2, 3]
