@@ -1585,3 +1585,20 @@ def test_in_process_resume_after_an_aggregated_but_unsaved_round_keeps_canaries_
     assert facts["resumes"][0]["canary_rounds_deleted"] == [2]
     for i in range(3):
         assert _ledger_rounds(tmp_path, i) == [1, 2, 3]
+
+
+def test_run_config_resume_flag_and_default_experiment(tmp_path: Path) -> None:
+    """``resume`` in the ServerApp's run config (default false; a bad value names the key);
+    with ``resume=true`` and no ``experiment`` the run's own config.yaml is loaded."""
+    from securefed.deploy.server_app import experiment_path, options_from_run_config
+
+    rc = {"run-dir": str(tmp_path / "run"), "keys-dir": str(tmp_path / "keys")}
+    assert options_from_run_config(rc, 3).resume is False
+    assert options_from_run_config({**rc, "resume": True}, 3).resume is True
+    assert options_from_run_config({**rc, "resume": "true"}, 3).resume is True
+    with pytest.raises(ValueError, match="run config resume='maybe': expected true or false"):
+        options_from_run_config({**rc, "resume": "maybe"}, 3)
+    assert experiment_path({**rc, "resume": True}) == tmp_path / "run" / "config.yaml"
+    assert experiment_path({**rc, "experiment": "/x/e.yaml", "resume": True}) == Path("/x/e.yaml")
+    with pytest.raises(ValueError, match="run config experiment: required"):
+        experiment_path(rc)

@@ -38,7 +38,7 @@ from securefed.config import load_config
 from securefed.deploy.coordinator import Coordinator, CoordinatorOptions, Reply
 from securefed.deploy.polling import apply_grid_pull_patch
 
-__all__ = ["FlowerChannel", "app", "options_from_run_config"]
+__all__ = ["FlowerChannel", "app", "experiment_path", "options_from_run_config"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,21 @@ def options_from_run_config(cfg: Mapping[str, Any], num_clients: int) -> Coordin
     )
 
 
+def experiment_path(cfg: Mapping[str, Any]) -> Path:
+    """The run config's experiment YAML: ``experiment``; with ``resume=true`` and no
+    ``experiment``, the run directory's own ``config.yaml`` (a resumed run keeps its
+    experiment)."""
+    experiment = str(cfg.get("experiment", "")).strip()
+    if not experiment and _flag(cfg, "resume", False) and str(cfg.get("run-dir", "")).strip():
+        return RunDir(Path(str(cfg["run-dir"])).expanduser()).config
+    if not experiment:
+        raise ValueError(
+            "run config experiment: required; pass flwr run --run-config "
+            "'experiment=\"/abs/path/experiment.yaml\"' (optional with resume=true)"
+        )
+    return Path(experiment).expanduser()
+
+
 def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
     v = cfg.get(key, default)
     if isinstance(v, bool):
@@ -152,16 +167,7 @@ def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
 def main(grid: Grid, context: Context) -> None:
     """Load the experiment named in the run config and run it over the SuperLink."""
     rc = dict(context.run_config)
-    experiment = str(rc.get("experiment", "")).strip()
-    if not experiment and _flag(rc, "resume", False) and str(rc.get("run-dir", "")).strip():
-        # a resumed run keeps its experiment: the run directory's own config.yaml
-        experiment = str(RunDir(Path(str(rc["run-dir"])).expanduser()).config)
-    if not experiment:
-        raise ValueError(
-            "run config experiment: required; pass flwr run --run-config "
-            "'experiment=\"/abs/path/experiment.yaml\"' (optional with resume=true)"
-        )
-    cfg = load_config(experiment)
+    cfg = load_config(experiment_path(rc))
     options = options_from_run_config(rc, cfg.federation.num_clients)
 
     why = apply_grid_pull_patch()  # flwr 1.41: reply objects pulled with a 10 ms backoff
