@@ -1602,3 +1602,33 @@ def test_run_config_resume_flag_and_default_experiment(tmp_path: Path) -> None:
     assert experiment_path({**rc, "experiment": "/x/e.yaml", "resume": True}) == Path("/x/e.yaml")
     with pytest.raises(ValueError, match="run config experiment: required"):
         experiment_path(rc)
+
+
+def test_in_process_resume_when_the_last_round_is_lost_finishes_the_run(tmp_path: Path) -> None:
+    """The coordinator dies after the sites trained the LAST round: no round remains above
+    their last trained round, so the resume records it as lost, checkpoints round 1's model as
+    the final one and finishes (status ``finished``) without sending a training message."""
+    cfg = _cfg(federation={"rounds": 2})
+    sites = _resume_sites(tmp_path)
+    with pytest.raises(_Crash):
+        Coordinator(cfg, _resume_options(tmp_path), _CrashAfterTraining(sites, 2)).run()
+    net = _Answering(sites, {})
+    sent: list[str] = []
+    exchange = net.exchange
+
+    def record(message_type: str, contents: Mapping[int, Mapping[str, Any]], *,
+               timeout: float, group: str) -> dict[int, Reply]:
+        sent.append(message_type)
+        return exchange(message_type, contents, timeout=timeout, group=group)
+
+    net.exchange = record  # type: ignore[method-assign]
+    events: list[dict[str, Any]] = []
+    res = Coordinator(cfg, _resume_options(tmp_path, resume=True), net,
+                      on_event=events.append).run()
+    assert sent == ["query.setup"]
+    assert res.rounds_completed == 2 and events[-1]["stage"] == "finished"
+    assert [(m["round"], m["participants"]) for m in res.metrics] == [(1, [0, 1, 2]), (2, [])]
+    assert torch.equal(res.final_params, _ckpt_params(tmp_path / "run", 1))
+    assert torch.equal(_ckpt_params(tmp_path / "run", 2), _ckpt_params(tmp_path / "run", 1))
+    for i in range(3):
+        assert _ledger_rounds(tmp_path, i) == [1, 2]
