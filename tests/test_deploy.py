@@ -1632,3 +1632,61 @@ def test_in_process_resume_when_the_last_round_is_lost_finishes_the_run(tmp_path
     assert torch.equal(_ckpt_params(tmp_path / "run", 2), _ckpt_params(tmp_path / "run", 1))
     for i in range(3):
         assert _ledger_rounds(tmp_path, i) == [1, 2]
+
+
+class _SkipsTraining(_InProcess):
+    """:class:`_InProcess` in which site ``cid`` gets no training message in round ``rnd``
+    (it is offline then): it sits that round out and trains again in the next."""
+
+    def __init__(self, sites: dict[int, Site], cid: int, rnd: int) -> None:
+        super().__init__(sites, {})
+        self.cid, self.rnd = cid, rnd
+
+    def exchange(self, message_type: str, contents: Mapping[int, Mapping[str, Any]], *,
+                 timeout: float, group: str) -> dict[int, Reply]:
+        keep = {
+            node: c for node, c in contents.items()
+            if not (group == str(self.rnd) and self.sites[node].cid == self.cid
+                    and "broadcast_keys" in c)
+        }
+        return super().exchange(message_type, keep, timeout=timeout, group=group)
+
+
+def test_in_process_resume_commits_the_state_of_a_site_that_sat_out_the_checkpointed_round(
+    tmp_path: Path,
+) -> None:
+    """Site 2 sits out round 2; the coordinator dies after round 2's checkpoint (c = 2, site
+    2's last trained round t = 1 < c). Its round-1 update was used (round 1's participants), so
+    the first round it trains after the resume must commit its pending SCAFFOLD state, as the
+    uninterrupted run does: the final model and every site's control variates equal the
+    uninterrupted run's (dropping it instead changes both)."""
+    from securefed.builders import build_model
+    from securefed.diffusion.params import get_flat
+
+    cfg = _cfg(federation={"rounds": 3}, strategy={"name": "scaffold"})
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    ref = Coordinator(cfg, _resume_options(whole),
+                      _SkipsTraining(_resume_sites(whole), 2, 2)).run()
+    sites = _resume_sites(cut)
+    Coordinator(cfg, _resume_options(cut), _SkipsTraining(sites, 2, 2)).run(stop_after_round=2)
+    assert [m["participants"] for m in metrics_rows(cut / "run")] == [[0, 1, 2], [0, 1]]
+    assert _site_runs(cut, 2)[json.loads((cut / "run" / "sites.json").read_text())["run_id"]][
+        "last_trained_round"] == 1
+    res = Coordinator(cfg, _resume_options(cut, resume=True), _InProcess(sites, {})).run()
+    assert [m["participants"] for m in res.metrics] == [[0, 1, 2], [0, 1], [0, 1, 2]]
+    assert [m["participants"] for m in ref.metrics] == [[0, 1, 2], [0, 1], [0, 1, 2]]
+    rows = metrics_rows(whole / "run")
+    tol, prev = 0.0, get_flat(build_model(cfg, (1, 8, 8), 10))
+    for r in (1, 2, 3):
+        tol += 2 * _tolerance(rows[r - 1], prev, _ckpt_params(whole / "run", r))
+        prev = _ckpt_params(whole / "run", r)
+    gap = float((res.final_params - ref.final_params).abs().max())
+    assert gap <= 10 * tol, (gap, tol)
+    for i in range(3):
+        assert _ledger_rounds(cut, i) == _ledger_rounds(whole, i) == ([1, 3] if i == 2 else
+                                                                      [1, 2, 3])
+        for name in ("client_state.pt", "client_state.pending.pt"):
+            a, b = _scaffold_state(whole, i, name), _scaffold_state(cut, i, name)
+            for k in a:
+                assert float((a[k] - b[k]).abs().max()) <= 1e-3 * float(a[k].abs().max()), (
+                    i, name, k)
