@@ -9,7 +9,10 @@ deployment (not at the same time: the two do not share the CPUs). Prints each ro
 (``seconds.round_total`` of both ``metrics.jsonl``), the medians and, as its last line,
 ``ratio X.XX`` = median deployed round / median simulated round. It also prints the CPU time
 all deployment processes (SuperLink, ServerApp, SuperNodes, workers) used per round, read from
-``/proc`` (Linux): on an idle machine with C cores a round cannot take less than that / C.
+``/proc`` (Linux): on an idle machine with C cores a round cannot take less than that / C;
+and where a training stage's wall goes (:func:`stage_timeline`, from the site workers' logs):
+the worker's task (pull, handle, push, report) and the gap between the last site's reply and
+the next stage's first task, the transport's fixed cost per stage.
 
     python experiments/benchmarks/deploy_round_cost.py [--rounds 3] [--scale tiny|pilot]
         [--server-threat malicious|honest_but_curious] [--no-ahead] [--stock] [--keep DIR]
@@ -25,14 +28,17 @@ round's start in its own message (five messages a round, the previous protocol).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +141,56 @@ class CpuSampler:
         return [b - a for a, b in zip(starts, ends, strict=True)]
 
 
+_TASK = re.compile(
+    r"^(\S+ \S+) INFO securefed\.deploy\.worker: task (\d+) "
+    r"(?:acquired|\((\S+)\) \S+ in ([\d.]+) s \(steps ([\d. ]+)\))$"
+)
+
+
+def stage_timeline(logs: Path) -> dict[str, float]:
+    """Where a stage's wall goes, from the site workers' logs (``securefed site-worker`` logs
+    each task's acquisition and its completion with the time of its steps: pull the message
+    from the SuperNode, run the handler, push the reply, report the task's end).
+
+    The k-th training task of every site is one stage. Returns medians over the training
+    stages: ``task`` (acquired -> completed, per site), its ``pull``, ``handle``, ``push`` and
+    ``report`` steps, and ``gap``: from the LAST site's completion of a stage to the FIRST
+    site's acquisition of the next one, i.e. the SuperNode pushing the replies, the coordinator
+    pulling them, deciding and pushing the next messages, and a SuperNode pulling one and its
+    worker acquiring it: the transport's fixed cost per stage, whatever the computation."""
+    per_site: list[list[dict[str, Any]]] = []
+    for log in sorted(logs.glob("site_*_worker.log")):
+        tasks: dict[str, dict[str, Any]] = {}
+        for line in log.read_text().splitlines():
+            m = _TASK.match(line)
+            if m is None:
+                continue
+            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            task = tasks.setdefault(m.group(2), {})
+            if m.group(3) is None:
+                task["acquired"] = t
+            else:
+                steps = [float(x) for x in m.group(5).split()]
+                task.update(kind=m.group(3), completed=t, seconds=float(m.group(4)),
+                            steps=steps)
+        per_site.append([v for v in tasks.values()
+                         if "acquired" in v and str(v.get("kind", "")).startswith("train.")])
+    if not per_site or min(len(x) for x in per_site) < 2:
+        return {}
+    n = min(len(x) for x in per_site)
+    stages = [[site[k] for site in per_site] for k in range(n)]
+    out = {"stages": float(n), "task": statistics.median(
+        t["seconds"] for st in stages for t in st)}
+    for i, name in enumerate(("pull", "handle", "push", "report")):
+        out[name] = statistics.median(t["steps"][i] for st in stages for t in st
+                                      if len(t["steps"]) > i)
+    out["gap"] = statistics.median(
+        min(t["acquired"] for t in b) - max(t["completed"] for t in a)
+        for a, b in itertools.pairwise(stages)
+    )
+    return out
+
+
 def _rounds(run_dir: Path) -> list[float]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [float(r["seconds"]["round_total"]) for r in rows if "seconds" in r]
@@ -207,6 +263,7 @@ def main() -> int:
         raise
     finally:
         fed.stop()
+    timeline = stage_timeline(work / "fed" / "logs")
     t2, c2 = time.monotonic(), time.process_time()
     run_experiment(cfg, work / "simulated", progress=False, write_report=False)
     simulated_total, simulated_cpu = time.monotonic() - t2, time.process_time() - c2
@@ -233,6 +290,12 @@ def main() -> int:
     # sum over rounds is the honest total (the median is a steady-state round)
     print(f"sum    {sum(dep):10.3f}  {sum(cpu):14.2f}  {sum(sim):11.3f}  "
           f"(ratio of sums {sum(dep) / sum(sim):.2f})")
+    if timeline:
+        print(f"a training stage (medians over {timeline['stages']:.0f} stages, from the site "
+              f"workers' logs): worker task {timeline['task']:.3f} s (pull "
+              f"{timeline['pull']:.3f}, handle {timeline['handle']:.3f}, push "
+              f"{timeline['push']:.3f}, report {timeline['report']:.3f}); gap from the last "
+              f"site's reply to the next stage's first task {timeline['gap']:.3f} s")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     print(f"ratio {md / ms:.2f}")
