@@ -1690,3 +1690,27 @@ def test_in_process_resume_commits_the_state_of_a_site_that_sat_out_the_checkpoi
             for k in a:
                 assert float((a[k] - b[k]).abs().max()) <= 1e-3 * float(a[k].abs().max()), (
                     i, name, k)
+
+
+def test_a_new_run_does_not_start_from_a_previous_runs_private_state(tmp_path: Path) -> None:
+    """A site's state dir outlives a run. Before: a new SCAFFOLD run on it trained round 1 with
+    the control variate the PREVIOUS run had committed (``client_state.pt`` was never reset), so
+    the deployed run no longer equalled the simulation (whose clients start from zero)."""
+    import shutil
+
+    from securefed.run import run_experiment
+
+    cfg = _cfg(strategy={"name": "scaffold"})
+    _run_in_process(tmp_path / "a", cfg)  # run A leaves round 1's committed control variates
+    for i in range(3):
+        left = tmp_path / "a" / f"site{i}" / "client_state.pt"
+        state = torch.load(left, weights_only=True)
+        assert state and all(float(v.abs().max()) > 0 for v in state.values())
+        (tmp_path / "b" / f"site{i}").mkdir(parents=True)
+        shutil.copy2(left, tmp_path / "b" / f"site{i}" / "client_state.pt")
+    _run_in_process(tmp_path / "b", cfg)  # run B on the same sites' state
+    sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    assert_matches_simulation(
+        cfg, tmp_path / "b" / "run", tmp_path / "sim", sim.final_params,
+        [tmp_path / "b" / f"site{i}" / "privacy_ledger.json" for i in range(3)],
+    )

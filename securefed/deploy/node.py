@@ -824,6 +824,16 @@ class Site:
             # the experiment of this run, kept to name what changed if a resume proposes another
             atomic_write_text(self._run_experiment_path(run_id), text, mode=0o600)
         run = record.runs[run_id]
+        if record.current != run_id or not resume:
+            # the private strategy state on disk (SCAFFOLD's control variate, FedDiffuse's
+            # local groups) belongs to the run this site served last: a new run starts without
+            # it (as the simulation's clients do), and so does a resume of another run than the
+            # last one (its state was dropped when the site moved on)
+            for name in (CLIENT_STATE_FILE, PENDING_STATE_FILE):
+                if (o.state_dir / name).exists():
+                    log.info("%s: run %s starts without the private strategy state of run %s",
+                             self.who, run_id, record.current)
+                    (o.state_dir / name).unlink()
         record.current = run_id
         save_site_record(o.state_dir, record)
         c, h, w = data.image_shape
