@@ -1362,6 +1362,20 @@ def _scaffold_state(root: Path, i: int, name: str = "client_state.pt") -> dict[s
     return dict(torch.load(root / f"site{i}" / name, weights_only=True))
 
 
+
+def _masking_tolerance_of_rounds(cfg: ExperimentConfig, run_dir: Path, rounds: int) -> float:
+    """Twice the masking tolerance summed over a run's first ``rounds`` rounds: two deployed
+    runs draw their masking grids independently, so their models may differ by each one's."""
+    from securefed.builders import build_model
+    from securefed.diffusion.params import get_flat
+
+    rows = metrics_rows(run_dir)
+    tol, prev = 0.0, get_flat(build_model(cfg, (1, 8, 8), 10))
+    for r in range(1, rounds + 1):
+        tol += 2 * _tolerance(rows[r - 1], prev, _ckpt_params(run_dir, r))
+        prev = _ckpt_params(run_dir, r)
+    return tol
+
 def test_in_process_resume_after_a_checkpoint_matches_an_uninterrupted_run(
     tmp_path: Path,
 ) -> None:
@@ -1398,14 +1412,7 @@ def test_in_process_resume_after_a_checkpoint_matches_an_uninterrupted_run(
         assert _ledger_rounds(cut, i) == _ledger_rounds(whole, i) == [1, 2, 3]
     # the final model: the uninterrupted run's, within the masking grid of its three rounds
     # (the two runs' grids are drawn independently), with room for training's sensitivity
-    from securefed.builders import build_model
-    from securefed.diffusion.params import get_flat
-
-    rows = metrics_rows(whole / "run")
-    tol, prev = 0.0, get_flat(build_model(cfg, (1, 8, 8), 10))
-    for r in (1, 2, 3):
-        tol += 2 * _tolerance(rows[r - 1], prev, _ckpt_params(whole / "run", r))
-        prev = _ckpt_params(whole / "run", r)
+    tol = _masking_tolerance_of_rounds(cfg, whole / "run", 3)
     gap = float((res.final_params - ref.final_params).abs().max())
     assert gap <= 10 * tol, (gap, tol)
     moved = float((res.final_params - _ckpt_params(cut / "run", 1)).abs().max())
@@ -1660,8 +1667,6 @@ def test_in_process_resume_commits_the_state_of_a_site_that_sat_out_the_checkpoi
     the first round it trains after the resume must commit its pending SCAFFOLD state, as the
     uninterrupted run does: the final model and every site's control variates equal the
     uninterrupted run's (dropping it instead changes both)."""
-    from securefed.builders import build_model
-    from securefed.diffusion.params import get_flat
 
     cfg = _cfg(federation={"rounds": 3}, strategy={"name": "scaffold"})
     whole, cut = tmp_path / "whole", tmp_path / "cut"
@@ -1675,11 +1680,7 @@ def test_in_process_resume_commits_the_state_of_a_site_that_sat_out_the_checkpoi
     res = Coordinator(cfg, _resume_options(cut, resume=True), _InProcess(sites, {})).run()
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2], [0, 1], [0, 1, 2]]
     assert [m["participants"] for m in ref.metrics] == [[0, 1, 2], [0, 1], [0, 1, 2]]
-    rows = metrics_rows(whole / "run")
-    tol, prev = 0.0, get_flat(build_model(cfg, (1, 8, 8), 10))
-    for r in (1, 2, 3):
-        tol += 2 * _tolerance(rows[r - 1], prev, _ckpt_params(whole / "run", r))
-        prev = _ckpt_params(whole / "run", r)
+    tol = _masking_tolerance_of_rounds(cfg, whole / "run", 3)
     gap = float((res.final_params - ref.final_params).abs().max())
     assert gap <= 10 * tol, (gap, tol)
     for i in range(3):
