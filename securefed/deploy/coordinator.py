@@ -50,6 +50,7 @@ implements it over Flower's ``Grid``; tests may implement it in-process.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -81,6 +82,7 @@ from securefed.deploy.common import (
     DeployConfigError,
     check_deployable,
     client_level_layer,
+    cohort_session,
     new_run_id,
     round_masking_params,
     run_masking_params,
@@ -242,6 +244,22 @@ class _Ahead:
             return 0
         self.advertised.add(cid)
         return len(data)
+
+
+@dataclass
+class _Session:
+    """One masking session of a multi-cohort round (FedDiffuse ``usplit``: ``front``,
+    ``back``): its members, the layout they send, its server and its live sites."""
+
+    name: str
+    members: list[int]
+    layout: Any  # ClientUpdate: the cohort's vector names and sizes
+    keys: list[str]
+    length: int
+    server: Any  # MaskingServer
+    outgoing: dict[int, bytes]
+    live: set[int]
+    aborted: str | None = None
 
 
 class Coordinator(ClientTransport):
@@ -760,19 +778,15 @@ class Coordinator(ClientTransport):
     def _run_clients(self, rnd: int, plan: Any, strategy: Any) -> ClientRound:
         """:meth:`run_clients` without the canaries' bookkeeping."""
         cfg = self.cfg
-        # the vector layout every selected site will send: the strategy's client hook applied
-        # to the broadcast itself (no client data; only the names and sizes are used)
-        layout = strategy.client.client_update(
-            plan.clients[0], plan.broadcast, plan.broadcast["params"], 1, 1, cfg.client.lr, {},
-            mean_grad=torch.zeros_like(plan.broadcast["params"]),
-        )
-        cohorts = strategy.upload_cohorts(rnd, dict.fromkeys(plan.clients, layout))
+        cohorts = self._cohort_layouts(rnd, plan, strategy)
         if len(cohorts) != 1:
-            raise DeployConfigError(
-                f"strategy.name: {cfg.strategy.name!r} uploads in {len(cohorts)} cohorts a "
-                "round, which the deployment path does not run (one aggregation session)"
-            )
-        (cohort,) = cohorts
+            if cfg.secure_aggregation.protocol != "masking":  # pragma: no cover - refused
+                raise DeployConfigError(  # by check_deployable
+                    f"secure_aggregation.protocol: {cfg.secure_aggregation.protocol!r}: a round "
+                    f"of {len(cohorts)} upload cohorts runs on masking only"
+                )
+            return self._run_sessions(rnd, plan, cohorts)
+        ((cohort, (_, layout)),) = cohorts.items()
         self._layout = layout
         keys = sorted(layout.vectors)
         length = int(sum(layout.vectors[k].numel() for k in keys)) + 1
@@ -960,6 +974,214 @@ class Coordinator(ClientTransport):
             "params_up": len(result.survivors) * length,
             "params_down": len(plan.clients) * len(names) * int(
                 plan.broadcast[names[0]].numel()),
+        }
+        return out
+
+    def _cohort_layouts(
+        self, rnd: int, plan: Any, strategy: Any
+    ) -> dict[str, tuple[list[int], Any]]:
+        """The round's upload cohorts: cohort -> (its members, the vector layout each member
+        sends). The layout is the strategy's client hook applied to the broadcast itself (no
+        client data; only the names and sizes are used), per selected client, since a
+        strategy may assign clients different segments (FedDiffuse ``usplit``: ``front`` /
+        ``back`` from the plan's pairing); only one layout per cohort is kept."""
+        out: dict[str, tuple[list[int], Any]] = {}
+        params = plan.broadcast["params"]
+        zeros = torch.zeros_like(params)
+        for cid in plan.clients:
+            layout = strategy.client.client_update(
+                cid, plan.broadcast, params, 1, 1, self.cfg.client.lr, {}, mean_grad=zeros,
+            )
+            for name, members in strategy.upload_cohorts(rnd, {cid: layout}).items():
+                entry = out.setdefault(name, ([], members[cid]))
+                entry[0].append(int(cid))
+        return {name: (sorted(m), lay) for name, (m, lay) in sorted(out.items())}
+
+    def _run_sessions(
+        self, rnd: int, plan: Any, cohorts: Mapping[str, tuple[list[int], Any]]
+    ) -> ClientRound:
+        """A round of several upload cohorts (FedDiffuse ``usplit``: ``front`` and ``back``):
+        one masking session per cohort, all in the SAME stage messages. Each stage message to
+        a site carries ``secagg.<cohort>`` for every session it is live in (the odd site of
+        the pairing: both); the training stage also carries the round's client list
+        (``round_clients``, bound into each session with the cohort's name,
+        :func:`~securefed.deploy.common.cohort_session`), from which each site recomputes its
+        own segments. Each session has its own participants, vector length, threshold and
+        grid (resolved per session as the simulation's ``protocol.aggregate`` resolves them),
+        its own consistency check and survivor set; a session that aborts is listed in
+        ``transport.cohorts_abandoned`` and the others still complete, as in the simulation.
+        The next round's keys are not advertised ahead in such a round."""
+        cfg = self.cfg
+        self._ahead = None
+        clients = [int(c) for c in plan.clients]
+        names = sorted(plan.broadcast)
+        broadcast = {f"broadcast.{n}": encode_vector(plan.broadcast[n]) for n in names}
+        bcast_bytes = sum(len(b) for b in broadcast.values())
+        seconds: dict[str, float] = {}
+        dropped_at: dict[int, str] = {}
+        reasons: dict[int, str] = {}
+        exhausted: list[int] = []
+        trained: list[int] = []
+        epsilon: dict[str, float] = {}
+        up = dict.fromkeys(clients, 0)
+        down = dict.fromkeys(clients, 0)
+        aborted: list[str] = []
+        sessions: dict[str, _Session] = {}
+        for name, (members, layout) in cohorts.items():
+            keys = sorted(layout.vectors)
+            length = int(sum(layout.vectors[k].numel() for k in keys)) + 1
+            try:
+                params = dataclasses.replace(
+                    self._round_params(len(members), length),
+                    session=cohort_session(self.run_id, name, clients),
+                )
+                server = MaskingServer(rnd, members, length, params, self._roster,
+                                       self._server_key, record_view=False)
+            except ValueError as exc:  # e.g. a cohort of one: that session cannot run
+                aborted.append(f"{name}: round {rnd} cannot run: {exc}")
+                continue
+            sessions[name] = _Session(name, members, layout, keys, length, server,
+                                      server.start(), set(members))
+        planned = {c: sorted(n for n, s in sessions.items() if c in s.members) for c in clients}
+        for stage in Stage.path(self.params.consistency_check):
+            t0 = time.perf_counter()
+            active = [s for s in sessions.values() if s.aborted is None]
+            for s in active:
+                for cid in sorted(s.live - set(s.outgoing)):  # pruned or rejected by the server
+                    s.live.discard(cid)
+                    dropped_at.setdefault(cid, stage)
+            live = sorted({c for s in active for c in s.live})
+            contents: dict[int, dict[str, Any]] = {}
+            for cid in live:
+                c: dict[str, Any] = {"round": rnd, "stage": stage, "run_id": self.run_id}
+                for s in active:
+                    if cid in s.live:
+                        c[f"secagg.{s.name}"] = s.outgoing[cid]
+                        down[cid] += len(s.outgoing[cid])
+                if stage == Stage.ADVERTISE_KEYS:
+                    c.update(self._training_content(rnd, cid, broadcast, names))
+                    c["round_clients"] = clients
+                    down[cid] += bcast_bytes + len(c.get("canaries", b""))
+                contents[self.sites[cid].node_id] = c
+            self._event(round=rnd, stage=stage, state="sent", clients=live)
+            timeout = (self.options.train_timeout if stage == Stage.ADVERTISE_KEYS
+                       else self.options.stage_timeout)
+            replies = self.channel.exchange(
+                stage_message_type(stage), contents, timeout=timeout, group=str(rnd)
+            ) if contents else {}
+            for cid in live:
+                r = replies.get(self.sites[cid].node_id)
+                who = f"site {cid}"
+                reason = None
+                if r is None:
+                    reason = f"no reply within {timeout:g} s"
+                elif isinstance(r, str):
+                    reason = r
+                else:
+                    try:
+                        if get_int(r, "round", who) != rnd:
+                            raise WireError(f"{who}: reply for round {r.get('round')}")
+                        if "epsilon" in r:
+                            epsilon[str(cid)] = round(float(r["epsilon"]), 6)
+                        if stage == Stage.ADVERTISE_KEYS:
+                            if r.get("status") == "budget_exhausted":
+                                exhausted.append(cid)
+                                reason = "privacy budget exhausted (did not train)"
+                            else:
+                                want = sorted(k for n in planned[cid]
+                                              for k in sessions[n].keys)
+                                if list(r.get("vector_keys", [])) != want:
+                                    raise WireError(
+                                        f"{who}: sends vectors {r.get('vector_keys')}, its "
+                                        f"segments this round are {want}"
+                                    )
+                                trained.append(cid)
+                                self._last_trained[cid] = rnd
+                                up[cid] += self._receive_canary_scores(rnd, cid, r)
+                    except (WireError, KeyError, TypeError, ValueError) as exc:
+                        reason = f"{type(exc).__name__}: {exc}"
+                    for s in active:
+                        if reason is not None or cid not in s.live:
+                            continue
+                        try:
+                            if f"refused.{s.name}" in r:
+                                raise WireError(f"refused: {r[f'refused.{s.name}']}")
+                            data = get_bytes(r, f"secagg.{s.name}", who)
+                            up[cid] += len(data)
+                            s.server.receive(cid, data)
+                        except (WireError, ProtocolError, KeyError, TypeError,
+                                ValueError) as exc:  # out of this session only
+                            s.live.discard(cid)
+                            dropped_at.setdefault(cid, stage)
+                            reasons[cid] = f"{s.name}: {type(exc).__name__}: {exc}"
+                if reason is not None:
+                    for s in active:
+                        s.live.discard(cid)
+                    dropped_at.setdefault(cid, stage)
+                    reasons[cid] = reason
+                    log.warning("round %d, stage %s: site %d dropped: %s", rnd, stage, cid, reason)
+            for s in active:
+                try:
+                    s.outgoing = s.server.close_stage()
+                except (AggregationAbortedError, ProtocolError, ValueError) as exc:
+                    # fail closed for this session; the round's other session goes on
+                    s.aborted = f"{type(exc).__name__}: {exc}"
+                    aborted.append(f"{s.name}: {s.aborted}")
+            seconds[stage] = round(time.perf_counter() - t0, 4)
+            self._event(round=rnd, stage=stage, state="closed",
+                        clients=sorted({c for s in active for c in s.live}))
+            if all(s.aborted is not None for s in sessions.values()):
+                break
+
+        self._exhausted.update(exhausted)
+        dp = cfg.dp.level in ("record", "client")
+        out = ClientRound(
+            sums={}, trained=trained, participants=[], dropped=sorted(dropped_at),
+            protocol="masking", bytes_up=int(sum(up.values())),
+            bytes_down=int(sum(down.values())),
+            epsilon=epsilon if dp else None, budget_exhausted=exhausted if dp else None,
+            transport=_site_facts(dropped_at, reasons, up, down), seconds=seconds,
+        )
+        survivors: set[int] = set()
+        infos: dict[str, Any] = {}
+        params_up = 0
+        for s in sessions.values():
+            result = s.server.output if s.aborted is None else None
+            if s.aborted is None and result is None:
+                aborted.append(f"{s.name}: secure aggregation ended without a result")
+            if result is None or not result.survivors:
+                continue
+            sums, total_weight = unpack_sum(result.total, s.keys, {s.members[0]: s.layout})
+            out.sums[s.name] = CohortSum(sums, total_weight, len(result.survivors))
+            survivors.update(result.survivors)
+            params_up += len(result.survivors) * s.length
+            splan = s.server.state.plan
+            infos[s.name] = {
+                "participants": list(s.members),
+                "survivors": list(result.survivors),
+                "dropouts_recovered": len(result.recovered),
+                "recovered_clients": list(result.recovered),
+                "threshold": splan.threshold,
+                "neighbours": "all" if splan.graph.complete else splan.graph.degree,
+                "pruned": list(result.pruned),
+                "late_dropouts": sorted(c for c in result.survivors if c in dropped_at),
+                "bad_share_holders": list(result.bad_share_holders),
+                "bits": self.params.bits,
+                "quantization_error_bound": quantization_error_bound(
+                    splan.quant, len(result.survivors)
+                ),
+                "total_weight": total_weight,
+            }
+        if not out.sums:
+            out.abandoned = "; ".join(aborted) or "secure aggregation ended without a result"
+            return out
+        out.participants = sorted(survivors)
+        out.protocol_info = infos
+        if aborted:
+            out.transport["cohorts_abandoned"] = aborted
+        out.exchange = {
+            "params_up": params_up,
+            "params_down": len(clients) * len(names) * int(plan.broadcast[names[0]].numel()),
         }
         return out
 
