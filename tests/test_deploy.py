@@ -550,6 +550,53 @@ def test_in_process_usplit_deployment_matches_the_simulation(tmp_path: Path, n: 
         assert not list((tmp_path / f"site{i}" / "secagg").glob("round*.json"))
 
 
+def test_in_process_usplit_session_abandoned_while_the_other_completes(tmp_path: Path) -> None:
+    """Five usplit sites; the two sites that send only ``back`` crash after sharing their keys:
+    the ``back`` session falls below its threshold and is abandoned (listed in
+    ``cohorts_abandoned``, as the simulation lists it), the ``front`` session completes with
+    its three sites, and only the front segment of the model moves."""
+    import numpy as np
+
+    from securefed.builders import build_model
+    from securefed.diffusion.params import get_flat, param_slices
+    from securefed.seeds import Purpose, derive_seed
+    from securefed.strategies.feddiffuse import group_indices, pair_clients
+
+    cfg = config_with(RAW, federation={"num_clients": 5, "rounds": 1},
+                      secure_aggregation={"threshold": 0.6},
+                      feddiffuse={"enabled": True, "variant": "usplit"})
+    segs = pair_clients(range(5), np.random.default_rng(derive_seed(cfg.seed, Purpose.USPLIT, 1)))
+    back_only = sorted(c for c, s in segs.items() if s == ("back",))
+    front = sorted(c for c, s in segs.items() if "front" in s)
+    init_identity_keys(tmp_path / "keys", 5)
+    sites = {
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
+                                  **REHEARSAL))
+        for i in range(5)
+    }
+    res = Coordinator(
+        cfg, CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys",
+                                min_sites=5),
+        _InProcess(sites, dict.fromkeys(back_only, Stage.MASKED_INPUT)),
+    ).run()
+    line = res.metrics[0]
+    assert line.get("abandoned") is None
+    assert line["participants"] == front
+    assert set(line["protocol_info"]) == {"front"}
+    (why,) = line["cohorts_abandoned"]
+    assert why.startswith("back: ")
+    assert line["dropped_at"] == dict.fromkeys((str(c) for c in back_only), "masked_input")
+    model = build_model(cfg, (1, 8, 8), 10)
+    groups = group_indices(param_slices(model), model.parameter_groups())
+    init, new = get_flat(model), _ckpt_params(tmp_path / "run", 1)
+    moved = (new - init).abs()
+    assert float(moved[groups["decoder"]].max()) == 0.0  # back: nobody's delta was released
+    assert float(moved[torch.cat([groups["encoder"], groups["bottleneck"]])].max()) > 0
+    for i in range(5):  # charged once each, whichever session was lost
+        ledger = json.loads((tmp_path / f"site{i}" / "privacy_ledger.json").read_text())
+        assert [e["round"] for e in ledger["entries"]] == [1]
+
+
 def _usplit_round_start(tmp_path: Path) -> tuple[dict[int, Site], Coordinator, dict[int, Any]]:
     """Four usplit sites set up by a coordinator whose round 1 stops at its first stage: the
     sites' training messages of round 1, as the coordinator built them (not delivered)."""
