@@ -530,19 +530,29 @@ def test_in_process_usplit_deployment_matches_the_simulation(tmp_path: Path, n: 
         cfg, tmp_path / "run", tmp_path / "sim", sim.final_params,
         [tmp_path / f"site{i}" / "privacy_ledger.json" for i in range(n)],
     )
-    # the same stages as a one-session round: one message per site and stage, each carrying
-    # the site's session payload(s) keyed by cohort; the odd site's carry both
+    # the messages of a one-session round: one per site and stage, each carrying the site's
+    # session payload(s) keyed by cohort (the odd site's: both); round 2's keys rode on round
+    # 1's unmasking (next_secagg.<cohort>), so round 2 has no advertise_keys message and the
+    # sites trained at its key broadcast
     stages = [t for t, _ in messages if t.startswith("train.")]
-    assert stages == [f"train.{st}" for st in Stage.ORDER] * 2
+    assert stages == [f"train.{st}" for st in Stage.ORDER] + [
+        f"train.{st}" for st in Stage.ORDER[1:]]
+    segments = {m["round"]: m["server"]["feddiffuse"]["segments"] for m in res.metrics}
     for t, contents in messages:
         if not t.startswith("train."):
             continue
         for node, c in contents.items():
             cid = sites[node].cid
-            rnd = c["round"]
-            segs = res.metrics[rnd - 1]["server"]["feddiffuse"]["segments"][str(cid)]
+            segs = segments[c["round"]][str(cid)]
             assert sorted(k for k in c if k.startswith("secagg")) == sorted(
                 f"secagg.{s}" for s in segs), (t, cid)
+            if "next_round" in c:
+                assert sorted(k for k in c if k.startswith("next_secagg")) == sorted(
+                    f"next_secagg.{s}" for s in segments[2][str(cid)]), (t, cid)
+            trains = "broadcast_keys" in c
+            assert trains == (t == f"train.{Stage.ADVERTISE_KEYS}" if c["round"] == 1
+                              else t == f"train.{Stage.SHARE_KEYS}"), (t, cid)
+    assert sum("next_round" in c for t, cs in messages for c in cs.values()) == n
     d = int(_ckpt_params(tmp_path / "run", 2).numel())
     for row in metrics_rows(tmp_path / "run"):  # each session: its segment plus the weight
         assert row["exchange"]["params_up"] == ((n + 1) // 2) * (d + 2)

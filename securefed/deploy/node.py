@@ -1506,6 +1506,8 @@ class Site:
         :meth:`train_and_advertise`), then answer with the encrypted shares."""
         who = "coordinator"
         cfg = self._experiment()
+        if _usplit(cfg):
+            return self.usplit_train_and_share(content, cfg)
         record = self._record()
         run = self._current_run(record, content)
         rnd = get_int(content, "round", who, minimum=1)
@@ -1587,7 +1589,8 @@ class Site:
 
     # ------------------------------------------------------------------ FedDiffuse usplit
     def _usplit_starts(
-        self, content: Mapping[str, Any], cfg: ExperimentConfig, run: RunRecord, rnd: int
+        self, content: Mapping[str, Any], cfg: ExperimentConfig, run: RunRecord, rnd: int,
+        *, ahead: bool = False,
     ) -> tuple[list[int], dict[str, tuple[bytes, bytes, MaskingPlan, Any]]]:
         """Check a usplit round before anything is spent on it: the round's client list, this
         site's segments recomputed from it (:func:`~securefed.strategies.feddiffuse.
@@ -1596,7 +1599,8 @@ class Site:
         own session (:func:`~securefed.deploy.common.cohort_session`: run id, cohort, round
         clients), whose participants must be exactly that cohort and pass the site's policy
         (``min-cohort``, ``min-threshold``). Returns ``(round clients, cohort -> (opening,
-        session, plan, params))``.
+        session, plan, params))``. ``ahead``: the next round's starts carried by this round's
+        unmasking request (``next_round_clients``, ``next_secagg.<cohort>``).
 
         Raises:
             PolicyError: an assignment, cohort or participant list other than the pairing's,
@@ -1605,34 +1609,35 @@ class Site:
         """
         who = "coordinator"
         _refuse_trained(run, rnd)
-        clients = content.get("round_clients")
+        clients_field = "next_round_clients" if ahead else "round_clients"
+        prefix = "next_secagg." if ahead else "secagg."
+        clients = content.get(clients_field)
         if not (isinstance(clients, list) and clients and all(
             isinstance(c, int) and not isinstance(c, bool) and 0 <= c < cfg.federation.num_clients
             for c in clients
         ) and len(set(clients)) == len(clients)):
             raise WireError(
-                f"{who}: round_clients: expected distinct client ids below "
+                f"{who}: {clients_field}: expected distinct client ids below "
                 f"federation.num_clients={cfg.federation.num_clients}, got {clients!r}"
             )
         clients = sorted(int(c) for c in clients)
         if self.cid not in clients:
-            raise PolicyError(f"round_clients: round {rnd}'s clients {clients} do not include "
+            raise PolicyError(f"{clients_field}: round {rnd}'s clients {clients} do not include "
                               f"this site ({self.cid})")
-        rng = np.random.default_rng(derive_seed(cfg.seed, Purpose.USPLIT, rnd))
-        assignment = pair_clients(clients, rng)
+        assignment = _usplit_pairing(cfg, rnd, clients)
         mine = sorted(assignment[self.cid])
-        sent = sorted(k.split(".", 1)[1] for k in content if k.startswith("secagg."))
+        sent = sorted(k.split(".", 1)[1] for k in content if k.startswith(prefix))
         if sent != mine:
             raise PolicyError(
-                f"secagg: round {rnd} asks this site to send segment(s) {sent}, but pairing the "
-                f"round's clients {clients} from the experiment's seed {cfg.seed} "
+                f"{prefix[:-1]}: round {rnd} asks this site to send segment(s) {sent}, but "
+                f"pairing the round's clients {clients} from the experiment's seed {cfg.seed} "
                 f"(feddiffuse.variant: usplit, pair_clients) assigns it {mine}; refusing the "
                 "round (a coordinator may not choose which segment a site sends)"
             )
-        clip = self._adaptive_clip(cfg, content)
+        clip = None if ahead else self._adaptive_clip(cfg, content)
         out: dict[str, tuple[bytes, bytes, MaskingPlan, Any]] = {}
         for name in mine:
-            field_name = f"secagg.{name}"
+            field_name = f"{prefix}{name}"
             opening = get_bytes(content, field_name, who)
             session = cohort_session(run.run_id, name, clients)
             start = decode_message(opening, self.cid, session)
@@ -1758,12 +1763,117 @@ class Site:
         for name, why in refused.items():
             out[f"refused.{name}"] = why
             log.warning("%s: %s", self.who, why)
+        if stage == Stage.UNMASKING and "next_round" in content:
+            try:
+                out.update(self.usplit_advertise_ahead(content, run, cfg))
+            except (WireError, PolicyError, ProtocolError) as exc:
+                # this round's shares are out either way; the next round goes without us
+                out["next_refused"] = f"{type(exc).__name__}: {exc}"
+                log.warning("%s: refused the next round's start: %s", self.who, exc)
         return out
+
+    def usplit_advertise_ahead(
+        self, content: Mapping[str, Any], run: RunRecord, cfg: ExperimentConfig
+    ) -> dict[str, Any]:
+        """The next usplit round's starts (``next_round_clients``, ``next_secagg.<cohort>``),
+        carried with this round's unmasking request: checked exactly as
+        :meth:`usplit_train` checks them (:meth:`_usplit_starts`: pairing, session signature,
+        participants, replay, policy), answered with fresh keys per session
+        (``next_secagg.<cohort>``); the site trains at the round's key broadcast
+        (:meth:`usplit_train_and_share`)."""
+        nrnd = get_int(content, "next_round", "coordinator", minimum=1)
+        _clients, starts = self._usplit_starts(content, cfg, run, nrnd, ahead=True)
+        key, roster = self._identity()
+        clear_round_state(self.options.state_dir)  # this round's sessions are over
+        out: dict[str, Any] = {"next_round": nrnd}
+        for name, (opening, session, _plan, params) in starts.items():
+            client = MaskingClient(self.cid, nrnd, params, key, roster)
+            out[f"next_secagg.{name}"] = client.handle(opening)
+            save_round_state(self.options.state_dir, client.state, None, cohort=name,
+                             session=session)
+        return out
+
+    def usplit_train_and_share(
+        self, content: Mapping[str, Any], cfg: ExperimentConfig
+    ) -> dict[str, Any]:
+        """Stage ``share_keys`` of a usplit round whose keys this site advertised ahead: the
+        key broadcast of each session arrives with the global model and the round's client
+        list, which must be the list the site's stored sessions are bound to (the one it
+        checked the pairing against); the site trains once (as :meth:`usplit_train`) and
+        answers each session's key broadcast with its encrypted shares."""
+        who = "coordinator"
+        record = self._record()
+        run = self._current_run(record, content)
+        rnd = get_int(content, "round", who, minimum=1)
+        _refuse_trained(run, rnd)
+        clients = content.get("round_clients")
+        if not (isinstance(clients, list) and all(
+            isinstance(c, int) and not isinstance(c, bool) for c in clients
+        )):
+            raise WireError(f"{who}: round_clients: expected a list of client ids")
+        clients = sorted(clients)
+        names = sorted(k.split(".", 1)[1] for k in content if k.startswith("secagg."))
+        mine = sorted(_usplit_pairing(cfg, rnd, clients).get(self.cid, ()))
+        if names != mine:
+            raise PolicyError(
+                f"secagg: round {rnd} asks this site to send segment(s) {names}, but pairing "
+                f"the round's clients {clients} from the experiment's seed {cfg.seed} "
+                f"(feddiffuse.variant: usplit, pair_clients) assigns it {mine}; refusing the round"
+            )
+        base = self._round_params(cfg, run, rnd)
+        states: dict[str, tuple[Any, bytes, Any]] = {}
+        for name in names:
+            session = round_session(self.options.state_dir, name)
+            if session != cohort_session(run.run_id, name, clients):
+                raise PolicyError(
+                    f"round_clients: round {rnd}'s client list {clients} is not the one this "
+                    f"site's {name!r} session was started with; refusing to train"
+                )
+
+            def params_of(parts: int, length: int, session: bytes = session) -> Any:
+                return dataclasses.replace(base(parts, length), session=session)
+
+            state, stored = load_round_state(
+                self.options.state_dir, self.cid, rnd, params_of, cohort=name
+            )
+            if state.stage != Stage.ADVERTISE_KEYS or stored is not None or state.plan is None:
+                raise WireError(
+                    f"{who}: a training key broadcast for round {rnd}, but this site's "
+                    f"{name!r} round state is at stage {state.stage!r}; it trains a round once"
+                )
+            check_round_policy(state.plan, self.options)
+            params = params_of(len(state.plan.participants), state.plan.vector_length)
+            states[name] = (state, session, params)
+        any_plan = next(iter(states.values()))[0].plan
+        trained = self._train(content, cfg, record, run, rnd, any_plan, round_clients=clients)
+        if isinstance(trained, dict):
+            return trained
+        _, keys, update, privacy, _, hook = trained
+        key, roster = self._identity()
+        replies: dict[str, bytes] = {}
+        for name, (state, session, params) in states.items():
+            k = f"delta.{name}"
+            vector = pack_update({k: update.vectors[k]}, [k], update.weight)
+            client = MaskingClient(self.cid, rnd, params, key, roster, vector)
+            client.state = state
+            replies[name] = client.handle(get_bytes(content, f"secagg.{name}", who))
+            save_round_state(self.options.state_dir, client.state, vector, cohort=name,
+                             session=session)
+        return self._trained_reply(rnd, run, replies, keys, update, privacy, hook)
 
 
 def _usplit(cfg: ExperimentConfig) -> bool:
     """FedDiffuse ``usplit``: two masking sessions a round (``front``, ``back``)."""
     return bool(cfg.feddiffuse.enabled and cfg.feddiffuse.variant == "usplit")
+
+
+def _usplit_pairing(
+    cfg: ExperimentConfig, rnd: int, clients: list[int]
+) -> dict[int, tuple[str, ...]]:
+    """Round ``rnd``'s usplit pairing of ``clients``, from the experiment's seed (the
+    simulation's ``(seed, USPLIT, round)`` stream, :func:`~securefed.strategies.feddiffuse.
+    pair_clients`)."""
+    return pair_clients(clients, np.random.default_rng(derive_seed(cfg.seed, Purpose.USPLIT, rnd)))
 
 
 def _feddiffuse_layer(strategy: Any) -> FedDiffuse:

@@ -168,13 +168,17 @@ class FedDiffuse(StrategyWrapper):
         variants send the same segment from every client. A deployed site calls this with the
         round's signed client list, so it recomputes its segments instead of trusting the
         coordinator's."""
+        self._assignment = self.pairing(rnd, clients)
+        return dict(self._assignment)
+
+    def pairing(self, rnd: int, clients: Sequence[int]) -> dict[int, tuple[str, ...]]:
+        """Round ``rnd``'s segment assignment of ``clients`` (:meth:`assign` without setting
+        it): a deployed coordinator plans the next round's sessions with it."""
         if self.variant == "usplit":
             own = np.random.default_rng(self._derive(self.seed, self._purpose, rnd))
-            self._assignment = pair_clients(clients, own)
-        else:
-            segs = ("all",) if self.variant == "full" else ("shared",)
-            self._assignment = dict.fromkeys((int(c) for c in clients), segs)
-        return dict(self._assignment)
+            return pair_clients(clients, own)
+        segs = ("all",) if self.variant == "full" else ("shared",)
+        return dict.fromkeys((int(c) for c in clients), segs)
 
     def segments_of(self, cid: int) -> tuple[str, ...]:
         """Segments client ``cid`` sends this round."""
