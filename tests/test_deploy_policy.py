@@ -834,3 +834,33 @@ def test_usplit_site_refuses_a_key_broadcast_for_another_client_list(tmp_path: P
     why = second["dropout_reasons"][str(victim)]
     assert f"round_clients: round 2's client list {other} is not the one" in why
     assert [e["round"] for e in _ledger(sites[node])] == [1]
+
+
+def test_a_usplit_site_sends_nothing_computed_from_its_data_in_the_clear(tmp_path: Path) -> None:
+    """Every reply field of two usplit rounds (5 sites; round 2's keys ahead), by name: the
+    one-session reply's fields with ``secagg`` / ``next_secagg`` keyed by the sessions the
+    site is in (by the pairing of the round), and nothing else: no loss, no step count."""
+    cfg = _usplit(5, 2)
+    pairs = {1: _pairing(cfg, 1), 2: _pairing(cfg, 2)}
+    sites = _sites(tmp_path, 5, min_threshold=Fraction(1, 2))
+    net = _Net(sites)
+    coord = _coordinator(cfg, tmp_path, net)
+    coord.start()
+    lines = [coord.run_round(1), coord.run_round(2)]
+    assert [line["participants"] for line in lines] == [[0, 1, 2, 3, 4]] * 2
+    seen = set()
+    for (message_type, node, reply), (_, _, content) in zip(net.replies, net.sent, strict=True):
+        assert isinstance(reply, dict), reply
+        if message_type == "query.setup":
+            assert set(reply) == {"version", "run_id", "client_id", "num_examples",
+                                  "image_shape", "num_classes", "roster_sha256", "epsilon"}
+            continue
+        cid, rnd = sites[node].cid, int(content["round"])
+        keys = {"status", "round", "run_id"} | {f"secagg.{s}" for s in pairs[rnd][cid]}
+        if "broadcast_keys" in content:  # the training stage
+            keys |= {"vector_keys", "epsilon"}
+        if "next_round" in content:
+            keys |= {"next_round"} | {f"next_secagg.{s}" for s in pairs[rnd + 1][cid]}
+        assert set(reply) == keys, (message_type, rnd, cid, sorted(reply))
+        seen.add((rnd, message_type))
+    assert len(seen) == 5 + 4  # round 2 trained at the key broadcast (keys ahead)

@@ -274,6 +274,14 @@ class _Session:
     outgoing: dict[int, bytes]
     live: set[int]
     aborted: str | None = None
+    #: site -> the stage at which it left this session
+    dropped: dict[int, str] = field(default_factory=dict)
+
+    def drop(self, cid: int, stage: str) -> None:
+        """Site ``cid`` is out of this session from ``stage`` on."""
+        if cid in self.live:
+            self.live.discard(cid)
+            self.dropped.setdefault(cid, stage)
 
 
 @dataclass
@@ -1119,12 +1127,12 @@ class Coordinator(ClientTransport):
             if stage == Stage.ADVERTISE_KEYS:
                 for cid, why in sorted(failed_ahead.items()):
                     for s in active:
-                        s.live.discard(cid)
+                        s.drop(cid, stage)
                     dropped_at.setdefault(cid, stage)
                     reasons.setdefault(cid, why)
             for s in active:
                 for cid in sorted(s.live - set(s.outgoing)):  # pruned or rejected by the server
-                    s.live.discard(cid)
+                    s.drop(cid, stage)
                     dropped_at.setdefault(cid, stage)
             live = sorted({c for s in active for c in s.live})
             ahead_next = self._start_ahead_sessions(rnd, cohorts, sizes, set(live)) if (
@@ -1202,14 +1210,14 @@ class Coordinator(ClientTransport):
                             s.server.receive(cid, data)
                         except (WireError, ProtocolError, KeyError, TypeError,
                                 ValueError) as exc:  # out of this session only
-                            s.live.discard(cid)
+                            s.drop(cid, stage)
                             dropped_at.setdefault(cid, stage)
                             reasons[cid] = f"{s.name}: {type(exc).__name__}: {exc}"
                 if ahead_next is not None and cid in ahead_next.sent:
                     up[cid] += ahead_next.receive(cid, r)
                 if reason is not None:
                     for s in active:
-                        s.live.discard(cid)
+                        s.drop(cid, stage)
                     dropped_at.setdefault(cid, stage)
                     reasons[cid] = reason
                     log.warning("round %d, stage %s: site %d dropped: %s", rnd, stage, cid, reason)
@@ -1259,7 +1267,7 @@ class Coordinator(ClientTransport):
                 "threshold": splan.threshold,
                 "neighbours": "all" if splan.graph.complete else splan.graph.degree,
                 "pruned": list(result.pruned),
-                "late_dropouts": sorted(c for c in result.survivors if c in dropped_at),
+                "late_dropouts": sorted(c for c in result.survivors if c in s.dropped),
                 "bad_share_holders": list(result.bad_share_holders),
                 "bits": self.params.bits,
                 "quantization_error_bound": quantization_error_bound(
