@@ -11,6 +11,12 @@ the same client runtime :func:`securefed.client.runtime.local_round`, see
 (:class:`~securefed.secagg.masking.server.MaskingServer`) runs its stages, one message per
 site and stage; only the SUM goes back to the engine and ``Strategy.aggregate``.
 
+A round of several upload cohorts (FedDiffuse ``usplit``: ``front`` and ``back``) runs one
+masking session per cohort in the same stage messages (:meth:`Coordinator._run_sessions`):
+each message carries a site's payload per session (``secagg.<cohort>``), each session is bound
+to its cohort and the round's client list (:func:`~securefed.deploy.common.cohort_session`),
+and one that aborts leaves the other to complete (``cohorts_abandoned``), as in the simulation.
+
 Every run has a fresh run id (:func:`~securefed.deploy.common.new_run_id`), sent at setup and
 with every message; the masking protocol binds it into every signature, key derivation and AEAD
 header, and each site refuses messages of any other run (:mod:`securefed.deploy.node`).

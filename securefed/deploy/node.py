@@ -52,7 +52,10 @@ derived from the site's secret key and a fresh per-run nonce (``site_runs.json``
 runs share noise. Audit canaries are refused unless ``allow-audit-canaries``; an assignment must
 verify under the coordinator's roster key for the run, round and site, hold at most
 ``max-audit-canaries`` distinct weight coordinates, and stay the same for the whole run
-(:meth:`Site._canary_hook`).
+(:meth:`Site._canary_hook`). FedDiffuse ``usplit`` (two masking sessions a round): the site
+recomputes its segments from the experiment's seed and the round's signed client list and
+refuses another assignment, checks each session's participants and ``min-cohort`` on its own,
+and trains (and is charged) once (:meth:`Site.usplit_train`).
 
 
 Every handler re-derives what it needs from the node config, the experiment the coordinator
