@@ -29,7 +29,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from securefed.client.runtime import build_trainer, local_round
 from securefed.config import ExperimentConfig
-from securefed.deploy.common import DeployConfigError, check_deployable, masking_params
+from securefed.deploy.common import (
+    DeployConfigError,
+    check_deployable,
+    cohort_session,
+    masking_params,
+)
 from securefed.deploy.coordinator import (
     Coordinator,
     CoordinatorOptions,
@@ -49,7 +54,7 @@ from securefed.deploy.wire import PROTOCOL_VERSION, WireError, decode_vector, en
 from securefed.diffusion import NoiseSchedule
 from securefed.secagg.keys import init_identity_keys, load_identities
 from securefed.secagg.masking.client import MaskingClient
-from securefed.secagg.masking.messages import Stage
+from securefed.secagg.masking.messages import ProtocolError, RoundStart, Stage, decode_message
 from securefed.secagg.masking.server import MaskingServer
 from tests.helpers import config_with, metrics_rows, one_cohort
 
@@ -197,8 +202,12 @@ def test_deployment_refuses_what_it_does_not_implement() -> None:
         check_deployable(_cfg(secure_aggregation={"protocol": "plain"}))
     with pytest.raises(DeployConfigError, match=r"federation\.dropout_prob"):
         check_deployable(_cfg(federation={"dropout_prob": 0.1}))
-    with pytest.raises(DeployConfigError, match=r"feddiffuse.variant: 'usplit' .* two segments"):
-        check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "usplit"}))
+    # usplit is deployed on masking (two sessions a round); on CKKS it is refused
+    check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "usplit"}))
+    with pytest.raises(DeployConfigError, match=r"feddiffuse.variant: 'usplit' .* masking only"):
+        check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "usplit"},
+                              secure_aggregation={"protocol": "ckks",
+                                                  "server_threat": "honest_but_curious"}))
     check_deployable(_cfg())
     check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "udec"}))
     # audit canaries are deployed at both DP levels (record level: with each site's opt-in)
@@ -326,8 +335,12 @@ def _expected_round_one(
 
 
 def _tolerance(line: Mapping[str, Any], init: torch.Tensor, new: torch.Tensor) -> float:
-    """The masking grid's bound on one round's global model, plus float32 rounding."""
+    """The masking grid's bound on one round's global model, plus float32 rounding (a round of
+    several sessions, FedDiffuse usplit: the largest of its sessions' bounds, each session
+    moving its own segment)."""
     info = line["protocol_info"]
+    if "quantization_error_bound" not in info and "error_bound" not in info:
+        return max(_tolerance({"protocol_info": v}, init, new) for v in info.values())
     mean_delta = float((new - init).abs().max())
     # masking: the grid's bound on the sum; CKKS: its approximation + release rounding bound
     bound = info.get("quantization_error_bound", info.get("error_bound"))
@@ -396,19 +409,20 @@ def test_coordinator_recovers_a_dropped_site_in_process(tmp_path: Path) -> None:
 
 
 def _run_in_process(
-    tmp_path: Path, cfg: ExperimentConfig, **policy: Any
+    tmp_path: Path, cfg: ExperimentConfig, n: int = 3, **policy: Any
 ) -> tuple[Any, dict[int, Site]]:
-    """The deployed run of ``cfg`` over the in-process transport: 3 sites (rehearsal policy plus
-    ``policy``), keys in ``tmp_path/keys``, run dir ``tmp_path/run``. Returns (result, sites)."""
-    init_identity_keys(tmp_path / "keys", 3)
+    """The deployed run of ``cfg`` over the in-process transport: ``n`` sites (rehearsal policy
+    plus ``policy``), keys in ``tmp_path/keys``, run dir ``tmp_path/run``. Returns (result,
+    sites)."""
+    init_identity_keys(tmp_path / "keys", n)
     sites = {
         700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
                                   **{**REHEARSAL, **policy}))
-        for i in range(3)
+        for i in range(n)
     }
     res = Coordinator(
         cfg,
-        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3),
+        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=n),
         _InProcess(sites, {}),
     ).run()
     return res, sites
@@ -461,6 +475,240 @@ def test_in_process_deployment_matches_the_simulation_per_strategy(
         d = int(_ckpt_params(tmp_path / "run", 2).numel())
         for row in metrics_rows(tmp_path / "run"):
             assert row["exchange"]["params_up"] == 3 * (d - local.numel() + 1)
+
+
+def _usplit_cfg(n: int) -> ExperimentConfig:
+    """FedDiffuse usplit on ``n`` sites (threshold 0.6: t > n/2 in every session size)."""
+    return _cfg(federation={"num_clients": n}, secure_aggregation={"threshold": 0.6},
+                feddiffuse={"enabled": True, "variant": "usplit"})
+
+
+@pytest.mark.parametrize("n", [4, 5])
+def test_in_process_usplit_deployment_matches_the_simulation(tmp_path: Path, n: int) -> None:
+    """FedDiffuse ``usplit`` deployed (record-level DP, node config min-cohort 2): the round's
+    two sessions (``front``: encoder + bottleneck, ``back``: decoder) run in the same stage
+    messages; the model equals the simulation's within each session's masking grid, every
+    site is charged once per round (its ledger equals the simulation's), the pairing is the
+    simulation's, and each session summed exactly its cohort. With 5 sites the odd one sends
+    both segments (it is in both sessions)."""
+    from securefed.run import run_experiment
+
+    cfg = _usplit_cfg(n)
+    messages: list[tuple[str, dict[int, Mapping[str, Any]]]] = []
+    init_identity_keys(tmp_path / "keys", n)
+    sites = {
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
+                                  **REHEARSAL))
+        for i in range(n)
+    }
+
+    class _Recording(_InProcess):
+        def exchange(self, message_type: str, contents: Mapping[int, Mapping[str, Any]], *,
+                     timeout: float, group: str) -> dict[int, Reply]:
+            messages.append((message_type, dict(contents)))
+            return super().exchange(message_type, contents, timeout=timeout, group=group)
+
+    res = Coordinator(
+        cfg,
+        CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=n),
+        _Recording(sites, {}),
+    ).run()
+    sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
+    assert [m["participants"] for m in res.metrics] == [list(range(n))] * 2
+    for dep, want in zip(res.metrics, sim.metrics, strict=True):
+        segs = dep["server"]["feddiffuse"]["segments"]
+        assert segs == want["server"]["feddiffuse"]["segments"]  # the simulation's pairing
+        both = [c for c, s in segs.items() if s == ["front", "back"]]
+        assert len(both) == n % 2
+        info = dep["protocol_info"]
+        assert set(info) == {"front", "back"} and "cohorts_abandoned" not in dep
+        for name in ("front", "back"):
+            members = sorted(int(c) for c, s in segs.items() if name in s)
+            assert info[name]["survivors"] == info[name]["participants"] == members
+            assert len(members) == (n + 1) // 2
+    assert_matches_simulation(
+        cfg, tmp_path / "run", tmp_path / "sim", sim.final_params,
+        [tmp_path / f"site{i}" / "privacy_ledger.json" for i in range(n)],
+    )
+    # the messages of a one-session round: one per site and stage, each carrying the site's
+    # session payload(s) keyed by cohort (the odd site's: both); round 2's keys rode on round
+    # 1's unmasking (next_secagg.<cohort>), so round 2 has no advertise_keys message and the
+    # sites trained at its key broadcast
+    stages = [t for t, _ in messages if t.startswith("train.")]
+    assert stages == [f"train.{st}" for st in Stage.ORDER] + [
+        f"train.{st}" for st in Stage.ORDER[1:]]
+    segments = {m["round"]: m["server"]["feddiffuse"]["segments"] for m in res.metrics}
+    for t, contents in messages:
+        if not t.startswith("train."):
+            continue
+        for node, c in contents.items():
+            cid = sites[node].cid
+            segs = segments[c["round"]][str(cid)]
+            assert sorted(k for k in c if k.startswith("secagg")) == sorted(
+                f"secagg.{s}" for s in segs), (t, cid)
+            if "next_round" in c:
+                assert sorted(k for k in c if k.startswith("next_secagg")) == sorted(
+                    f"next_secagg.{s}" for s in segments[2][str(cid)]), (t, cid)
+            trains = "broadcast_keys" in c
+            assert trains == (t == f"train.{Stage.ADVERTISE_KEYS}" if c["round"] == 1
+                              else t == f"train.{Stage.SHARE_KEYS}"), (t, cid)
+    assert sum("next_round" in c for t, cs in messages for c in cs.values()) == n
+    d = int(_ckpt_params(tmp_path / "run", 2).numel())
+    for row in metrics_rows(tmp_path / "run"):  # each session: its segment plus the weight
+        assert row["exchange"]["params_up"] == ((n + 1) // 2) * (d + 2)
+    for i in range(n):  # every session's round state is gone after unmasking
+        assert not list((tmp_path / f"site{i}" / "secagg").glob("round*.json"))
+
+
+def test_in_process_usplit_session_abandoned_while_the_other_completes(tmp_path: Path) -> None:
+    """Five usplit sites; the two sites that send only ``back`` crash after sharing their keys:
+    the ``back`` session falls below its threshold and is abandoned (listed in
+    ``cohorts_abandoned``, as the simulation lists it), the ``front`` session completes with
+    its three sites, and only the front segment of the model moves."""
+    import numpy as np
+
+    from securefed.builders import build_model
+    from securefed.diffusion.params import get_flat, param_slices
+    from securefed.seeds import Purpose, derive_seed
+    from securefed.strategies.feddiffuse import group_indices, pair_clients
+
+    cfg = config_with(RAW, federation={"num_clients": 5, "rounds": 1},
+                      secure_aggregation={"threshold": 0.6},
+                      feddiffuse={"enabled": True, "variant": "usplit"})
+    segs = pair_clients(range(5), np.random.default_rng(derive_seed(cfg.seed, Purpose.USPLIT, 1)))
+    back_only = sorted(c for c, s in segs.items() if s == ("back",))
+    front = sorted(c for c, s in segs.items() if "front" in s)
+    init_identity_keys(tmp_path / "keys", 5)
+    sites = {
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
+                                  **REHEARSAL))
+        for i in range(5)
+    }
+    res = Coordinator(
+        cfg, CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys",
+                                min_sites=5),
+        _InProcess(sites, dict.fromkeys(back_only, Stage.MASKED_INPUT)),
+    ).run()
+    line = res.metrics[0]
+    assert line.get("abandoned") is None
+    assert line["participants"] == front
+    assert set(line["protocol_info"]) == {"front"}
+    (why,) = line["cohorts_abandoned"]
+    assert why.startswith("back: ")
+    assert line["dropped_at"] == dict.fromkeys((str(c) for c in back_only), "masked_input")
+    model = build_model(cfg, (1, 8, 8), 10)
+    groups = group_indices(param_slices(model), model.parameter_groups())
+    init, new = get_flat(model), _ckpt_params(tmp_path / "run", 1)
+    moved = (new - init).abs()
+    assert float(moved[groups["decoder"]].max()) == 0.0  # back: nobody's delta was released
+    assert float(moved[torch.cat([groups["encoder"], groups["bottleneck"]])].max()) > 0
+    for i in range(5):  # charged once each, whichever session was lost
+        ledger = json.loads((tmp_path / f"site{i}" / "privacy_ledger.json").read_text())
+        assert [e["round"] for e in ledger["entries"]] == [1]
+
+
+def _usplit_round_start(tmp_path: Path) -> tuple[dict[int, Site], Coordinator, dict[int, Any]]:
+    """Four usplit sites set up by a coordinator whose round 1 stops at its first stage: the
+    sites' training messages of round 1, as the coordinator built them (not delivered)."""
+    cfg = _usplit_cfg(4)
+    init_identity_keys(tmp_path / "keys", 4)
+    sites = {
+        700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
+                                  **REHEARSAL))
+        for i in range(4)
+    }
+    sent: dict[int, Any] = {}
+
+    class _Stop(RuntimeError):
+        pass
+
+    class _Capture(_InProcess):
+        def exchange(self, message_type: str, contents: Mapping[int, Mapping[str, Any]], *,
+                     timeout: float, group: str) -> dict[int, Reply]:
+            if message_type.startswith("train."):
+                sent.update(contents)
+                raise _Stop
+            return super().exchange(message_type, contents, timeout=timeout, group=group)
+
+    coord = Coordinator(
+        cfg, CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys",
+                                min_sites=4),
+        _Capture(sites, {}),
+    )
+    with pytest.raises(_Stop):
+        coord.run()
+    return sites, coord, sent
+
+
+def test_a_usplit_site_refuses_a_forged_assignment_and_a_replayed_session(
+    tmp_path: Path,
+) -> None:
+    """A usplit site recomputes its segments from the round's signed client list and the
+    experiment's seed: told to send ``back`` when the pairing says ``front`` (the session
+    payload moved to the other key), it refuses naming ``secagg``; a ``front`` RoundStart
+    replayed as the ``back`` session's payload does not verify (the cohort is bound into the
+    session); a client list other than the signed one fails verification too; a round of 4
+    sites (sessions of 2) is refused by a site with min-cohort 3, naming ``min-cohort``.
+    Nothing was charged."""
+    sites, _coord, sent = _usplit_round_start(tmp_path)
+    node, content = next((n, c) for n, c in sorted(sent.items()) if "secagg.front" in c)
+    site = sites[node]
+    other = next(c for c in sent.values() if "secagg.back" in c)
+    mtype = f"train.{Stage.ADVERTISE_KEYS}"
+    ledger = tmp_path / f"site{site.cid}" / "privacy_ledger.json"
+    before = ledger.read_text()
+    forged = {k: v for k, v in content.items() if k != "secagg.front"}
+    forged["secagg.back"] = content["secagg.front"]
+    with pytest.raises(PolicyError, match=r"secagg: round 1 asks this site to send segment\(s\) "
+                                          r"\['back'\].*assigns it \['front'\]"):
+        dispatch(site, mtype, forged)
+    # replay across sessions: a RoundStart for the back site, signed by the coordinator's
+    # key for this run and round with the back cohort, but in the FRONT session, put in the
+    # back site's secagg.back: it does not verify (the cohort is bound into every signature)
+    back_node = next(n for n, c in sent.items() if c is other)
+    back = sites[back_node]
+    clients = list(other["round_clients"])
+    start = decode_message(other["secagg.back"], back.cid,
+                           cohort_session(other["run_id"], "back", clients))
+    assert isinstance(start, RoundStart)
+    ids = load_identities(tmp_path / "keys", 4)
+    front = dataclasses.replace(masking_params(_usplit_cfg(4)),
+                                session=cohort_session(other["run_id"], "front", clients))
+    replayed = MaskingServer(1, list(start.participants), start.vector_length, front,
+                             ids.roster, ids.server_key).start()[back.cid]
+    with pytest.raises(ProtocolError, match="does not verify in session 'back'"):
+        dispatch(back, mtype, {**other, "secagg.back": replayed})
+    # the genuine back RoundStart verifies in its session (what the replay is checked against)
+    assert dispatch(back, mtype, other)["status"] == "trained"
+    # another round client list than the one the coordinator signed: no session verifies
+    fewer = [c for c in clients if c != next(c for c in clients if c not in (site.cid,))]
+    with pytest.raises((ProtocolError, PolicyError)):
+        dispatch(site, mtype, {**content, "round_clients": fewer})
+    strict = Site(dataclasses.replace(site.options, min_cohort=3))
+    with pytest.raises(PolicyError, match=r"secagg.front \(session 'front'\).*min-cohort 3"):
+        dispatch(strict, mtype, content)
+    assert ledger.read_text() == before  # refused before anything was spent
+
+
+def test_usplit_min_cohort_arithmetic_at_setup(tmp_path: Path) -> None:
+    """A usplit round is two sessions of about half the round: with 3 sites and the default
+    min-cohort 3 a site refuses the experiment at setup, naming min-cohort."""
+    from securefed.config import dump_config
+
+    init_identity_keys(tmp_path / "keys", 3)
+    site = Site(NodeOptions(tmp_path / "s", tmp_path / "keys", 0, partition_id=0,
+                            allow_seeded_noise=True, min_threshold=Fraction(1, 2)))
+    content = {"version": PROTOCOL_VERSION, "run_id": "cd" * 16,
+               "experiment": dump_config(_usplit_cfg(3))}
+    with pytest.raises(PolicyError, match=r"feddiffuse.variant: 'usplit' splits a round of 3 "
+                                          r"sites .* of 2 sites each, below this site's "
+                                          r"min-cohort 3"):
+        site.setup(content)
+    init_identity_keys(tmp_path / "keys5", 5)
+    five = Site(NodeOptions(tmp_path / "s5", tmp_path / "keys5", 0, partition_id=0,
+                            allow_seeded_noise=True, min_threshold=Fraction(1, 2)))
+    out = five.setup({**content, "experiment": dump_config(_usplit_cfg(5))})
+    assert out["client_id"] == 0  # 5 sites: sessions of 3, min-cohort 3 is met
 
 
 @pytest.mark.parametrize(

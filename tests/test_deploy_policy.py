@@ -714,3 +714,153 @@ def test_the_coordinator_keeps_only_scores_a_site_signed(tmp_path: Path) -> None
     with pytest.raises(CanaryWireError, match="2 scores, 1 canaries were assigned"):
         decode_scores(encode_scores(key, b"run", 1, 0, np.zeros(2)), key.public_key(),
                       b"run", 1, 0, 1)
+
+
+# ------------------------------------------------------------------ FedDiffuse usplit
+
+
+def _usplit(n: int, rounds: int) -> ExperimentConfig:
+    return _cfg(federation={"num_clients": n, "rounds": rounds},
+                secure_aggregation={"threshold": 0.6},
+                feddiffuse={"enabled": True, "variant": "usplit"})
+
+
+def _pairing(cfg: ExperimentConfig, rnd: int) -> dict[int, tuple[str, ...]]:
+    from securefed.seeds import Purpose, derive_seed
+    from securefed.strategies.feddiffuse import pair_clients
+
+    n = cfg.federation.num_clients
+    return pair_clients(range(n), np.random.default_rng(derive_seed(cfg.seed, Purpose.USPLIT,
+                                                                    rnd)))
+
+
+def test_usplit_site_refuses_to_unmask_one_session_below_min_cohort(tmp_path: Path) -> None:
+    """Five usplit sites (sessions of 3, min-cohort 3): a back-only site vanishes after sharing
+    its keys, so the coordinator asks the back session to sign a survivor set of two. Both
+    remaining back sites refuse that session (the odd site names ``secagg.back`` and
+    ``min-cohort`` and goes on in ``front``): ``back`` is abandoned before any share of it is
+    revealed, ``front`` completes."""
+    cfg = _usplit(5, 1)
+    pairs = _pairing(cfg, 1)
+    back_only = sorted(c for c, s in pairs.items() if s == ("back",))
+    (odd,) = [c for c, s in pairs.items() if len(s) == 2]
+    front = sorted(c for c, s in pairs.items() if "front" in s)
+    sites = _sites(tmp_path, 5, min_threshold=Fraction(1, 2))
+    net = _Net(sites, drop={back_only[0]: Stage.MASKED_INPUT})
+    coord = _coordinator(cfg, tmp_path, net)
+    coord.start()
+    line = coord.run_round(1)
+    assert line["participants"] == front
+    assert [w.split(":")[0] for w in line["cohorts_abandoned"]] == ["back"]
+    why = line["dropout_reasons"][str(odd)]
+    assert why.startswith("back: ") and "secagg.back" in why and "min-cohort 3" in why
+    assert "survivor set of 2 sites" in line["dropout_reasons"][str(back_only[1])]
+    # no back-session unmasking request was sent: no share of a back update was revealed
+    unmask = [c for m, _, c in net.sent if m == f"train.{Stage.UNMASKING}"]
+    assert unmask and all("secagg.back" not in c for c in unmask)
+
+
+def test_usplit_site_refuses_a_forged_next_round_assignment(tmp_path: Path) -> None:
+    """Keys ahead under usplit: round 1's unmasking request to one site carries round 2's
+    start in the wrong session (its ``front`` start as ``next_secagg.back``). The site answers
+    its round-1 shares, refuses the next start naming ``next_secagg`` and the pairing, and is
+    not charged for round 2; the coordinator drops it from round 2, whose session with it
+    falls below its threshold, while the other session completes. A training key broadcast
+    whose client list is not the one the site's sessions were started with is refused too."""
+    cfg = _usplit(4, 2)
+    pairs2 = _pairing(cfg, 2)
+    victim = next(c for c, s in pairs2.items() if s == ("front",))
+    sites = _sites(tmp_path, 4, min_threshold=Fraction(1, 2), min_cohort=2)
+    node = next(n for n, s in sites.items() if s.cid == victim)
+
+    def forge(message_type: str, to: int, content: Mapping[str, Any]) -> Mapping[str, Any]:
+        if message_type == f"train.{Stage.UNMASKING}" and to == node:
+            out = {k: v for k, v in content.items() if k != "next_secagg.front"}
+            out["next_secagg.back"] = content["next_secagg.front"]
+            return out
+        return content
+
+    net = _Net(sites, on_send=forge)
+    coord = _coordinator(cfg, tmp_path, net)
+    coord.start()
+    first, second = coord.run_round(1), coord.run_round(2)
+    assert first["participants"] == [0, 1, 2, 3]
+    refused = [r for m, n, r in net.replies
+               if m == f"train.{Stage.UNMASKING}" and n == node and isinstance(r, dict)]
+    assert "next_secagg: round 2 asks this site to send segment(s) ['back']" in (
+        refused[0]["next_refused"])
+    assert second["dropped_at"][str(victim)] == Stage.ADVERTISE_KEYS
+    assert [w.split(":")[0] for w in second["cohorts_abandoned"]] == ["front"]
+    assert second["participants"] == sorted(c for c, s in pairs2.items() if s == ("back",))
+    assert [e["round"] for e in _ledger(sites[node])] == [1]
+
+
+def test_usplit_site_refuses_a_key_broadcast_for_another_client_list(tmp_path: Path) -> None:
+    """Keys ahead under usplit: round 2's training key broadcast to a site carries a client
+    list other than the one its round-2 sessions were started (and signed) with, chosen so
+    that the pairing still gives the site the same segment. The site refuses before training,
+    naming ``round_clients``; it is not charged for round 2."""
+    import itertools
+
+    from securefed.seeds import Purpose, derive_seed
+    from securefed.strategies.feddiffuse import pair_clients
+
+    cfg = _usplit(4, 2)
+    pairs2 = _pairing(cfg, 2)
+
+    def pairing_of(clients: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
+        rng = np.random.default_rng(derive_seed(cfg.seed, Purpose.USPLIT, 2))
+        return pair_clients(clients, rng)
+
+    victim, other = next(
+        (c, list(sub)) for c in sorted(pairs2) for r in (2, 3)
+        for sub in itertools.combinations(range(4), r)
+        if c in sub and pairing_of(sub)[c] == pairs2[c]
+    )
+    sites = _sites(tmp_path, 4, min_threshold=Fraction(1, 2), min_cohort=2)
+    node = next(n for n, s in sites.items() if s.cid == victim)
+
+    def forge(message_type: str, to: int, content: Mapping[str, Any]) -> Mapping[str, Any]:
+        if (message_type == f"train.{Stage.SHARE_KEYS}" and to == node
+                and content["round"] == 2 and "broadcast_keys" in content):
+            return {**content, "round_clients": other}
+        return content
+
+    net = _Net(sites, on_send=forge)
+    coord = _coordinator(cfg, tmp_path, net)
+    coord.start()
+    coord.run_round(1)
+    second = coord.run_round(2)
+    why = second["dropout_reasons"][str(victim)]
+    assert f"round_clients: round 2's client list {other} is not the one" in why
+    assert [e["round"] for e in _ledger(sites[node])] == [1]
+
+
+def test_a_usplit_site_sends_nothing_computed_from_its_data_in_the_clear(tmp_path: Path) -> None:
+    """Every reply field of two usplit rounds (5 sites; round 2's keys ahead), by name: the
+    one-session reply's fields with ``secagg`` / ``next_secagg`` keyed by the sessions the
+    site is in (by the pairing of the round), and nothing else: no loss, no step count."""
+    cfg = _usplit(5, 2)
+    pairs = {1: _pairing(cfg, 1), 2: _pairing(cfg, 2)}
+    sites = _sites(tmp_path, 5, min_threshold=Fraction(1, 2))
+    net = _Net(sites)
+    coord = _coordinator(cfg, tmp_path, net)
+    coord.start()
+    lines = [coord.run_round(1), coord.run_round(2)]
+    assert [line["participants"] for line in lines] == [[0, 1, 2, 3, 4]] * 2
+    seen = set()
+    for (message_type, node, reply), (_, _, content) in zip(net.replies, net.sent, strict=True):
+        assert isinstance(reply, dict), reply
+        if message_type == "query.setup":
+            assert set(reply) == {"version", "run_id", "client_id", "num_examples",
+                                  "image_shape", "num_classes", "roster_sha256", "epsilon"}
+            continue
+        cid, rnd = sites[node].cid, int(content["round"])
+        keys = {"status", "round", "run_id"} | {f"secagg.{s}" for s in pairs[rnd][cid]}
+        if "broadcast_keys" in content:  # the training stage
+            keys |= {"vector_keys", "epsilon"}
+        if "next_round" in content:
+            keys |= {"next_round"} | {f"next_secagg.{s}" for s in pairs[rnd + 1][cid]}
+        assert set(reply) == keys, (message_type, rnd, cid, sorted(reply))
+        seen.add((rnd, message_type))
+    assert len(seen) == 5 + 4  # round 2 trained at the key broadcast (keys ahead)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ __all__ = [
     "DeployConfigError",
     "check_deployable",
     "client_level_layer",
+    "cohort_session",
     "masking_params",
     "new_run_id",
     "roster_digest",
@@ -69,11 +72,11 @@ def check_deployable(cfg: ExperimentConfig) -> None:
             "feddiffuse.enabled: FedDiffuse with dp.level: client is not deployed yet; use "
             "dp.level: record with FedDiffuse, or client-level DP without it"
         )
-    if cfg.feddiffuse.enabled and cfg.feddiffuse.variant == "usplit":
+    if cfg.feddiffuse.enabled and cfg.feddiffuse.variant == "usplit" and sa.protocol == "ckks":
         raise DeployConfigError(
-            "feddiffuse.variant: 'usplit' sends two segments in two aggregation sessions a "
-            "round, which the deployment path does not run yet; use 'full', 'udec' or 'ulatdec' "
-            "(one session: the shared groups; the local groups stay on each site)"
+            "feddiffuse.variant: 'usplit' runs two aggregation sessions a round (front and "
+            "back), which the deployment runs on masking only; set secure_aggregation.protocol: "
+            "masking, or use 'full', 'udec' or 'ulatdec' with ckks"
         )
     if cfg.federation.num_clients < 2:
         raise DeployConfigError(
@@ -103,6 +106,29 @@ def run_masking_params(cfg: ExperimentConfig, run_id: str) -> MaskingParams:
     except ValueError:
         raise ValueError(f"run_id: {run_id!r} is not hex") from None
     return dataclasses.replace(masking_params(cfg), session=session)
+
+
+def cohort_session(run_id: str, cohort: str, round_clients: Sequence[int]) -> bytes:
+    """The masking session of one upload cohort of a multi-cohort round (FedDiffuse
+    ``usplit``: ``front`` / ``back``): the run id, then the cohort's name and the round's
+    selected clients (the list ``pair_clients`` splits). Bound into every signature, HKDF info
+    and AEAD header of that session exactly as the run id is
+    (:func:`~securefed.noise.prg.session_prefix`), so a ``front`` message does not verify in the
+    ``back`` session, and a RoundStart that verifies proves the coordinator signed that round
+    client list (from which each site recomputes the pairing itself).
+
+    Args:
+        run_id: the run id (32 hex digits). cohort: the cohort's name (``front``, ``back``).
+        round_clients: the round's selected clients (any order; sorted here).
+    """
+    try:
+        run = bytes.fromhex(run_id)
+    except ValueError:
+        raise ValueError(f"run_id: {run_id!r} is not hex") from None
+    if not re.fullmatch(r"[a-z]+", cohort):
+        raise ValueError(f"cohort: {cohort!r} is not a cohort name (lowercase letters)")
+    clients = ",".join(str(int(c)) for c in sorted(round_clients))
+    return run + b"/cohort/" + cohort.encode() + b"/clients/" + clients.encode()
 
 
 def roster_digest(keys_dir: Path) -> str:

@@ -11,6 +11,12 @@ the same client runtime :func:`securefed.client.runtime.local_round`, see
 (:class:`~securefed.secagg.masking.server.MaskingServer`) runs its stages, one message per
 site and stage; only the SUM goes back to the engine and ``Strategy.aggregate``.
 
+A round of several upload cohorts (FedDiffuse ``usplit``: ``front`` and ``back``) runs one
+masking session per cohort in the same stage messages (:meth:`Coordinator._run_sessions`):
+each message carries a site's payload per session (``secagg.<cohort>``), each session is bound
+to its cohort and the round's client list (:func:`~securefed.deploy.common.cohort_session`),
+and one that aborts leaves the other to complete (``cohorts_abandoned``), as in the simulation.
+
 Every run has a fresh run id (:func:`~securefed.deploy.common.new_run_id`), sent at setup and
 with every message; the masking protocol binds it into every signature, key derivation and AEAD
 header, and each site refuses messages of any other run (:mod:`securefed.deploy.node`).
@@ -50,6 +56,7 @@ implements it over Flower's ``Grid``; tests may implement it in-process.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -81,6 +88,7 @@ from securefed.deploy.common import (
     DeployConfigError,
     check_deployable,
     client_level_layer,
+    cohort_session,
     new_run_id,
     round_masking_params,
     run_masking_params,
@@ -125,6 +133,7 @@ from securefed.seeds import Purpose, derive_seed
 from securefed.strategies import CohortSum, Strategy, unpack_sum
 from securefed.strategies.base import sample_clients
 from securefed.strategies.fedddpm import allocate_proportional
+from securefed.strategies.feddiffuse import FedDiffuse
 
 __all__ = [
     "Coordinator",
@@ -244,6 +253,84 @@ class _Ahead:
         return len(data)
 
 
+def _layout_length(layout: Any) -> int:
+    """The packed vector length of a layout (a ``ClientUpdate``): its vectors and the weight."""
+    return int(sum(v.numel() for v in layout.vectors.values())) + 1
+
+
+def _feddiffuse_layer(strategy: Any) -> Any:
+    """The FedDiffuse layer of a strategy stack, or None."""
+    layer = strategy
+    while layer is not None and not isinstance(layer, FedDiffuse):
+        layer = getattr(layer, "base", None)
+    return layer
+
+
+@dataclass
+class _Session:
+    """One masking session of a multi-cohort round (FedDiffuse ``usplit``: ``front``,
+    ``back``): its members, the layout they send, its server and its live sites."""
+
+    name: str
+    members: list[int]
+    layout: Any  # ClientUpdate: the cohort's vector names and sizes
+    keys: list[str]
+    length: int
+    server: Any  # MaskingServer
+    outgoing: dict[int, bytes]
+    live: set[int]
+    aborted: str | None = None
+    #: site -> the stage at which it left this session
+    dropped: dict[int, str] = field(default_factory=dict)
+
+    def drop(self, cid: int, stage: str) -> None:
+        """Site ``cid`` is out of this session from ``stage`` on."""
+        if cid in self.live:
+            self.live.discard(cid)
+            self.dropped.setdefault(cid, stage)
+
+
+@dataclass
+class _AheadSessions:
+    """Round ``rnd``'s sessions (FedDiffuse ``usplit``), started during the previous round's
+    unmasking stage: their RoundStarts ride on its request (``next_secagg.<cohort>``)."""
+
+    rnd: int
+    clients: tuple[int, ...]
+    sessions: dict[str, _Session]
+    sent: set[int] = field(default_factory=set)
+    #: sites whose keys arrived in every session they are in
+    advertised: set[int] = field(default_factory=set)
+    failed: dict[int, str] = field(default_factory=dict)
+
+    def outgoing(self, cid: int) -> dict[str, bytes]:
+        """Site ``cid``'s RoundStart per session of the next round (empty: not in it)."""
+        return {n: s.outgoing[cid] for n, s in self.sessions.items() if cid in s.outgoing}
+
+    def receive(self, cid: int, reply: Reply | None) -> int:
+        """Feed site ``cid``'s advertised keys (``next_secagg.<cohort>``) from its unmasking
+        reply to each next-round session it is in; returns the bytes received. A site whose
+        keys miss or fail in any of its sessions is failed (dropped from the next round)."""
+        total = 0
+        try:
+            if not isinstance(reply, Mapping):
+                raise WireError(reply or "no reply")
+            if "next_refused" in reply:
+                raise WireError(f"refused: {reply['next_refused']}")
+            if get_int(reply, "next_round", f"site {cid}") != self.rnd:
+                raise WireError(f"keys for round {reply.get('next_round')}, not {self.rnd}")
+            for name, s in self.sessions.items():
+                if cid in s.members:
+                    data = get_bytes(reply, f"next_secagg.{name}", f"site {cid}")
+                    s.server.receive(cid, data)
+                    total += len(data)
+        except (WireError, ProtocolError, KeyError, TypeError, ValueError) as exc:
+            self.failed[cid] = f"{type(exc).__name__}: {exc}"
+            return total
+        self.advertised.add(cid)
+        return total
+
+
 class Coordinator(ClientTransport):
     """Runs an experiment over a :class:`SiteChannel`: the round engine's deployed
     :class:`~securefed.federation.engine.ClientTransport`.
@@ -280,7 +367,8 @@ class Coordinator(ClientTransport):
         self.rows: list[RoundRecord] = []  # metrics.jsonl (a resumed run's earlier rounds too)
         self._last_trained: dict[int, int] = {}  # client -> last round it trained in
         self._survivors: dict[int, set[int]] = {}  # round -> clients whose update was used
-        self._ahead: _Ahead | None = None  # the next round, started with this round's unmask
+        # the next round, started with this round's unmask (one session, or usplit's sessions)
+        self._ahead: _Ahead | _AheadSessions | None = None
         self._exhausted: set[int] = set()  # sites that reported an exhausted budget
         #: audit (canaries.enabled): the run's gradient canaries (record level) or canary
         #: clients (client level), their folder, and the round being scored
@@ -760,19 +848,15 @@ class Coordinator(ClientTransport):
     def _run_clients(self, rnd: int, plan: Any, strategy: Any) -> ClientRound:
         """:meth:`run_clients` without the canaries' bookkeeping."""
         cfg = self.cfg
-        # the vector layout every selected site will send: the strategy's client hook applied
-        # to the broadcast itself (no client data; only the names and sizes are used)
-        layout = strategy.client.client_update(
-            plan.clients[0], plan.broadcast, plan.broadcast["params"], 1, 1, cfg.client.lr, {},
-            mean_grad=torch.zeros_like(plan.broadcast["params"]),
-        )
-        cohorts = strategy.upload_cohorts(rnd, dict.fromkeys(plan.clients, layout))
+        cohorts = self._cohort_layouts(rnd, plan, strategy)
         if len(cohorts) != 1:
-            raise DeployConfigError(
-                f"strategy.name: {cfg.strategy.name!r} uploads in {len(cohorts)} cohorts a "
-                "round, which the deployment path does not run (one aggregation session)"
-            )
-        (cohort,) = cohorts
+            if cfg.secure_aggregation.protocol != "masking":  # pragma: no cover - refused
+                raise DeployConfigError(  # by check_deployable
+                    f"secure_aggregation.protocol: {cfg.secure_aggregation.protocol!r}: a round "
+                    f"of {len(cohorts)} upload cohorts runs on masking only"
+                )
+            return self._run_sessions(rnd, plan, cohorts)
+        ((cohort, (_, layout)),) = cohorts.items()
         self._layout = layout
         keys = sorted(layout.vectors)
         length = int(sum(layout.vectors[k].numel() for k in keys)) + 1
@@ -794,7 +878,7 @@ class Coordinator(ClientTransport):
         ahead, self._ahead = self._ahead, None
         train_stage = dict.fromkeys(plan.clients, Stage.ADVERTISE_KEYS)
         if (
-            ahead is not None
+            isinstance(ahead, _Ahead)
             and ahead.rnd == rnd
             and ahead.clients == tuple(plan.clients)
             and ahead.length == length
@@ -962,6 +1046,317 @@ class Coordinator(ClientTransport):
                 plan.broadcast[names[0]].numel()),
         }
         return out
+
+    def _cohort_layouts(
+        self, rnd: int, plan: Any, strategy: Any
+    ) -> dict[str, tuple[list[int], Any]]:
+        """The round's upload cohorts: cohort -> (its members, the vector layout each member
+        sends). The layout is the strategy's client hook applied to the broadcast itself (no
+        client data; only the names and sizes are used), per selected client, since a
+        strategy may assign clients different segments (FedDiffuse ``usplit``: ``front`` /
+        ``back`` from the plan's pairing); only one layout per cohort is kept."""
+        out: dict[str, tuple[list[int], Any]] = {}
+        params = plan.broadcast["params"]
+        zeros = torch.zeros_like(params)
+        for cid in plan.clients:
+            layout = strategy.client.client_update(
+                cid, plan.broadcast, params, 1, 1, self.cfg.client.lr, {}, mean_grad=zeros,
+            )
+            for name, members in strategy.upload_cohorts(rnd, {cid: layout}).items():
+                entry = out.setdefault(name, ([], members[cid]))
+                entry[0].append(int(cid))
+        return {name: (sorted(m), lay) for name, (m, lay) in sorted(out.items())}
+
+    def _run_sessions(
+        self, rnd: int, plan: Any, cohorts: Mapping[str, tuple[list[int], Any]]
+    ) -> ClientRound:
+        """A round of several upload cohorts (FedDiffuse ``usplit``: ``front`` and ``back``):
+        one masking session per cohort, all in the SAME stage messages. Each stage message to
+        a site carries ``secagg.<cohort>`` for every session it is live in (the odd site of
+        the pairing: both); the training stage also carries the round's client list
+        (``round_clients``, bound into each session with the cohort's name,
+        :func:`~securefed.deploy.common.cohort_session`), from which each site recomputes its
+        own segments. Each session has its own participants, vector length, threshold and
+        grid (resolved per session as the simulation's ``protocol.aggregate`` resolves them),
+        its own consistency check and survivor set; a session that aborts is listed in
+        ``transport.cohorts_abandoned`` and the others still complete, as in the simulation.
+
+        The next round's sessions start with this round's unmasking request, as in a
+        one-session round (:meth:`_start_ahead_sessions`): a site that advertised its keys in
+        every session of the next round trains at that round's key broadcast."""
+        cfg = self.cfg
+        ahead, self._ahead = self._ahead, None
+        clients = [int(c) for c in plan.clients]
+        names = sorted(plan.broadcast)
+        broadcast = {f"broadcast.{n}": encode_vector(plan.broadcast[n]) for n in names}
+        bcast_bytes = sum(len(b) for b in broadcast.values())
+        seconds: dict[str, float] = {}
+        dropped_at: dict[int, str] = {}
+        reasons: dict[int, str] = {}
+        exhausted: list[int] = []
+        trained: list[int] = []
+        epsilon: dict[str, float] = {}
+        up = dict.fromkeys(clients, 0)
+        down = dict.fromkeys(clients, 0)
+        sizes = {name: _layout_length(layout) for name, (_, layout) in cohorts.items()}
+        train_stage = dict.fromkeys(clients, Stage.ADVERTISE_KEYS)
+        skip: set[int] = set()
+        failed_ahead: dict[int, str] = {}
+        aborted: list[str] = []
+        sessions: dict[str, _Session]
+        if (
+            isinstance(ahead, _AheadSessions)
+            and ahead.rnd == rnd
+            and ahead.clients == tuple(clients)
+            and {n: (s.members, s.length) for n, s in ahead.sessions.items()}
+            == {n: (m, sizes[n]) for n, (m, _) in cohorts.items()}
+        ):
+            # this round's keys were advertised with the last round's unmasking replies: the
+            # sites that advertised in every session they are in train at the key broadcast
+            sessions = ahead.sessions
+            for name, s in sessions.items():
+                s.layout = cohorts[name][1]
+                s.keys = sorted(s.layout.vectors)
+            for cid in ahead.advertised:
+                train_stage[cid] = Stage.SHARE_KEYS
+            skip = set(ahead.sent)
+            failed_ahead = {
+                c: ahead.failed.get(c, "no keys for this round with the last unmasking reply")
+                for c in ahead.sent - ahead.advertised
+            }
+        else:
+            sessions, aborted = self._new_sessions(rnd, clients, cohorts, sizes)
+        planned = {c: sorted(n for n, s in sessions.items() if c in s.members) for c in clients}
+        for stage in Stage.path(self.params.consistency_check):
+            t0 = time.perf_counter()
+            active = [s for s in sessions.values() if s.aborted is None]
+            if stage == Stage.ADVERTISE_KEYS:
+                for cid, why in sorted(failed_ahead.items()):
+                    for s in active:
+                        s.drop(cid, stage)
+                    dropped_at.setdefault(cid, stage)
+                    reasons.setdefault(cid, why)
+            for s in active:
+                for cid in sorted(s.live - set(s.outgoing)):  # pruned or rejected by the server
+                    s.drop(cid, stage)
+                    dropped_at.setdefault(cid, stage)
+            live = sorted({c for s in active for c in s.live})
+            ahead_next = self._start_ahead_sessions(rnd, cohorts, sizes, set(live)) if (
+                stage == Stage.UNMASKING
+            ) else None
+            contents: dict[int, dict[str, Any]] = {}
+            for cid in live:
+                if stage == Stage.ADVERTISE_KEYS and cid in skip:
+                    continue  # advertised with the last round's unmasking reply
+                c: dict[str, Any] = {"round": rnd, "stage": stage, "run_id": self.run_id}
+                for s in active:
+                    if cid in s.live:
+                        c[f"secagg.{s.name}"] = s.outgoing[cid]
+                        down[cid] += len(s.outgoing[cid])
+                if stage == train_stage[cid]:
+                    c.update(self._training_content(rnd, cid, broadcast, names))
+                    c["round_clients"] = clients
+                    down[cid] += bcast_bytes + len(c.get("canaries", b""))
+                if ahead_next is not None:
+                    nxt = ahead_next.outgoing(cid)
+                    if nxt:
+                        c.update(next_round=rnd + 1, next_round_clients=list(ahead_next.clients))
+                        for name, data in nxt.items():
+                            c[f"next_secagg.{name}"] = data
+                            down[cid] += len(data)
+                        ahead_next.sent.add(cid)
+                contents[self.sites[cid].node_id] = c
+            self._event(round=rnd, stage=stage, state="sent", clients=live)
+            trains = any(train_stage[c] == stage for c in live)
+            timeout = self.options.train_timeout if trains else self.options.stage_timeout
+            replies = self.channel.exchange(
+                stage_message_type(stage), contents, timeout=timeout, group=str(rnd)
+            ) if contents else {}
+            for cid in live:
+                if self.sites[cid].node_id not in contents:
+                    continue
+                r = replies.get(self.sites[cid].node_id)
+                who = f"site {cid}"
+                reason = None
+                if r is None:
+                    reason = f"no reply within {timeout:g} s"
+                elif isinstance(r, str):
+                    reason = r
+                else:
+                    try:
+                        if get_int(r, "round", who) != rnd:
+                            raise WireError(f"{who}: reply for round {r.get('round')}")
+                        if "epsilon" in r:
+                            epsilon[str(cid)] = round(float(r["epsilon"]), 6)
+                        if stage == train_stage[cid]:
+                            if r.get("status") == "budget_exhausted":
+                                exhausted.append(cid)
+                                reason = "privacy budget exhausted (did not train)"
+                            else:
+                                want = sorted(k for n in planned[cid]
+                                              for k in sessions[n].keys)
+                                if list(r.get("vector_keys", [])) != want:
+                                    raise WireError(
+                                        f"{who}: sends vectors {r.get('vector_keys')}, its "
+                                        f"segments this round are {want}"
+                                    )
+                                trained.append(cid)
+                                self._last_trained[cid] = rnd
+                                up[cid] += self._receive_canary_scores(rnd, cid, r)
+                    except (WireError, KeyError, TypeError, ValueError) as exc:
+                        reason = f"{type(exc).__name__}: {exc}"
+                    for s in active:
+                        if reason is not None or cid not in s.live:
+                            continue
+                        try:
+                            if f"refused.{s.name}" in r:
+                                raise WireError(f"refused: {r[f'refused.{s.name}']}")
+                            data = get_bytes(r, f"secagg.{s.name}", who)
+                            up[cid] += len(data)
+                            s.server.receive(cid, data)
+                        except (WireError, ProtocolError, KeyError, TypeError,
+                                ValueError) as exc:  # out of this session only
+                            s.drop(cid, stage)
+                            dropped_at.setdefault(cid, stage)
+                            reasons[cid] = f"{s.name}: {type(exc).__name__}: {exc}"
+                if ahead_next is not None and cid in ahead_next.sent:
+                    up[cid] += ahead_next.receive(cid, r)
+                if reason is not None:
+                    for s in active:
+                        s.drop(cid, stage)
+                    dropped_at.setdefault(cid, stage)
+                    reasons[cid] = reason
+                    log.warning("round %d, stage %s: site %d dropped: %s", rnd, stage, cid, reason)
+            for s in active:
+                try:
+                    s.outgoing = s.server.close_stage()
+                except (AggregationAbortedError, ProtocolError, ValueError) as exc:
+                    # fail closed for this session; the round's other session goes on
+                    s.aborted = f"{type(exc).__name__}: {exc}"
+                    aborted.append(f"{s.name}: {s.aborted}")
+            seconds[stage] = round(time.perf_counter() - t0, 4)
+            self._event(round=rnd, stage=stage, state="closed",
+                        clients=sorted({c for s in active for c in s.live}))
+            if ahead_next is not None:
+                self._ahead = ahead_next
+            if all(s.aborted is not None for s in sessions.values()):
+                break
+
+        self._exhausted.update(exhausted)
+        dp = cfg.dp.level in ("record", "client")
+        out = ClientRound(
+            sums={}, trained=trained, participants=[], dropped=sorted(dropped_at),
+            protocol="masking", bytes_up=int(sum(up.values())),
+            bytes_down=int(sum(down.values())),
+            epsilon=epsilon if dp else None, budget_exhausted=exhausted if dp else None,
+            transport=_site_facts(dropped_at, reasons, up, down), seconds=seconds,
+        )
+        survivors: set[int] = set()
+        infos: dict[str, Any] = {}
+        params_up = 0
+        for s in sessions.values():
+            result = s.server.output if s.aborted is None else None
+            if s.aborted is None and result is None:
+                aborted.append(f"{s.name}: secure aggregation ended without a result")
+            if result is None or not result.survivors:
+                continue
+            sums, total_weight = unpack_sum(result.total, s.keys, {s.members[0]: s.layout})
+            out.sums[s.name] = CohortSum(sums, total_weight, len(result.survivors))
+            survivors.update(result.survivors)
+            params_up += len(result.survivors) * s.length
+            splan = s.server.state.plan
+            infos[s.name] = {
+                "participants": list(s.members),
+                "survivors": list(result.survivors),
+                "dropouts_recovered": len(result.recovered),
+                "recovered_clients": list(result.recovered),
+                "threshold": splan.threshold,
+                "neighbours": "all" if splan.graph.complete else splan.graph.degree,
+                "pruned": list(result.pruned),
+                "late_dropouts": sorted(c for c in result.survivors if c in s.dropped),
+                "bad_share_holders": list(result.bad_share_holders),
+                "bits": self.params.bits,
+                "quantization_error_bound": quantization_error_bound(
+                    splan.quant, len(result.survivors)
+                ),
+                "total_weight": total_weight,
+            }
+        if not out.sums:
+            out.abandoned = "; ".join(aborted) or "secure aggregation ended without a result"
+            return out
+        out.participants = sorted(survivors)
+        out.protocol_info = infos
+        if aborted:
+            out.transport["cohorts_abandoned"] = aborted
+        out.exchange = {
+            "params_up": params_up,
+            "params_down": len(clients) * len(names) * int(plan.broadcast[names[0]].numel()),
+        }
+        return out
+
+    def _new_sessions(
+        self, rnd: int, clients: list[int], cohorts: Mapping[str, tuple[list[int], Any]],
+        sizes: Mapping[str, int],
+    ) -> tuple[dict[str, _Session], list[str]]:
+        """Start one masking server per cohort of round ``rnd`` (its own session,
+        :func:`~securefed.deploy.common.cohort_session`); returns the sessions and why the
+        cohorts that cannot run were abandoned (``"<cohort>: ..."``). ``cohorts``: cohort ->
+        (members, layout, or None before the round's layout is known)."""
+        sessions: dict[str, _Session] = {}
+        aborted: list[str] = []
+        for name, (members, layout) in cohorts.items():
+            length = sizes[name]
+            try:
+                params = dataclasses.replace(
+                    self._round_params(len(members), length),
+                    session=cohort_session(self.run_id, name, clients),
+                )
+                server = MaskingServer(rnd, members, length, params, self._roster,
+                                       self._server_key, record_view=False)
+            except ValueError as exc:  # e.g. a cohort of one: that session cannot run
+                aborted.append(f"{name}: round {rnd} cannot run: {exc}")
+                continue
+            keys = sorted(layout.vectors) if layout is not None else []
+            sessions[name] = _Session(name, list(members), layout, keys, length, server,
+                                      server.start(), set(members))
+        return sessions, aborted
+
+    def _start_ahead_sessions(
+        self, rnd: int, cohorts: Mapping[str, tuple[list[int], Any]],
+        sizes: Mapping[str, int], live: set[int],
+    ) -> _AheadSessions | None:
+        """Start round ``rnd + 1``'s sessions now (FedDiffuse ``usplit``), so that their
+        RoundStarts travel with round ``rnd``'s unmasking request, as :meth:`_start_ahead`
+        does for one session. The next round's clients come from the same ``(seed, round)``
+        selection stream and their pairing from the ``(seed, USPLIT, round)`` stream
+        (:meth:`~securefed.strategies.feddiffuse.FedDiffuse.pairing`, which changes no
+        strategy state), so the rounds are those of the simulation; a different cohort when
+        the round starts just starts it afresh. None when nothing is started ahead (last
+        round, ``advertise-ahead`` off, no next site live now, a session that cannot run)."""
+        cfg = self.cfg
+        if not self.options.advertise_ahead or rnd >= cfg.federation.rounds:
+            return None
+        layer = _feddiffuse_layer(self.strategy)
+        if layer is None:  # pragma: no cover - only usplit runs several cohorts
+            return None
+        rng = np.random.default_rng(derive_seed(cfg.seed, Purpose.SELECT, rnd + 1))
+        nxt = [int(c) for c in sample_clients(
+            sorted(self.sites), cfg.federation.fraction_fit, cfg.federation.min_fit_clients, rng
+        )]
+        if not set(nxt) & live:
+            return None
+        pairing = layer.pairing(rnd + 1, nxt)
+        spec = {
+            name: (sorted(c for c, segs in pairing.items() if name in segs), None)
+            for name in cohorts
+        }
+        if any(not members for members, _ in spec.values()):
+            return None
+        sessions, aborted = self._new_sessions(rnd + 1, nxt, spec, sizes)
+        if aborted:
+            log.warning("round %d cannot start ahead: %s", rnd + 1, "; ".join(aborted))
+            return None
+        return _AheadSessions(rnd + 1, tuple(nxt), sessions)
 
     def _public_pretrain(self, model: Any) -> None:
         """``pretrain.enabled``: the public model (trained here on the public set, or from the

@@ -52,7 +52,10 @@ derived from the site's secret key and a fresh per-run nonce (``site_runs.json``
 runs share noise. Audit canaries are refused unless ``allow-audit-canaries``; an assignment must
 verify under the coordinator's roster key for the run, round and site, hold at most
 ``max-audit-canaries`` distinct weight coordinates, and stay the same for the whole run
-(:meth:`Site._canary_hook`).
+(:meth:`Site._canary_hook`). FedDiffuse ``usplit`` (two masking sessions a round): the site
+recomputes its segments from the experiment's seed and the round's signed client list and
+refuses another assignment, checks each session's participants and ``min-cohort`` on its own,
+and trains (and is charged) once (:meth:`Site.usplit_train`).
 
 
 Every handler re-derives what it needs from the node config, the experiment the coordinator
@@ -110,6 +113,7 @@ from securefed.deploy.common import (
     DeployConfigError,
     check_deployable,
     client_level_layer,
+    cohort_session,
     roster_digest,
     round_masking_params,
     run_masking_params,
@@ -120,6 +124,7 @@ from securefed.deploy.state import (
     clear_round_state,
     load_round_state,
     load_site_record,
+    round_session,
     save_round_state,
     save_site_record,
 )
@@ -162,8 +167,9 @@ from securefed.secagg.masking.messages import (
     verify_encoded,
 )
 from securefed.secagg.masking.plan import MaskingPlan, plan_round
-from securefed.seeds import derive_seed
+from securefed.seeds import Purpose, derive_seed
 from securefed.strategies import build_strategy, pack_update
+from securefed.strategies.feddiffuse import FedDiffuse, pair_clients
 
 __all__ = [
     "NodeConfigError",
@@ -452,6 +458,18 @@ def check_threshold_policy(cfg: ExperimentConfig, options: NodeOptions) -> None:
             f"{fed.min_fit_clients}) selects {planned} sites a round, below this site's "
             f"min-cohort {options.min_cohort} (--node-config min-cohort)"
         )
+    if cfg.feddiffuse.enabled and cfg.feddiffuse.variant == "usplit":
+        # pair_clients: a round of m sites is two sessions of ceil(m / 2) (the odd site in both)
+        half = (planned + 1) // 2
+        if half < options.min_cohort:
+            raise PolicyError(
+                f"feddiffuse.variant: 'usplit' splits a round of {planned} sites into two "
+                f"aggregation sessions (front, back) of {half} sites each, below this site's "
+                f"min-cohort {options.min_cohort} (--node-config min-cohort): usplit needs "
+                f"about 2 x min-cohort sites a round ({2 * options.min_cohort - 1} or more; "
+                "raise federation.fraction_fit / min_fit_clients, add sites, or use another "
+                "variant)"
+            )
     k = None if sa.neighbours == "all" else int(sa.neighbours)
     for m in range(max(2, options.min_cohort), n + 1):
         size = effective_degree(k, m) + 1
@@ -974,6 +992,7 @@ class Site:
     def _train(
         self, content: Mapping[str, Any], cfg: ExperimentConfig, record: SiteRecord,
         run: RunRecord, rnd: int, plan: MaskingPlan | None,
+        round_clients: list[int] | None = None,
     ) -> tuple[np.ndarray, list[str], Any, Any, Any, Any] | dict[str, Any]:
         """Train this site's round ``rnd`` on the broadcast in ``content`` (DP, ledger charged
         and persisted, the round recorded as trained). Returns ``(vector, vector keys, update,
@@ -987,7 +1006,12 @@ class Site:
         Client-level DP: the site plans the round's noise itself (its multiplier, from the
         experiment it pinned; the round's cohort and length from the signed round start),
         refuses a broadcast clip norm other than its own, and charges that plan's worst-case
-        multiplier before the update leaves (its masking client adds the noise share)."""
+        multiplier before the update leaves (its masking client adds the noise share).
+
+        FedDiffuse ``usplit`` (``round_clients``: the round's signed client list): the
+        strategy's segment assignment is recomputed here from that list and the experiment's
+        seed (:meth:`~securefed.strategies.feddiffuse.FedDiffuse.assign`), never taken from the
+        coordinator."""
         who = "coordinator"
         _refuse_trained(run, rnd)  # every path that trains passes here
         self._commit_previous(content)
@@ -1025,6 +1049,8 @@ class Site:
             for n in names
         }
         strategy = build_strategy_stack(cfg, model, float(scale))
+        if round_clients is not None:
+            _feddiffuse_layer(strategy).assign(rnd, round_clients)
         privacy = self._bind_run_noise(self._privacy(cfg, data), cfg, run)
 
         def exhausted(ledger: Any) -> dict[str, Any]:
@@ -1170,11 +1196,12 @@ class Site:
         )
 
     def _trained_reply(
-        self, rnd: int, run: RunRecord, reply: bytes, keys: list[str], update: Any, privacy: Any,
-        canaries: ClientCanaries | None = None,
+        self, rnd: int, run: RunRecord, reply: bytes | Mapping[str, bytes], keys: list[str],
+        update: Any, privacy: Any, canaries: ClientCanaries | None = None,
     ) -> dict[str, Any]:
         """Keep the round's private strategy state pending and build the training reply (with
-        the round's canary scores, signed, when the round assigned canaries)."""
+        the round's canary scores, signed, when the round assigned canaries). ``reply``: the
+        masking reply, or cohort -> reply of a multi-session round (``secagg.<cohort>``)."""
         if update.new_state:
             buf = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in update.new_state.items()}, buf)
@@ -1187,9 +1214,12 @@ class Site:
             "status": "trained",
             "round": rnd,
             "run_id": run.run_id,
-            "secagg": reply,
             "vector_keys": keys,
         }
+        if isinstance(reply, Mapping):
+            out.update({f"secagg.{name}": r for name, r in sorted(reply.items())})
+        else:
+            out["secagg"] = reply
         if privacy is not None:
             out["epsilon"] = float(privacy.ledger.epsilon(self.cid))
         if canaries is not None:  # post-processing of the charged DP-SGD steps (audit only)
@@ -1443,6 +1473,8 @@ class Site:
         round's :class:`RoundStart` with this site's advertised keys."""
         who = "coordinator"
         cfg = self._experiment()
+        if _usplit(cfg):
+            return self.usplit_train(content, cfg)
         record = self._record()
         run = self._current_run(record, content)
         rnd = get_int(content, "round", who, minimum=1)
@@ -1487,6 +1519,8 @@ class Site:
         :meth:`train_and_advertise`), then answer with the encrypted shares."""
         who = "coordinator"
         cfg = self._experiment()
+        if _usplit(cfg):
+            return self.usplit_train_and_share(content, cfg)
         record = self._record()
         run = self._current_run(record, content)
         rnd = get_int(content, "round", who, minimum=1)
@@ -1525,6 +1559,8 @@ class Site:
         cfg = self._experiment()
         run = self._current_run(self._record(), content)
         rnd = get_int(content, "round", "coordinator", minimum=1)
+        if _usplit(cfg):
+            return self.usplit_step(stage, content, cfg, run, rnd)
         params = run_masking_params(cfg, run.run_id)
         data = get_bytes(content, "secagg", "coordinator")
         if stage in (Stage.CONSISTENCY_CHECK, Stage.UNMASKING):
@@ -1563,6 +1599,304 @@ class Site:
             masked = Stage.index(stage) >= Stage.index(Stage.MASKED_INPUT)
             save_round_state(self.options.state_dir, client.state, None if masked else vector)
         return out
+
+    # ------------------------------------------------------------------ FedDiffuse usplit
+    def _usplit_starts(
+        self, content: Mapping[str, Any], cfg: ExperimentConfig, run: RunRecord, rnd: int,
+        *, ahead: bool = False,
+    ) -> tuple[list[int], dict[str, tuple[bytes, bytes, MaskingPlan, Any]]]:
+        """Check a usplit round before anything is spent on it: the round's client list, this
+        site's segments recomputed from it (:func:`~securefed.strategies.feddiffuse.
+        pair_clients` on the experiment's ``(seed, USPLIT, round)`` stream), and one signed
+        :class:`RoundStart` per session the pairing puts the site in, each verified under its
+        own session (:func:`~securefed.deploy.common.cohort_session`: run id, cohort, round
+        clients), whose participants must be exactly that cohort and pass the site's policy
+        (``min-cohort``, ``min-threshold``). Returns ``(round clients, cohort -> (opening,
+        session, plan, params))``. ``ahead``: the next round's starts carried by this round's
+        unmasking request (``next_round_clients``, ``next_secagg.<cohort>``).
+
+        Raises:
+            PolicyError: an assignment, cohort or participant list other than the pairing's,
+                or a session the site's policy refuses (naming the field and node-config key).
+            ProtocolError / WireError: a RoundStart that does not verify in its session.
+        """
+        who = "coordinator"
+        _refuse_trained(run, rnd)
+        clients_field = "next_round_clients" if ahead else "round_clients"
+        prefix = "next_secagg." if ahead else "secagg."
+        clients = content.get(clients_field)
+        if not (isinstance(clients, list) and clients and all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < cfg.federation.num_clients
+            for c in clients
+        ) and len(set(clients)) == len(clients)):
+            raise WireError(
+                f"{who}: {clients_field}: expected distinct client ids below "
+                f"federation.num_clients={cfg.federation.num_clients}, got {clients!r}"
+            )
+        clients = sorted(int(c) for c in clients)
+        if self.cid not in clients:
+            raise PolicyError(f"{clients_field}: round {rnd}'s clients {clients} do not include "
+                              f"this site ({self.cid})")
+        assignment = _usplit_pairing(cfg, rnd, clients)
+        mine = sorted(assignment[self.cid])
+        sent = sorted(k.split(".", 1)[1] for k in content if k.startswith(prefix))
+        if sent != mine:
+            raise PolicyError(
+                f"{prefix[:-1]}: round {rnd} asks this site to send segment(s) {sent}, but "
+                f"pairing the round's clients {clients} from the experiment's seed {cfg.seed} "
+                f"(feddiffuse.variant: usplit, pair_clients) assigns it {mine}; refusing the "
+                "round (a coordinator may not choose which segment a site sends)"
+            )
+        clip = None if ahead else self._adaptive_clip(cfg, content)
+        out: dict[str, tuple[bytes, bytes, MaskingPlan, Any]] = {}
+        for name in mine:
+            field_name = f"{prefix}{name}"
+            opening = get_bytes(content, field_name, who)
+            session = cohort_session(run.run_id, name, clients)
+            start = decode_message(opening, self.cid, session)
+            if not (isinstance(start, RoundStart) and start.round_id == rnd
+                    and start.recipient == self.cid):
+                raise WireError(f"{who}: {field_name}: not this site's RoundStart of round {rnd}")
+            if not verify_encoded(opening, self._identity()[1].server, session):
+                raise ProtocolError(
+                    self.cid, "signature", f"{field_name}: RoundStart of round {rnd} does not "
+                    f"verify in session {name!r} of run {run.run_id} (round clients {clients})"
+                )
+            members = sorted(c for c, segs in assignment.items() if name in segs)
+            if sorted(start.participants) != members:
+                raise PolicyError(
+                    f"{field_name}: round {rnd}'s {name!r} session lists participants "
+                    f"{sorted(start.participants)}, but the pairing of the round's clients "
+                    f"assigns {name!r} to {members}; refusing the round"
+                )
+            try:
+                params = dataclasses.replace(
+                    round_masking_params(cfg, run.run_id, len(members), start.vector_length,
+                                         clip),
+                    session=session,
+                )
+                plan = plan_round(params, rnd, members, start.vector_length)
+            except ValueError as exc:
+                raise WireError(f"{who}: {field_name}: round {rnd} cannot run: {exc}") from None
+            try:
+                check_round_policy(plan, self.options)
+            except PolicyError as exc:
+                raise PolicyError(f"{field_name} (session {name!r}): {exc}") from None
+            out[name] = (opening, session, plan, params)
+        return clients, out
+
+    def usplit_train(self, content: Mapping[str, Any], cfg: ExperimentConfig) -> dict[str, Any]:
+        """Stage ``advertise_keys`` of a FedDiffuse ``usplit`` round: two masking sessions
+        (``front``, ``back``) in the same messages. The site checks the round
+        (:meth:`_usplit_starts`), trains ONCE (charged once, as in the simulation), and runs
+        one masking client per session it is in (the odd site: both), each on its segment's
+        packed vector (the segment's delta and the weight), each with its own round state
+        (``secagg/round.<cohort>.json``, 0600). Replies ``secagg.<cohort>`` per session."""
+        who = "coordinator"
+        record = self._record()
+        run = self._current_run(record, content)
+        rnd = get_int(content, "round", who, minimum=1)
+        clients, starts = self._usplit_starts(content, cfg, run, rnd)
+        any_plan = next(iter(starts.values()))[2]
+        trained = self._train(content, cfg, record, run, rnd, any_plan, round_clients=clients)
+        if isinstance(trained, dict):
+            return trained
+        _, keys, update, privacy, _, hook = trained
+        want = sorted(f"delta.{name}" for name in starts)
+        if keys != want:  # pragma: no cover - the strategy was assigned from the same pairing
+            raise RuntimeError(f"{self.who}: round {rnd}: trained vectors {keys}, not {want}")
+        key, roster = self._identity()
+        clear_round_state(self.options.state_dir)  # a previous round's sessions, if any
+        replies: dict[str, bytes] = {}
+        for name, (opening, session, _plan, params) in starts.items():
+            k = f"delta.{name}"
+            vector = pack_update({k: update.vectors[k]}, [k], update.weight)
+            client = MaskingClient(self.cid, rnd, params, key, roster, vector)
+            replies[name] = client.handle(opening)
+            save_round_state(self.options.state_dir, client.state, vector, cohort=name,
+                             session=session)
+        return self._trained_reply(rnd, run, replies, keys, update, privacy, hook)
+
+    def usplit_step(
+        self, stage: str, content: Mapping[str, Any], cfg: ExperimentConfig, run: RunRecord,
+        rnd: int,
+    ) -> dict[str, Any]:
+        """A stage after ``advertise_keys`` of a usplit round: each ``secagg.<cohort>`` is
+        answered by that session's masking client, restored from its own round state and
+        bound to its own session (read back from that state: the session the site derived
+        itself when the round started). A survivor set below ``min-cohort`` is refused per
+        session (``refused.<cohort>``; the site's other session goes on); every session
+        refused is an error."""
+        who = "coordinator"
+        names = sorted(k.split(".", 1)[1] for k in content if k.startswith("secagg."))
+        if not names:
+            raise WireError(f"{who}: a usplit round's {stage} message carries no secagg.<cohort>")
+        base = self._round_params(cfg, run, rnd)
+        key, roster = self._identity()
+        out: dict[str, Any] = {"status": "ok", "round": rnd, "run_id": run.run_id}
+        refused: dict[str, str] = {}
+        for name in names:
+            session = round_session(self.options.state_dir, name)
+            data = get_bytes(content, f"secagg.{name}", who)
+            if stage in (Stage.CONSISTENCY_CHECK, Stage.UNMASKING):
+                req = decode_message(data, self.cid, session)
+                if (
+                    isinstance(req, ConsistencyRequest | UnmaskRequest)
+                    and len(req.survivors) < self.options.min_cohort
+                ):
+                    refused[name] = (
+                        f"secagg.{name}: round {rnd}: a survivor set of {len(req.survivors)} "
+                        f"sites {list(req.survivors)} in session {name!r} is below this site's "
+                        f"min-cohort {self.options.min_cohort} (--node-config min-cohort); "
+                        "refusing to unmask"
+                    )
+                    clear_round_state(self.options.state_dir, name)
+                    continue
+
+            def params_of(parts: int, length: int, session: bytes = session) -> Any:
+                return dataclasses.replace(base(parts, length), session=session)
+
+            state, vector = load_round_state(
+                self.options.state_dir, self.cid, rnd, params_of, cohort=name
+            )
+            params = params_of(len(state.plan.participants), state.plan.vector_length) if (
+                state.plan is not None
+            ) else params_of(0, 0)
+            client = MaskingClient(self.cid, rnd, params, key, roster, vector)
+            client.state = state
+            out[f"secagg.{name}"] = client.handle(data)
+            if stage == Stage.UNMASKING:
+                clear_round_state(self.options.state_dir, name)
+            else:
+                masked = Stage.index(stage) >= Stage.index(Stage.MASKED_INPUT)
+                save_round_state(self.options.state_dir, client.state,
+                                 None if masked else vector, cohort=name, session=session)
+        if refused and len(refused) == len(names):
+            raise PolicyError("; ".join(refused.values()))
+        for name, why in refused.items():
+            out[f"refused.{name}"] = why
+            log.warning("%s: %s", self.who, why)
+        if stage == Stage.UNMASKING and "next_round" in content:
+            try:
+                out.update(self.usplit_advertise_ahead(content, run, cfg))
+            except (WireError, PolicyError, ProtocolError) as exc:
+                # this round's shares are out either way; the next round goes without us
+                out["next_refused"] = f"{type(exc).__name__}: {exc}"
+                log.warning("%s: refused the next round's start: %s", self.who, exc)
+        return out
+
+    def usplit_advertise_ahead(
+        self, content: Mapping[str, Any], run: RunRecord, cfg: ExperimentConfig
+    ) -> dict[str, Any]:
+        """The next usplit round's starts (``next_round_clients``, ``next_secagg.<cohort>``),
+        carried with this round's unmasking request: checked exactly as
+        :meth:`usplit_train` checks them (:meth:`_usplit_starts`: pairing, session signature,
+        participants, replay, policy), answered with fresh keys per session
+        (``next_secagg.<cohort>``); the site trains at the round's key broadcast
+        (:meth:`usplit_train_and_share`)."""
+        nrnd = get_int(content, "next_round", "coordinator", minimum=1)
+        _clients, starts = self._usplit_starts(content, cfg, run, nrnd, ahead=True)
+        key, roster = self._identity()
+        clear_round_state(self.options.state_dir)  # this round's sessions are over
+        out: dict[str, Any] = {"next_round": nrnd}
+        for name, (opening, session, _plan, params) in starts.items():
+            client = MaskingClient(self.cid, nrnd, params, key, roster)
+            out[f"next_secagg.{name}"] = client.handle(opening)
+            save_round_state(self.options.state_dir, client.state, None, cohort=name,
+                             session=session)
+        return out
+
+    def usplit_train_and_share(
+        self, content: Mapping[str, Any], cfg: ExperimentConfig
+    ) -> dict[str, Any]:
+        """Stage ``share_keys`` of a usplit round whose keys this site advertised ahead: the
+        key broadcast of each session arrives with the global model and the round's client
+        list, which must be the list the site's stored sessions are bound to (the one it
+        checked the pairing against); the site trains once (as :meth:`usplit_train`) and
+        answers each session's key broadcast with its encrypted shares."""
+        who = "coordinator"
+        record = self._record()
+        run = self._current_run(record, content)
+        rnd = get_int(content, "round", who, minimum=1)
+        _refuse_trained(run, rnd)
+        clients = content.get("round_clients")
+        if not (isinstance(clients, list) and all(
+            isinstance(c, int) and not isinstance(c, bool) for c in clients
+        )):
+            raise WireError(f"{who}: round_clients: expected a list of client ids")
+        clients = sorted(clients)
+        names = sorted(k.split(".", 1)[1] for k in content if k.startswith("secagg."))
+        mine = sorted(_usplit_pairing(cfg, rnd, clients).get(self.cid, ()))
+        if names != mine:
+            raise PolicyError(
+                f"secagg: round {rnd} asks this site to send segment(s) {names}, but pairing "
+                f"the round's clients {clients} from the experiment's seed {cfg.seed} "
+                f"(feddiffuse.variant: usplit, pair_clients) assigns it {mine}; refusing the round"
+            )
+        base = self._round_params(cfg, run, rnd)
+        states: dict[str, tuple[Any, bytes, Any]] = {}
+        for name in names:
+            session = round_session(self.options.state_dir, name)
+            if session != cohort_session(run.run_id, name, clients):
+                raise PolicyError(
+                    f"round_clients: round {rnd}'s client list {clients} is not the one this "
+                    f"site's {name!r} session was started with; refusing to train"
+                )
+
+            def params_of(parts: int, length: int, session: bytes = session) -> Any:
+                return dataclasses.replace(base(parts, length), session=session)
+
+            state, stored = load_round_state(
+                self.options.state_dir, self.cid, rnd, params_of, cohort=name
+            )
+            if state.stage != Stage.ADVERTISE_KEYS or stored is not None or state.plan is None:
+                raise WireError(
+                    f"{who}: a training key broadcast for round {rnd}, but this site's "
+                    f"{name!r} round state is at stage {state.stage!r}; it trains a round once"
+                )
+            check_round_policy(state.plan, self.options)
+            params = params_of(len(state.plan.participants), state.plan.vector_length)
+            states[name] = (state, session, params)
+        any_plan = next(iter(states.values()))[0].plan
+        trained = self._train(content, cfg, record, run, rnd, any_plan, round_clients=clients)
+        if isinstance(trained, dict):
+            return trained
+        _, keys, update, privacy, _, hook = trained
+        key, roster = self._identity()
+        replies: dict[str, bytes] = {}
+        for name, (state, session, params) in states.items():
+            k = f"delta.{name}"
+            vector = pack_update({k: update.vectors[k]}, [k], update.weight)
+            client = MaskingClient(self.cid, rnd, params, key, roster, vector)
+            client.state = state
+            replies[name] = client.handle(get_bytes(content, f"secagg.{name}", who))
+            save_round_state(self.options.state_dir, client.state, vector, cohort=name,
+                             session=session)
+        return self._trained_reply(rnd, run, replies, keys, update, privacy, hook)
+
+
+def _usplit(cfg: ExperimentConfig) -> bool:
+    """FedDiffuse ``usplit``: two masking sessions a round (``front``, ``back``)."""
+    return bool(cfg.feddiffuse.enabled and cfg.feddiffuse.variant == "usplit")
+
+
+def _usplit_pairing(
+    cfg: ExperimentConfig, rnd: int, clients: list[int]
+) -> dict[int, tuple[str, ...]]:
+    """Round ``rnd``'s usplit pairing of ``clients``, from the experiment's seed (the
+    simulation's ``(seed, USPLIT, round)`` stream, :func:`~securefed.strategies.feddiffuse.
+    pair_clients`)."""
+    return pair_clients(clients, np.random.default_rng(derive_seed(cfg.seed, Purpose.USPLIT, rnd)))
+
+
+def _feddiffuse_layer(strategy: Any) -> FedDiffuse:
+    """The :class:`~securefed.strategies.feddiffuse.FedDiffuse` layer of a strategy stack."""
+    layer = strategy
+    while not isinstance(layer, FedDiffuse):
+        layer = getattr(layer, "base", None)
+        if layer is None:  # pragma: no cover - build_strategy_stack wraps it
+            raise TypeError("feddiffuse.enabled: the strategy stack has no FedDiffuse layer")
+    return layer
 
 
 def dispatch(site: Site, message_type: str, content: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,9 +4,11 @@ Flower runs every message of a SuperNode in a fresh ``flwr-clientapp`` process, 
 masking client (:class:`~securefed.secagg.masking.client.MaskingClient`) is a state machine
 that lives for a whole round. Between two stages the site therefore writes the machine's state
 (its X25519 secrets, its self-mask seed, the shares it holds, what it already revealed) and,
-until the masked input is built, its own update vector, to ``<state-dir>/secagg/round.json``:
-JSON (no pickle), written atomically with mode 0600, never sent anywhere. It is deleted when
-the round ends (unmasking answered) and replaced when a new round starts.
+until the masked input is built, its own update vector, to ``<state-dir>/secagg/round.json``
+(a round of two sessions, FedDiffuse ``usplit``: one file per session,
+``secagg/round.<cohort>.json``, each with the session bytes it is bound to): JSON (no
+pickle), written atomically with mode 0600, never sent anywhere. It is deleted when the round
+ends (unmasking answered) and replaced when a new round starts.
 
 The public round plan (graph, threshold, grid) is not stored: it is re-derived from the round's
 participants and vector length with :func:`~securefed.secagg.masking.plan.plan_round`, exactly
@@ -44,6 +46,7 @@ __all__ = [
     "clear_round_state",
     "load_round_state",
     "load_site_record",
+    "round_session",
     "save_round_state",
     "save_site_record",
 ]
@@ -55,8 +58,13 @@ class StateError(RuntimeError):
     """The stored round state is missing, corrupt, or for another round."""
 
 
-def _path(state_dir: Path) -> Path:
-    return Path(state_dir) / "secagg" / "round.json"
+def _path(state_dir: Path, cohort: str = "") -> Path:
+    """``secagg/round.json`` (the round's one session), or ``secagg/round.<cohort>.json`` for
+    one session of a multi-cohort round (FedDiffuse ``usplit``: ``front``, ``back``)."""
+    if cohort and not cohort.isalpha():
+        raise ValueError(f"cohort: {cohort!r} is not a cohort name")
+    name = f"round.{cohort}.json" if cohort else "round.json"
+    return Path(state_dir) / "secagg" / name
 
 
 def _priv(key: X25519PrivateKey | None) -> str | None:
@@ -72,12 +80,19 @@ def _pairs(d: dict[int, tuple[bytes, bytes]]) -> dict[str, list[str]]:
 
 
 def save_round_state(
-    state_dir: Path, state: ClientState, vector: np.ndarray | None
+    state_dir: Path, state: ClientState, vector: np.ndarray | None, *, cohort: str = "",
+    session: bytes | None = None,
 ) -> None:
-    """Persist ``state`` (and the not-yet-masked ``vector``) atomically, mode 0600."""
+    """Persist ``state`` (and the not-yet-masked ``vector``) atomically, mode 0600.
+
+    ``cohort`` / ``session``: one session of a multi-cohort round, its own file, and the
+    session bytes it is bound to (:func:`~securefed.deploy.common.cohort_session`), read back
+    by :func:`round_session`."""
     plan = state.plan
     doc: dict[str, Any] = {
         "format": _FORMAT,
+        "cohort": cohort,
+        "session": None if session is None else session.hex(),
         "client_id": state.client_id,
         "round_id": state.round_id,
         "stage": state.stage,
@@ -97,12 +112,43 @@ def save_round_state(
         if vector is None
         else np.asarray(vector, dtype="<f8").tobytes().hex(),
     }
-    atomic_write_text(_path(state_dir), json.dumps(doc), mode=0o600)
+    atomic_write_text(_path(state_dir, cohort), json.dumps(doc), mode=0o600)
 
 
-def clear_round_state(state_dir: Path) -> None:
-    """Remove the stored round state (the round is over for this site)."""
+def clear_round_state(state_dir: Path, cohort: str | None = None) -> None:
+    """Remove the stored round state (the round is over for this site): every session's, or
+    only ``cohort``'s."""
+    if cohort is not None:
+        _path(state_dir, cohort).unlink(missing_ok=True)
+        return
     _path(state_dir).unlink(missing_ok=True)
+    folder = Path(state_dir) / "secagg"
+    if folder.is_dir():
+        for p in folder.glob("round.*.json"):
+            p.unlink(missing_ok=True)
+
+
+def round_session(state_dir: Path, cohort: str) -> bytes:
+    """The session bytes stored with ``cohort``'s round state (:func:`save_round_state`).
+
+    Raises:
+        StateError: no state for that cohort, or none stored with it.
+    """
+    p = _path(state_dir, cohort)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        if doc.get("format") != _FORMAT or doc.get("cohort") != cohort:
+            raise ValueError(f"format {doc.get('format')!r}, cohort {doc.get('cohort')!r}")
+        return bytes.fromhex(doc["session"])
+    except FileNotFoundError:
+        raise StateError(
+            f"{p}: no secure-aggregation state for session {cohort!r}: this site is not in that "
+            "session of the round (or did not take part in its first stage)"
+        ) from None
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise StateError(
+            f"{p}: corrupt secure-aggregation state ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def load_round_state(
@@ -110,6 +156,8 @@ def load_round_state(
     client_id: int,
     round_id: int,
     params: MaskingParams | Callable[[int, int], MaskingParams],
+    *,
+    cohort: str = "",
 ) -> tuple[ClientState, np.ndarray | None]:
     """Read the state saved by :func:`save_round_state` for ``(client_id, round_id)``.
 
@@ -119,7 +167,7 @@ def load_round_state(
     Raises:
         StateError: no state, a corrupt file, or a state of another client or round.
     """
-    p = _path(state_dir)
+    p = _path(state_dir, cohort)
     if not p.exists():
         raise StateError(
             f"{p}: no secure-aggregation state for round {round_id}: this site did not take "
@@ -129,6 +177,8 @@ def load_round_state(
         doc = json.loads(p.read_text(encoding="utf-8"))
         if doc.get("format") != _FORMAT:
             raise ValueError(f"format {doc.get('format')!r}")
+        if doc.get("cohort", "") != cohort:
+            raise StateError(f"{p}: state of session {doc.get('cohort')!r}, not {cohort!r}")
         if int(doc["client_id"]) != client_id or int(doc["round_id"]) != round_id:
             raise StateError(
                 f"{p}: state is for client {doc['client_id']} round {doc['round_id']}, the "

@@ -159,13 +159,26 @@ class FedDiffuse(StrategyWrapper):
         rng: np.random.Generator,
     ) -> RoundPlan:
         plan = self.base.configure_round(rnd, global_params, available, fraction, minimum, rng)
+        self.assign(rnd, plan.clients)
+        return plan
+
+    def assign(self, rnd: int, clients: Sequence[int]) -> dict[int, tuple[str, ...]]:
+        """Set (and return) round ``rnd``'s segment assignment of ``clients``: USPLIT pairs them
+        from the public ``(seed, USPLIT, rnd)`` stream (:func:`pair_clients`); the other
+        variants send the same segment from every client. A deployed site calls this with the
+        round's signed client list, so it recomputes its segments instead of trusting the
+        coordinator's."""
+        self._assignment = self.pairing(rnd, clients)
+        return dict(self._assignment)
+
+    def pairing(self, rnd: int, clients: Sequence[int]) -> dict[int, tuple[str, ...]]:
+        """Round ``rnd``'s segment assignment of ``clients`` (:meth:`assign` without setting
+        it): a deployed coordinator plans the next round's sessions with it."""
         if self.variant == "usplit":
             own = np.random.default_rng(self._derive(self.seed, self._purpose, rnd))
-            self._assignment = pair_clients(plan.clients, own)
-        else:
-            segs = ("all",) if self.variant == "full" else ("shared",)
-            self._assignment = dict.fromkeys(plan.clients, segs)
-        return plan
+            return pair_clients(clients, own)
+        segs = ("all",) if self.variant == "full" else ("shared",)
+        return dict.fromkeys((int(c) for c in clients), segs)
 
     def segments_of(self, cid: int) -> tuple[str, ...]:
         """Segments client ``cid`` sends this round."""
