@@ -39,7 +39,6 @@ from securefed.deploy.coordinator import (
     Coordinator,
     CoordinatorOptions,
     Reply,
-    quantization_tolerance,
 )
 from securefed.deploy.node import (
     NodeConfigError,
@@ -56,36 +55,19 @@ from securefed.secagg.keys import init_identity_keys, load_identities
 from securefed.secagg.masking.client import MaskingClient
 from securefed.secagg.masking.messages import ProtocolError, RoundStart, Stage, decode_message
 from securefed.secagg.masking.server import MaskingServer
+from tests.deploy_helpers import (
+    DEPLOY_RAW,
+    assert_matches_simulation,
+    ckpt_params,
+    deploy_cfg,
+    round_tolerance,
+    write_cfg,
+)
 from tests.helpers import config_with, metrics_rows, one_cohort
 
 #: deployment tests (Flower processes, sites, the deploy protocol): in `make test`, left out
 #: of `make test-unit`
 pytestmark = pytest.mark.deploy
-
-RAW: dict[str, Any] = {
-    "name": "deploy-test",
-    "seed": 3,
-    "device": "cpu",
-    "data": {"name": "digits", "max_examples": 400, "holdout_fraction": 0.25},
-    "partition": {"kind": "iid"},
-    "model": {"base_channels": 8, "channel_mults": [1], "norm_groups": 4,
-              "attention_levels": []},
-    "diffusion": {"timesteps": 50},
-    "federation": {"num_clients": 3, "rounds": 2, "fraction_fit": 1.0},
-    "client": {"local_steps": 2, "batch_size": 16, "lr": 0.002},
-    "strategy": {"name": "fedavg"},
-    "secure_aggregation": {"protocol": "masking", "threshold": 0.5, "neighbours": "all",
-                           "bits": 32, "clip_range": 1.0},
-    # secure_noise false: the noise is seeded from (seed, round, client) on both paths, so the
-    # deployed model can be compared with the simulation's (a rehearsal: the sites opt in with
-    # --node-config allow-seeded-noise=true; threshold 0.5 with min-threshold 1/2, min-cohort 2
-    # lets 3 sites survive a dropout)
-    "dp": {"level": "record", "target_epsilon": 8.0, "max_grad_norm": 1.0,
-           "accountant": "rdp", "secure_noise": False},
-    "evaluation": {"every": 100, "fid": False, "grid_samples": 4, "sampling_steps": 5,
-                   "holdout_loss_examples": 32},
-    "checkpoint": {"every": 1, "keep_last": 5},
-}
 
 
 #: rehearsal policy of the in-process sites: seeded noise (to compare with the simulation) and
@@ -93,22 +75,6 @@ RAW: dict[str, Any] = {
 REHEARSAL: dict[str, Any] = {
     "allow_seeded_noise": True, "min_threshold": Fraction(1, 2), "min_cohort": 2,
 }
-
-
-def _cfg(**section_overrides: dict[str, Any]) -> ExperimentConfig:
-    return config_with(RAW, **section_overrides)
-
-
-def _write_cfg(path: Path, cfg: ExperimentConfig) -> Path:
-    from securefed.config import dump_config
-
-    path.write_text(dump_config(cfg))
-    return path
-
-
-def _ckpt_params(run_dir: Path, rnd: int) -> torch.Tensor:
-    payload = torch.load(run_dir / "checkpoints" / f"round_{rnd:04d}.pt", weights_only=True)
-    return payload["global_params"]
 
 
 # ---------------------------------------------------------------------------------- TLS
@@ -199,21 +165,21 @@ def test_node_config_parses_and_defaults() -> None:
 
 def test_deployment_refuses_what_it_does_not_implement() -> None:
     with pytest.raises(DeployConfigError, match=r"secure_aggregation\.protocol: 'plain'"):
-        check_deployable(_cfg(secure_aggregation={"protocol": "plain"}))
+        check_deployable(deploy_cfg(secure_aggregation={"protocol": "plain"}))
     with pytest.raises(DeployConfigError, match=r"federation\.dropout_prob"):
-        check_deployable(_cfg(federation={"dropout_prob": 0.1}))
+        check_deployable(deploy_cfg(federation={"dropout_prob": 0.1}))
     # usplit is deployed on masking (two sessions a round); on CKKS it is refused
-    check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "usplit"}))
+    check_deployable(deploy_cfg(feddiffuse={"enabled": True, "variant": "usplit"}))
     with pytest.raises(DeployConfigError, match=r"feddiffuse.variant: 'usplit' .* masking only"):
-        check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "usplit"},
-                              secure_aggregation={"protocol": "ckks",
+        check_deployable(deploy_cfg(feddiffuse={"enabled": True, "variant": "usplit"},
+                                    secure_aggregation={"protocol": "ckks",
                                                   "server_threat": "honest_but_curious"}))
-    check_deployable(_cfg())
-    check_deployable(_cfg(feddiffuse={"enabled": True, "variant": "udec"}))
+    check_deployable(deploy_cfg())
+    check_deployable(deploy_cfg(feddiffuse={"enabled": True, "variant": "udec"}))
     # audit canaries are deployed at both DP levels (record level: with each site's opt-in)
-    check_deployable(_cfg(canaries={"enabled": True}))
-    check_deployable(_cfg(canaries={"enabled": True},
-                          dp={"level": "client", "max_update_norm": 0.5}))
+    check_deployable(deploy_cfg(canaries={"enabled": True}))
+    check_deployable(deploy_cfg(canaries={"enabled": True},
+                                dp={"level": "client", "max_update_norm": 0.5}))
 
 
 def test_site_refuses_an_experiment_without_dp(tmp_path: Path) -> None:
@@ -222,14 +188,14 @@ def test_site_refuses_an_experiment_without_dp(tmp_path: Path) -> None:
 
     init_identity_keys(tmp_path / "keys", 3)
     site = Site(NodeOptions(tmp_path / "s", tmp_path / "keys", 0, partition_id=0))
-    no_dp = _cfg(dp={"level": "none", "target_epsilon": None})
+    no_dp = deploy_cfg(dp={"level": "none", "target_epsilon": None})
     run = {"version": PROTOCOL_VERSION, "run_id": "ab" * 16}
     with pytest.raises(DeployConfigError, match=r"dp\.level: 'none'.*require-dp"):
         site.setup({**run, "experiment": dump_config(no_dp)})
     strict = Site(NodeOptions(tmp_path / "s", tmp_path / "keys", 0, partition_id=0,
                               max_epsilon=4.0))
     with pytest.raises(DeployConfigError, match=r"exceeds this site's max-epsilon 4\.0"):
-        strict.setup({**run, "experiment": dump_config(_cfg())})
+        strict.setup({**run, "experiment": dump_config(deploy_cfg())})
     with pytest.raises(WireError, match="coordinator speaks 'v0'"):
         site.setup({"version": "v0", "experiment": ""})
     assert not (tmp_path / "s" / "privacy_ledger.json").exists()
@@ -252,7 +218,7 @@ def test_vectors_are_length_checked_before_use() -> None:
 def test_masking_round_survives_a_process_per_stage(tmp_path: Path) -> None:
     """Each stage rebuilds the client from its saved state (as a fresh ClientApp process
     does); a client that drops after sharing keys is recovered; the sum is the survivors'."""
-    cfg = _cfg()
+    cfg = deploy_cfg()
     params = masking_params(cfg)
     init_identity_keys(tmp_path / "keys", 3)
     ids = load_identities(tmp_path / "keys", 3)
@@ -334,20 +300,6 @@ def _expected_round_one(
     return init, nxt, total_weight
 
 
-def _tolerance(line: Mapping[str, Any], init: torch.Tensor, new: torch.Tensor) -> float:
-    """The masking grid's bound on one round's global model, plus float32 rounding (a round of
-    several sessions, FedDiffuse usplit: the largest of its sessions' bounds, each session
-    moving its own segment)."""
-    info = line["protocol_info"]
-    if "quantization_error_bound" not in info and "error_bound" not in info:
-        return max(_tolerance({"protocol_info": v}, init, new) for v in info.values())
-    mean_delta = float((new - init).abs().max())
-    # masking: the grid's bound on the sum; CKKS: its approximation + release rounding bound
-    bound = info.get("quantization_error_bound", info.get("error_bound"))
-    q = quantization_tolerance(bound, info["total_weight"], mean_delta)
-    return q + 4 * float(torch.finfo(torch.float32).eps) * float(new.abs().max())
-
-
 class _InProcess:
     """The coordinator's transport, in-process: every message goes through the same
     ``dispatch`` the ClientApp uses. ``drop`` = {client: stage}: from that stage on, the site
@@ -377,7 +329,7 @@ class _InProcess:
 def test_coordinator_recovers_a_dropped_site_in_process(tmp_path: Path) -> None:
     """The deployment round (without Flower): site 2 vanishes after sharing its keys; the
     round completes with exactly the survivors' FedAvg, and every site's ledger is charged."""
-    cfg = _cfg(federation={"rounds": 1})
+    cfg = deploy_cfg(federation={"rounds": 1})
     init_identity_keys(tmp_path / "keys", 3)
     sites = {
         700 + i: Site(NodeOptions(tmp_path / f"site{i}", tmp_path / "keys", i, partition_id=i,
@@ -399,9 +351,9 @@ def test_coordinator_recovers_a_dropped_site_in_process(tmp_path: Path) -> None:
     n = json.loads((tmp_path / "run" / "sites.json").read_text())["sites"]
     scale = float(sum(s["num_examples"] for s in n.values()))
     init, expected, _ = _expected_round_one(cfg, [0, 1], scale, tmp_path / "re")
-    got = _ckpt_params(tmp_path / "run", 1)
-    assert float((got - expected).abs().max()) <= _tolerance(line, init, expected)
-    assert float((got - init).abs().max()) > 100 * _tolerance(line, init, expected)
+    got = ckpt_params(tmp_path / "run", 1)
+    assert float((got - expected).abs().max()) <= round_tolerance(line, init, expected)
+    assert float((got - init).abs().max()) > 100 * round_tolerance(line, init, expected)
     for i in range(3):  # charged before the update left the site, dropped or not
         ledger = json.loads((tmp_path / f"site{i}" / "privacy_ledger.json").read_text())
         assert [(e["round"], e["steps"]) for e in ledger["entries"]] == [(1, 2)]
@@ -446,8 +398,8 @@ def test_in_process_deployment_matches_the_simulation_per_strategy(
     from securefed.run import run_experiment
 
     diffuse = strategy in ("udec", "ulatdec")
-    cfg = _cfg(strategy={"name": "fedavg" if diffuse else strategy, "mu": 0.1},
-               secure_aggregation={"server_threat": server_threat},
+    cfg = deploy_cfg(strategy={"name": "fedavg" if diffuse else strategy, "mu": 0.1},
+                     secure_aggregation={"server_threat": server_threat},
                feddiffuse={"enabled": diffuse, "variant": strategy if diffuse else "full"})
     res, _ = _run_in_process(tmp_path, cfg, allow_honest_but_curious_server=True)
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
@@ -472,15 +424,15 @@ def test_in_process_deployment_matches_the_simulation_per_strategy(
                 want = sim_clients[str(i)]["feddiffuse.local"]
                 assert local.shape == want.shape and 0 < local.numel()
                 assert float((local - want).abs().max()) < 1e-4, (rnd, i)
-        d = int(_ckpt_params(tmp_path / "run", 2).numel())
+        d = int(ckpt_params(tmp_path / "run", 2).numel())
         for row in metrics_rows(tmp_path / "run"):
             assert row["exchange"]["params_up"] == 3 * (d - local.numel() + 1)
 
 
 def _usplit_cfg(n: int) -> ExperimentConfig:
     """FedDiffuse usplit on ``n`` sites (threshold 0.6: t > n/2 in every session size)."""
-    return _cfg(federation={"num_clients": n}, secure_aggregation={"threshold": 0.6},
-                feddiffuse={"enabled": True, "variant": "usplit"})
+    return deploy_cfg(federation={"num_clients": n}, secure_aggregation={"threshold": 0.6},
+                      feddiffuse={"enabled": True, "variant": "usplit"})
 
 
 @pytest.mark.parametrize("n", [4, 5])
@@ -553,7 +505,7 @@ def test_in_process_usplit_deployment_matches_the_simulation(tmp_path: Path, n: 
             assert trains == (t == f"train.{Stage.ADVERTISE_KEYS}" if c["round"] == 1
                               else t == f"train.{Stage.SHARE_KEYS}"), (t, cid)
     assert sum("next_round" in c for t, cs in messages for c in cs.values()) == n
-    d = int(_ckpt_params(tmp_path / "run", 2).numel())
+    d = int(ckpt_params(tmp_path / "run", 2).numel())
     for row in metrics_rows(tmp_path / "run"):  # each session: its segment plus the weight
         assert row["exchange"]["params_up"] == ((n + 1) // 2) * (d + 2)
     for i in range(n):  # every session's round state is gone after unmasking
@@ -572,7 +524,7 @@ def test_in_process_usplit_session_abandoned_while_the_other_completes(tmp_path:
     from securefed.seeds import Purpose, derive_seed
     from securefed.strategies.feddiffuse import group_indices, pair_clients
 
-    cfg = config_with(RAW, federation={"num_clients": 5, "rounds": 1},
+    cfg = config_with(DEPLOY_RAW, federation={"num_clients": 5, "rounds": 1},
                       secure_aggregation={"threshold": 0.6},
                       feddiffuse={"enabled": True, "variant": "usplit"})
     segs = pair_clients(range(5), np.random.default_rng(derive_seed(cfg.seed, Purpose.USPLIT, 1)))
@@ -598,7 +550,7 @@ def test_in_process_usplit_session_abandoned_while_the_other_completes(tmp_path:
     assert line["dropped_at"] == dict.fromkeys((str(c) for c in back_only), "masked_input")
     model = build_model(cfg, (1, 8, 8), 10)
     groups = group_indices(param_slices(model), model.parameter_groups())
-    init, new = get_flat(model), _ckpt_params(tmp_path / "run", 1)
+    init, new = get_flat(model), ckpt_params(tmp_path / "run", 1)
     moved = (new - init).abs()
     assert float(moved[groups["decoder"]].max()) == 0.0  # back: nobody's delta was released
     assert float(moved[torch.cat([groups["encoder"], groups["bottleneck"]])].max()) > 0
@@ -730,7 +682,7 @@ def test_in_process_fedddpm_deployment_matches_the_simulation(
     from securefed.federation.auxiliary import load_auxiliary
     from securefed.run import run_experiment
 
-    cfg = _cfg(fedddpm={"enabled": True, "variant": variant, "upload": upload,
+    cfg = deploy_cfg(fedddpm={"enabled": True, "variant": variant, "upload": upload,
                         "pretrain_epochs": 1.0,
                         "aux_total": 24, "calibration_steps": 2, "server_batch_size": 8,
                         "aux_sampling_steps": 4, "detector_window": 1,
@@ -785,7 +737,7 @@ def test_in_process_deployment_with_public_pretraining_matches_the_simulation(
     its own data at setup. Before, the coordinator started from a random model."""
     from securefed.run import run_experiment
 
-    cfg = _cfg(pretrain={"enabled": True, "steps": 5, "batch_size": 32,
+    cfg = deploy_cfg(pretrain={"enabled": True, "steps": 5, "batch_size": 32,
                          "data": {"name": "mnist5k", "mnist5k_layout": "uci_digits",
                                   "max_examples": 200}})
     _run_in_process(tmp_path, cfg)
@@ -812,7 +764,7 @@ def test_a_site_refuses_a_public_set_that_holds_its_own_images(
     init_identity_keys(tmp_path / "keys", 1)
     site = Site(NodeOptions(tmp_path / "site0", tmp_path / "keys", 0, partition_id=0,
                             **REHEARSAL))
-    cfg = _cfg(pretrain={"enabled": True})
+    cfg = deploy_cfg(pretrain={"enabled": True})
     own = site.load_data(cfg)
 
     def leaky(pt: Any, shape: tuple[int, int, int]) -> ImageDataset:
@@ -836,7 +788,7 @@ def test_a_site_refuses_fedddpm_uploads_unless_it_opted_in(tmp_path: Path) -> No
                             **REHEARSAL))
     from securefed.config import dump_config
 
-    cfg = _cfg(fedddpm={"enabled": True})
+    cfg = deploy_cfg(fedddpm={"enabled": True})
     with pytest.raises(PolicyError, match=r"fedddpm.enabled: .*allow-individual-uploads=true"):
         site.setup({"version": PROTOCOL_VERSION, "run_id": "ab" * 16,
                     "experiment": dump_config(cfg)})
@@ -850,8 +802,8 @@ def test_in_process_adaptive_clipping_deployment(tmp_path: Path) -> None:
     norm). Keys ahead are off (the next norm follows this round's sum)."""
     from securefed.run import run_experiment
 
-    cfg = _cfg(federation={"rounds": 3},
-               dp={"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
+    cfg = deploy_cfg(federation={"rounds": 3},
+                     dp={"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
                    "adaptive_clipping": True, "secure_noise": True})
     res, sites = _run_in_process(tmp_path, cfg)
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 3
@@ -945,7 +897,7 @@ def test_in_process_ckks_deployment_matches_the_simulation(
     if feature in ("client_dp", "canaries"):
         extra["canaries"] = {"enabled": True, "m": 64}
         _fixed_canary_key(monkeypatch, bytes(range(2, 34)))
-    cfg = _cfg(secure_aggregation={"protocol": "ckks", "threshold": 0.67,
+    cfg = deploy_cfg(secure_aggregation={"protocol": "ckks", "threshold": 0.67,
                                    "server_threat": "honest_but_curious"}, **extra)
     init_identity_keys(tmp_path / "keys", 3)
     secret, public = init_ckks_keys(tmp_path / "ckks")
@@ -1086,12 +1038,12 @@ def _assert_ckks_adaptive_matches(
             sim.metrics[-1]["epsilon"][str(i)], rel=1e-9)
     # models: the same noise, so only the CKKS error (and float32 S) separates them
     init = get_flat(build_model(cfg, (1, 8, 8), 10))
-    sim1, dep1 = _ckpt_params(tmp_path / "sim", 1), _ckpt_params(tmp_path / "run", 1)
-    tol1 = 2 * _tolerance(rows[0], init, sim1)
+    sim1, dep1 = ckpt_params(tmp_path / "sim", 1), ckpt_params(tmp_path / "run", 1)
+    tol1 = 2 * round_tolerance(rows[0], init, sim1)
     assert float((dep1 - sim1).abs().max()) <= tol1
     assert float((dep1 - init).abs().max()) > 100 * tol1
-    tol2 = tol1 + 2 * _tolerance(rows[1], sim1, sim.final_params)
-    assert float((_ckpt_params(tmp_path / "run", 2) - sim.final_params).abs().max()) <= 10 * tol2
+    tol2 = tol1 + 2 * round_tolerance(rows[1], sim1, sim.final_params)
+    assert float((ckpt_params(tmp_path / "run", 2) - sim.final_params).abs().max()) <= 10 * tol2
 
     # a round 3 whose broadcast clip norm is not the one the key holder derived: refused,
     # before anything is trained or charged
@@ -1129,12 +1081,12 @@ def test_a_site_refuses_ckks_unless_it_opted_in(tmp_path: Path) -> None:
     site = Site(NodeOptions(tmp_path / "site0", tmp_path / "keys", 0, partition_id=0,
                             allow_honest_but_curious_server=True,
                             **REHEARSAL))
-    cfg = _cfg(secure_aggregation={"protocol": "ckks", "server_threat": "honest_but_curious"})
+    cfg = deploy_cfg(secure_aggregation={"protocol": "ckks", "server_threat": "honest_but_curious"})
     with pytest.raises(PolicyError, match=r"protocol: 'ckks' .*allow-ckks=true"):
         site.setup({"version": PROTOCOL_VERSION, "run_id": "ef" * 16,
                     "experiment": dump_config(cfg)})
     with pytest.raises(DeployConfigError, match=r"'ckks' defends against an honest-but-curious"):
-        check_deployable(_cfg(secure_aggregation={"protocol": "ckks"}))
+        check_deployable(deploy_cfg(secure_aggregation={"protocol": "ckks"}))
 
 
 def _fixed_canary_key(monkeypatch: pytest.MonkeyPatch, key: bytes) -> None:
@@ -1197,7 +1149,7 @@ def test_in_process_record_canaries_match_the_simulation(
     from securefed.run import run_experiment
 
     _fixed_canary_key(monkeypatch, bytes(range(32)))
-    cfg = _cfg(canaries={"enabled": True, "m": 64}, client={"local_steps": 4})
+    cfg = deploy_cfg(canaries={"enabled": True, "m": 64}, client={"local_steps": 4})
     res, _ = _run_in_process(tmp_path, cfg, allow_audit_canaries=True)
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
     sim = run_experiment(cfg, tmp_path / "sim", progress=False, write_report=False)
@@ -1226,7 +1178,7 @@ def test_in_process_client_level_dp_deployment_matches_the_simulation(tmp_path: 
     the models differ only by the two runs' independent noise (and the grid)."""
     from securefed.run import run_experiment
 
-    cfg = _cfg(dp={"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
+    cfg = deploy_cfg(dp={"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
                    "adaptive_clipping": False, "secure_noise": True})
     res, _ = _run_in_process(tmp_path, cfg)
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
@@ -1247,8 +1199,8 @@ def test_in_process_canary_clients_match_the_simulation(
     from securefed.run import run_experiment
 
     _fixed_canary_key(monkeypatch, bytes(range(1, 33)))
-    cfg = _cfg(canaries={"enabled": True, "m": 64},
-               dp={"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
+    cfg = deploy_cfg(canaries={"enabled": True, "m": 64},
+                     dp={"level": "client", "target_epsilon": 8.0, "max_update_norm": 0.5,
                    "adaptive_clipping": False, "secure_noise": True})
     res, _ = _run_in_process(tmp_path, cfg)
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
@@ -1277,7 +1229,7 @@ def test_in_process_canary_clients_match_the_simulation(
 
     prev = get_flat(build_model(cfg, (1, 8, 8), 10)).double()
     for rnd in (1, 2):
-        cur = _ckpt_params(tmp_path / "run", rnd).double()
+        cur = ckpt_params(tmp_path / "run", rnd).double()
         with np.load(dep_dir / "client_rounds" / f"round_{rnd:05d}.npz") as z:
             on = z["sampled"]
             moved = dep.signs * (3 * (cur - prev)).numpy()[dep.flat] / 0.5
@@ -1317,7 +1269,7 @@ def _assert_client_level_matches(
 
         std = round_masking_params(cfg, "ab" * 16, 3, d + 1).noise_std
     for rnd in (1, 2):
-        gap = float((_ckpt_params(tmp_path / "run", rnd) - _ckpt_params(tmp_path / "sim", rnd))
+        gap = float((ckpt_params(tmp_path / "run", rnd) - ckpt_params(tmp_path / "sim", rnd))
                     .abs().max())
         assert 0 < gap <= rnd * 8 * std / 3 + 1e-3, (rnd, gap, std)
     # the deployed sites' shares add up to the planned noise: round 1's update is the mean of
@@ -1327,7 +1279,7 @@ def _assert_client_level_matches(
 
     init = get_flat(build_model(cfg, (1, 8, 8), 10))
     for where in ("run", "sim"):
-        spread = float((_ckpt_params(tmp_path / where, 1) - init).std())
+        spread = float((ckpt_params(tmp_path / where, 1) - init).std())
         assert spread == pytest.approx(std / 3, rel=0.05), (where, spread, std / 3)
 
 
@@ -1384,51 +1336,6 @@ def _wait_status(run_dir: Path, pred: Any, timeout: float, fed: Any) -> dict[str
     raise AssertionError(f"status never reached the expected state\n{fed.logs()}")
 
 
-def assert_matches_simulation(
-    cfg: ExperimentConfig, run_dir: Path, sim_dir: Path, sim_final: torch.Tensor,
-    site_ledgers: list[Path], entries: int = 2, init: torch.Tensor | None = None,
-) -> None:
-    """A deployed (or Flower-simulated) 2-round run equals the in-process one: the global model
-    within the masking grid of both rounds, and each site's ledger equals the simulation's plan
-    and charges for that client (the released updates' digests aside)."""
-    from securefed.builders import build_model
-    from securefed.diffusion.params import get_flat
-
-    rows = metrics_rows(run_dir)
-    # round 1: same start, same seeded DP noise; only the two masking grids differ
-    sim1, dep1 = _ckpt_params(sim_dir, 1), _ckpt_params(run_dir, 1)
-    if init is None:  # the seeded initial model (public pre-training: pass the public model)
-        init = get_flat(build_model(cfg, (1, 8, 8), 10))
-    tol1 = 2 * _tolerance(rows[0], init, sim1)
-    # FedDDPM calibrates the summed model on the auxiliary set before it is checkpointed:
-    # server-side training steps, which (like round 2's training below) amplify the sum's
-    # error (the CKKS error is random: at 1x, 1 run in 4 exceeded it by up to 7%)
-    room = 10.0 if cfg.fedddpm.enabled else 1.0
-    assert float((dep1 - sim1).abs().max()) <= room * tol1
-    assert float((dep1 - init).abs().max()) > 100 * room * tol1  # the model did move
-    # round 2 trains from those (equal within tol1) models: the final models agree to the
-    # grid bound of both rounds, with room for the training step's sensitivity to its start
-    final = _ckpt_params(run_dir, 2)
-    tol2 = tol1 + 2 * _tolerance(rows[1], sim1, sim_final)
-    assert float((final - sim_final).abs().max()) <= 10 * tol2
-    # ledgers: each site's own file holds exactly the simulation's plan and charges for it
-    sim_ledger = json.loads((sim_dir / "privacy_ledger.json").read_text())
-    for i, path in enumerate(site_ledgers):
-        led = json.loads(path.read_text())
-        assert list(led["clients"]) == [str(i)]
-        assert led["clients"][str(i)] == sim_ledger["clients"][str(i)]
-        mine = [e for e in sim_ledger["entries"] if e["client_id"] == i]
-        assert len(led["entries"]) == len(mine) == entries
-        # the released updates differ (masking grid, another process): so do their digests
-        own = ("epsilon_after", "update_sha256")
-        for a, b in zip(led["entries"], mine, strict=True):
-            assert {k: v for k, v in a.items() if k not in own} == {
-                k: v for k, v in b.items() if k not in own
-            }
-            assert len(a["update_sha256"]) == len(b["update_sha256"]) == 64
-            assert a["epsilon_after"] == pytest.approx(b["epsilon_after"], rel=1e-9)
-
-
 @pytest.mark.deploy
 @pytest.mark.timeout(1200)
 def test_deployed_run_matches_the_simulation(tmp_path: Path) -> None:
@@ -1438,8 +1345,8 @@ def test_deployed_run_matches_the_simulation(tmp_path: Path) -> None:
     from securefed.run import run_experiment
 
     # the sites' default floors (min-threshold 2/3, min-cohort 3): t = 3 of 3
-    cfg = _cfg(secure_aggregation={"threshold": 0.67})
-    exp = _write_cfg(tmp_path / "experiment.yaml", cfg)
+    cfg = deploy_cfg(secure_aggregation={"threshold": 0.67})
+    exp = write_cfg(tmp_path / "experiment.yaml", cfg)
     fed = _federation(tmp_path)
     run_dir = tmp_path / "deployed"
     try:
@@ -1499,8 +1406,8 @@ def test_killed_supernode_round_completes_with_the_survivors_sum(tmp_path: Path)
     """SIGKILL one SuperNode right after the coordinator asked for masked inputs: the round
     completes with the two survivors (its masks removed through its s-key shares) and the new
     global model is the survivors' FedAvg."""
-    cfg = _cfg(federation={"rounds": 1})
-    exp = _write_cfg(tmp_path / "experiment.yaml", cfg)
+    cfg = deploy_cfg(federation={"rounds": 1})
+    exp = write_cfg(tmp_path / "experiment.yaml", cfg)
     fed = _federation(tmp_path, **{"min-threshold": "1/2", "min-cohort": 2})
     run_dir = tmp_path / "deployed"
     try:
@@ -1535,8 +1442,8 @@ def test_killed_supernode_round_completes_with_the_survivors_sum(tmp_path: Path)
     scale = float(sum(s["num_examples"] for s in sites.values()))
     init, expected, total_weight = _expected_round_one(cfg, [0, 1], scale, tmp_path / "re")
     assert line["protocol_info"]["total_weight"] == pytest.approx(total_weight, abs=1e-6)
-    got = _ckpt_params(run_dir, 1)
-    tol = _tolerance(line, init, expected)
+    got = ckpt_params(run_dir, 1)
+    tol = round_tolerance(line, init, expected)
     assert float((got - expected).abs().max()) <= tol
     assert float((got - init).abs().max()) > 100 * tol
     # the killed site had charged its ledger before its keys (and nothing else) left it
@@ -1614,7 +1521,6 @@ def _scaffold_state(root: Path, i: int, name: str = "client_state.pt") -> dict[s
     return dict(torch.load(root / f"site{i}" / name, weights_only=True))
 
 
-
 def _masking_tolerance_of_rounds(cfg: ExperimentConfig, run_dir: Path, rounds: int) -> float:
     """Twice the masking tolerance summed over a run's first ``rounds`` rounds: two deployed
     runs draw their masking grids independently, so their models may differ by each one's."""
@@ -1624,8 +1530,8 @@ def _masking_tolerance_of_rounds(cfg: ExperimentConfig, run_dir: Path, rounds: i
     rows = metrics_rows(run_dir)
     tol, prev = 0.0, get_flat(build_model(cfg, (1, 8, 8), 10))
     for r in range(1, rounds + 1):
-        tol += 2 * _tolerance(rows[r - 1], prev, _ckpt_params(run_dir, r))
-        prev = _ckpt_params(run_dir, r)
+        tol += 2 * round_tolerance(rows[r - 1], prev, ckpt_params(run_dir, r))
+        prev = ckpt_params(run_dir, r)
     return tol
 
 def test_in_process_resume_after_a_checkpoint_matches_an_uninterrupted_run(
@@ -1637,7 +1543,7 @@ def test_in_process_resume_after_a_checkpoint_matches_an_uninterrupted_run(
     grid. SCAFFOLD: round 2 must tell each site that its round-1 update was used (checkpoint 1
     holds it), so its control variate is committed as in the uninterrupted run. Every ledger
     holds exactly one charge per trained round."""
-    cfg = _cfg(federation={"rounds": 3}, strategy={"name": "scaffold"})
+    cfg = deploy_cfg(federation={"rounds": 3}, strategy={"name": "scaffold"})
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     ref = Coordinator(cfg, _resume_options(whole), _InProcess(_resume_sites(whole), {})).run()
     assert ref.rounds_completed == 3
@@ -1667,7 +1573,7 @@ def test_in_process_resume_after_a_checkpoint_matches_an_uninterrupted_run(
     tol = _masking_tolerance_of_rounds(cfg, whole / "run", 3)
     gap = float((res.final_params - ref.final_params).abs().max())
     assert gap <= 10 * tol, (gap, tol)
-    moved = float((res.final_params - _ckpt_params(cut / "run", 1)).abs().max())
+    moved = float((res.final_params - ckpt_params(cut / "run", 1)).abs().max())
     assert moved > 100 * tol
     # SCAFFOLD's control variates: committed on every site as in the uninterrupted run (round
     # 2's, committed by round 3; round 3's pending)
@@ -1687,7 +1593,7 @@ def test_in_process_resume_after_sites_trained_an_unrecorded_round(tmp_path: Pat
     keeps its round-2 charge and never charges a round twice, and SCAFFOLD's pending state of
     round 2 is dropped, not committed (its update was never used). A second interruption after
     round 3 and a second resume finish the run."""
-    cfg = _cfg(federation={"rounds": 4}, strategy={"name": "scaffold"})
+    cfg = deploy_cfg(federation={"rounds": 4}, strategy={"name": "scaffold"})
     root = tmp_path
     sites = _resume_sites(root)
     with pytest.raises(_Crash):
@@ -1713,7 +1619,7 @@ def test_in_process_resume_after_sites_trained_an_unrecorded_round(tmp_path: Pat
     assert three["participants"] == [0, 1, 2] and "dropout_reasons" not in three
     assert one == metrics_rows(root / "run")[0]
     # the lost round left the model as round 1 made it
-    assert torch.equal(_ckpt_params(root / "run", 2), _ckpt_params(root / "run", 1))
+    assert torch.equal(ckpt_params(root / "run", 2), ckpt_params(root / "run", 1))
     for i in range(3):
         assert _ledger_rounds(root, i) == [1, 2, 3]  # round 2's charge stands, none twice
         # round 3 said "not used" for round 2: its pending state was dropped, the committed
@@ -1754,12 +1660,12 @@ def test_resume_refusals_name_the_field(
     and a run dir without resume=true. Each refusal names the field."""
     from securefed.config import dump_config
 
-    cfg = _cfg(federation={"rounds": 2})
+    cfg = deploy_cfg(federation={"rounds": 2})
     sites = _resume_sites(tmp_path)
     Coordinator(cfg, _resume_options(tmp_path), _InProcess(sites, {})).run(stop_after_round=1)
     run_id = json.loads((tmp_path / "run" / "sites.json").read_text())["run_id"]
     site = sites[700]
-    changed = _cfg(federation={"rounds": 2}, **{section: change})
+    changed = deploy_cfg(federation={"rounds": 2}, **{section: change})
 
     def setup(c: ExperimentConfig, rid: str) -> dict[str, Any]:
         return {"version": PROTOCOL_VERSION, "run_id": rid, "experiment": dump_config(c),
@@ -1804,7 +1710,7 @@ def test_in_process_resume_after_an_aggregated_but_unsaved_round_keeps_canaries_
     import securefed.federation.engine as engine_mod
     from securefed.privacy.canaries import GradientCanaries, load_gradient_scores
 
-    cfg = _cfg(federation={"rounds": 3}, canaries={"enabled": True, "m": 16})
+    cfg = deploy_cfg(federation={"rounds": 3}, canaries={"enabled": True, "m": 16})
     sites = {
         node: Site(dataclasses.replace(s.options, allow_audit_canaries=True))
         for node, s in _resume_sites(tmp_path).items()
@@ -1867,7 +1773,7 @@ def test_in_process_resume_when_the_last_round_is_lost_finishes_the_run(tmp_path
     """The coordinator dies after the sites trained the LAST round: no round remains above
     their last trained round, so the resume records it as lost, checkpoints round 1's model as
     the final one and finishes (status ``finished``) without sending a training message."""
-    cfg = _cfg(federation={"rounds": 2})
+    cfg = deploy_cfg(federation={"rounds": 2})
     sites = _resume_sites(tmp_path)
     with pytest.raises(_Crash):
         Coordinator(cfg, _resume_options(tmp_path), _CrashAfterTraining(sites, 2)).run()
@@ -1887,8 +1793,8 @@ def test_in_process_resume_when_the_last_round_is_lost_finishes_the_run(tmp_path
     assert sent == ["query.setup"]
     assert res.rounds_completed == 2 and events[-1]["stage"] == "finished"
     assert [(m["round"], m["participants"]) for m in res.metrics] == [(1, [0, 1, 2]), (2, [])]
-    assert torch.equal(res.final_params, _ckpt_params(tmp_path / "run", 1))
-    assert torch.equal(_ckpt_params(tmp_path / "run", 2), _ckpt_params(tmp_path / "run", 1))
+    assert torch.equal(res.final_params, ckpt_params(tmp_path / "run", 1))
+    assert torch.equal(ckpt_params(tmp_path / "run", 2), ckpt_params(tmp_path / "run", 1))
     for i in range(3):
         assert _ledger_rounds(tmp_path, i) == [1, 2]
 
@@ -1920,7 +1826,7 @@ def test_in_process_resume_commits_the_state_of_a_site_that_sat_out_the_checkpoi
     uninterrupted run does: the final model and every site's control variates equal the
     uninterrupted run's (dropping it instead changes both)."""
 
-    cfg = _cfg(federation={"rounds": 3}, strategy={"name": "scaffold"})
+    cfg = deploy_cfg(federation={"rounds": 3}, strategy={"name": "scaffold"})
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     ref = Coordinator(cfg, _resume_options(whole),
                       _SkipsTraining(_resume_sites(whole), 2, 2)).run()
@@ -1953,7 +1859,7 @@ def test_a_new_run_does_not_start_from_a_previous_runs_private_state(tmp_path: P
 
     from securefed.run import run_experiment
 
-    cfg = _cfg(strategy={"name": "scaffold"})
+    cfg = deploy_cfg(strategy={"name": "scaffold"})
     _run_in_process(tmp_path / "a", cfg)  # run A leaves round 1's committed control variates
     for i in range(3):
         left = tmp_path / "a" / f"site{i}" / "client_state.pt"

@@ -21,7 +21,14 @@ import pytest
 from securefed.deploy.coordinator import Coordinator, CoordinatorOptions
 from securefed.deploy.node import PolicyError
 from securefed.secagg.masking.messages import Stage
-from tests.test_deploy_policy import _cfg, _ledger, _Net, _setup_content, _sites, deliver
+from tests.deploy_helpers import (
+    PolicyNet,
+    deliver,
+    ledger_entries,
+    policy_cfg,
+    policy_sites,
+    setup_content,
+)
 
 #: deployment tests (Flower processes, sites, the deploy protocol): in `make test`, left out
 #: of `make test-unit`
@@ -32,14 +39,14 @@ SHARE = f"train.{Stage.SHARE_KEYS}"
 ADVERTISE = f"train.{Stage.ADVERTISE_KEYS}"
 
 
-def _run(tmp: Path, net: _Net, rounds: int, *, ahead: bool = True) -> Any:
+def _run(tmp: Path, net: PolicyNet, rounds: int, *, ahead: bool = True) -> Any:
     opts = CoordinatorOptions(run_dir=tmp / "run", keys_dir=tmp / "keys",
                               min_sites=len(net.sites), advertise_ahead=ahead)
-    coord = Coordinator(_cfg(federation={"rounds": rounds}), opts, net)
+    coord = Coordinator(policy_cfg(federation={"rounds": rounds}), opts, net)
     return coord, coord.run()
 
 
-def _messages_per_round(net: _Net) -> dict[int, Counter[str]]:
+def _messages_per_round(net: PolicyNet) -> dict[int, Counter[str]]:
     out: dict[int, Counter[str]] = {}
     for message_type, _node, content in net.sent:
         if message_type.startswith("train."):
@@ -54,7 +61,7 @@ def test_keys_advertised_ahead_save_one_message_per_round_and_change_no_charge(
     (their keys came with the previous unmasking replies) and the sites train on the key
     broadcast. Every round completes with every site and each site's ledger holds the same
     charges as a run without the saving."""
-    net = _Net(_sites(tmp_path / "a", 3))
+    net = PolicyNet(policy_sites(tmp_path / "a", 3))
     _, res = _run(tmp_path / "a", net, 3)
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 3
     per_round = _messages_per_round(net)
@@ -67,13 +74,13 @@ def test_keys_advertised_ahead_save_one_message_per_round_and_change_no_charge(
     carried = {int(c["round"]) for t, _n, c in net.sent if t == UNMASK and "next_secagg" in c}
     assert carried == {1, 2}
 
-    plain = _Net(_sites(tmp_path / "b", 3))
+    plain = PolicyNet(policy_sites(tmp_path / "b", 3))
     _, res_plain = _run(tmp_path / "b", plain, 3, ahead=False)
     assert all(len(c) == 5 for c in _messages_per_round(plain).values())
     assert [m["participants"] for m in res_plain.metrics] == [[0, 1, 2]] * 3
     drop = ("epsilon_after", "update_sha256", "run_id", "time", "noise_key_id")
     for node in net.sites:
-        a, b = _ledger(net.sites[node]), _ledger(plain.sites[node])
+        a, b = ledger_entries(net.sites[node]), ledger_entries(plain.sites[node])
         assert len(a) == len(b) == 3
         assert [{k: v for k, v in e.items() if k not in drop} for e in a] == [
             {k: v for k, v in e.items() if k not in drop} for e in b
@@ -94,7 +101,7 @@ def test_a_next_round_start_for_a_trained_round_is_refused(tmp_path: Path) -> No
             return {**content, "next_round": 1, "next_secagg": first_start[node]}
         return content
 
-    net = _Net(_sites(tmp_path, 3), on_send=rewrite)
+    net = PolicyNet(policy_sites(tmp_path, 3), on_send=rewrite)
     _, res = _run(tmp_path, net, 2)
     refusals = [r for t, _n, r in net.replies if t == UNMASK and isinstance(r, dict)
                 and "next_refused" in r]
@@ -109,7 +116,7 @@ def test_a_next_round_start_for_a_trained_round_is_refused(tmp_path: Path) -> No
     assert all("next_refused" in second["dropout_reasons"][str(c)] or
                "refused" in second["dropout_reasons"][str(c)] for c in (0, 1, 2))
     for site in net.sites.values():
-        assert len(_ledger(site)) == 1  # nobody trained round 1 twice, nor round 2
+        assert len(ledger_entries(site)) == 1  # nobody trained round 1 twice, nor round 2
 
 
 def test_a_training_key_broadcast_is_trained_once(tmp_path: Path) -> None:
@@ -124,12 +131,12 @@ def test_a_training_key_broadcast_is_trained_once(tmp_path: Path) -> None:
                 second_try.append(deliver(net.sites[node], message_type, content))
         return reply
 
-    net = _Net(_sites(tmp_path, 3), on_reply=replay)
+    net = PolicyNet(policy_sites(tmp_path, 3), on_reply=replay)
     _, res = _run(tmp_path, net, 2)
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 2
     (err,) = second_try
     assert isinstance(err, str) and "it trains a round once" in err
-    assert len(_ledger(net.sites[101])) == 2
+    assert len(ledger_entries(net.sites[101])) == 2
 
 
 def test_a_site_that_refuses_the_next_start_is_dropped_from_that_round_only(
@@ -143,10 +150,10 @@ def test_a_site_that_refuses_the_next_start_is_dropped_from_that_round_only(
             return {**reply, "next_secagg": b"\x00" * 40}
         return reply
 
-    sites = _sites(tmp_path, 3, min_threshold=Fraction(1, 2), min_cohort=2)
-    net = _Net(sites, on_reply=tamper)
+    sites = policy_sites(tmp_path, 3, min_threshold=Fraction(1, 2), min_cohort=2)
+    net = PolicyNet(sites, on_reply=tamper)
     opts = CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3)
-    cfg = _cfg(federation={"rounds": 3}, secure_aggregation={"threshold": 0.5})
+    cfg = policy_cfg(federation={"rounds": 3}, secure_aggregation={"threshold": 0.5})
     res = Coordinator(cfg, opts, net).run()
     one, two, three = res.metrics
     assert one["participants"] == [0, 1, 2]
@@ -157,7 +164,7 @@ def test_a_site_that_refuses_the_next_start_is_dropped_from_that_round_only(
     )
     assert three["participants"] == [0, 1, 2]
     # site 2 never trained round 2: it advertised keys, then was not asked to train
-    entries = _ledger(sites[102])
+    entries = ledger_entries(sites[102])
     assert [e["round"] for e in entries] == [1, 3]
     status = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
     assert status["trained"] == [0, 1]
@@ -172,22 +179,22 @@ def test_a_site_refuses_to_skip_the_consistency_check_unless_it_opted_in(tmp_pat
     """Attack: a coordinator declares its server honest-but-curious to drop the consistency
     check (then it could show two groups different survivor sets and unmask a site). A site
     with the default policy refuses at setup, naming the field and the node-config key."""
-    (site,) = _sites(tmp_path, 1).values()
+    (site,) = policy_sites(tmp_path, 1).values()
     with pytest.raises(PolicyError, match=(
         r"secure_aggregation.server_threat: 'honest_but_curious' skips .* consistency check.*"
         r"allow-honest-but-curious-server=true"
     )):
-        site.setup(_setup_content(_cfg(secure_aggregation=HBC), "cd" * 16))
+        site.setup(setup_content(policy_cfg(secure_aggregation=HBC), "cd" * 16))
     assert not (tmp_path / "site0" / "privacy_ledger.json").exists()
 
 
 def test_opted_in_sites_run_three_messages_a_round(tmp_path: Path) -> None:
     """Sites that opted in: round 1 has four stages (no consistency check), later rounds three
     (their keys came with the last unmasking); every round sums every site."""
-    sites = _sites(tmp_path, 3, allow_honest_but_curious_server=True)
-    net = _Net(sites)
+    sites = policy_sites(tmp_path, 3, allow_honest_but_curious_server=True)
+    net = PolicyNet(sites)
     opts = CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3)
-    res = Coordinator(_cfg(federation={"rounds": 3}, secure_aggregation=HBC), opts, net).run()
+    res = Coordinator(policy_cfg(federation={"rounds": 3}, secure_aggregation=HBC), opts, net).run()
     assert [m["participants"] for m in res.metrics] == [[0, 1, 2]] * 3
     per_round = _messages_per_round(net)
     assert sorted(per_round[1]) == sorted(
@@ -195,17 +202,17 @@ def test_opted_in_sites_run_three_messages_a_round(tmp_path: Path) -> None:
     )
     later = sorted([SHARE, "train.masked_input", UNMASK])
     assert sorted(per_round[2]) == sorted(per_round[3]) == later
-    assert all(len(_ledger(s)) == 3 for s in sites.values())
+    assert all(len(ledger_entries(s)) == 3 for s in sites.values())
 
 
 def test_semi_honest_sites_still_refuse_a_survivor_set_below_min_cohort(tmp_path: Path) -> None:
     """Without the consistency stage the survivor set first reaches a site in the unmasking
     request; a set below the site's min-cohort is refused there, so no share is revealed."""
-    sites = _sites(tmp_path, 3, min_threshold=Fraction(1, 2),
-                   allow_honest_but_curious_server=True)
-    net = _Net(sites, drop={2: Stage.MASKED_INPUT})
+    sites = policy_sites(tmp_path, 3, min_threshold=Fraction(1, 2),
+                         allow_honest_but_curious_server=True)
+    net = PolicyNet(sites, drop={2: Stage.MASKED_INPUT})
     opts = CoordinatorOptions(run_dir=tmp_path / "run", keys_dir=tmp_path / "keys", min_sites=3)
-    cfg = _cfg(secure_aggregation={"threshold": 0.5, **HBC})
+    cfg = policy_cfg(secure_aggregation={"threshold": 0.5, **HBC})
     line = Coordinator(cfg, opts, net).run().metrics[0]
     assert line["participants"] == [] and "abandoned" in line
     for cid in (0, 1):

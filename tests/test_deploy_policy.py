@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -20,133 +20,24 @@ from typing import Any
 import numpy as np
 import pytest
 
-from securefed.config import ExperimentConfig, dump_config
-from securefed.deploy.coordinator import Coordinator, CoordinatorOptions, Reply
+from securefed.config import ExperimentConfig
 from securefed.deploy.node import NodeOptions, PolicyError, Site, dispatch
-from securefed.deploy.wire import PROTOCOL_VERSION
-from securefed.secagg.keys import init_identity_keys, load_identities
+from securefed.secagg.keys import load_identities
 from securefed.secagg.masking import shamir
 from securefed.secagg.masking.messages import RoundStart, Stage, UnmaskShares, decode_message
-from tests.helpers import config_with
+from tests.deploy_helpers import (
+    PolicyNet,
+    first_advertise,
+    ledger_entries,
+    policy_cfg,
+    policy_coordinator,
+    policy_sites,
+    setup_content,
+)
 
 #: deployment tests (Flower processes, sites, the deploy protocol): in `make test`, left out
 #: of `make test-unit`
 pytestmark = pytest.mark.deploy
-
-RAW: dict[str, Any] = {
-    "name": "policy-test",
-    "seed": 5,
-    "device": "cpu",
-    "data": {"name": "digits", "max_examples": 300, "holdout_fraction": 0.25},
-    "partition": {"kind": "iid"},
-    "model": {"base_channels": 8, "channel_mults": [1], "norm_groups": 4,
-              "attention_levels": []},
-    "diffusion": {"timesteps": 50},
-    "federation": {"num_clients": 3, "rounds": 1, "fraction_fit": 1.0},
-    "client": {"local_steps": 2, "batch_size": 16, "lr": 0.002},
-    "strategy": {"name": "fedavg"},
-    "secure_aggregation": {"protocol": "masking", "threshold": 0.67, "neighbours": "all",
-                           "bits": 32, "clip_range": 1.0},
-    # an explicit multiplier and a roomy budget: several runs of one site stay within it
-    "dp": {"level": "record", "target_epsilon": 1000.0, "noise_multiplier": 1.0,
-           "max_grad_norm": 1.0, "accountant": "rdp"},
-    "evaluation": {"every": 100, "fid": False, "grid_samples": 4, "sampling_steps": 5,
-                   "holdout_loss_examples": 32},
-    "checkpoint": {"every": 1, "keep_last": 5},
-}
-
-Hook = Callable[[str, int, Mapping[str, Any]], Mapping[str, Any] | None]
-
-
-def _cfg(**section_overrides: dict[str, Any]) -> ExperimentConfig:
-    return config_with(RAW, **section_overrides)
-
-
-def _sites(tmp: Path, n: int, **policy: Any) -> dict[int, Site]:
-    """``n`` sites (transport node id 100 + i) sharing one provisioned key folder."""
-    keys = tmp / "keys"
-    if not (keys / "roster.json").exists():
-        init_identity_keys(keys, n)
-    return {
-        100 + i: Site(NodeOptions(tmp / f"site{i}", keys, i, partition_id=i, **policy))
-        for i in range(n)
-    }
-
-
-class _Net:
-    """The coordinator's transport, in-process, as a malicious network/coordinator sees it.
-
-    ``on_send(message_type, node, content)`` may rewrite a message (None: not delivered);
-    ``on_reply(message_type, node, reply)`` may rewrite a site's reply; ``drop`` = {client:
-    stage}: from that stage on the site does not answer. A handler that raises answers with the
-    error text, as the Flower ClientApp does. Everything sent and answered is recorded.
-    """
-
-    def __init__(
-        self,
-        sites: dict[int, Site],
-        *,
-        drop: Mapping[int, str] | None = None,
-        on_send: Hook | None = None,
-        on_reply: Callable[[str, int, dict[str, Any]], dict[str, Any]] | None = None,
-    ) -> None:
-        self.sites, self.drop = sites, dict(drop or {})
-        self.on_send, self.on_reply = on_send, on_reply
-        self.sent: list[tuple[str, int, Mapping[str, Any]]] = []
-        self.replies: list[tuple[str, int, Reply]] = []
-
-    def node_ids(self) -> list[int]:
-        return sorted(self.sites)
-
-    def exchange(self, message_type: str, contents: Mapping[int, Mapping[str, Any]], *,
-                 timeout: float, group: str) -> dict[int, Reply]:
-        out: dict[int, Reply] = {}
-        stage = message_type.partition(".")[2]
-        for node, content in contents.items():
-            site = self.sites[node]
-            at = self.drop.get(site.cid)
-            if at is not None and stage in Stage.ORDER and Stage.index(stage) >= Stage.index(at):
-                continue
-            if self.on_send is not None:
-                rewritten = self.on_send(message_type, node, content)
-                if rewritten is None:
-                    continue
-                content = rewritten
-            self.sent.append((message_type, node, content))
-            reply = deliver(site, message_type, content)
-            if self.on_reply is not None and isinstance(reply, dict):
-                reply = self.on_reply(message_type, node, dict(reply))
-            out[node] = reply
-            self.replies.append((message_type, node, out[node]))
-        return out
-
-
-def deliver(site: Site, message_type: str, content: Mapping[str, Any]) -> Reply:
-    """What the ClientApp does with one message: the handler's reply, or its error text."""
-    try:
-        return dispatch(site, message_type, content)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-
-
-def _coordinator(cfg: ExperimentConfig, tmp: Path, net: _Net, name: str = "run") -> Coordinator:
-    opts = CoordinatorOptions(run_dir=tmp / name, keys_dir=tmp / "keys",
-                              min_sites=len(net.sites))
-    return Coordinator(cfg, opts, net)
-
-
-def _setup_content(cfg: ExperimentConfig, run_id: str) -> dict[str, Any]:
-    return {"version": PROTOCOL_VERSION, "run_id": run_id, "experiment": dump_config(cfg)}
-
-
-def _ledger(site: Site) -> list[dict[str, Any]]:
-    return list(json.loads((site.options.state_dir / "privacy_ledger.json").read_text())
-                ["entries"])
-
-
-def _advertise(net: _Net, node: int) -> Mapping[str, Any]:
-    """The first advertise_keys message sent to ``node``."""
-    return next(c for t, n, c in net.sent if t == "train.advertise_keys" and n == node)
 
 
 # ----------------------------------------------------------------------------- 1. replay
@@ -156,15 +47,15 @@ def test_a_round_is_trained_once_per_run(tmp_path: Path) -> None:
     """Attack: run round 1 with sites {0,1,2}, then round 1 again with {0,1} and the same
     global model; the difference of the two sums would be site 2's update. Every site refuses
     the second round 1 (recorded before its update left), so the round is abandoned."""
-    sites = _sites(tmp_path, 3, min_threshold=Fraction(1, 2), min_cohort=2)
-    net = _Net(sites)
-    coord = _coordinator(_cfg(secure_aggregation={"threshold": 0.5}), tmp_path, net)
+    sites = policy_sites(tmp_path, 3, min_threshold=Fraction(1, 2), min_cohort=2)
+    net = PolicyNet(sites)
+    coord = policy_coordinator(policy_cfg(secure_aggregation={"threshold": 0.5}), tmp_path, net)
     coord.start()
     first = coord.run_round(1)
     assert first["participants"] == [0, 1, 2]
     record = json.loads((tmp_path / "site0" / "site_runs.json").read_text())
     assert record["runs"][coord.run_id]["last_trained_round"] == 1
-    ledger_before = _ledger(sites[100])
+    ledger_before = ledger_entries(sites[100])
     # the same round again, without site 2
     coord.sites.pop(2)
     again = coord.run_round(1)
@@ -172,10 +63,10 @@ def test_a_round_is_trained_once_per_run(tmp_path: Path) -> None:
     for cid in (0, 1):
         reason = again["dropout_reasons"][str(cid)]
         assert "PolicyError: round: 1 is at or below this site's last trained round 1" in reason
-    assert _ledger(sites[100]) == ledger_before  # it did not train again
+    assert ledger_entries(sites[100]) == ledger_before  # it did not train again
     # a replay of the recorded round-1 message itself, straight to the site
     with pytest.raises(PolicyError, match=r"round: 1 is at or below .* last trained round 1"):
-        dispatch(sites[100], "train.advertise_keys", _advertise(net, 100))
+        dispatch(sites[100], "train.advertise_keys", first_advertise(net, 100))
 
 
 # -------------------------------------------------------------------------- 2. run binding
@@ -184,21 +75,21 @@ def test_a_round_is_trained_once_per_run(tmp_path: Path) -> None:
 def test_a_run_id_is_accepted_once_and_messages_of_other_runs_are_refused(
     tmp_path: Path,
 ) -> None:
-    sites = _sites(tmp_path, 3)
-    net = _Net(sites)
-    cfg = _cfg()
-    old = _coordinator(cfg, tmp_path, net, "old")
+    sites = policy_sites(tmp_path, 3)
+    net = PolicyNet(sites)
+    cfg = policy_cfg()
+    old = policy_coordinator(cfg, tmp_path, net, "old")
     old.start()
     assert old.run_round(1)["participants"] == [0, 1, 2]
     site = sites[100]
     # a second setup re-using the run id (a coordinator replaying the run) is refused
     with pytest.raises(PolicyError, match=rf"run_id: '{old.run_id}' was already accepted"):
-        site.setup(_setup_content(cfg, old.run_id))
+        site.setup(setup_content(cfg, old.run_id))
     # a new run: its setup is accepted; the old run's round-1 message is now refused
-    new = _coordinator(cfg, tmp_path, _Net(sites), "new")
+    new = policy_coordinator(cfg, tmp_path, PolicyNet(sites), "new")
     new.setup()
     assert new.run_id != old.run_id
-    stale = _advertise(net, 100)
+    stale = first_advertise(net, 100)
     with pytest.raises(PolicyError, match=rf"run_id: '{old.run_id}' is not the run this site "
                                           rf"accepted at setup \('{new.run_id}'\)"):
         dispatch(site, "train.advertise_keys", stale)
@@ -212,7 +103,7 @@ def test_a_run_id_is_accepted_once_and_messages_of_other_runs_are_refused(
     renamed = {**stale, "run_id": new.run_id}
     with pytest.raises(Exception, match=r"client 0: signature check failed"):
         dispatch(site, "train.advertise_keys", renamed)
-    assert len(_ledger(site)) == 1  # nothing of the above trained
+    assert len(ledger_entries(site)) == 1  # nothing of the above trained
 
 
 # ----------------------------------------------------------------- 3. threshold and cohort
@@ -237,14 +128,14 @@ def test_a_run_id_is_accepted_once_and_messages_of_other_runs_are_refused(
 def test_site_refuses_a_low_threshold_or_cohort_at_setup(
     tmp_path: Path, overrides: dict[str, Any], match: str
 ) -> None:
-    (site,) = _sites(tmp_path, 1).values()
+    (site,) = policy_sites(tmp_path, 1).values()
     with pytest.raises(PolicyError, match=match):
-        site.setup(_setup_content(_cfg(**overrides), "ab" * 16))
+        site.setup(setup_content(policy_cfg(**overrides), "ab" * 16))
     assert not (tmp_path / "site0" / "privacy_ledger.json").exists()
     # the site's own node config sets the floor
     lax = Site(dataclasses.replace(site.options, min_threshold=Fraction(1, 2), min_cohort=2))
     if "threshold" in str(overrides) and "0.6" not in str(overrides):
-        assert lax.setup(_setup_content(_cfg(**overrides), "cd" * 16))["run_id"] == "cd" * 16
+        assert lax.setup(setup_content(policy_cfg(**overrides), "cd" * 16))["run_id"] == "cd" * 16
 
 
 def test_site_refuses_a_round_cohort_below_min_cohort(tmp_path: Path) -> None:
@@ -253,7 +144,7 @@ def test_site_refuses_a_round_cohort_below_min_cohort(tmp_path: Path) -> None:
     one). Both refuse before training."""
     from securefed.secagg.masking.server import MaskingServer
 
-    sites = _sites(tmp_path, 3)
+    sites = policy_sites(tmp_path, 3)
     ids = load_identities(tmp_path / "keys", 3)
 
     def two_only(message_type: str, node: int, content: Mapping[str, Any]) -> Any:
@@ -267,24 +158,24 @@ def test_site_refuses_a_round_cohort_below_min_cohort(tmp_path: Path) -> None:
                                ids.server_key)
         return {**content, "secagg": server.start()[node - 100]}
 
-    net = _Net(sites, on_send=two_only)
-    coord = _coordinator(_cfg(), tmp_path, net)
+    net = PolicyNet(sites, on_send=two_only)
+    coord = policy_coordinator(policy_cfg(), tmp_path, net)
     coord.start()
     line = coord.run_round(1)
     assert line["participants"] == [] and "abandoned" in line
     for cid in (0, 1):
         assert ("PolicyError: round 1: a cohort of 2 sites [0, 1] is below this site's "
                 "min-cohort 3 (--node-config min-cohort)") in line["dropout_reasons"][str(cid)]
-        assert _ledger(sites[100 + cid]) == []  # refused before training
+        assert ledger_entries(sites[100 + cid]) == []  # refused before training
 
 
 def test_site_refuses_to_unmask_a_survivor_set_below_min_cohort(tmp_path: Path) -> None:
     """Threshold 1/2 (the site allows it) with min-cohort 3: when site 2 vanishes after sharing
     its keys, the coordinator asks 0 and 1 to sign a survivor set of two; they refuse, so no
     share is revealed and the round is abandoned."""
-    sites = _sites(tmp_path, 3, min_threshold=Fraction(1, 2))
-    net = _Net(sites, drop={2: Stage.MASKED_INPUT})
-    coord = _coordinator(_cfg(secure_aggregation={"threshold": 0.5}), tmp_path, net)
+    sites = policy_sites(tmp_path, 3, min_threshold=Fraction(1, 2))
+    net = PolicyNet(sites, drop={2: Stage.MASKED_INPUT})
+    coord = policy_coordinator(policy_cfg(secure_aggregation={"threshold": 0.5}), tmp_path, net)
     coord.start()
     line = coord.run_round(1)
     assert line["participants"] == [] and "abandoned" in line
@@ -308,10 +199,10 @@ def test_client_level_site_refuses_a_clip_norm_above_its_plan(tmp_path: Path) ->
             return {**content, "broadcast.clip": encode_vector(torch.tensor([5.0, 0.0]))}
         return dict(content)
 
-    sites = _sites(tmp_path, 3)
-    net = _Net(sites, on_send=inflate)
-    cfg = _cfg(dp={"level": "client", "max_update_norm": 0.5})
-    coord = _coordinator(cfg, tmp_path, net)
+    sites = policy_sites(tmp_path, 3)
+    net = PolicyNet(sites, on_send=inflate)
+    cfg = policy_cfg(dp={"level": "client", "max_update_norm": 0.5})
+    coord = policy_coordinator(cfg, tmp_path, net)
     coord.start()
     line = coord.run_round(1)
     assert line["participants"] == [] and "abandoned" in line
@@ -319,7 +210,7 @@ def test_client_level_site_refuses_a_clip_norm_above_its_plan(tmp_path: Path) ->
         assert ("broadcast clip [5.0, 0.0] differs from this site's plan [0.5, 0.0]"
                 in line["dropout_reasons"][str(cid)])
     for site in sites.values():
-        assert _ledger(site) == []
+        assert ledger_entries(site) == []
 
 
 def test_adaptive_clipping_site_refuses_an_inflated_clip_bit_scale(tmp_path: Path) -> None:
@@ -336,17 +227,17 @@ def test_adaptive_clipping_site_refuses_an_inflated_clip_bit_scale(tmp_path: Pat
             return {**content, "broadcast.clip": encode_vector(torch.tensor([s, 10 * beta]))}
         return dict(content)
 
-    sites = _sites(tmp_path, 3)
-    net = _Net(sites, on_send=inflate)
-    cfg = _cfg(dp={"level": "client", "max_update_norm": 0.5, "adaptive_clipping": True})
-    coord = _coordinator(cfg, tmp_path, net)
+    sites = policy_sites(tmp_path, 3)
+    net = PolicyNet(sites, on_send=inflate)
+    cfg = policy_cfg(dp={"level": "client", "max_update_norm": 0.5, "adaptive_clipping": True})
+    coord = policy_coordinator(cfg, tmp_path, net)
     coord.start()
     line = coord.run_round(1)
     assert line["participants"] == [] and "abandoned" in line
     for cid in (0, 1, 2):
         assert "differs from this site's plan" in line["dropout_reasons"][str(cid)]
     for site in sites.values():
-        assert _ledger(site) == []
+        assert ledger_entries(site) == []
 
 
 # ------------------------------------------------------------------------ 4. DP plan pinned
@@ -367,13 +258,13 @@ def test_site_refuses_a_changed_dp_field(
 ) -> None:
     """Attack: re-send the experiment with batch_size 400 instead of 16 (q = 1 instead of
     0.16) while the ledger keeps charging the planned q. The re-setup is refused."""
-    (site,) = _sites(tmp_path, 1).values()
-    site.setup(_setup_content(_cfg(), "ab" * 16))
+    (site,) = policy_sites(tmp_path, 1).values()
+    site.setup(setup_content(policy_cfg(), "ab" * 16))
     pinned = json.loads((tmp_path / "site0" / "site_runs.json").read_text())["dp_plan"]
     assert pinned["client.batch_size"] == 16
     with pytest.raises(PolicyError, match=rf"{field}: {value!r} differs from the DP plan this "
                                           r"site pinned at its first setup"):
-        site.setup(_setup_content(_cfg(**overrides), "cd" * 16))
+        site.setup(setup_content(policy_cfg(**overrides), "cd" * 16))
     record = json.loads((tmp_path / "site0" / "site_runs.json").read_text())
     assert record["current"] == "ab" * 16 and list(record["runs"]) == ["ab" * 16]
     assert "batch_size: 16" in (tmp_path / "site0" / "experiment.yaml").read_text()
@@ -392,13 +283,13 @@ def test_two_runs_of_a_site_draw_different_noise(tmp_path: Path) -> None:
     released updates differ because each run's DP noise key is fresh. With one key per state
     dir, every DP-SGD noise tensor was bit-identical across the two runs, so the difference of
     the two releases cancelled the noise while the ledger charged both."""
-    sites = _sites(tmp_path, 2, min_cohort=2)
-    cfg = _cfg(federation={"num_clients": 2})
+    sites = policy_sites(tmp_path, 2, min_cohort=2)
+    cfg = policy_cfg(federation={"num_clients": 2})
     vectors = []
     for name in ("run-a", "run-b"):
         # every site vanishes after training: the round is abandoned, its state kept
-        net = _Net(sites, drop={0: Stage.SHARE_KEYS, 1: Stage.SHARE_KEYS})
-        coord = _coordinator(cfg, tmp_path, net, name)
+        net = PolicyNet(sites, drop={0: Stage.SHARE_KEYS, 1: Stage.SHARE_KEYS})
+        coord = policy_coordinator(cfg, tmp_path, net, name)
         coord.start()
         assert coord.run_round(1)["trained"] == [0, 1]
         vectors.append(_trained_vector(sites[100]))
@@ -410,22 +301,22 @@ def test_two_runs_of_a_site_draw_different_noise(tmp_path: Path) -> None:
     nonces = [r["noise_nonce"] for r in record["runs"].values()]
     assert len(nonces) == 2 and len(set(nonces)) == 2
     # both releases are charged, at the q and sigma actually used
-    entries = _ledger(sites[100])
+    entries = ledger_entries(sites[100])
     assert [(e["round"], e["steps"]) for e in entries] == [(1, 2), (1, 2)]
     n = json.loads((tmp_path / "run-a" / "sites.json").read_text())["sites"]["0"]["num_examples"]
     assert all(e["sample_rate"] == 16 / n and e["noise_multiplier"] == 1.0 for e in entries)
 
 
 def test_seeded_noise_is_refused_unless_the_site_opts_in(tmp_path: Path) -> None:
-    (site,) = _sites(tmp_path, 1).values()
-    seeded = _cfg(dp={"secure_noise": False})
+    (site,) = policy_sites(tmp_path, 1).values()
+    seeded = policy_cfg(dp={"secure_noise": False})
     with pytest.raises(PolicyError, match=r"dp\.secure_noise: false .*allow-seeded-noise"):
-        site.setup(_setup_content(seeded, "ab" * 16))
+        site.setup(setup_content(seeded, "ab" * 16))
     rehearsal = Site(dataclasses.replace(site.options, allow_seeded_noise=True))
-    rehearsal.setup(_setup_content(seeded, "ab" * 16))
+    rehearsal.setup(setup_content(seeded, "ab" * 16))
     # even then, the same seed (hence the same noise) is never used by two runs
     with pytest.raises(PolicyError, match=r"seed: 5 was already used by run abab"):
-        rehearsal.setup(_setup_content(seeded, "cd" * 16))
+        rehearsal.setup(setup_content(seeded, "cd" * 16))
 
 
 # ------------------------------------------------------------------ 6. nothing raw leaves
@@ -438,9 +329,9 @@ def test_a_site_sends_nothing_computed_from_its_data_in_the_clear(
     """Every reply field of a round, by name: public facts, the masking protocol's signed
     messages, and the epsilon the public plan implies. No loss, no step count. With audit
     canaries (the site opted in) one field more: its signed canary scores (docs/deploy.md)."""
-    sites = _sites(tmp_path, 3, allow_audit_canaries=canaries)
-    net = _Net(sites)
-    coord = _coordinator(_cfg(canaries={"enabled": canaries, "m": 16}), tmp_path, net)
+    sites = policy_sites(tmp_path, 3, allow_audit_canaries=canaries)
+    net = PolicyNet(sites)
+    coord = policy_coordinator(policy_cfg(canaries={"enabled": canaries, "m": 16}), tmp_path, net)
     coord.start()
     line = coord.run_round(1)
     assert line["participants"] == [0, 1, 2]
@@ -467,7 +358,7 @@ def test_a_bad_shamir_share_abandons_the_round_not_the_run(tmp_path: Path) -> No
     """Site 2 returns a wrong share of site 0's self-mask seed (correctly signed: it is site 2's
     own message). With t = 3 of 3 no 3 correct shares remain: the round is abandoned with the
     reason, the run goes on, and the next round completes."""
-    sites = _sites(tmp_path, 3)
+    sites = policy_sites(tmp_path, 3)
     ids = load_identities(tmp_path / "keys", 3)
     cheated: list[int] = []
 
@@ -483,8 +374,8 @@ def test_a_bad_shamir_share_abandons_the_round_not_the_run(tmp_path: Path) -> No
         cheated.append(owner)
         return {**reply, "secagg": evil.signed_bytes(ids.client_keys[2])}
 
-    net = _Net(sites, on_reply=lie)
-    coord = _coordinator(_cfg(federation={"rounds": 2}), tmp_path, net)
+    net = PolicyNet(sites, on_reply=lie)
+    coord = policy_coordinator(policy_cfg(federation={"rounds": 2}), tmp_path, net)
     res = coord.run()
     assert cheated == [0]
     first, second = res.metrics
@@ -495,8 +386,8 @@ def test_a_bad_shamir_share_abandons_the_round_not_the_run(tmp_path: Path) -> No
 
 
 def test_an_experiment_changed_behind_the_sites_back_is_refused(tmp_path: Path) -> None:
-    (site,) = _sites(tmp_path, 1).values()
-    site.setup(_setup_content(_cfg(), "ab" * 16))
+    (site,) = policy_sites(tmp_path, 1).values()
+    site.setup(setup_content(policy_cfg(), "ab" * 16))
     path = tmp_path / "site0" / "experiment.yaml"
     path.write_text(path.read_text().replace("batch_size: 16", "batch_size: 400"))
     with pytest.raises(PolicyError, match="the experiment changed since this site accepted run"):
@@ -546,16 +437,16 @@ def test_a_site_refuses_audit_canaries_unless_it_opted_in(tmp_path: Path) -> Non
     """Gradient canaries make a site send its canary scores (coordinates of its privatized
     gradient sums) on their own, outside secure aggregation: refused at setup by default,
     naming the field and the node-config key; nothing is planned or recorded."""
-    site = _sites(tmp_path, 1)[100]
-    cfg = _cfg(canaries={"enabled": True, "m": 64})
+    site = policy_sites(tmp_path, 1)[100]
+    cfg = policy_cfg(canaries={"enabled": True, "m": 64})
     with pytest.raises(PolicyError, match=r"canaries.enabled: .*allow-audit-canaries=true"):
-        site.setup(_setup_content(cfg, "cd" * 16))
+        site.setup(setup_content(cfg, "cd" * 16))
     assert not (site.options.state_dir / "privacy_ledger.json").exists()
     # opted in, a round that assigns canaries the accepted experiment does not have is refused
     opted = Site(dataclasses.replace(site.options, allow_audit_canaries=True))
-    opted.setup(_setup_content(_cfg(), "ef" * 16))
+    opted.setup(setup_content(policy_cfg(), "ef" * 16))
     with pytest.raises(PolicyError, match=r"canaries\.enabled: False"):
-        opted._canary_hook({"canaries": b"x"}, _cfg(), opted._record().run("ef" * 16), 1,
+        opted._canary_hook({"canaries": b"x"}, policy_cfg(), opted._record().run("ef" * 16), 1,
                            None, 100)  # type: ignore[arg-type]
 
 
@@ -565,7 +456,7 @@ def _forged_assignment(case: str, tmp: Path, cid: int, run_id: str, rnd: int) ->
     from securefed.deploy.canaries import encode_assignment
     from securefed.secagg.keys import load_server_key
 
-    params = [p for p in build_model(_cfg(), (1, 8, 8), 10).parameters() if p.requires_grad]
+    params = [p for p in build_model(policy_cfg(), (1, 8, 8), 10).parameters() if p.requires_grad]
     w = next(i for i, p in enumerate(params) if p.dim() >= 2)
     b = next(i for i, p in enumerate(params) if p.dim() == 1)
     idx, off = {
@@ -610,7 +501,7 @@ def test_a_site_refuses_a_forged_canary_assignment(
     ``max-audit-canaries``, anything but distinct coordinates of weight tensors, and anything
     not signed by the coordinator for this run, round and site, before it trains: nothing is
     charged, nothing leaves."""
-    sites = _sites(tmp_path, 3, allow_audit_canaries=True, max_audit_canaries=4)
+    sites = policy_sites(tmp_path, 3, allow_audit_canaries=True, max_audit_canaries=4)
 
     def forge(message_type: str, node: int, content: Mapping[str, Any]) -> dict[str, Any]:
         if "canaries" not in content:
@@ -619,15 +510,15 @@ def test_a_site_refuses_a_forged_canary_assignment(
                                   content["round"])
         return {**content, "canaries": blob}
 
-    net = _Net(sites, on_send=forge)
-    coord = _coordinator(_cfg(canaries={"enabled": True, "m": 8}), tmp_path, net)
+    net = PolicyNet(sites, on_send=forge)
+    coord = policy_coordinator(policy_cfg(canaries={"enabled": True, "m": 8}), tmp_path, net)
     coord.start()
     line = coord.run_round(1)
     assert line["participants"] == [] and "abandoned" in line
     for cid in (0, 1, 2):
         assert re.search(match, line["dropout_reasons"][str(cid)]), line["dropout_reasons"]
     for site in sites.values():
-        assert _ledger(site) == []
+        assert ledger_entries(site) == []
     # the round's scores are committed (all zero: no site trained), as the simulation does
     scores = np.load(tmp_path / "run" / "canaries" / "gradient_rounds" / "round_00001.npy")
     assert scores.shape == (8,) and not scores.any()
@@ -638,7 +529,7 @@ def test_a_site_refuses_canaries_moved_between_rounds(tmp_path: Path) -> None:
     coordinates of its gradients each time. A run's canaries are fixed (the honest coordinator
     sends the same set every round): the site pins the set of its first canary round and
     refuses another one later in the run, before training."""
-    sites = _sites(tmp_path, 3, allow_audit_canaries=True)
+    sites = policy_sites(tmp_path, 3, allow_audit_canaries=True)
 
     def move(message_type: str, node: int, content: Mapping[str, Any]) -> dict[str, Any]:
         if content.get("round") != 2 or "canaries" not in content:
@@ -647,9 +538,9 @@ def test_a_site_refuses_canaries_moved_between_rounds(tmp_path: Path) -> None:
         return {**content, "canaries": _forged_assignment(
             "moved", tmp_path, node - 100, content["run_id"], 2)}
 
-    net = _Net(sites, on_send=move)
-    coord = _coordinator(_cfg(canaries={"enabled": True, "m": 8}, federation={"rounds": 2}),
-                         tmp_path, net)
+    net = PolicyNet(sites, on_send=move)
+    cfg = policy_cfg(canaries={"enabled": True, "m": 8}, federation={"rounds": 2})
+    coord = policy_coordinator(cfg, tmp_path, net)
     coord.start()
     assert coord.run_round(1)["participants"] == [0, 1, 2]
     line = coord.run_round(2)
@@ -658,7 +549,7 @@ def test_a_site_refuses_canaries_moved_between_rounds(tmp_path: Path) -> None:
         assert "a canary set other than the one it trained with earlier" in (
             line["dropout_reasons"][str(cid)])
     for site in sites.values():
-        assert [e["round"] for e in _ledger(site)] == [1]
+        assert [e["round"] for e in ledger_entries(site)] == [1]
 
 
 def test_the_coordinator_keeps_only_scores_a_site_signed(tmp_path: Path) -> None:
@@ -676,8 +567,8 @@ def test_the_coordinator_keeps_only_scores_a_site_signed(tmp_path: Path) -> None
         encode_scores,
     )
 
-    sites = _sites(tmp_path, 3, allow_audit_canaries=True, min_cohort=2,
-                   min_threshold=Fraction(1, 2))
+    sites = policy_sites(tmp_path, 3, allow_audit_canaries=True, min_cohort=2,
+                         min_threshold=Fraction(1, 2))
 
     def forge(message_type: str, node: int, reply: dict[str, Any]) -> dict[str, Any]:
         if node == 100 and "canary_scores" in reply:
@@ -687,9 +578,9 @@ def test_the_coordinator_keeps_only_scores_a_site_signed(tmp_path: Path) -> None
                 np.full(m, 1e6))
         return reply
 
-    net = _Net(sites, on_reply=forge)
-    cfg = _cfg(canaries={"enabled": True, "m": 32}, secure_aggregation={"threshold": 0.5})
-    coord = _coordinator(cfg, tmp_path, net)
+    net = PolicyNet(sites, on_reply=forge)
+    cfg = policy_cfg(canaries={"enabled": True, "m": 32}, secure_aggregation={"threshold": 0.5})
+    coord = policy_coordinator(cfg, tmp_path, net)
     coord.start()
     line = coord.run_round(1)
     assert line["participants"] == [1, 2]
@@ -720,8 +611,8 @@ def test_the_coordinator_keeps_only_scores_a_site_signed(tmp_path: Path) -> None
 
 
 def _usplit(n: int, rounds: int) -> ExperimentConfig:
-    return _cfg(federation={"num_clients": n, "rounds": rounds},
-                secure_aggregation={"threshold": 0.6},
+    return policy_cfg(federation={"num_clients": n, "rounds": rounds},
+                      secure_aggregation={"threshold": 0.6},
                 feddiffuse={"enabled": True, "variant": "usplit"})
 
 
@@ -745,9 +636,9 @@ def test_usplit_site_refuses_to_unmask_one_session_below_min_cohort(tmp_path: Pa
     back_only = sorted(c for c, s in pairs.items() if s == ("back",))
     (odd,) = [c for c, s in pairs.items() if len(s) == 2]
     front = sorted(c for c, s in pairs.items() if "front" in s)
-    sites = _sites(tmp_path, 5, min_threshold=Fraction(1, 2))
-    net = _Net(sites, drop={back_only[0]: Stage.MASKED_INPUT})
-    coord = _coordinator(cfg, tmp_path, net)
+    sites = policy_sites(tmp_path, 5, min_threshold=Fraction(1, 2))
+    net = PolicyNet(sites, drop={back_only[0]: Stage.MASKED_INPUT})
+    coord = policy_coordinator(cfg, tmp_path, net)
     coord.start()
     line = coord.run_round(1)
     assert line["participants"] == front
@@ -770,7 +661,7 @@ def test_usplit_site_refuses_a_forged_next_round_assignment(tmp_path: Path) -> N
     cfg = _usplit(4, 2)
     pairs2 = _pairing(cfg, 2)
     victim = next(c for c, s in pairs2.items() if s == ("front",))
-    sites = _sites(tmp_path, 4, min_threshold=Fraction(1, 2), min_cohort=2)
+    sites = policy_sites(tmp_path, 4, min_threshold=Fraction(1, 2), min_cohort=2)
     node = next(n for n, s in sites.items() if s.cid == victim)
 
     def forge(message_type: str, to: int, content: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -780,8 +671,8 @@ def test_usplit_site_refuses_a_forged_next_round_assignment(tmp_path: Path) -> N
             return out
         return content
 
-    net = _Net(sites, on_send=forge)
-    coord = _coordinator(cfg, tmp_path, net)
+    net = PolicyNet(sites, on_send=forge)
+    coord = policy_coordinator(cfg, tmp_path, net)
     coord.start()
     first, second = coord.run_round(1), coord.run_round(2)
     assert first["participants"] == [0, 1, 2, 3]
@@ -792,7 +683,7 @@ def test_usplit_site_refuses_a_forged_next_round_assignment(tmp_path: Path) -> N
     assert second["dropped_at"][str(victim)] == Stage.ADVERTISE_KEYS
     assert [w.split(":")[0] for w in second["cohorts_abandoned"]] == ["front"]
     assert second["participants"] == sorted(c for c, s in pairs2.items() if s == ("back",))
-    assert [e["round"] for e in _ledger(sites[node])] == [1]
+    assert [e["round"] for e in ledger_entries(sites[node])] == [1]
 
 
 def test_usplit_site_refuses_a_key_broadcast_for_another_client_list(tmp_path: Path) -> None:
@@ -817,7 +708,7 @@ def test_usplit_site_refuses_a_key_broadcast_for_another_client_list(tmp_path: P
         for sub in itertools.combinations(range(4), r)
         if c in sub and pairing_of(sub)[c] == pairs2[c]
     )
-    sites = _sites(tmp_path, 4, min_threshold=Fraction(1, 2), min_cohort=2)
+    sites = policy_sites(tmp_path, 4, min_threshold=Fraction(1, 2), min_cohort=2)
     node = next(n for n, s in sites.items() if s.cid == victim)
 
     def forge(message_type: str, to: int, content: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -826,14 +717,14 @@ def test_usplit_site_refuses_a_key_broadcast_for_another_client_list(tmp_path: P
             return {**content, "round_clients": other}
         return content
 
-    net = _Net(sites, on_send=forge)
-    coord = _coordinator(cfg, tmp_path, net)
+    net = PolicyNet(sites, on_send=forge)
+    coord = policy_coordinator(cfg, tmp_path, net)
     coord.start()
     coord.run_round(1)
     second = coord.run_round(2)
     why = second["dropout_reasons"][str(victim)]
     assert f"round_clients: round 2's client list {other} is not the one" in why
-    assert [e["round"] for e in _ledger(sites[node])] == [1]
+    assert [e["round"] for e in ledger_entries(sites[node])] == [1]
 
 
 def test_a_usplit_site_sends_nothing_computed_from_its_data_in_the_clear(tmp_path: Path) -> None:
@@ -842,9 +733,9 @@ def test_a_usplit_site_sends_nothing_computed_from_its_data_in_the_clear(tmp_pat
     site is in (by the pairing of the round), and nothing else: no loss, no step count."""
     cfg = _usplit(5, 2)
     pairs = {1: _pairing(cfg, 1), 2: _pairing(cfg, 2)}
-    sites = _sites(tmp_path, 5, min_threshold=Fraction(1, 2))
-    net = _Net(sites)
-    coord = _coordinator(cfg, tmp_path, net)
+    sites = policy_sites(tmp_path, 5, min_threshold=Fraction(1, 2))
+    net = PolicyNet(sites)
+    coord = policy_coordinator(cfg, tmp_path, net)
     coord.start()
     lines = [coord.run_round(1), coord.run_round(2)]
     assert [line["participants"] for line in lines] == [[0, 1, 2, 3, 4]] * 2

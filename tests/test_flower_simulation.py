@@ -17,8 +17,13 @@ import pytest
 import torch
 
 from securefed.deploy.simulation_runtime import SIMULATION_ENV, SITE_CONFIG_ENV, site_node_config
+from tests.deploy_helpers import (
+    assert_matches_simulation,
+    ckpt_params,
+    deploy_cfg,
+    write_cfg,
+)
 from tests.helpers import metrics_rows
-from tests.test_deploy import _cfg, _ckpt_params, _write_cfg, assert_matches_simulation
 
 #: deployment tests (Flower processes, sites, the deploy protocol): in `make test`, left out
 #: of `make test-unit`
@@ -64,11 +69,11 @@ def test_flower_simulation_runtime_matches_the_in_process_simulation(tmp_path: P
     # the sites' own opt-in (a rehearsal), so both paths draw the same noise. FedDDPM: phase 0
     # travels as its own Flower message (the sites opt in to the upload), then the masking
     # stages with the next round's keys on the unmasking stage
-    cfg = _cfg(secure_aggregation={"threshold": 0.67},
-               fedddpm={"enabled": True, "variant": "fedddpm", "pretrain_epochs": 1.0,
+    cfg = deploy_cfg(secure_aggregation={"threshold": 0.67},
+                     fedddpm={"enabled": True, "variant": "fedddpm", "pretrain_epochs": 1.0,
                         "aux_total": 24, "calibration_steps": 2, "server_batch_size": 8,
                         "aux_sampling_steps": 4})
-    exp = _write_cfg(tmp_path / "experiment.yaml", cfg)
+    exp = write_cfg(tmp_path / "experiment.yaml", cfg)
     run_dir = tmp_path / "flower-sim"
     fed = FlowerSimulation(tmp_path / "fed", 3, ray_cpus=min(2, os.cpu_count() or 1),
                            site_config={"allow-seeded-noise": True,
@@ -91,7 +96,7 @@ def test_flower_simulation_runtime_matches_the_in_process_simulation(tmp_path: P
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
         assert r["participants"] == [0, 1, 2] and r["dropped"] == [], r
-    assert torch.isfinite(_ckpt_params(run_dir, 2)).all()
+    assert torch.isfinite(ckpt_params(run_dir, 2)).all()
     # the model within the masking grid; each virtual site kept its own ledger, equal to the
     # simulation's entries for it
     assert_matches_simulation(
@@ -110,7 +115,7 @@ def test_flower_simulation_runtime_matches_the_in_process_simulation(tmp_path: P
 def test_flower_sim_cli_refuses_a_used_run_directory(tmp_path: Path) -> None:
     from securefed.cli import main
 
-    exp = _write_cfg(tmp_path / "experiment.yaml", _cfg())
+    exp = write_cfg(tmp_path / "experiment.yaml", deploy_cfg())
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text("{}\n")
@@ -123,7 +128,7 @@ def test_flower_sim_cli_resume_needs_the_interrupted_run(tmp_path: Path) -> None
     it is refused before anything starts, naming both flags."""
     from securefed.cli import main
 
-    exp = _write_cfg(tmp_path / "experiment.yaml", _cfg())
+    exp = write_cfg(tmp_path / "experiment.yaml", deploy_cfg())
     assert main(["flower-sim", str(exp), "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert not (tmp_path / "none.flower").exists()  # no SuperLink was started
 
