@@ -949,30 +949,13 @@ class Coordinator(ClientTransport):
                     continue
                 r = replies.get(self.sites[cid].node_id)
                 who = f"site {cid}"
-                reason = None
-                if r is None:
-                    reason = f"no reply within {timeout:g} s"
-                elif isinstance(r, str):
-                    reason = r
-                else:
+                reason = _missing_reply(r, timeout)
+                if r is not None and not isinstance(r, str):
                     try:
-                        if get_int(r, "round", who) != rnd:
-                            raise WireError(f"{who}: reply for round {r.get('round')}")
-                        if "epsilon" in r:
-                            epsilon[str(cid)] = round(float(r["epsilon"]), 6)
-                        if stage == train_stage[cid]:
-                            if r.get("status") == "budget_exhausted":
-                                exhausted.append(cid)
-                                reason = "privacy budget exhausted (did not train)"
-                            else:
-                                if list(r.get("vector_keys", [])) != keys:
-                                    raise WireError(
-                                        f"{who}: sends vectors {r.get('vector_keys')}, the "
-                                        f"strategy expects {keys}"
-                                    )
-                                trained.append(cid)
-                                self._last_trained[cid] = rnd
-                                up[cid] += self._receive_canary_scores(rnd, cid, r)
+                        reason = self._check_reply(
+                            r, rnd, cid, stage == train_stage[cid], keys,
+                            "the strategy expects", epsilon, trained, exhausted, up,
+                        )
                         if reason is None:
                             data = get_bytes(r, "secagg", who)
                             up[cid] += len(data)
@@ -999,15 +982,8 @@ class Coordinator(ClientTransport):
             if aborted is not None:
                 break
 
-        self._exhausted.update(exhausted)
-        dp = cfg.dp.level in ("record", "client")
-        out = ClientRound(
-            sums={}, trained=trained, participants=[], dropped=sorted(dropped_at),
-            protocol="masking", bytes_up=int(sum(up.values())),
-            bytes_down=int(sum(down.values())),
-            epsilon=epsilon if dp else None, budget_exhausted=exhausted if dp else None,
-            transport=_site_facts(dropped_at, reasons, up, down), seconds=seconds,
-        )
+        out = self._masking_round(trained, dropped_at, reasons, up, down, epsilon, exhausted,
+                                  seconds)
         result = server.output
         if aborted is not None or result is None:
             out.abandoned = aborted or "secure aggregation ended without a result"
@@ -1025,14 +1001,69 @@ class Coordinator(ClientTransport):
                 "round %d: sites %s returned wrong Shamir shares (corrected from the others')",
                 rnd, list(result.bad_share_holders),
             )
+        out.protocol_info = self._masking_info(server, result, dropped_at, total_weight)
+        out.exchange = {
+            "params_up": len(result.survivors) * length,
+            "params_down": len(plan.clients) * len(names) * int(
+                plan.broadcast[names[0]].numel()),
+        }
+        return out
+
+    def _check_reply(
+        self, r: Mapping[str, Any], rnd: int, cid: int, trains: bool, keys: list[str],
+        expects: str, epsilon: dict[str, float], trained: list[int], exhausted: list[int],
+        up: dict[int, int],
+    ) -> str | None:
+        """A site's reply to a masking stage, before its protocol payload: for round ``rnd``;
+        its epsilon recorded; at its training stage either "budget exhausted" (the returned
+        reason to drop it) or the round's vectors ``keys`` (else :class:`WireError`, naming
+        what was ``expects``-ed), then counted as trained, with its canary scores."""
+        who = f"site {cid}"
+        if get_int(r, "round", who) != rnd:
+            raise WireError(f"{who}: reply for round {r.get('round')}")
+        if "epsilon" in r:
+            epsilon[str(cid)] = round(float(r["epsilon"]), 6)
+        if not trains:
+            return None
+        if r.get("status") == "budget_exhausted":
+            exhausted.append(cid)
+            return "privacy budget exhausted (did not train)"
+        if list(r.get("vector_keys", [])) != keys:
+            raise WireError(f"{who}: sends vectors {r.get('vector_keys')}, {expects} {keys}")
+        trained.append(cid)
+        self._last_trained[cid] = rnd
+        up[cid] += self._receive_canary_scores(rnd, cid, r)
+        return None
+
+    def _masking_round(
+        self, trained: list[int], dropped_at: Mapping[int, str], reasons: Mapping[int, str],
+        up: Mapping[int, int], down: Mapping[int, int], epsilon: dict[str, float],
+        exhausted: list[int], seconds: dict[str, float],
+    ) -> ClientRound:
+        """A masking round's :class:`ClientRound` before its sums: who trained, dropped or ran
+        out of budget (remembered: an exhausted site is not asked again), bytes, epsilons."""
+        self._exhausted.update(exhausted)
+        dp = self.cfg.dp.level in ("record", "client")
+        return ClientRound(
+            sums={}, trained=trained, participants=[], dropped=sorted(dropped_at),
+            protocol="masking", bytes_up=int(sum(up.values())),
+            bytes_down=int(sum(down.values())),
+            epsilon=epsilon if dp else None, budget_exhausted=exhausted if dp else None,
+            transport=_site_facts(dropped_at, reasons, up, down), seconds=seconds,
+        )
+
+    def _masking_info(
+        self, server: Any, result: Any, dropped: Mapping[int, Any], total_weight: float
+    ) -> dict[str, Any]:
+        """``protocol_info`` of one masking session (its plan, recoveries and grid bound)."""
         splan = server.state.plan
-        out.protocol_info = {
+        return {
             "dropouts_recovered": len(result.recovered),
             "recovered_clients": list(result.recovered),
             "threshold": splan.threshold,
             "neighbours": "all" if splan.graph.complete else splan.graph.degree,
             "pruned": list(result.pruned),
-            "late_dropouts": sorted(c for c in result.survivors if c in dropped_at),
+            "late_dropouts": sorted(c for c in result.survivors if c in dropped),
             "bad_share_holders": list(result.bad_share_holders),
             "bits": self.params.bits,
             "quantization_error_bound": quantization_error_bound(
@@ -1040,12 +1071,6 @@ class Coordinator(ClientTransport):
             ),
             "total_weight": total_weight,
         }
-        out.exchange = {
-            "params_up": len(result.survivors) * length,
-            "params_down": len(plan.clients) * len(names) * int(
-                plan.broadcast[names[0]].numel()),
-        }
-        return out
 
     def _cohort_layouts(
         self, rnd: int, plan: Any, strategy: Any
@@ -1084,7 +1109,6 @@ class Coordinator(ClientTransport):
         The next round's sessions start with this round's unmasking request, as in a
         one-session round (:meth:`_start_ahead_sessions`): a site that advertised its keys in
         every session of the next round trains at that round's key broadcast."""
-        cfg = self.cfg
         ahead, self._ahead = self._ahead, None
         clients = [int(c) for c in plan.clients]
         names = sorted(plan.broadcast)
@@ -1177,32 +1201,14 @@ class Coordinator(ClientTransport):
                     continue
                 r = replies.get(self.sites[cid].node_id)
                 who = f"site {cid}"
-                reason = None
-                if r is None:
-                    reason = f"no reply within {timeout:g} s"
-                elif isinstance(r, str):
-                    reason = r
-                else:
+                reason = _missing_reply(r, timeout)
+                if r is not None and not isinstance(r, str):
                     try:
-                        if get_int(r, "round", who) != rnd:
-                            raise WireError(f"{who}: reply for round {r.get('round')}")
-                        if "epsilon" in r:
-                            epsilon[str(cid)] = round(float(r["epsilon"]), 6)
-                        if stage == train_stage[cid]:
-                            if r.get("status") == "budget_exhausted":
-                                exhausted.append(cid)
-                                reason = "privacy budget exhausted (did not train)"
-                            else:
-                                want = sorted(k for n in planned[cid]
-                                              for k in sessions[n].keys)
-                                if list(r.get("vector_keys", [])) != want:
-                                    raise WireError(
-                                        f"{who}: sends vectors {r.get('vector_keys')}, its "
-                                        f"segments this round are {want}"
-                                    )
-                                trained.append(cid)
-                                self._last_trained[cid] = rnd
-                                up[cid] += self._receive_canary_scores(rnd, cid, r)
+                        want = sorted(k for n in planned[cid] for k in sessions[n].keys)
+                        reason = self._check_reply(
+                            r, rnd, cid, stage == train_stage[cid], want,
+                            "its segments this round are", epsilon, trained, exhausted, up,
+                        )
                     except (WireError, KeyError, TypeError, ValueError) as exc:
                         reason = f"{type(exc).__name__}: {exc}"
                     for s in active:
@@ -1242,15 +1248,8 @@ class Coordinator(ClientTransport):
             if all(s.aborted is not None for s in sessions.values()):
                 break
 
-        self._exhausted.update(exhausted)
-        dp = cfg.dp.level in ("record", "client")
-        out = ClientRound(
-            sums={}, trained=trained, participants=[], dropped=sorted(dropped_at),
-            protocol="masking", bytes_up=int(sum(up.values())),
-            bytes_down=int(sum(down.values())),
-            epsilon=epsilon if dp else None, budget_exhausted=exhausted if dp else None,
-            transport=_site_facts(dropped_at, reasons, up, down), seconds=seconds,
-        )
+        out = self._masking_round(trained, dropped_at, reasons, up, down, epsilon, exhausted,
+                                  seconds)
         survivors: set[int] = set()
         infos: dict[str, Any] = {}
         params_up = 0
@@ -1264,22 +1263,10 @@ class Coordinator(ClientTransport):
             out.sums[s.name] = CohortSum(sums, total_weight, len(result.survivors))
             survivors.update(result.survivors)
             params_up += len(result.survivors) * s.length
-            splan = s.server.state.plan
             infos[s.name] = {
                 "participants": list(s.members),
                 "survivors": list(result.survivors),
-                "dropouts_recovered": len(result.recovered),
-                "recovered_clients": list(result.recovered),
-                "threshold": splan.threshold,
-                "neighbours": "all" if splan.graph.complete else splan.graph.degree,
-                "pruned": list(result.pruned),
-                "late_dropouts": sorted(c for c in result.survivors if c in s.dropped),
-                "bad_share_holders": list(result.bad_share_holders),
-                "bits": self.params.bits,
-                "quantization_error_bound": quantization_error_bound(
-                    splan.quant, len(result.survivors)
-                ),
-                "total_weight": total_weight,
+                **self._masking_info(s.server, result, s.dropped, total_weight),
             }
         if not out.sums:
             out.abandoned = "; ".join(aborted) or "secure aggregation ended without a result"
@@ -1716,6 +1703,13 @@ class Coordinator(ClientTransport):
         """A round that could not start: nothing was sent."""
         return ClientRound(sums={}, trained=[], participants=[], dropped=[], protocol=protocol,
                            abandoned=reason)
+
+
+def _missing_reply(r: Reply | None, timeout: float) -> str | None:
+    """Why a site's reply is no reply: none within ``timeout``, or its error text."""
+    if r is None:
+        return f"no reply within {timeout:g} s"
+    return r if isinstance(r, str) else None
 
 
 def _site_facts(
