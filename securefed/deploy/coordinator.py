@@ -221,6 +221,18 @@ class _ResumePoint:
     num_classes: int
 
 
+def _next_round_reply(reply: Reply | None, cid: int, rnd: int) -> Mapping[str, Any]:
+    """Site ``cid``'s unmasking reply as the carrier of its keys for round ``rnd`` (keys
+    advertised ahead); :class:`WireError` if it is an error, a refusal or for another round."""
+    if not isinstance(reply, Mapping):
+        raise WireError(reply or "no reply")
+    if "next_refused" in reply:
+        raise WireError(f"refused: {reply['next_refused']}")
+    if get_int(reply, "next_round", f"site {cid}") != rnd:
+        raise WireError(f"keys for round {reply.get('next_round')}, not {rnd}")
+    return reply
+
+
 @dataclass
 class _Ahead:
     """Round ``rnd`` started during the previous round's unmasking stage."""
@@ -238,12 +250,7 @@ class _Ahead:
         """Feed site ``cid``'s advertised keys from its unmasking reply to the next round's
         server; returns the bytes received."""
         try:
-            if not isinstance(reply, Mapping):
-                raise WireError(reply or "no reply")
-            if "next_refused" in reply:
-                raise WireError(f"refused: {reply['next_refused']}")
-            if get_int(reply, "next_round", f"site {cid}") != self.rnd:
-                raise WireError(f"keys for round {reply.get('next_round')}, not {self.rnd}")
+            reply = _next_round_reply(reply, cid, self.rnd)
             data = get_bytes(reply, "next_secagg", f"site {cid}")
             self.server.receive(cid, data)
         except (WireError, ProtocolError, KeyError, TypeError, ValueError) as exc:
@@ -313,12 +320,7 @@ class _AheadSessions:
         keys miss or fail in any of its sessions is failed (dropped from the next round)."""
         total = 0
         try:
-            if not isinstance(reply, Mapping):
-                raise WireError(reply or "no reply")
-            if "next_refused" in reply:
-                raise WireError(f"refused: {reply['next_refused']}")
-            if get_int(reply, "next_round", f"site {cid}") != self.rnd:
-                raise WireError(f"keys for round {reply.get('next_round')}, not {self.rnd}")
+            reply = _next_round_reply(reply, cid, self.rnd)
             for name, s in self.sessions.items():
                 if cid in s.members:
                     data = get_bytes(reply, f"next_secagg.{name}", f"site {cid}")
