@@ -8,7 +8,7 @@ import re
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from securefed.builders import client_level_dp
 from securefed.config import ExperimentConfig
@@ -24,12 +24,16 @@ __all__ = [
     "check_deployable",
     "client_level_layer",
     "cohort_session",
+    "find_layer",
     "masking_params",
     "new_run_id",
     "roster_digest",
     "round_masking_params",
     "run_masking_params",
 ]
+
+#: a strategy layer type (find_layer)
+_L = TypeVar("_L")
 
 
 class DeployConfigError(SecurefedError, ValueError):
@@ -142,14 +146,21 @@ def roster_digest(keys_dir: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def find_layer(strategy: Any, kind: type[_L]) -> _L | None:
+    """The outermost layer of type ``kind`` in a strategy stack (each wrapper keeps the
+    strategy it wraps in ``base``), or None."""
+    layer = strategy
+    while layer is not None and not isinstance(layer, kind):
+        layer = getattr(layer, "base", None)
+    return layer
+
+
 def client_level_layer(strategy: Any) -> Any:
     """The DP-FedAvg layer (:class:`~securefed.privacy.client_level.ClientLevelDP`) of a
     strategy stack (``dp.level: client``)."""
-    layer = strategy
-    while not isinstance(layer, ClientLevelDP):
-        layer = getattr(layer, "base", None)
-        if layer is None:  # pragma: no cover - build_strategy_stack wraps it
-            raise TypeError("dp.level client: the strategy stack has no ClientLevelDP layer")
+    layer = find_layer(strategy, ClientLevelDP)
+    if layer is None:  # pragma: no cover - build_strategy_stack wraps it
+        raise TypeError("dp.level client: the strategy stack has no ClientLevelDP layer")
     return layer
 
 

@@ -89,6 +89,7 @@ from securefed.deploy.common import (
     check_deployable,
     client_level_layer,
     cohort_session,
+    find_layer,
     new_run_id,
     round_masking_params,
     run_masking_params,
@@ -263,14 +264,6 @@ class _Ahead:
 def _layout_length(layout: Any) -> int:
     """The packed vector length of a layout (a ``ClientUpdate``): its vectors and the weight."""
     return int(sum(v.numel() for v in layout.vectors.values())) + 1
-
-
-def _feddiffuse_layer(strategy: Any) -> Any:
-    """The FedDiffuse layer of a strategy stack, or None."""
-    layer = strategy
-    while layer is not None and not isinstance(layer, FedDiffuse):
-        layer = getattr(layer, "base", None)
-    return layer
 
 
 @dataclass
@@ -1325,7 +1318,7 @@ class Coordinator(ClientTransport):
         cfg = self.cfg
         if not self.options.advertise_ahead or rnd >= cfg.federation.rounds:
             return None
-        layer = _feddiffuse_layer(self.strategy)
+        layer = find_layer(self.strategy, FedDiffuse)
         if layer is None:  # pragma: no cover - only usplit runs several cohorts
             return None
         rng = np.random.default_rng(derive_seed(cfg.seed, Purpose.SELECT, rnd + 1))

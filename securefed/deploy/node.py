@@ -114,6 +114,7 @@ from securefed.deploy.common import (
     check_deployable,
     client_level_layer,
     cohort_session,
+    find_layer,
     roster_digest,
     round_masking_params,
     run_masking_params,
@@ -1891,11 +1892,9 @@ def _usplit_pairing(
 
 def _feddiffuse_layer(strategy: Any) -> FedDiffuse:
     """The :class:`~securefed.strategies.feddiffuse.FedDiffuse` layer of a strategy stack."""
-    layer = strategy
-    while not isinstance(layer, FedDiffuse):
-        layer = getattr(layer, "base", None)
-        if layer is None:  # pragma: no cover - build_strategy_stack wraps it
-            raise TypeError("feddiffuse.enabled: the strategy stack has no FedDiffuse layer")
+    layer = find_layer(strategy, FedDiffuse)
+    if layer is None:  # pragma: no cover - build_strategy_stack wraps it
+        raise TypeError("feddiffuse.enabled: the strategy stack has no FedDiffuse layer")
     return layer
 
 
